@@ -1,0 +1,862 @@
+//! One NBD connection on a worker's ring: receiving, negotiating, running requests on the target,
+//! and sending replies.
+//!
+//! Ownership rule: memory handed to the kernel (the receive buffer, a request's data buffer, reply
+//! headers, the send iovecs) belongs to the kernel until that operation's completion arrives.
+//! `kernel_ops` counts those operations; a connection is freed only when it is closing and the count
+//! is zero, so nothing the kernel may still touch is ever freed or reused.
+//!
+//! Every request is answered exactly once, from `reply_*` through `enqueue`: parse errors, target
+//! errors and successes all end there.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::bufpool::Buf;
+use super::worker::{Io, Tag, user_data};
+use super::{EngineConfig, Incoming};
+use crate::nbd::handshake::{Handshake, Step};
+use crate::nbd::reply::{ReplyBuilder, Segment};
+use crate::nbd::request::{self, Command, Parse, Session};
+use crate::nbd::wire::META_BASE_ALLOCATION_ID;
+use crate::nbd::{NbdErrno, ReplyMode};
+use crate::target::{BlockTarget, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp};
+
+/// Receive buffer: holds the largest option (64 KiB + header) or many small requests.
+const RECV_BUFFER_BYTES: usize = 128 * 1024;
+/// Most replies gathered into one `sendmsg`, and most iovecs in it.
+const MAX_SEND_IOVECS: usize = 256;
+/// Most extents in one block status reply (the spec asks for at most 2^20).
+const MAX_EXTENTS: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// A write whose payload is still arriving.
+    ReceivingPayload,
+    /// Target I/O in flight.
+    Running,
+    /// Reply encoded, waiting for or in the send queue.
+    Replying,
+}
+
+/// One request in flight.
+struct Slot {
+    state: SlotState,
+    cookie: u64,
+    offset: u64,
+    op: TargetOp,
+    read_df: Option<bool>,
+    buf: Option<Buf>,
+    /// Data bytes of the request (read length or write payload).
+    data_len: u32,
+    payload_have: u32,
+    plan: Plan,
+    pending: usize,
+    results: [i32; MAX_PLAN_IOS],
+    header: Vec<u8>,
+    segments: Vec<Segment>,
+    reply_len: usize,
+    sent: usize,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            state: SlotState::Free,
+            cookie: 0,
+            offset: 0,
+            op: TargetOp::Flush,
+            read_df: None,
+            buf: None,
+            data_len: 0,
+            payload_have: 0,
+            plan: Plan::default(),
+            pending: 0,
+            results: [0; MAX_PLAN_IOS],
+            header: Vec::with_capacity(64),
+            segments: Vec::with_capacity(4),
+            reply_len: 0,
+            sent: 0,
+        }
+    }
+
+    fn buf_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut().map_or(std::ptr::null_mut(), Buf::as_mut_ptr)
+    }
+
+    /// Accounts for a completion of plan I/O `i`: a short read or write resumes where it stopped.
+    fn after_io(&mut self, i: usize, res: i32) -> After {
+        let Some(file_io) = self.plan.get_mut(i) else {
+            return After::Final(res);
+        };
+        let (is_read, offset, buf_start, len) = match file_io {
+            FileIo::Read { offset, buf_start, len, .. } => (true, offset, buf_start, len),
+            FileIo::Write { offset, buf_start, len, .. } => (false, offset, buf_start, len),
+            _ => return After::Final(res),
+        };
+        if res < 0 || res as u32 >= *len {
+            return After::Final(res);
+        }
+        if res == 0 {
+            if !is_read {
+                return After::Final(-libc::EIO); // a write that makes no progress
+            }
+            // End of file inside the export (the file shrank): the rest reads as zeroes.
+            let (start, n) = (*buf_start as usize, *len as usize);
+            if let Some(b) = self.buf.as_mut() {
+                b.slice_mut(start, n).fill(0);
+            }
+            return After::Final(0);
+        }
+        let done = res as u32;
+        *offset += u64::from(done);
+        *buf_start += done;
+        *len -= done;
+        After::Resubmit(*file_io)
+    }
+}
+
+enum After {
+    Final(i32),
+    Resubmit(FileIo),
+}
+
+enum Phase {
+    Handshake(Handshake),
+    Transmission {
+        session: Session,
+        target: Arc<dyn BlockTarget>,
+        export: String,
+    },
+}
+
+pub(super) struct Conn {
+    cid: u32,
+    serial: u64,
+    fd: OwnedFd,
+    peer: String,
+    phase: Phase,
+    deadline: Option<Instant>,
+    max_payload_bytes: u32,
+    max_buffer_bytes: u64,
+
+    rbuf: Vec<u8>,
+    rpos: usize,
+    rlen: usize,
+    recv_armed: bool,
+    /// Slot whose write payload is received directly into its buffer.
+    payload_slot: Option<u16>,
+    /// Payload bytes of a refused request still to be discarded.
+    skip_bytes: u64,
+    /// Reading paused: no free slot or too many buffer bytes in flight.
+    stalled: bool,
+
+    /// Raw bytes being sent before any reply (handshake output). Never modified while a send is
+    /// armed: new output is staged in `out_next` and swapped in when the kernel is done.
+    out: Vec<u8>,
+    out_sent: usize,
+    out_next: Vec<u8>,
+    send_armed: bool,
+    sendq: VecDeque<u16>,
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    buffer_bytes: u64,
+    kernel_ops: u32,
+    extents: Vec<(u64, u32)>,
+
+    /// Client sent `NBD_CMD_DISC`: finish what was received, then close.
+    disc: bool,
+    /// Server shutting down: same, and read nothing more.
+    draining: bool,
+    /// Close once `out` is sent (negotiation ended).
+    close_after_send: Option<String>,
+    closing: Option<String>,
+    requests: u64,
+}
+
+impl Conn {
+    pub fn new(cid: u32, serial: u64, incoming: Incoming, cfg: &EngineConfig) -> Conn {
+        let max_inflight = cfg.max_inflight.max(1);
+        Conn {
+            cid,
+            serial,
+            fd: incoming.fd,
+            peer: incoming.peer,
+            phase: Phase::Handshake(Handshake::new()),
+            deadline: Some(Instant::now() + cfg.handshake_timeout),
+            max_payload_bytes: cfg.max_payload_bytes,
+            max_buffer_bytes: cfg.max_conn_buffer_bytes,
+            rbuf: vec![0; RECV_BUFFER_BYTES],
+            rpos: 0,
+            rlen: 0,
+            recv_armed: false,
+            payload_slot: None,
+            skip_bytes: 0,
+            stalled: false,
+            out: Vec::with_capacity(256),
+            out_sent: 0,
+            out_next: Vec::with_capacity(256),
+            send_armed: false,
+            sendq: VecDeque::with_capacity(max_inflight as usize),
+            iov: Vec::with_capacity(MAX_SEND_IOVECS),
+            // SAFETY-free zero init: msghdr is plain data; all-zero is a valid empty header.
+            msg: Box::new(empty_msghdr()),
+            slots: (0..max_inflight).map(|_| Slot::new()).collect(),
+            free: (0..max_inflight).rev().collect(),
+            buffer_bytes: 0,
+            kernel_ops: 0,
+            extents: Vec::new(),
+            disc: false,
+            draining: false,
+            close_after_send: None,
+            closing: None,
+            requests: 0,
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sends the greeting and starts reading.
+    pub fn begin(&mut self, io: &mut Io) {
+        tracing::debug!(conn = self.serial, peer = %self.peer, "connection accepted");
+        Handshake::greeting(&mut self.out_next);
+        self.try_send(io);
+        self.arm_recv(io);
+    }
+
+    fn mode(&self) -> ReplyMode {
+        match &self.phase {
+            Phase::Transmission { session, .. } => session.mode,
+            Phase::Handshake(_) => unreachable!("replies only in transmission"),
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.closing.is_some() && self.kernel_ops == 0
+    }
+
+    /// Releases what the connection holds. Only called when `is_finished`.
+    pub fn finish(mut self: Box<Self>, io: &mut Io) {
+        for slot in &mut self.slots {
+            if let Some(b) = slot.buf.take() {
+                io.pool.put(b);
+            }
+        }
+        let export = match &self.phase {
+            Phase::Transmission { export, .. } => export.as_str(),
+            Phase::Handshake(_) => "-",
+        };
+        tracing::info!(
+            conn = self.serial,
+            peer = %self.peer,
+            export,
+            requests = self.requests,
+            reason = self.closing.as_deref().unwrap_or("?"),
+            "connection closed"
+        );
+    }
+
+    /// Starts closing: the socket is shut down so pending receives and sends complete; target I/O
+    /// in flight finishes and is released without a reply.
+    pub fn close(&mut self, reason: String) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(reason);
+        let _ = nix::sys::socket::shutdown(self.raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
+    pub fn check_deadline(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.close("handshake timed out".into());
+        }
+    }
+
+    pub fn drain_for_shutdown(&mut self, io: &mut Io) {
+        match self.phase {
+            Phase::Handshake(_) => self.close("server shutting down".into()),
+            Phase::Transmission { .. } => {
+                self.draining = true;
+                // Stop reading: a pending receive completes (with 0) and is not re-armed.
+                let _ = nix::sys::socket::shutdown(self.raw_fd(), nix::sys::socket::Shutdown::Read);
+                self.maybe_done(io);
+            }
+        }
+    }
+
+    fn busy_slots(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    // ---- receiving -------------------------------------------------------------------------
+
+    fn arm_recv(&mut self, io: &mut Io) {
+        if self.recv_armed || self.closing.is_some() || self.disc || self.draining || self.stalled {
+            return;
+        }
+        if self.close_after_send.is_some() {
+            return;
+        }
+        let ud = user_data(Tag::Recv, self.cid, 0, 0);
+        let fd = self.raw_fd();
+        if let Some(sid) = self.payload_slot {
+            let slot = &mut self.slots[sid as usize];
+            let have = slot.payload_have as usize;
+            let want = (slot.data_len - slot.payload_have) as usize;
+            let ptr = slot.buf.as_mut().expect("write slot has a buffer").as_mut_ptr();
+            // SAFETY: `have + want <= data_len <= capacity`; the buffer is owned by the slot, which
+            // stays in `ReceivingPayload` (untouched) until this receive completes.
+            unsafe { io.recv(ud, fd, ptr.add(have), want as u32) };
+        } else {
+            if self.rpos > 0 {
+                self.rbuf.copy_within(self.rpos..self.rlen, 0);
+                self.rlen -= self.rpos;
+                self.rpos = 0;
+            }
+            let free = self.rbuf.len() - self.rlen;
+            debug_assert!(free > 0, "the receive buffer always has room for a header or option");
+            let ptr = self.rbuf[self.rlen..].as_mut_ptr();
+            // SAFETY: `rbuf` is a heap buffer never resized; nothing touches `rbuf[rlen..]` until
+            // the receive completes (`recv_armed` guards re-arming and compaction).
+            unsafe { io.recv(ud, fd, ptr, free as u32) };
+        }
+        self.recv_armed = true;
+        self.kernel_ops += 1;
+    }
+
+    pub fn on_recv(&mut self, io: &mut Io, exports: &Exports, res: i32) {
+        self.recv_armed = false;
+        self.kernel_ops -= 1;
+        if self.closing.is_some() {
+            return;
+        }
+        if res < 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                self.arm_recv(io);
+            } else {
+                let e = std::io::Error::from_raw_os_error(-res);
+                self.close(format!("receive failed: {e}"));
+            }
+            return;
+        }
+        if res == 0 {
+            if self.draining {
+                // Our own shutdown(SHUT_RD): drop a half-received write, finish the rest.
+                if let Some(sid) = self.payload_slot.take() {
+                    self.release(io, sid);
+                }
+                self.maybe_done(io);
+                return;
+            }
+            let reason = match (&self.phase, self.payload_slot.is_some()) {
+                (Phase::Handshake(_), _) => "client disconnected during negotiation",
+                (_, true) => "client disconnected in the middle of a write payload",
+                _ => "client disconnected",
+            };
+            self.close(reason.into());
+            return;
+        }
+        let n = res as usize;
+        if let Some(sid) = self.payload_slot {
+            let slot = &mut self.slots[sid as usize];
+            slot.payload_have += n as u32;
+            if slot.payload_have == slot.data_len {
+                self.payload_slot = None;
+                self.start(io, sid);
+            }
+        } else {
+            self.rlen += n;
+        }
+        self.process(io, exports);
+    }
+
+    fn process(&mut self, io: &mut Io, exports: &Exports) {
+        if let Phase::Handshake(hs) = &mut self.phase {
+            let (used, step) = hs.advance(&self.rbuf[self.rpos..self.rlen], exports, &mut self.out_next);
+            self.rpos += used;
+            match step {
+                Step::NeedMore => {}
+                Step::Close(reason) => {
+                    self.close_after_send = Some(format!("negotiation ended: {reason}"));
+                }
+                Step::Transmission(neg) => {
+                    let session = Session {
+                        mode: neg.mode,
+                        transmission_flags: neg.transmission_flags,
+                        size_bytes: neg.info.size_bytes,
+                        max_payload_bytes: self.max_payload_bytes,
+                        base_allocation: neg.base_allocation,
+                    };
+                    tracing::info!(
+                        conn = self.serial,
+                        peer = %self.peer,
+                        export = %neg.export_name,
+                        mode = ?neg.mode,
+                        base_allocation = neg.base_allocation,
+                        "connection opened"
+                    );
+                    self.deadline = None;
+                    self.phase = Phase::Transmission {
+                        session,
+                        target: neg.export,
+                        export: neg.export_name,
+                    };
+                }
+            }
+            self.try_send(io);
+            if self.close_after_send.is_some() {
+                self.maybe_done(io);
+                return;
+            }
+        }
+        if matches!(self.phase, Phase::Transmission { .. }) {
+            self.process_requests(io);
+        }
+        self.arm_recv(io);
+    }
+
+    /// Parses and starts every complete request in the receive buffer, as far as limits allow.
+    fn process_requests(&mut self, io: &mut Io) {
+        let Phase::Transmission { session, .. } = &self.phase else {
+            return;
+        };
+        let session = *session;
+        while self.closing.is_none() && !self.disc && !self.draining && self.payload_slot.is_none() {
+            if self.skip_bytes > 0 {
+                let take = self.skip_bytes.min((self.rlen - self.rpos) as u64);
+                self.rpos += take as usize;
+                self.skip_bytes -= take;
+                if self.skip_bytes > 0 {
+                    break;
+                }
+            }
+            let header = match request::parse_header(&self.rbuf[self.rpos..self.rlen], session.mode) {
+                Parse::Incomplete => break,
+                Parse::BadMagic(m) => {
+                    self.close(format!("bad request magic {m:#x}"));
+                    return;
+                }
+                Parse::Header(h, n) => (h, n),
+            };
+            let (h, n) = header;
+            let req = match request::decode(&h, &session) {
+                Ok(r) => r,
+                Err(v) => {
+                    self.close(format!("protocol violation: {v}"));
+                    return;
+                }
+            };
+            if let Ok(Command::Disc) = req.outcome {
+                self.rpos += n;
+                self.disc = true;
+                self.maybe_done(io);
+                return;
+            }
+            let data_len = match req.outcome {
+                Ok(Command::Read { len, .. } | Command::Write { len, .. }) => len,
+                _ => 0,
+            };
+            let over_budget = self.buffer_bytes > 0
+                && self.buffer_bytes + u64::from(data_len) > self.max_buffer_bytes;
+            if self.free.is_empty() || over_budget {
+                self.stalled = true;
+                break;
+            }
+            self.rpos += n;
+            self.requests += 1;
+            let sid = self.free.pop().expect("checked non-empty");
+            let slot = &mut self.slots[sid as usize];
+            debug_assert_eq!(slot.state, SlotState::Free);
+            slot.cookie = req.cookie;
+            slot.offset = req.offset;
+            slot.read_df = None;
+            slot.data_len = data_len;
+            slot.payload_have = 0;
+            slot.header.clear();
+            slot.segments.clear();
+            slot.sent = 0;
+            if data_len > 0 {
+                let buf = io.pool.get(data_len as usize);
+                self.buffer_bytes += buf.capacity() as u64;
+                slot.buf = Some(buf);
+            }
+            let cmd = match req.outcome {
+                Ok(cmd) => cmd,
+                Err(rejection) => {
+                    tracing::debug!(conn = self.serial, why = rejection.why, "request refused");
+                    self.skip_bytes = req.payload_bytes;
+                    self.reply_error(io, sid, rejection.errno, rejection.why);
+                    continue;
+                }
+            };
+            slot.op = match cmd {
+                Command::Read { offset, len, df } => {
+                    slot.read_df = Some(df);
+                    TargetOp::Read { offset, len }
+                }
+                Command::Write { offset, len, fua } => TargetOp::Write { offset, len, fua },
+                Command::Flush => TargetOp::Flush,
+                Command::Trim { offset, len, fua } => TargetOp::Trim { offset, len, fua },
+                Command::WriteZeroes { offset, len, fua, may_trim, fast } => {
+                    TargetOp::Zero { offset, len, fua, may_trim, fast }
+                }
+                Command::Cache { offset, len } => TargetOp::Cache { offset, len },
+                Command::BlockStatus { offset, len, req_one } => {
+                    self.block_status(io, sid, offset, len, req_one);
+                    continue;
+                }
+                Command::Disc => unreachable!("handled above"),
+            };
+            if let Command::Write { len, .. } = cmd {
+                let avail = (self.rlen - self.rpos).min(len as usize);
+                let buf = slot.buf.as_mut().expect("write has a buffer");
+                buf.slice_mut(0, avail).copy_from_slice(&self.rbuf[self.rpos..self.rpos + avail]);
+                self.rpos += avail;
+                slot.payload_have = avail as u32;
+                if avail < len as usize {
+                    slot.state = SlotState::ReceivingPayload;
+                    self.payload_slot = Some(sid);
+                    break;
+                }
+            }
+            self.start(io, sid);
+        }
+    }
+
+    // ---- running requests --------------------------------------------------------------------
+
+    fn target(&self) -> Arc<dyn BlockTarget> {
+        match &self.phase {
+            Phase::Transmission { target, .. } => target.clone(),
+            Phase::Handshake(_) => unreachable!("requests run only in transmission"),
+        }
+    }
+
+    fn start(&mut self, io: &mut Io, sid: u16) {
+        let target = self.target();
+        let slot = &mut self.slots[sid as usize];
+        slot.state = SlotState::Running;
+        slot.plan.clear();
+        slot.plan.phase = 0;
+        match target.plan(&slot.op, &mut slot.plan) {
+            Ok(()) => self.submit_plan(io, sid),
+            Err(e) => self.reply_target_error(io, sid, &e),
+        }
+    }
+
+    fn submit_plan(&mut self, io: &mut Io, sid: u16) {
+        let slot = &mut self.slots[sid as usize];
+        let n = slot.plan.len();
+        if n == 0 {
+            self.phase_done(io, sid);
+            return;
+        }
+        slot.pending = n;
+        slot.results = [0; MAX_PLAN_IOS];
+        let linked = slot.plan.linked;
+        let buf = slot.buf_ptr();
+        for (i, file_io) in slot.plan.ios().enumerate() {
+            let ud = user_data(Tag::Io, self.cid, sid, i as u16);
+            // SAFETY: the slot owns `buf` and stays `Running` (its buffer untouched and not
+            // released) until every I/O of the plan has completed; the target, which owns the file
+            // descriptors, is kept alive by `self.phase` for the connection's whole life.
+            unsafe { io.file_io(ud, file_io, buf, linked && i + 1 < n) };
+            self.kernel_ops += 1;
+        }
+    }
+
+    pub fn on_io(&mut self, io: &mut Io, sid: u16, sub: u16, res: i32) {
+        self.kernel_ops -= 1;
+        let slot = &mut self.slots[sid as usize];
+        let i = sub as usize;
+        let res = match slot.after_io(i, res) {
+            After::Final(res) => res,
+            After::Resubmit(rest) => {
+                let buf = slot.buf_ptr();
+                let ud = user_data(Tag::Io, self.cid, sid, sub);
+                // SAFETY: as in `submit_plan`: the slot keeps its buffer until every completion.
+                unsafe { io.file_io(ud, &rest, buf, false) };
+                self.kernel_ops += 1;
+                return;
+            }
+        };
+        slot.results[i] = res;
+        slot.pending -= 1;
+        if slot.pending == 0 {
+            self.phase_done(io, sid);
+        }
+    }
+
+    fn phase_done(&mut self, io: &mut Io, sid: u16) {
+        let target = self.target();
+        let slot = &mut self.slots[sid as usize];
+        let n = slot.plan.len();
+        let results = slot.results;
+        match target.complete(&slot.op, &mut slot.plan, &results[..n]) {
+            Ok(Progress::Done) => self.reply_ok(io, sid),
+            Ok(Progress::Again) => {
+                slot.plan.phase += 1;
+                self.submit_plan(io, sid)
+            }
+            Err(e) => self.reply_target_error(io, sid, &e),
+        }
+    }
+
+    fn block_status(&mut self, io: &mut Io, sid: u16, offset: u64, len: u64, req_one: bool) {
+        let target = self.target();
+        let max = if req_one { 1 } else { MAX_EXTENTS };
+        let mut extents = std::mem::take(&mut self.extents);
+        extents.clear();
+        let result = target.block_status(offset, len.max(1), max, &mut extents);
+        match result {
+            Ok(()) if !extents.is_empty() => {
+                if req_one {
+                    extents.truncate(1);
+                    extents[0].0 = extents[0].0.min(len.max(1));
+                }
+                self.encode(sid, |b| b.block_status(META_BASE_ALLOCATION_ID, &extents));
+                self.enqueue(io, sid);
+            }
+            Ok(()) => self.reply_error(io, sid, NbdErrno::Inval, "empty range"),
+            Err(e) => self.reply_target_error(io, sid, &e),
+        }
+        self.extents = extents;
+    }
+
+    // ---- replies: every request ends here exactly once ---------------------------------------
+
+    fn encode(&mut self, sid: u16, f: impl FnOnce(&mut ReplyBuilder)) {
+        let mode = self.mode();
+        let slot = &mut self.slots[sid as usize];
+        slot.header.clear();
+        slot.segments.clear();
+        let mut b = ReplyBuilder {
+            mode,
+            cookie: slot.cookie,
+            offset: slot.offset,
+            header: &mut slot.header,
+            segments: &mut slot.segments,
+        };
+        f(&mut b);
+    }
+
+    fn reply_ok(&mut self, io: &mut Io, sid: u16) {
+        let mode = self.mode();
+        let slot = &mut self.slots[sid as usize];
+        slot.header.clear();
+        slot.segments.clear();
+        let mut b = ReplyBuilder {
+            mode,
+            cookie: slot.cookie,
+            offset: slot.offset,
+            header: &mut slot.header,
+            segments: &mut slot.segments,
+        };
+        match slot.read_df {
+            Some(df) => {
+                let len = slot.data_len as usize;
+                let data = slot.buf.as_ref().map_or(&[][..], |buf| buf.slice(0, len));
+                b.read(data, df);
+            }
+            None => b.ok(),
+        }
+        self.enqueue(io, sid);
+    }
+
+    fn reply_target_error(&mut self, io: &mut Io, sid: u16, e: &TargetError) {
+        let errno = e.errno();
+        tracing::warn!(conn = self.serial, errno = ?errno, "request failed: {e}");
+        let message = e.to_string();
+        self.reply_error(io, sid, errno, &message);
+    }
+
+    fn reply_error(&mut self, io: &mut Io, sid: u16, errno: NbdErrno, message: &str) {
+        self.encode(sid, |b| b.error(errno, message));
+        // A failed request sends no data: its buffer goes back now.
+        if let Some(b) = self.slots[sid as usize].buf.take() {
+            self.buffer_bytes -= b.capacity() as u64;
+            io.pool.put(b);
+        }
+        self.enqueue(io, sid);
+    }
+
+    fn enqueue(&mut self, io: &mut Io, sid: u16) {
+        if self.closing.is_some() {
+            self.release(io, sid);
+            return;
+        }
+        let slot = &mut self.slots[sid as usize];
+        slot.state = SlotState::Replying;
+        slot.reply_len = slot
+            .segments
+            .iter()
+            .map(|s| match *s {
+                Segment::Header { len, .. } | Segment::Data { len, .. } => len as usize,
+            })
+            .sum();
+        slot.sent = 0;
+        self.sendq.push_back(sid);
+        self.try_send(io);
+    }
+
+    fn release(&mut self, io: &mut Io, sid: u16) {
+        let slot = &mut self.slots[sid as usize];
+        if let Some(b) = slot.buf.take() {
+            self.buffer_bytes -= b.capacity() as u64;
+            io.pool.put(b);
+        }
+        slot.state = SlotState::Free;
+        self.free.push(sid);
+    }
+
+    // ---- sending -----------------------------------------------------------------------------
+
+    fn try_send(&mut self, io: &mut Io) {
+        if self.send_armed || self.closing.is_some() {
+            return;
+        }
+        let ud = user_data(Tag::Send, self.cid, 0, 0);
+        let fd = self.raw_fd();
+        if self.out.is_empty() && !self.out_next.is_empty() {
+            std::mem::swap(&mut self.out, &mut self.out_next);
+        }
+        if self.out_sent < self.out.len() {
+            let rest = &self.out[self.out_sent..];
+            // SAFETY: `out` is only swapped or cleared when no send is armed; new output goes to
+            // `out_next`. So these bytes stay put until the completion.
+            unsafe { io.send(ud, fd, rest.as_ptr(), rest.len() as u32) };
+            self.send_armed = true;
+            self.kernel_ops += 1;
+            return;
+        }
+        if self.sendq.is_empty() {
+            return;
+        }
+        self.iov.clear();
+        'slots: for &sid in &self.sendq {
+            let slot = &self.slots[sid as usize];
+            let mut skip = slot.sent;
+            for seg in &slot.segments {
+                let (ptr, len) = match *seg {
+                    Segment::Header { start, len } => {
+                        (slot.header[start as usize..].as_ptr(), len as usize)
+                    }
+                    Segment::Data { start, len } => {
+                        let b = slot.buf.as_ref().expect("data segment has a buffer");
+                        (b.slice(start as usize, len as usize).as_ptr(), len as usize)
+                    }
+                };
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                self.iov.push(libc::iovec {
+                    // The kernel only reads through this pointer (sendmsg).
+                    iov_base: ptr.wrapping_add(skip) as *mut libc::c_void,
+                    iov_len: len - skip,
+                });
+                skip = 0;
+                if self.iov.len() == MAX_SEND_IOVECS {
+                    break 'slots;
+                }
+            }
+        }
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len();
+        // SAFETY: `msg` is boxed and `iov` is not touched until the completion (`send_armed`);
+        // every iovec points into a slot in the send queue (`Replying`: header and buffer are
+        // neither modified nor released until the slot leaves the queue after this completion).
+        unsafe { io.sendmsg(ud, fd, &*self.msg) };
+        self.send_armed = true;
+        self.kernel_ops += 1;
+    }
+
+    pub fn on_send(&mut self, io: &mut Io, exports: &Exports, res: i32) {
+        self.send_armed = false;
+        self.kernel_ops -= 1;
+        if self.closing.is_some() {
+            return;
+        }
+        if res < 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                self.try_send(io);
+                return;
+            }
+            let e = std::io::Error::from_raw_os_error(-res);
+            self.close(format!("send failed: {e}"));
+            return;
+        }
+        let mut n = res as usize;
+        if self.out_sent < self.out.len() {
+            self.out_sent += n;
+            if self.out_sent == self.out.len() {
+                self.out.clear();
+                self.out_sent = 0;
+            }
+        } else {
+            while n > 0 {
+                let sid = *self.sendq.front().expect("bytes sent imply a queued reply");
+                let slot = &mut self.slots[sid as usize];
+                let remaining = slot.reply_len - slot.sent;
+                if n >= remaining {
+                    n -= remaining;
+                    self.sendq.pop_front();
+                    self.release(io, sid);
+                } else {
+                    slot.sent += n;
+                    n = 0;
+                }
+            }
+        }
+        self.try_send(io);
+        if self.stalled {
+            self.stalled = false;
+            self.process(io, exports);
+        }
+        self.maybe_done(io);
+    }
+
+    /// Closes when a soft end (negotiation over, `DISC`, shutdown) has nothing left to send.
+    fn maybe_done(&mut self, io: &mut Io) {
+        let idle = self.out.is_empty()
+            && self.out_next.is_empty()
+            && self.sendq.is_empty()
+            && !self.send_armed;
+        if let Some(reason) = &self.close_after_send {
+            if idle {
+                let reason = reason.clone();
+                self.close(reason);
+            }
+            return;
+        }
+        let _ = io;
+        if (self.disc || self.draining) && idle && self.busy_slots() == 0 {
+            let reason = if self.disc {
+                "client sent NBD_CMD_DISC"
+            } else {
+                "server shutting down"
+            };
+            self.close(reason.into());
+        }
+    }
+}
+
+fn empty_msghdr() -> libc::msghdr {
+    libc::msghdr {
+        msg_name: std::ptr::null_mut(),
+        msg_namelen: 0,
+        msg_iov: std::ptr::null_mut(),
+        msg_iovlen: 0,
+        msg_control: std::ptr::null_mut(),
+        msg_controllen: 0,
+        msg_flags: 0,
+    }
+}

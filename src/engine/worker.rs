@@ -1,0 +1,328 @@
+//! One worker thread: a ring, its connections, and the loop that turns completions into work.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, opcode, squeue, types};
+use nix::sys::eventfd::EventFd;
+
+use super::bufpool::BufPool;
+use super::conn::Conn;
+use super::{EngineConfig, Incoming};
+use crate::target::{Exports, FileIo};
+
+/// What a completion belongs to, packed into the 64-bit `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tag {
+    Wake = 1,
+    Tick = 2,
+    Recv = 3,
+    Send = 4,
+    Io = 5,
+}
+
+pub(super) fn user_data(tag: Tag, conn: u32, slot: u16, sub: u16) -> u64 {
+    debug_assert!(conn < 1 << 24);
+    (tag as u64) << 56 | u64::from(conn) << 32 | u64::from(slot) << 16 | u64::from(sub)
+}
+
+fn decode(ud: u64) -> (Option<Tag>, u32, u16, u16) {
+    let tag = match ud >> 56 {
+        1 => Some(Tag::Wake),
+        2 => Some(Tag::Tick),
+        3 => Some(Tag::Recv),
+        4 => Some(Tag::Send),
+        5 => Some(Tag::Io),
+        _ => None,
+    };
+    (tag, (ud >> 32) as u32 & 0xff_ffff, (ud >> 16) as u16, ud as u16)
+}
+
+const RING_ENTRIES: u32 = 1024;
+const TICK: Duration = Duration::from_secs(1);
+
+/// The ring and the buffers of one worker. Every submission goes through here.
+pub(super) struct Io {
+    ring: IoUring,
+    pub pool: BufPool,
+}
+
+impl Io {
+    /// # Safety
+    /// Every pointer in `entry` must stay valid (and the memory unaliased by Rust writes, for
+    /// buffers the kernel fills) until the completion with the entry's `user_data` is reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: the caller upholds the validity of `entry`'s pointers until completion.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand what is queued to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring submit while queue full: {e}");
+            }
+        }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid and untouched by Rust until the completion is reaped.
+    pub unsafe fn recv(&mut self, ud: u64, fd: RawFd, ptr: *mut u8, len: u32) {
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(ud);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid and unmodified until the completion is reaped.
+    pub unsafe fn send(&mut self, ud: u64, fd: RawFd, ptr: *const u8, len: u32) {
+        let e = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// # Safety
+    /// `msg`, its iovec array and every buffer it points to must stay valid and unmodified until the
+    /// completion is reaped.
+    pub unsafe fn sendmsg(&mut self, ud: u64, fd: RawFd, msg: *const libc::msghdr) {
+        let e = opcode::SendMsg::new(types::Fd(fd), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(ud);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// Submits one target I/O. `buf` is the request buffer that `buf_start` positions refer to.
+    ///
+    /// # Safety
+    /// For reads and writes, `buf + buf_start .. + len` must stay valid (and, for reads, untouched
+    /// by Rust) until the completion is reaped. The descriptor must stay open until then.
+    pub unsafe fn file_io(&mut self, ud: u64, io: &FileIo, buf: *mut u8, link: bool) {
+        let e = match *io {
+            FileIo::Read { fd, offset, buf_start, len } => {
+                // SAFETY: in bounds of the request buffer, by the caller's contract.
+                let ptr = unsafe { buf.add(buf_start as usize) };
+                opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
+            }
+            FileIo::Write { fd, offset, buf_start, len, dsync } => {
+                // SAFETY: in bounds of the request buffer, by the caller's contract.
+                let ptr = unsafe { buf.add(buf_start as usize) };
+                let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(types::Fd(fd), ptr, len)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            FileIo::Fallocate { fd, offset, len, mode } => opcode::Fallocate::new(types::Fd(fd), len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
+            FileIo::Fdatasync { fd } => opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            FileIo::Fadvise { fd, offset, len, advice } => {
+                opcode::Fadvise::new(types::Fd(fd), len as libc::off_t, advice)
+                    .offset(offset)
+                    .build()
+            }
+        };
+        let e = if link { e.flags(squeue::Flags::IO_LINK) } else { e };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e.user_data(ud)) }
+    }
+}
+
+pub(super) struct Worker {
+    id: usize,
+    io: Io,
+    cfg: EngineConfig,
+    exports: Arc<Exports>,
+    conns: Vec<Option<Box<Conn>>>,
+    free_ids: Vec<u32>,
+    inbox: Receiver<Incoming>,
+    wake: Arc<EventFd>,
+    /// The eventfd counter is read into here; boxed so its address is stable while the read is
+    /// in flight.
+    wake_buf: Box<u64>,
+    tick: Box<types::Timespec>,
+    open_conns: Arc<AtomicUsize>,
+    shutdown: Arc<AtomicBool>,
+    shutdown_deadline: Option<Instant>,
+    next_serial: u64,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        cfg: EngineConfig,
+        exports: Arc<Exports>,
+        inbox: Receiver<Incoming>,
+        wake: Arc<EventFd>,
+        open_conns: Arc<AtomicUsize>,
+        shutdown: Arc<AtomicBool>,
+    ) -> io::Result<Worker> {
+        // One thread submits to this ring, so the kernel may defer completion work to our own
+        // io_uring_enter instead of interrupting us; fall back for older kernels.
+        let ring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 8)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::builder().setup_cqsize(RING_ENTRIES * 8).build(RING_ENTRIES))?;
+        Ok(Worker {
+            id,
+            io: Io {
+                ring,
+                pool: BufPool::new(cfg.pool_cache_bytes),
+            },
+            cfg,
+            exports,
+            conns: Vec::new(),
+            free_ids: Vec::new(),
+            inbox,
+            wake,
+            wake_buf: Box::new(0),
+            tick: Box::new(types::Timespec::from(TICK)),
+            open_conns,
+            shutdown,
+            shutdown_deadline: None,
+            next_serial: 0,
+        })
+    }
+
+    fn arm_wake(&mut self) {
+        let ptr = (&mut *self.wake_buf as *mut u64).cast::<u8>();
+        let e = opcode::Read::new(types::Fd(self.wake.as_fd().as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(user_data(Tag::Wake, 0, 0, 0));
+        // SAFETY: `wake_buf` is a box owned by the worker, which outlives the ring's completions;
+        // the eventfd is held by `self.wake`.
+        unsafe { self.io.push(&e) }
+    }
+
+    fn arm_tick(&mut self) {
+        let e = opcode::Timeout::new(&*self.tick as *const types::Timespec)
+            .build()
+            .user_data(user_data(Tag::Tick, 0, 0, 0));
+        // SAFETY: `tick` is a box owned by the worker and never changed.
+        unsafe { self.io.push(&e) }
+    }
+
+    pub fn run(&mut self) -> io::Result<()> {
+        self.arm_wake();
+        self.arm_tick();
+        let mut completions: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        loop {
+            match self.io.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            completions.clear();
+            completions.extend(self.io.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &completions {
+                self.complete(ud, res);
+            }
+            if self.shutdown_deadline.is_some() && self.conns.iter().all(Option::is_none) {
+                tracing::debug!(worker = self.id, "worker drained");
+                return Ok(());
+            }
+        }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        let (tag, cid, slot, sub) = decode(ud);
+        match tag {
+            Some(Tag::Wake) => {
+                self.accept_new();
+                self.check_shutdown();
+                self.arm_wake();
+            }
+            Some(Tag::Tick) => {
+                self.on_tick();
+                self.arm_tick();
+            }
+            Some(tag @ (Tag::Recv | Tag::Send | Tag::Io)) => {
+                let Some(conn) = self.conns.get_mut(cid as usize).and_then(Option::as_mut) else {
+                    tracing::error!(worker = self.id, cid, ?tag, "completion for a missing connection");
+                    return;
+                };
+                match tag {
+                    Tag::Recv => conn.on_recv(&mut self.io, &self.exports, res),
+                    Tag::Send => conn.on_send(&mut self.io, &self.exports, res),
+                    _ => conn.on_io(&mut self.io, slot, sub, res),
+                }
+                self.reap(cid);
+            }
+            None => tracing::error!(worker = self.id, ud, "completion with unknown tag"),
+        }
+    }
+
+    /// Frees a connection once it is closing and the kernel holds none of its memory.
+    fn reap(&mut self, cid: u32) {
+        let done = self.conns[cid as usize]
+            .as_ref()
+            .is_some_and(|c| c.is_finished());
+        if done {
+            let conn = self.conns[cid as usize].take().expect("checked above");
+            conn.finish(&mut self.io);
+            self.free_ids.push(cid);
+            self.open_conns.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn accept_new(&mut self) {
+        while let Ok(incoming) = self.inbox.try_recv() {
+            if self.shutdown_deadline.is_some() {
+                self.open_conns.fetch_sub(1, Ordering::Relaxed);
+                continue; // dropping the socket closes it
+            }
+            let cid = self.free_ids.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            });
+            self.next_serial += 1;
+            let serial = (self.id as u64) << 48 | self.next_serial;
+            let mut conn = Box::new(Conn::new(cid, serial, incoming, &self.cfg));
+            conn.begin(&mut self.io);
+            self.conns[cid as usize] = Some(conn);
+            self.reap(cid);
+        }
+    }
+
+    fn check_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() || !self.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        self.shutdown_deadline = Some(Instant::now() + self.cfg.shutdown_grace);
+        for cid in 0..self.conns.len() {
+            if let Some(c) = self.conns[cid].as_mut() {
+                c.drain_for_shutdown(&mut self.io);
+            }
+            self.reap(cid as u32);
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let force = self.shutdown_deadline.is_some_and(|d| now >= d);
+        for cid in 0..self.conns.len() {
+            if let Some(c) = self.conns[cid].as_mut() {
+                if force {
+                    c.close("server shutdown grace period expired".into());
+                } else {
+                    c.check_deadline(now);
+                }
+            }
+            self.reap(cid as u32);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `streamer serve`: opens the exports, binds the listeners, runs the acceptor and the engine, and
+//! shuts everything down cleanly on SIGTERM/SIGINT.
+
+mod export_spec;
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{SigSet, Signal};
+
+pub use export_spec::{ExportSpec, validate_export_name};
+
+use crate::engine::{Engine, EngineConfig, Incoming};
+use crate::target::{CacheMode, Export, Exports, FileTarget};
+
+/// Everything `streamer serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: Vec<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub exports: Vec<ExportSpec>,
+    pub cache: CacheMode,
+    pub max_connections: usize,
+    pub engine: EngineConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("opening export {name:?} at {path}: {source}")]
+    OpeningExport { name: String, path: PathBuf, source: io::Error },
+    #[error("export {0:?} is given twice")]
+    DuplicateExport(String),
+    #[error("listening on {addr}: {source}")]
+    Listening { addr: String, source: io::Error },
+    #[error("starting the I/O engine: {0}")]
+    StartingEngine(io::Error),
+    #[error("setting up signals: {0}")]
+    Signals(nix::Error),
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Incoming> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                // Replies are small and latency-bound; never wait to coalesce them.
+                s.set_nodelay(true)?;
+                s.set_nonblocking(false)?;
+                Ok(Incoming { fd: OwnedFd::from(s), peer: peer.to_string() })
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Incoming { fd: OwnedFd::from(s), peer: format!("unix:{}", path.display()) })
+            }
+        }
+    }
+}
+
+fn open_exports(cfg: &ServeConfig) -> Result<Exports, ServeError> {
+    let mut exports = Exports::default();
+    for spec in &cfg.exports {
+        if exports.list.iter().any(|e| e.name == spec.name) {
+            return Err(ServeError::DuplicateExport(spec.name.clone()));
+        }
+        let target = FileTarget::open(&spec.path, spec.read_only, cfg.cache).map_err(|source| {
+            ServeError::OpeningExport { name: spec.name.clone(), path: spec.path.clone(), source }
+        })?;
+        exports.list.push(Export {
+            name: spec.name.clone(),
+            description: format!("raw file {}", spec.path.display()),
+            target: Arc::new(target),
+            max_payload_bytes: cfg.engine.max_payload_bytes,
+        });
+    }
+    Ok(exports)
+}
+
+fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = TcpListener::bind(addr)
+            .map_err(|source| ServeError::Listening { addr: addr.to_string(), source })?;
+        listeners.push(Listener::Tcp(l));
+    }
+    if let Some(path) = &cfg.socket {
+        // A socket file left by an earlier run would make bind fail; anything else is kept.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
+        let l = UnixListener::bind(path)
+            .map_err(|source| ServeError::Listening { addr: path.display().to_string(), source })?;
+        listeners.push(Listener::Unix(l, path.clone()));
+    }
+    for l in &listeners {
+        let r = match l {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        };
+        r.map_err(|source| ServeError::Listening { addr: "listener".into(), source })?;
+    }
+    Ok(listeners)
+}
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down cleanly.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // Block the stop signals before any thread starts, so every thread inherits the mask and the
+    // main thread alone takes them with sigwait.
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.thread_block().map_err(ServeError::Signals)?;
+
+    let exports = Arc::new(open_exports(&cfg)?);
+    let listeners = bind(&cfg)?;
+    let engine = Arc::new(Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?);
+
+    // Announce readiness on stdout (scripts and tests wait for "ready").
+    let mut out = io::stdout().lock();
+    for l in &listeners {
+        let _ = match l {
+            Listener::Tcp(l) => writeln!(out, "listening tcp {}", l.local_addr().map_or("?".into(), |a| a.to_string())),
+            Listener::Unix(_, p) => writeln!(out, "listening unix {}", p.display()),
+        };
+    }
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(exports = exports.list.len(), threads = cfg.engine.threads, "serving");
+
+    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(|e| ServeError::StartingEngine(e.into()))?);
+    let acceptor = {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        let max = cfg.max_connections;
+        std::thread::Builder::new()
+            .name("streamer-accept".into())
+            .spawn(move || accept_loop(&listeners, &engine, &stop, max))
+            .map_err(ServeError::StartingEngine)?
+    };
+
+    let signal = stop_signals.wait().map_err(ServeError::Signals)?;
+    tracing::info!(%signal, "stopping: no new connections; finishing requests in flight");
+    let _ = nix::unistd::write(stop.as_fd(), &1u64.to_ne_bytes());
+    let _ = acceptor.join();
+    if let Ok(engine) = Arc::try_unwrap(engine) {
+        engine.shutdown();
+    }
+    for e in &exports.list {
+        if let Err(err) = e.target.sync() {
+            tracing::error!(export = %e.name, "final flush failed: {err}");
+        }
+    }
+    if let Some(path) = &cfg.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn accept_loop(listeners: &[Listener], engine: &Engine, stop: &EventFd, max_connections: usize) {
+    loop {
+        let mut fds: Vec<PollFd> = listeners
+            .iter()
+            .map(|l| match l {
+                Listener::Tcp(l) => PollFd::new(l.as_fd(), PollFlags::POLLIN),
+                Listener::Unix(l, _) => PollFd::new(l.as_fd(), PollFlags::POLLIN),
+            })
+            .collect();
+        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("poll on listeners failed: {e}");
+                return;
+            }
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        if ready[listeners.len()] {
+            return;
+        }
+        for (l, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
+            loop {
+                match l.accept() {
+                    Ok(incoming) => {
+                        if engine.connections() >= max_connections {
+                            tracing::warn!(peer = %incoming.peer, max_connections, "connection refused: at the connection limit");
+                            continue; // dropping `incoming` closes it
+                        }
+                        engine.dispatch(incoming);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Block targets: what an export is backed by. The NBD engine talks only to [`BlockTarget`]: it asks
+//! the target to plan an operation as file I/O, performs that I/O on its ring, and hands the results
+//! back until the target says the operation is done. A raw file is one target; thin-clone volumes and
+//! mirrored volumes plug in behind the same trait, so the protocol code never knows which it serves.
+
+mod file;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+pub use file::{CacheMode, FileTarget};
+
+use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
+
+/// What a target can do; the engine turns it into NBD transmission flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub can_trim: bool,
+    pub can_zero: bool,
+    pub can_fast_zero: bool,
+    pub can_cache: bool,
+    /// Flush on any connection covers writes completed on every connection.
+    pub can_multi_conn: bool,
+    pub block_min: u32,
+    pub block_preferred: u32,
+}
+
+/// An operation the engine asks a target to carry out. Offsets and lengths are already checked
+/// against the export size by the protocol layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetOp {
+    /// Fill the request buffer's first `len` bytes.
+    Read { offset: u64, len: u32 },
+    /// Write the request buffer's first `len` bytes; `fua`: durable before completion.
+    Write { offset: u64, len: u32, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64, fua: bool },
+    /// `may_trim`: the range may become a hole; `fast`: fail rather than be slow.
+    Zero { offset: u64, len: u64, fua: bool, may_trim: bool, fast: bool },
+    Cache { offset: u64, len: u64 },
+}
+
+/// One I/O the engine performs for a target. Buffer positions are relative to the request buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileIo {
+    Read { fd: RawFd, offset: u64, buf_start: u32, len: u32 },
+    Write { fd: RawFd, offset: u64, buf_start: u32, len: u32, dsync: bool },
+    Fallocate { fd: RawFd, offset: u64, len: u64, mode: i32 },
+    Fdatasync { fd: RawFd },
+    Fadvise { fd: RawFd, offset: u64, len: u32, advice: i32 },
+}
+
+/// Most I/Os one phase of an operation may issue.
+pub const MAX_PLAN_IOS: usize = 4;
+
+/// One phase of an operation: I/Os issued together. `linked` runs them in order, each starting only
+/// after the previous one succeeded (a later one fails with `ECANCELED` if an earlier one fails).
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    ios: [Option<FileIo>; MAX_PLAN_IOS],
+    len: usize,
+    pub linked: bool,
+    /// Which phase this is; targets with several phases keep their place here.
+    pub phase: u8,
+}
+
+impl Plan {
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.linked = false;
+    }
+    pub fn push(&mut self, io: FileIo) {
+        assert!(self.len < MAX_PLAN_IOS, "a plan holds at most {MAX_PLAN_IOS} I/Os");
+        self.ios[self.len] = Some(io);
+        self.len += 1;
+    }
+    pub fn ios(&self) -> impl Iterator<Item = &FileIo> {
+        self.ios[..self.len].iter().flatten()
+    }
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut FileIo> {
+        self.ios[..self.len].get_mut(i).and_then(Option::as_mut)
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What a target says after a phase completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Done,
+    /// The plan was refilled with another phase.
+    Again,
+}
+
+/// A failed target operation. Each variant names what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("reading at offset {offset}: {source}")]
+    Reading { offset: u64, source: io::Error },
+    #[error("writing at offset {offset}: {source}")]
+    Writing { offset: u64, source: io::Error },
+    #[error("flushing to stable storage: {source}")]
+    Syncing { source: io::Error },
+    #[error("discarding at offset {offset}: {source}")]
+    Discarding { offset: u64, source: io::Error },
+    #[error("zeroing at offset {offset}: {source}")]
+    Zeroing { offset: u64, source: io::Error },
+    #[error("querying allocation at offset {offset}: {source}")]
+    QueryingAllocation { offset: u64, source: io::Error },
+    #[error("zeroing this range would not be faster than writing it")]
+    FastZeroUnsupported,
+    #[error("an earlier write or flush failed; the export refuses I/O until it is reopened")]
+    Latched,
+}
+
+impl TargetError {
+    /// The one place a target error becomes an NBD errno. No `_` arm: a new variant must choose.
+    pub fn errno(&self) -> NbdErrno {
+        match self {
+            TargetError::Reading { source, .. }
+            | TargetError::Writing { source, .. }
+            | TargetError::Syncing { source }
+            | TargetError::Discarding { source, .. }
+            | TargetError::Zeroing { source, .. }
+            | TargetError::QueryingAllocation { source, .. } => errno_of(source),
+            TargetError::FastZeroUnsupported => NbdErrno::NotSup,
+            TargetError::Latched => NbdErrno::Io,
+        }
+    }
+}
+
+fn errno_of(e: &io::Error) -> NbdErrno {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => NbdErrno::NoSpc,
+        Some(libc::EPERM | libc::EROFS | libc::EACCES) => NbdErrno::Perm,
+        Some(libc::ENOMEM) => NbdErrno::NoMem,
+        Some(libc::EINVAL) => NbdErrno::Inval,
+        Some(libc::EOPNOTSUPP) => NbdErrno::NotSup,
+        _ => NbdErrno::Io,
+    }
+}
+
+/// A block device as the engine sees it. Implementations are shared by every worker thread.
+pub trait BlockTarget: Send + Sync {
+    fn geometry(&self) -> Geometry;
+    /// Plans the first phase of `op` into `plan` (which arrives cleared). An empty plan completes
+    /// at once.
+    fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError>;
+    /// Every I/O of the phase finished: `results[i]` is I/O `i`'s bytes transferred or `-errno`
+    /// (short transfers were already finished by the engine). Returns `Done`, or `Again` with the
+    /// next phase planned.
+    fn complete(&self, op: &TargetOp, plan: &mut Plan, results: &[i32]) -> Result<Progress, TargetError>;
+    /// Allocation of `[offset, offset+len)` as `(length, base:allocation flags)` extents, at most
+    /// `max_extents` of them, covering at least the first byte.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<(), TargetError>;
+    /// Makes everything written durable (blocking; used at shutdown).
+    fn sync(&self) -> Result<(), TargetError>;
+}
+
+/// A named export and the target behind it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub target: Arc<dyn BlockTarget>,
+    pub max_payload_bytes: u32,
+}
+
+impl Export {
+    pub fn info(&self) -> ExportInfo {
+        let g = self.target.geometry();
+        ExportInfo {
+            name: self.name.clone(),
+            size_bytes: g.size_bytes,
+            description: self.description.clone(),
+            read_only: g.read_only,
+            can_trim: g.can_trim,
+            can_zero: g.can_zero,
+            can_fast_zero: g.can_fast_zero,
+            can_cache: g.can_cache,
+            can_multi_conn: g.can_multi_conn,
+            block_min: g.block_min,
+            block_preferred: g.block_preferred,
+            block_max: self.max_payload_bytes,
+        }
+    }
+}
+
+/// The exports a server offers. The default export "" is the only export when there is one.
+#[derive(Default)]
+pub struct Exports {
+    pub list: Vec<Export>,
+}
+
+impl ExportLookup for Exports {
+    type Export = Arc<dyn BlockTarget>;
+    fn lookup(&self, name: &str) -> Option<(Self::Export, ExportInfo)> {
+        let export = if name.is_empty() && self.list.len() == 1 {
+            self.list.first()
+        } else {
+            self.list.iter().find(|e| e.name == name)
+        }?;
+        Some((export.target.clone(), export.info()))
+    }
+    fn for_each(&self, f: &mut dyn FnMut(&str, &str)) {
+        for e in &self.list {
+            f(&e.name, &e.description);
+        }
+    }
+}
