@@ -1,0 +1,425 @@
+//! Hostile and broken clients on raw sockets. Each case gets the spec's reply or a clean disconnect,
+//! and after each one the server still serves a well-behaved client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const REP_ACK: u32 = 1;
+const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const EINVAL: u32 = 22;
+const EOVERFLOW: u32 = 75;
+const ENOSPC: u32 = 28;
+
+const EXPORT_BYTES: u64 = 16 << 20;
+
+fn server(dir: &Scratch, extra: &[&str]) -> Server {
+    let disk = dir.sparse("disk.raw", EXPORT_BYTES);
+    let spec = format!("disk={}", disk.display());
+    let mut args = vec!["--export", spec.as_str(), "--handshake-timeout", "2"];
+    args.extend_from_slice(extra);
+    Server::start(dir, &args)
+}
+
+struct Raw(TcpStream);
+
+impl Raw {
+    fn connect(srv: &Server) -> Raw {
+        let s = TcpStream::connect(&srv.tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw(s)
+    }
+    fn send(&mut self, b: &[u8]) {
+        self.0.write_all(b).unwrap();
+    }
+    fn recv(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        self.0.read_exact(&mut v).unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+        v
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.recv(2).try_into().unwrap())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.recv(4).try_into().unwrap())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.recv(8).try_into().unwrap())
+    }
+    /// True if the server closes the connection (EOF or reset) within the read timeout.
+    fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+    fn greeting(&mut self) {
+        assert_eq!(self.u64(), NBD_MAGIC);
+        assert_eq!(self.u64(), IHAVEOPT);
+        assert_eq!(self.u16() & 1, 1, "fixed newstyle");
+    }
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.send(&b);
+    }
+    /// Reads one option reply: (option, type, data).
+    fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        assert_eq!(self.u64(), OPT_REPLY_MAGIC);
+        let opt = self.u32();
+        let kind = self.u32();
+        let len = self.u32() as usize;
+        (opt, kind, self.recv(len))
+    }
+    /// Negotiates `disk` with NBD_OPT_GO; `structured` also negotiates structured replies.
+    fn negotiate(srv: &Server, structured: bool) -> Raw {
+        let mut c = Raw::connect(srv);
+        c.greeting();
+        c.send(&3u32.to_be_bytes());
+        if structured {
+            c.option(OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(c.option_reply().1, REP_ACK);
+        }
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        c.option(OPT_GO, &go);
+        loop {
+            let (_, kind, _) = c.option_reply();
+            if kind == REP_ACK {
+                break;
+            }
+            assert_eq!(kind, 3, "NBD_REP_INFO before the ACK");
+        }
+        c
+    }
+    fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        self.send(&b);
+    }
+    /// Reads a simple reply: (error, cookie).
+    fn simple_reply(&mut self) -> (u32, u64) {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC);
+        (self.u32(), self.u64())
+    }
+}
+
+/// A good client still gets served: a write and a verified read through qemu-io.
+fn still_serves(srv: &Server) {
+    let out = stdout(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 64k 64k", "-c", "read -P 0x3c 64k 64k", &srv.uri("disk")],
+    ));
+    assert!(!out.contains("failed") && !out.contains("verification"), "{out}");
+}
+
+#[test]
+fn bad_magic_unknown_flags_and_truncated_options_disconnect_cleanly() {
+    let dir = Scratch::new("hostile-handshake");
+    let srv = server(&dir, &[]);
+
+    // Bad option magic.
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    c.send(&[0xde; 16]);
+    assert!(c.closed_by_server(), "bad option magic must close");
+    still_serves(&srv);
+
+    // Unknown client flags.
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&0x8000_0001u32.to_be_bytes());
+    assert!(c.closed_by_server(), "unknown client flags must close");
+
+    // Truncated option: half a header, then the client goes away.
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    c.send(&IHAVEOPT.to_be_bytes()[..5]);
+    drop(c);
+
+    // Truncated option payload: header promises 100 bytes, 10 arrive, client leaves.
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&OPT_GO.to_be_bytes());
+    b.extend_from_slice(&100u32.to_be_bytes());
+    b.extend_from_slice(&[0; 10]);
+    c.send(&b);
+    drop(c);
+
+    // Garbage instead of a handshake.
+    let mut c = Raw::connect(&srv);
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(c.closed_by_server());
+
+    still_serves(&srv);
+    srv.stop();
+}
+
+#[test]
+fn option_claiming_a_gigabyte_is_refused_and_negotiation_goes_on() {
+    let dir = Scratch::new("hostile-bigopt");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&OPT_GO.to_be_bytes());
+    b.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    c.send(&b);
+    let (opt, kind, _) = c.option_reply();
+    assert_eq!((opt, kind), (OPT_GO, REP_ERR_TOO_BIG));
+    // The server discards the payload as it comes; a few MiB of it cost it no memory.
+    let junk = vec![0u8; 1 << 20];
+    for _ in 0..4 {
+        c.send(&junk);
+    }
+    drop(c);
+    // An unknown option on a fresh connection: ERR_UNSUP and negotiation continues to GO.
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    c.option(4242, b"xyz");
+    assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    still_serves(&srv);
+    srv.stop();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_keeps_working() {
+    let dir = Scratch::new("hostile-requests");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::negotiate(&srv, false);
+
+    c.request(0, 99, 1, 0, 512); // unknown command
+    assert_eq!(c.simple_reply(), (EINVAL, 1));
+    c.request(0, CMD_READ, 2, 0, u32::MAX); // over the maximum
+    assert_eq!(c.simple_reply(), (EOVERFLOW, 2));
+    c.request(0, CMD_READ, 3, EXPORT_BYTES - 100, 4096); // past the end
+    assert_eq!(c.simple_reply(), (EINVAL, 3));
+    c.request(0, CMD_WRITE, 4, EXPORT_BYTES, 8); // past the end, payload drained
+    c.send(&[1; 8]);
+    assert_eq!(c.simple_reply(), (ENOSPC, 4));
+    c.request(1 << 9, CMD_WRITE, 5, 0, 4); // unknown flag, payload drained
+    c.send(&[2; 4]);
+    assert_eq!(c.simple_reply(), (EINVAL, 5));
+
+    // Still in sync: write and read back.
+    c.request(0, CMD_WRITE, 6, 4096, 4);
+    c.send(b"abcd");
+    assert_eq!(c.simple_reply(), (0, 6));
+    c.request(0, CMD_READ, 7, 4096, 4);
+    assert_eq!(c.simple_reply(), (0, 7));
+    assert_eq!(c.recv(4), b"abcd");
+
+    // An oversized write is refused with EOVERFLOW at once; its payload is drained as it comes.
+    c.request(0, CMD_WRITE, 8, 0, u32::MAX);
+    assert_eq!(c.simple_reply(), (EOVERFLOW, 8));
+    drop(c);
+
+    // Bad request magic in transmission: disconnect.
+    let mut c = Raw::negotiate(&srv, true);
+    c.send(&[0x55; 28]);
+    assert!(c.closed_by_server());
+    still_serves(&srv);
+    srv.stop();
+}
+
+#[test]
+fn structured_error_chunks_carry_a_message() {
+    let dir = Scratch::new("hostile-structured");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::negotiate(&srv, true);
+    c.request(0, CMD_READ, 9, EXPORT_BYTES, 1);
+    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
+    let flags = c.u16();
+    let kind = c.u16();
+    assert_eq!((flags & 1, kind), (1, (1 << 15) + 1), "final ERROR chunk");
+    assert_eq!(c.u64(), 9);
+    let len = c.u32() as usize;
+    let payload = c.recv(len);
+    assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), EINVAL);
+    let msg_len = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+    assert!(msg_len > 0 && payload.len() == 6 + msg_len);
+    srv.stop();
+}
+
+#[test]
+fn disc_answers_everything_received_first() {
+    let dir = Scratch::new("hostile-disc");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::negotiate(&srv, false);
+    // Many writes, then DISC, all in one burst: every write is answered before the close.
+    let mut burst = Vec::new();
+    for i in 0..50u64 {
+        burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        burst.extend_from_slice(&0u16.to_be_bytes());
+        burst.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        burst.extend_from_slice(&i.to_be_bytes());
+        burst.extend_from_slice(&(i * 4096).to_be_bytes());
+        burst.extend_from_slice(&4096u32.to_be_bytes());
+        burst.extend_from_slice(&[i as u8 + 1; 4096]);
+    }
+    burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    burst.extend_from_slice(&0u16.to_be_bytes());
+    burst.extend_from_slice(&CMD_DISC.to_be_bytes());
+    burst.extend_from_slice(&[0; 20]);
+    c.send(&burst);
+    let mut cookies: Vec<u64> = (0..50).map(|_| c.simple_reply()).map(|(e, k)| {
+        assert_eq!(e, 0);
+        k
+    }).collect();
+    cookies.sort();
+    assert_eq!(cookies, (0..50).collect::<Vec<_>>());
+    assert!(c.closed_by_server());
+    let log = srv.stop();
+    assert!(log.contains("NBD_CMD_DISC"), "{log}");
+    let data = std::fs::read(dir.path("disk.raw")).unwrap();
+    for i in 0..50usize {
+        assert!(data[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8 + 1), "block {i}");
+    }
+}
+
+#[test]
+fn disconnect_in_the_middle_of_a_write_payload() {
+    let dir = Scratch::new("hostile-midwrite");
+    let srv = server(&dir, &[]);
+    for _ in 0..20 {
+        let mut c = Raw::negotiate(&srv, true);
+        c.request(0, CMD_WRITE, 1, 0, 1 << 20);
+        c.send(&vec![7u8; 300_000]);
+        drop(c);
+    }
+    still_serves(&srv);
+    let log = srv.stop();
+    assert!(log.contains("in the middle of a write payload"), "{log}");
+}
+
+#[test]
+fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let dir = Scratch::new("hostile-silent");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    let start = Instant::now();
+    assert!(c.closed_by_server(), "a client that sends nothing must be dropped");
+    // Bounded, not timed: the 20 s read timeout would fail the line above.
+    assert!(start.elapsed() < Duration::from_secs(20));
+    still_serves(&srv);
+    let log = srv.stop();
+    assert!(log.contains("handshake timed out"), "{log}");
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn client_that_never_reads_replies_is_bounded_and_others_are_served() {
+    let dir = Scratch::new("hostile-noread");
+    let srv = server(&dir, &["--max-inflight", "64", "--max-connection-memory", "16M"]);
+    let mut c = Raw::negotiate(&srv, false);
+    c.0.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Ask for 4 GiB of 1 MiB reads and never read a byte back. The server must stop reading
+    // requests once its per-connection budget is spent, so our sends eventually block.
+    let mut req = Vec::new();
+    for i in 0..4096u64 {
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&i.to_be_bytes());
+        req.extend_from_slice(&((i % 16) << 20).to_be_bytes());
+        req.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    }
+    let _ = c.0.write_all(&req); // times out once both socket buffers are full
+    std::thread::sleep(Duration::from_millis(300));
+    still_serves(&srv);
+    let rss = rss_kib(srv.pid());
+    assert!(rss < 256 * 1024, "server RSS {rss} KiB with a stuck client");
+    drop(c);
+    still_serves(&srv);
+    srv.stop();
+}
+
+#[test]
+fn hundreds_of_connections_opened_and_dropped_at_once() {
+    let dir = Scratch::new("hostile-storm");
+    let srv = server(&dir, &["--max-connections", "300"]);
+    for round in 0..3 {
+        let mut conns = Vec::new();
+        for i in 0..400 {
+            match TcpStream::connect(&srv.tcp) {
+                Ok(mut s) => {
+                    // Some send half a handshake, some nothing.
+                    if i % 3 == 0 {
+                        let _ = s.write_all(&3u32.to_be_bytes());
+                    }
+                    conns.push(s);
+                }
+                Err(e) => panic!("round {round}: connect {i} failed: {e}"),
+            }
+        }
+        drop(conns);
+        still_serves(&srv);
+    }
+    // Connections over the limit are accepted and closed, and logged.
+    let log = srv.stop();
+    assert!(log.contains("connection limit"), "{log}");
+}
+
+#[test]
+fn unix_socket_serves_the_same_export() {
+    let dir = Scratch::new("hostile-unix");
+    let srv = server(&dir, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    s.write_all(&[0xff; 4]).unwrap(); // unknown client flags
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    let out = stdout(&run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &srv.unix_uri("disk")]));
+    assert!(out.contains("read 4096/4096"), "{out}");
+    srv.stop();
+}

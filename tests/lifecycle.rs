@@ -1,0 +1,94 @@
+//! Start-up errors and clean shutdown of the real binary.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn sigterm_with_clients_mid_io_finishes_in_flight_and_exits_zero() {
+    let dir = Scratch::new("sigterm");
+    let disk = dir.sparse("disk.raw", 64 << 20);
+    let spec = format!("disk={}", disk.display());
+    let srv = Server::start(&dir, &["--export", &spec]);
+    let uri = format!("--uri={}", srv.uri("disk"));
+    let mut fio = Command::new("fio")
+        .args(["--name=load", "--ioengine=nbd", &uri, "--rw=randwrite", "--bs=4k", "--iodepth=32"])
+        .args(["--size=64m", "--time_based", "--runtime=30", "--numjobs=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fio");
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = srv.stop(); // asserts exit status 0 within the bound
+    let _ = fio.kill();
+    let _ = fio.wait();
+    assert!(log.contains("stopping"), "{log}");
+    assert!(log.contains("server shutting down") || log.contains("disconnected"), "{log}");
+    assert!(!dir.path("nbd.sock").exists(), "the Unix socket is removed on exit");
+}
+
+#[test]
+fn sigint_also_stops_cleanly() {
+    let dir = Scratch::new("sigint");
+    let disk = dir.sparse("disk.raw", 1 << 20);
+    let spec = format!("disk={}", disk.display());
+    let mut srv = Server::start(&dir, &["--export", &spec]);
+    let pid = nix::unistd::Pid::from_raw(srv.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut child = srv.child.take().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", srv.log());
+}
+
+fn serve_fails(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run streamer");
+    assert!(!out.status.success(), "streamer serve {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_command_lines_name_the_problem() {
+    let dir = Scratch::new("badcli");
+    assert!(serve_fails(&[]).contains("--export"));
+    assert!(serve_fails(&["--export", "noequals"]).contains("NAME=PATH"));
+    assert!(serve_fails(&["--export", "a/b=/x"]).contains("'/'"));
+    let missing = dir.path("missing.raw");
+    let spec = format!("disk={}", missing.display());
+    let err = serve_fails(&["--listen", "127.0.0.1:0", "--export", &spec]);
+    assert!(err.contains("missing.raw"), "{err}");
+    assert!(serve_fails(&["--export", "a=/dev/null", "--max-request", "12XB"]).contains("not a size"));
+    let disk = dir.sparse("d.raw", 4096);
+    let (s1, s2) = (format!("d={}", disk.display()), format!("d={}", disk.display()));
+    let err = serve_fails(&["--listen", "127.0.0.1:0", "--export", &s1, "--export", &s2]);
+    assert!(err.contains("twice"), "{err}");
+    // A port already in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = serve_fails(&["--listen", &addr, "--export", &s1]);
+    assert!(err.contains(&addr), "{err}");
+}
+
+#[test]
+fn ipv6_loopback_listener() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; nothing to test");
+        return;
+    }
+    let dir = Scratch::new("ipv6");
+    let disk = dir.sparse("disk.raw", 1 << 20);
+    let spec = format!("disk={}", disk.display());
+    let srv = Server::start(&dir, &["--listen", "[::1]:0", "--export", &spec]);
+    // The harness keeps the last TCP address printed: the IPv6 one.
+    assert!(srv.tcp.starts_with("[::1]:"), "{}", srv.tcp);
+    let size = stdout(&run("nbdinfo", &["--size", &srv.uri("disk")]));
+    assert_eq!(size.trim(), (1 << 20).to_string());
+    srv.stop();
+}
