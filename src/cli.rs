@@ -12,7 +12,11 @@ use crate::server::{ExportSpec, ServeConfig};
 use crate::target::CacheMode;
 
 #[derive(Debug, Parser)]
-#[command(name = "streamer", version, about = "Userspace block storage server (NBD over io_uring)")]
+#[command(
+    name = "streamer",
+    version,
+    about = "Userspace block storage server (NBD over io_uring)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -81,7 +85,12 @@ impl ServeArgs {
         let max_payload = u32::try_from(self.max_request)
             .ok()
             .filter(|m| (4096..=crate::engine::BufPool::MAX_BYTES as u32).contains(m))
-            .ok_or_else(|| format!("--max-request must be between 4K and {}M", crate::engine::BufPool::MAX_BYTES >> 20))?;
+            .ok_or_else(|| {
+                format!(
+                    "--max-request must be between 4K and {}M",
+                    crate::engine::BufPool::MAX_BYTES >> 20
+                )
+            })?;
         let mut engine = EngineConfig {
             max_payload_bytes: max_payload,
             max_inflight: self.max_inflight,

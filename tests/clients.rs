@@ -20,11 +20,17 @@ fn nbdinfo_lists_exports_reports_size_and_maps_holes() {
     let dir = Scratch::new("nbdinfo");
     let a = dir.sparse("a.raw", 64 * MIB);
     let b = dir.sparse("b.raw", 3 * MIB + 512);
-    let (ea, eb) = (format!("a={}", a.display()), format!("b={}:ro", b.display()));
+    let (ea, eb) = (
+        format!("a={}", a.display()),
+        format!("b={}:ro", b.display()),
+    );
     let srv = Server::start(&dir, &["--export", &ea, "--export", &eb]);
 
     let list = stdout(&run("nbdinfo", &["--list", &format!("nbd://{}", srv.tcp)]));
-    assert!(list.contains("export=\"a\"") && list.contains("export=\"b\""), "{list}");
+    assert!(
+        list.contains("export=\"a\"") && list.contains("export=\"b\""),
+        "{list}"
+    );
 
     let size = stdout(&run("nbdinfo", &["--size", &srv.uri("b")]));
     assert_eq!(size.trim(), (3 * MIB + 512).to_string());
@@ -33,9 +39,15 @@ fn nbdinfo_lists_exports_reports_size_and_maps_holes() {
     assert!(info.contains("block_size_maximum: 33554432"), "{info}");
 
     // Write one MiB in the middle, then the map shows data there and holes around it.
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 8M 1M", &srv.uri("a")]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 8M 1M", &srv.uri("a")],
+    );
     let map = stdout(&run("nbdinfo", &["--map", &srv.uri("a")]));
-    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     let expect = [
         ["0", "8388608", "3"],
         ["8388608", "1048576", "0"],
@@ -92,7 +104,10 @@ fn read_only_export_refuses_writes_with_eperm() {
     let out = py("readonly.py", &[&srv.uri("ro")]);
     assert!(out.contains("PASS"), "{out}");
     srv.stop();
-    assert!(std::fs::read(&disk).unwrap() == before, "read-only export changed on disk");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "read-only export changed on disk"
+    );
 }
 
 #[test]
@@ -123,7 +138,10 @@ fn qemu_io_pattern_writes_and_verified_reads_tcp_and_unix() {
             }
             args.push(uri);
             let out = stdout(&run("qemu-io", &args));
-            assert!(!out.contains("failed") && !out.contains("Pattern verification"), "{out}");
+            assert!(
+                !out.contains("failed") && !out.contains("Pattern verification"),
+                "{out}"
+            );
         }
         srv.stop();
     }
@@ -133,17 +151,36 @@ fn qemu_io_pattern_writes_and_verified_reads_tcp_and_unix() {
 fn qemu_negotiates_extended_headers() {
     let dir = Scratch::new("exthdr");
     let srv = serve_disk(&dir, 16 * MIB, &[]);
-    let out = stdout(&run("qemu-nbd", &["-L", "-k", srv.socket.to_str().unwrap()]));
+    let out = stdout(&run(
+        "qemu-nbd",
+        &["-L", "-k", srv.socket.to_str().unwrap()],
+    ));
     assert!(out.contains("transaction size: 64-bit"), "{out}");
     assert!(out.contains("base:allocation"), "{out}");
     // Writes, zeroes, trims and block status over extended headers.
     let out = stdout(&run(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 4k 12k", "-c", "write -z 1M 64k", "-c", "read -P 0x77 4k 12k", &srv.uri("disk")],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 4k 12k",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "read -P 0x77 4k 12k",
+            &srv.uri("disk"),
+        ],
     ));
     assert!(!out.contains("failed"), "{out}");
-    let map = stdout(&run("qemu-img", &["map", "--output=json", "-f", "raw", &srv.uri("disk")]));
-    assert!(map.contains("\"data\": true") && map.contains("\"data\": false"), "{map}");
+    let map = stdout(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &srv.uri("disk")],
+    ));
+    assert!(
+        map.contains("\"data\": true") && map.contains("\"data\": false"),
+        "{map}"
+    );
     srv.stop();
 }
 
@@ -155,23 +192,67 @@ fn qemu_img_convert_to_and_from_the_export_and_nbdcopy() {
     // Leave a hole in the golden image so sparse handling is exercised.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&golden).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&golden)
+            .unwrap();
         f.write_at(&vec![0u8; 4 * MIB as usize], 8 * MIB).unwrap();
     }
     let srv = serve_disk(&dir, 24 * MIB, &[]);
     let g = golden.to_str().unwrap();
-    run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", g, &srv.uri("disk")]);
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &srv.uri("disk"), g]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            g,
+            &srv.uri("disk"),
+        ],
+    );
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &srv.uri("disk"), g],
+    );
     let back = dir.path("back.raw");
-    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.unix_uri("disk"), back.to_str().unwrap()]);
-    assert!(std::fs::read(&back).unwrap() == std::fs::read(&golden).unwrap(), "convert back differs");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &srv.unix_uri("disk"),
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&golden).unwrap(),
+        "convert back differs"
+    );
 
     // nbdcopy with several connections and requests in flight, then read back through it.
     let copy = dir.path("copy.raw");
     data_file(&golden, 24 * MIB as usize, 1234);
-    run("nbdcopy", &["--connections=4", "--requests=64", "--flush", g, &srv.uri("disk")]);
+    run(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=64",
+            "--flush",
+            g,
+            &srv.uri("disk"),
+        ],
+    );
     run("nbdcopy", &[&srv.unix_uri("disk"), copy.to_str().unwrap()]);
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&golden).unwrap(), "nbdcopy round trip differs");
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&golden).unwrap(),
+        "nbdcopy round trip differs"
+    );
     srv.stop();
 }
 
@@ -185,9 +266,17 @@ fn fio_random_writes_verify_crc32c() {
             let out = stdout(&run(
                 "fio",
                 &[
-                    "--name=verify", "--ioengine=nbd", &uri_arg, "--rw=randwrite", "--bs=4k",
-                    "--iodepth=32", "--size=32m", "--verify=crc32c", "--verify_fatal=1",
-                    "--do_verify=1", "--output-format=terse",
+                    "--name=verify",
+                    "--ioengine=nbd",
+                    &uri_arg,
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--iodepth=32",
+                    "--size=32m",
+                    "--verify=crc32c",
+                    "--verify_fatal=1",
+                    "--do_verify=1",
+                    "--output-format=terse",
                 ],
             ));
             assert!(!out.is_empty());
@@ -207,12 +296,25 @@ fn sparse_export_beyond_4_gib() {
     let out = stdout(&run(
         "qemu-io",
         &[
-            "-f", "raw", "-c", "write -P 0x42 4294963200 8192", "-c", "write -P 0x43 6442446848 4096",
-            "-c", "read -P 0x42 4294963200 8192", "-c", "read -P 0x43 6442446848 4096",
-            "-c", "read -P 0 5G 1M", &uri,
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 4294963200 8192",
+            "-c",
+            "write -P 0x43 6442446848 4096",
+            "-c",
+            "read -P 0x42 4294963200 8192",
+            "-c",
+            "read -P 0x43 6442446848 4096",
+            "-c",
+            "read -P 0 5G 1M",
+            &uri,
         ],
     ));
-    assert!(!out.contains("failed") && !out.contains("verification"), "{out}");
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
     let map = stdout(&run("nbdinfo", &["--map", &uri]));
     assert!(map.lines().count() >= 4, "{map}");
     srv.stop();

@@ -51,7 +51,9 @@ impl Raw {
     }
     fn recv(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0; n];
-        self.0.read_exact(&mut v).unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+        self.0
+            .read_exact(&mut v)
+            .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
         v
     }
     fn u16(&mut self) -> u16 {
@@ -137,9 +139,20 @@ impl Raw {
 fn still_serves(srv: &Server) {
     let out = stdout(&run(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x3c 64k 64k", "-c", "read -P 0x3c 64k 64k", &srv.uri("disk")],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 64k 64k",
+            "-c",
+            "read -P 0x3c 64k 64k",
+            &srv.uri("disk"),
+        ],
     ));
-    assert!(!out.contains("failed") && !out.contains("verification"), "{out}");
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -299,10 +312,13 @@ fn disc_answers_everything_received_first() {
     burst.extend_from_slice(&CMD_DISC.to_be_bytes());
     burst.extend_from_slice(&[0; 20]);
     c.send(&burst);
-    let mut cookies: Vec<u64> = (0..50).map(|_| c.simple_reply()).map(|(e, k)| {
-        assert_eq!(e, 0);
-        k
-    }).collect();
+    let mut cookies: Vec<u64> = (0..50)
+        .map(|_| c.simple_reply())
+        .map(|(e, k)| {
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
     cookies.sort();
     assert_eq!(cookies, (0..50).collect::<Vec<_>>());
     assert!(c.closed_by_server());
@@ -310,7 +326,12 @@ fn disc_answers_everything_received_first() {
     assert!(log.contains("NBD_CMD_DISC"), "{log}");
     let data = std::fs::read(dir.path("disk.raw")).unwrap();
     for i in 0..50usize {
-        assert!(data[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8 + 1), "block {i}");
+        assert!(
+            data[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&b| b == i as u8 + 1),
+            "block {i}"
+        );
     }
 }
 
@@ -336,7 +357,10 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     let mut c = Raw::connect(&srv);
     c.greeting();
     let start = Instant::now();
-    assert!(c.closed_by_server(), "a client that sends nothing must be dropped");
+    assert!(
+        c.closed_by_server(),
+        "a client that sends nothing must be dropped"
+    );
     // Bounded, not timed: the 20 s read timeout would fail the line above.
     assert!(start.elapsed() < Duration::from_secs(20));
     still_serves(&srv);
@@ -357,7 +381,10 @@ fn rss_kib(pid: i32) -> u64 {
 #[test]
 fn client_that_never_reads_replies_is_bounded_and_others_are_served() {
     let dir = Scratch::new("hostile-noread");
-    let srv = server(&dir, &["--max-inflight", "64", "--max-connection-memory", "16M"]);
+    let srv = server(
+        &dir,
+        &["--max-inflight", "64", "--max-connection-memory", "16M"],
+    );
     let mut c = Raw::negotiate(&srv, false);
     c.0.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     // Ask for 4 GiB of 1 MiB reads and never read a byte back. The server must stop reading
@@ -419,7 +446,10 @@ fn unix_socket_serves_the_same_export() {
     s.write_all(&[0xff; 4]).unwrap(); // unknown client flags
     let mut b = [0u8; 1];
     assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
-    let out = stdout(&run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &srv.unix_uri("disk")]));
+    let out = stdout(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read 0 4k", &srv.unix_uri("disk")],
+    ));
     assert!(out.contains("read 4096/4096"), "{out}");
     srv.stop();
 }

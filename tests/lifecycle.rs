@@ -15,7 +15,14 @@ fn sigterm_with_clients_mid_io_finishes_in_flight_and_exits_zero() {
     let srv = Server::start(&dir, &["--export", &spec]);
     let uri = format!("--uri={}", srv.uri("disk"));
     let mut fio = Command::new("fio")
-        .args(["--name=load", "--ioengine=nbd", &uri, "--rw=randwrite", "--bs=4k", "--iodepth=32"])
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+        ])
         .args(["--size=64m", "--time_based", "--runtime=30", "--numjobs=2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -26,8 +33,14 @@ fn sigterm_with_clients_mid_io_finishes_in_flight_and_exits_zero() {
     let _ = fio.kill();
     let _ = fio.wait();
     assert!(log.contains("stopping"), "{log}");
-    assert!(log.contains("server shutting down") || log.contains("disconnected"), "{log}");
-    assert!(!dir.path("nbd.sock").exists(), "the Unix socket is removed on exit");
+    assert!(
+        log.contains("server shutting down") || log.contains("disconnected"),
+        "{log}"
+    );
+    assert!(
+        !dir.path("nbd.sock").exists(),
+        "the Unix socket is removed on exit"
+    );
 }
 
 #[test]
@@ -64,9 +77,14 @@ fn bad_command_lines_name_the_problem() {
     let spec = format!("disk={}", missing.display());
     let err = serve_fails(&["--listen", "127.0.0.1:0", "--export", &spec]);
     assert!(err.contains("missing.raw"), "{err}");
-    assert!(serve_fails(&["--export", "a=/dev/null", "--max-request", "12XB"]).contains("not a size"));
+    assert!(
+        serve_fails(&["--export", "a=/dev/null", "--max-request", "12XB"]).contains("not a size")
+    );
     let disk = dir.sparse("d.raw", 4096);
-    let (s1, s2) = (format!("d={}", disk.display()), format!("d={}", disk.display()));
+    let (s1, s2) = (
+        format!("d={}", disk.display()),
+        format!("d={}", disk.display()),
+    );
     let err = serve_fails(&["--listen", "127.0.0.1:0", "--export", &s1, "--export", &s2]);
     assert!(err.contains("twice"), "{err}");
     // A port already in use.

@@ -20,7 +20,8 @@ unsafe impl Send for Buf {}
 
 impl Buf {
     fn new(cap: usize) -> Buf {
-        let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer classes are valid layouts");
+        let layout =
+            Layout::from_size_align(cap, BUF_ALIGN).expect("buffer classes are valid layouts");
         // SAFETY: `layout` has a nonzero size (the smallest class is 4 KiB).
         let ptr = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
@@ -40,14 +41,22 @@ impl Buf {
     }
 
     pub fn slice(&self, start: usize, len: usize) -> &[u8] {
-        assert!(start + len <= self.cap, "slice {start}+{len} beyond buffer of {}", self.cap);
+        assert!(
+            start + len <= self.cap,
+            "slice {start}+{len} beyond buffer of {}",
+            self.cap
+        );
         // SAFETY: the allocation is `cap` bytes, initialised (zeroed at allocation, and only ever
         // written with bytes since), and `&self` keeps it alive and unaliased by mutable borrows.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len) }
     }
 
     pub fn slice_mut(&mut self, start: usize, len: usize) -> &mut [u8] {
-        assert!(start + len <= self.cap, "slice {start}+{len} beyond buffer of {}", self.cap);
+        assert!(
+            start + len <= self.cap,
+            "slice {start}+{len} beyond buffer of {}",
+            self.cap
+        );
         // SAFETY: as in `slice`, and `&mut self` guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), len) }
     }
@@ -55,7 +64,8 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout was valid at allocation");
+        let layout =
+            Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout was valid at allocation");
         // SAFETY: `ptr` came from `alloc_zeroed` with this same layout and is freed only here.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
@@ -78,14 +88,21 @@ impl BufPool {
     }
 
     fn class_of(len: usize) -> usize {
-        let shift = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
+        let shift = len
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(MIN_CLASS_SHIFT);
         (shift - MIN_CLASS_SHIFT) as usize
     }
 
     /// A buffer of at least `len` bytes (`len` at most the largest class).
     pub fn get(&mut self, len: usize) -> Buf {
         let class = Self::class_of(len);
-        assert!(class < CLASSES, "buffer of {len} bytes exceeds the largest class");
+        assert!(
+            class < CLASSES,
+            "buffer of {len} bytes exceeds the largest class"
+        );
         match self.free[class].pop() {
             Some(b) => {
                 self.cached_bytes -= b.cap;

@@ -22,7 +22,9 @@ use crate::nbd::reply::{ReplyBuilder, Segment};
 use crate::nbd::request::{self, Command, Parse, Session};
 use crate::nbd::wire::META_BASE_ALLOCATION_ID;
 use crate::nbd::{NbdErrno, ReplyMode};
-use crate::target::{BlockTarget, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp};
+use crate::target::{
+    BlockTarget, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp,
+};
 
 /// Receive buffer: holds the largest option (64 KiB + header) or many small requests.
 const RECV_BUFFER_BYTES: usize = 128 * 1024;
@@ -84,7 +86,9 @@ impl Slot {
     }
 
     fn buf_ptr(&mut self) -> *mut u8 {
-        self.buf.as_mut().map_or(std::ptr::null_mut(), Buf::as_mut_ptr)
+        self.buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), Buf::as_mut_ptr)
     }
 
     /// Accounts for a completion of plan I/O `i`: a short read or write resumes where it stopped.
@@ -93,8 +97,18 @@ impl Slot {
             return After::Final(res);
         };
         let (is_read, offset, buf_start, len) = match file_io {
-            FileIo::Read { offset, buf_start, len, .. } => (true, offset, buf_start, len),
-            FileIo::Write { offset, buf_start, len, .. } => (false, offset, buf_start, len),
+            FileIo::Read {
+                offset,
+                buf_start,
+                len,
+                ..
+            } => (true, offset, buf_start, len),
+            FileIo::Write {
+                offset,
+                buf_start,
+                len,
+                ..
+            } => (false, offset, buf_start, len),
             _ => return After::Final(res),
         };
         if res < 0 || res as u32 >= *len {
@@ -311,7 +325,11 @@ impl Conn {
             let slot = &mut self.slots[sid as usize];
             let have = slot.payload_have as usize;
             let want = (slot.data_len - slot.payload_have) as usize;
-            let ptr = slot.buf.as_mut().expect("write slot has a buffer").as_mut_ptr();
+            let ptr = slot
+                .buf
+                .as_mut()
+                .expect("write slot has a buffer")
+                .as_mut_ptr();
             // SAFETY: `have + want <= data_len <= capacity`; the buffer is owned by the slot, which
             // stays in `ReceivingPayload` (untouched) until this receive completes.
             unsafe { io.recv(ud, fd, ptr.add(have), want as u32) };
@@ -322,7 +340,10 @@ impl Conn {
                 self.rpos = 0;
             }
             let free = self.rbuf.len() - self.rlen;
-            debug_assert!(free > 0, "the receive buffer always has room for a header or option");
+            debug_assert!(
+                free > 0,
+                "the receive buffer always has room for a header or option"
+            );
             let ptr = self.rbuf[self.rlen..].as_mut_ptr();
             // SAFETY: `rbuf` is a heap buffer never resized; nothing touches `rbuf[rlen..]` until
             // the receive completes (`recv_armed` guards re-arming and compaction).
@@ -380,7 +401,11 @@ impl Conn {
 
     fn process(&mut self, io: &mut Io, exports: &Exports) {
         if let Phase::Handshake(hs) = &mut self.phase {
-            let (used, step) = hs.advance(&self.rbuf[self.rpos..self.rlen], exports, &mut self.out_next);
+            let (used, step) = hs.advance(
+                &self.rbuf[self.rpos..self.rlen],
+                exports,
+                &mut self.out_next,
+            );
             self.rpos += used;
             match step {
                 Step::NeedMore => {}
@@ -429,7 +454,8 @@ impl Conn {
             return;
         };
         let session = *session;
-        while self.closing.is_none() && !self.disc && !self.draining && self.payload_slot.is_none() {
+        while self.closing.is_none() && !self.disc && !self.draining && self.payload_slot.is_none()
+        {
             if self.skip_bytes > 0 {
                 let take = self.skip_bytes.min((self.rlen - self.rpos) as u64);
                 self.rpos += take as usize;
@@ -438,7 +464,8 @@ impl Conn {
                     break;
                 }
             }
-            let header = match request::parse_header(&self.rbuf[self.rpos..self.rlen], session.mode) {
+            let header = match request::parse_header(&self.rbuf[self.rpos..self.rlen], session.mode)
+            {
                 Parse::Incomplete => break,
                 Parse::BadMagic(m) => {
                     self.close(format!("bad request magic {m:#x}"));
@@ -505,11 +532,25 @@ impl Conn {
                 Command::Write { offset, len, fua } => TargetOp::Write { offset, len, fua },
                 Command::Flush => TargetOp::Flush,
                 Command::Trim { offset, len, fua } => TargetOp::Trim { offset, len, fua },
-                Command::WriteZeroes { offset, len, fua, may_trim, fast } => {
-                    TargetOp::Zero { offset, len, fua, may_trim, fast }
-                }
+                Command::WriteZeroes {
+                    offset,
+                    len,
+                    fua,
+                    may_trim,
+                    fast,
+                } => TargetOp::Zero {
+                    offset,
+                    len,
+                    fua,
+                    may_trim,
+                    fast,
+                },
                 Command::Cache { offset, len } => TargetOp::Cache { offset, len },
-                Command::BlockStatus { offset, len, req_one } => {
+                Command::BlockStatus {
+                    offset,
+                    len,
+                    req_one,
+                } => {
                     self.block_status(io, sid, offset, len, req_one);
                     continue;
                 }
@@ -518,7 +559,8 @@ impl Conn {
             if let Command::Write { len, .. } = cmd {
                 let avail = (self.rlen - self.rpos).min(len as usize);
                 let buf = slot.buf.as_mut().expect("write has a buffer");
-                buf.slice_mut(0, avail).copy_from_slice(&self.rbuf[self.rpos..self.rpos + avail]);
+                buf.slice_mut(0, avail)
+                    .copy_from_slice(&self.rbuf[self.rpos..self.rpos + avail]);
                 self.rpos += avail;
                 slot.payload_have = avail as u32;
                 if avail < len as usize {

@@ -90,21 +90,27 @@ impl Engine {
             // The worker (its ring and raw iovec pointers) is built on its own thread and never
             // leaves it; the result of building it comes back over a channel.
             let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-            let (cfg, exports, wake2, conns2, shutdown2) =
-                (cfg.clone(), exports.clone(), wake.clone(), conns.clone(), shutdown.clone());
+            let (cfg, exports, wake2, conns2, shutdown2) = (
+                cfg.clone(),
+                exports.clone(),
+                wake.clone(),
+                conns.clone(),
+                shutdown.clone(),
+            );
             let join = std::thread::Builder::new()
                 .name(format!("streamer-io-{i}"))
                 .spawn(move || {
-                    let mut w = match worker::Worker::new(i, cfg, exports, rx, wake2, conns2, shutdown2) {
-                        Ok(w) => {
-                            let _ = ready_tx.send(Ok(()));
-                            w
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                    let mut w =
+                        match worker::Worker::new(i, cfg, exports, rx, wake2, conns2, shutdown2) {
+                            Ok(w) => {
+                                let _ = ready_tx.send(Ok(()));
+                                w
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
                     if let Err(e) = w.run() {
                         tracing::error!(worker = i, "I/O worker stopped: {e}");
                     }
@@ -112,14 +118,22 @@ impl Engine {
             ready_rx
                 .recv()
                 .map_err(|_| io::Error::other("I/O worker died while starting"))??;
-            workers.push(WorkerHandle { tx, wake, conns, join });
+            workers.push(WorkerHandle {
+                tx,
+                wake,
+                conns,
+                join,
+            });
         }
         Ok(Engine { workers, shutdown })
     }
 
     /// Connections currently open on all workers.
     pub fn connections(&self) -> usize {
-        self.workers.iter().map(|w| w.conns.load(Ordering::Relaxed)).sum()
+        self.workers
+            .iter()
+            .map(|w| w.conns.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Gives a new connection to the least loaded worker.

@@ -39,7 +39,12 @@ fn decode(ud: u64) -> (Option<Tag>, u32, u16, u16) {
         5 => Some(Tag::Io),
         _ => None,
     };
-    (tag, (ud >> 32) as u32 & 0xff_ffff, (ud >> 16) as u16, ud as u16)
+    (
+        tag,
+        (ud >> 32) as u32 & 0xff_ffff,
+        (ud >> 16) as u16,
+        ud as u16,
+    )
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -71,7 +76,9 @@ impl Io {
     /// # Safety
     /// `ptr..ptr+len` must stay valid and untouched by Rust until the completion is reaped.
     pub unsafe fn recv(&mut self, ud: u64, fd: RawFd, ptr: *mut u8, len: u32) {
-        let e = opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(ud);
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(ud);
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e) }
     }
@@ -106,12 +113,25 @@ impl Io {
     /// by Rust) until the completion is reaped. The descriptor must stay open until then.
     pub unsafe fn file_io(&mut self, ud: u64, io: &FileIo, buf: *mut u8, link: bool) {
         let e = match *io {
-            FileIo::Read { fd, offset, buf_start, len } => {
+            FileIo::Read {
+                fd,
+                offset,
+                buf_start,
+                len,
+            } => {
                 // SAFETY: in bounds of the request buffer, by the caller's contract.
                 let ptr = unsafe { buf.add(buf_start as usize) };
-                opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
+                opcode::Read::new(types::Fd(fd), ptr, len)
+                    .offset(offset)
+                    .build()
             }
-            FileIo::Write { fd, offset, buf_start, len, dsync } => {
+            FileIo::Write {
+                fd,
+                offset,
+                buf_start,
+                len,
+                dsync,
+            } => {
                 // SAFETY: in bounds of the request buffer, by the caller's contract.
                 let ptr = unsafe { buf.add(buf_start as usize) };
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
@@ -120,20 +140,32 @@ impl Io {
                     .rw_flags(flags)
                     .build()
             }
-            FileIo::Fallocate { fd, offset, len, mode } => opcode::Fallocate::new(types::Fd(fd), len)
+            FileIo::Fallocate {
+                fd,
+                offset,
+                len,
+                mode,
+            } => opcode::Fallocate::new(types::Fd(fd), len)
                 .offset(offset)
                 .mode(mode)
                 .build(),
             FileIo::Fdatasync { fd } => opcode::Fsync::new(types::Fd(fd))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            FileIo::Fadvise { fd, offset, len, advice } => {
-                opcode::Fadvise::new(types::Fd(fd), len as libc::off_t, advice)
-                    .offset(offset)
-                    .build()
-            }
+            FileIo::Fadvise {
+                fd,
+                offset,
+                len,
+                advice,
+            } => opcode::Fadvise::new(types::Fd(fd), len as libc::off_t, advice)
+                .offset(offset)
+                .build(),
         };
-        let e = if link { e.flags(squeue::Flags::IO_LINK) } else { e };
+        let e = if link {
+            e.flags(squeue::Flags::IO_LINK)
+        } else {
+            e
+        };
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e.user_data(ud)) }
     }
@@ -175,7 +207,11 @@ impl Worker {
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(RING_ENTRIES)
-            .or_else(|_| IoUring::builder().setup_cqsize(RING_ENTRIES * 8).build(RING_ENTRIES))?;
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(RING_ENTRIES * 8)
+                    .build(RING_ENTRIES)
+            })?;
         Ok(Worker {
             id,
             io: Io {
@@ -227,7 +263,12 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             completions.clear();
-            completions.extend(self.io.ring.completion().map(|c| (c.user_data(), c.result())));
+            completions.extend(
+                self.io
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result())),
+            );
             for &(ud, res) in &completions {
                 self.complete(ud, res);
             }
@@ -252,7 +293,12 @@ impl Worker {
             }
             Some(tag @ (Tag::Recv | Tag::Send | Tag::Io)) => {
                 let Some(conn) = self.conns.get_mut(cid as usize).and_then(Option::as_mut) else {
-                    tracing::error!(worker = self.id, cid, ?tag, "completion for a missing connection");
+                    tracing::error!(
+                        worker = self.id,
+                        cid,
+                        ?tag,
+                        "completion for a missing connection"
+                    );
                     return;
                 };
                 match tag {

@@ -97,7 +97,9 @@ enum State {
     ClientFlags,
     OptionHeader,
     /// Discarding the payload of an option too long to read.
-    Skip { remaining_bytes: u64 },
+    Skip {
+        remaining_bytes: u64,
+    },
 }
 
 /// One connection's negotiation state.
@@ -154,7 +156,10 @@ impl Handshake {
                     let flags = u32::from_be_bytes(*flags);
                     consumed += 4;
                     if flags & !CLIENT_KNOWN_FLAGS != 0 {
-                        return (consumed, Step::Close(CloseReason::UnknownClientFlags(flags)));
+                        return (
+                            consumed,
+                            Step::Close(CloseReason::UnknownClientFlags(flags)),
+                        );
                     }
                     if flags & CLIENT_FIXED_NEWSTYLE == 0 {
                         return (consumed, Step::Close(CloseReason::NotFixedNewstyle));
@@ -242,7 +247,12 @@ impl Handshake {
             }
             OPT_STARTTLS => {
                 if !data.is_empty() {
-                    option_reply_msg(out, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                    option_reply_msg(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
                 } else {
                     option_reply_msg(out, option, REP_ERR_UNSUP, "TLS is not supported yet");
                 }
@@ -327,11 +337,21 @@ impl Handshake {
             cursor.is_empty().then_some((name, requested))
         })();
         let Some((name, requested)) = parsed else {
-            option_reply_msg(out, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO payload");
+            option_reply_msg(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "malformed NBD_OPT_INFO/GO payload",
+            );
             return None;
         };
         let Some((export, info)) = exports.lookup(name) else {
-            option_reply_msg(out, option, REP_ERR_UNKNOWN, &format!("unknown export {name:?}"));
+            option_reply_msg(
+                out,
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            );
             return None;
         };
         let flags = transmission_flags(&info, self.mode);
@@ -379,7 +399,12 @@ impl Handshake {
             self.meta = None;
         }
         if self.mode == ReplyMode::Simple {
-            option_reply_msg(out, option, REP_ERR_INVALID, "negotiate structured replies first");
+            option_reply_msg(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
             return;
         }
         let mut cursor = Cursor(data);
@@ -393,15 +418,25 @@ impl Handshake {
             cursor.is_empty().then_some((name, queries))
         })();
         let Some((name, queries)) = parsed else {
-            option_reply_msg(out, option, REP_ERR_INVALID, "malformed meta context payload");
+            option_reply_msg(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "malformed meta context payload",
+            );
             return;
         };
         if exports.lookup(name).is_none() {
-            option_reply_msg(out, option, REP_ERR_UNKNOWN, &format!("unknown export {name:?}"));
+            option_reply_msg(
+                out,
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            );
             return;
         }
         let selected = if set {
-            queries.iter().any(|q| *q == META_BASE_ALLOCATION)
+            queries.contains(&META_BASE_ALLOCATION)
         } else {
             // Listing: no query lists everything; "base:" is the namespace wildcard.
             queries.is_empty()
@@ -579,7 +614,10 @@ mod tests {
         let mut v = Vec::new();
         let mut rest = out;
         while !rest.is_empty() {
-            assert_eq!(u64::from_be_bytes(rest[0..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+            assert_eq!(
+                u64::from_be_bytes(rest[0..8].try_into().unwrap()),
+                OPTION_REPLY_MAGIC
+            );
             let o = u32::from_be_bytes(rest[8..12].try_into().unwrap());
             let t = u32::from_be_bytes(rest[12..16].try_into().unwrap());
             let l = u32::from_be_bytes(rest[16..20].try_into().unwrap()) as usize;
@@ -611,7 +649,10 @@ mod tests {
     #[test]
     fn unknown_client_flags_close() {
         let (_, step, _) = run(&flags(0x80 | 1));
-        assert!(matches!(step, Step::Close(CloseReason::UnknownClientFlags(_))));
+        assert!(matches!(
+            step,
+            Step::Close(CloseReason::UnknownClientFlags(_))
+        ));
         let (_, step, _) = run(&flags(0));
         assert!(matches!(step, Step::Close(CloseReason::NotFixedNewstyle)));
     }
@@ -631,20 +672,47 @@ mod tests {
     fn go_sends_export_name_description_block_size_then_ack() {
         let mut input = flags(3);
         input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
-        input.extend(opt(OPT_SET_META_CONTEXT, &meta_payload("disk", &["base:allocation"])));
+        input.extend(opt(
+            OPT_SET_META_CONTEXT,
+            &meta_payload("disk", &["base:allocation"]),
+        ));
         input.extend(opt(OPT_GO, &go_payload("disk", &[INFO_BLOCK_SIZE])));
         input.extend_from_slice(b"tail");
         let (n, step, out) = run(&input);
-        assert_eq!(n, input.len() - 4, "transmission bytes are left for the caller");
-        let Step::Transmission(neg) = step else { panic!("{step:?}") };
+        assert_eq!(
+            n,
+            input.len() - 4,
+            "transmission bytes are left for the caller"
+        );
+        let Step::Transmission(neg) = step else {
+            panic!("{step:?}")
+        };
         assert_eq!(neg.export, 7);
         assert!(neg.base_allocation);
         assert_eq!(neg.mode, ReplyMode::Structured);
         let r = replies(&out);
         let types: Vec<u32> = r.iter().map(|x| x.1).collect();
-        assert_eq!(types, [REP_ACK, REP_META_CONTEXT, REP_ACK, REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
-        let info_types: Vec<u16> = r[3..7].iter().map(|x| u16::from_be_bytes([x.2[0], x.2[1]])).collect();
-        assert_eq!(info_types, [INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]);
+        assert_eq!(
+            types,
+            [
+                REP_ACK,
+                REP_META_CONTEXT,
+                REP_ACK,
+                REP_INFO,
+                REP_INFO,
+                REP_INFO,
+                REP_INFO,
+                REP_ACK
+            ]
+        );
+        let info_types: Vec<u16> = r[3..7]
+            .iter()
+            .map(|x| u16::from_be_bytes([x.2[0], x.2[1]]))
+            .collect();
+        assert_eq!(
+            info_types,
+            [INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]
+        );
         let tf = u16::from_be_bytes([r[3].2[10], r[3].2[11]]);
         assert_ne!(tf & TF_SEND_DF, 0);
         assert_ne!(tf & TF_CAN_MULTI_CONN, 0);
@@ -655,17 +723,25 @@ mod tests {
     fn meta_context_for_another_export_is_not_carried_into_go() {
         let mut input = flags(3);
         input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
-        input.extend(opt(OPT_SET_META_CONTEXT, &meta_payload("", &["base:allocation"])));
+        input.extend(opt(
+            OPT_SET_META_CONTEXT,
+            &meta_payload("", &["base:allocation"]),
+        ));
         input.extend(opt(OPT_GO, &go_payload("disk", &[])));
         let (_, step, _) = run(&input);
-        let Step::Transmission(neg) = step else { panic!() };
+        let Step::Transmission(neg) = step else {
+            panic!()
+        };
         assert!(!neg.base_allocation);
     }
 
     #[test]
     fn meta_context_needs_structured_replies() {
         let mut input = flags(3);
-        input.extend(opt(OPT_SET_META_CONTEXT, &meta_payload("disk", &["base:allocation"])));
+        input.extend(opt(
+            OPT_SET_META_CONTEXT,
+            &meta_payload("disk", &["base:allocation"]),
+        ));
         let (_, step, out) = run(&input);
         assert!(matches!(step, Step::NeedMore));
         assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
@@ -699,7 +775,12 @@ mod tests {
         assert_eq!(n, input.len(), "payload bytes are discarded as they come");
         assert!(matches!(step, Step::NeedMore));
         assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
-        assert_eq!(h.state, State::Skip { remaining_bytes: (1 << 30) - 100 });
+        assert_eq!(
+            h.state,
+            State::Skip {
+                remaining_bytes: (1 << 30) - 100
+            }
+        );
     }
 
     #[test]
@@ -741,7 +822,10 @@ mod tests {
         let (_, step, out) = run(&input);
         let types: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
         assert_eq!(types, [REP_ACK, REP_ERR_EXT_HEADER_REQD]);
-        assert!(matches!(step, Step::Close(CloseReason::ExportNameAfterExtendedHeaders)));
+        assert!(matches!(
+            step,
+            Step::Close(CloseReason::ExportNameAfterExtendedHeaders)
+        ));
     }
 
     #[test]
@@ -750,11 +834,24 @@ mod tests {
         input.extend(opt(OPT_LIST, &[]));
         input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
         input.extend(opt(OPT_LIST_META_CONTEXT, &meta_payload("disk", &[])));
-        input.extend(opt(OPT_LIST_META_CONTEXT, &meta_payload("disk", &["qemu:"])));
+        input.extend(opt(
+            OPT_LIST_META_CONTEXT,
+            &meta_payload("disk", &["qemu:"]),
+        ));
         let (_, _, out) = run(&input);
         let r = replies(&out);
         let types: Vec<u32> = r.iter().map(|x| x.1).collect();
-        assert_eq!(types, [REP_SERVER, REP_ACK, REP_ACK, REP_META_CONTEXT, REP_ACK, REP_ACK]);
+        assert_eq!(
+            types,
+            [
+                REP_SERVER,
+                REP_ACK,
+                REP_ACK,
+                REP_META_CONTEXT,
+                REP_ACK,
+                REP_ACK
+            ]
+        );
         assert_eq!(&r[0].2[4..], b"disk");
         assert_eq!(&r[3].2[4..], META_BASE_ALLOCATION.as_bytes());
     }

@@ -125,7 +125,8 @@ impl ReplyBuilder<'_> {
         while pos < len {
             let abs = self.offset + pos;
             let next = ((abs / HOLE_GRANULE_BYTES + 1) * HOLE_GRANULE_BYTES - self.offset).min(len);
-            let whole_granule = abs % HOLE_GRANULE_BYTES == 0 && next - pos == HOLE_GRANULE_BYTES;
+            let whole_granule =
+                abs.is_multiple_of(HOLE_GRANULE_BYTES) && next - pos == HOLE_GRANULE_BYTES;
             let hole = whole_granule && is_zero(&data[pos as usize..next as usize]);
             if run_is_hole.is_some_and(|h| h != hole) {
                 self.run(run_start, pos, run_is_hole == Some(true), 0);
@@ -203,10 +204,20 @@ pub fn is_zero(data: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn build(mode: ReplyMode, offset: u64, f: impl FnOnce(&mut ReplyBuilder)) -> (Vec<u8>, Vec<Segment>) {
+    fn build(
+        mode: ReplyMode,
+        offset: u64,
+        f: impl FnOnce(&mut ReplyBuilder),
+    ) -> (Vec<u8>, Vec<Segment>) {
         let mut header = Vec::new();
         let mut segments = Vec::new();
-        let mut b = ReplyBuilder { mode, cookie: 5, offset, header: &mut header, segments: &mut segments };
+        let mut b = ReplyBuilder {
+            mode,
+            cookie: 5,
+            offset,
+            header: &mut header,
+            segments: &mut segments,
+        };
         f(&mut b);
         (header, segments)
     }
@@ -225,7 +236,10 @@ mod tests {
             .collect();
         let mut data_i = 0;
         while pos < header.len() {
-            assert_eq!(u32::from_be_bytes(header[pos..pos + 4].try_into().unwrap()), STRUCTURED_REPLY_MAGIC);
+            assert_eq!(
+                u32::from_be_bytes(header[pos..pos + 4].try_into().unwrap()),
+                STRUCTURED_REPLY_MAGIC
+            );
             let flags = u16::from_be_bytes([header[pos + 4], header[pos + 5]]);
             let kind = u16::from_be_bytes([header[pos + 6], header[pos + 7]]);
             let len = u32::from_be_bytes(header[pos + 16..pos + 20].try_into().unwrap()) as usize;
@@ -247,7 +261,16 @@ mod tests {
         let data = vec![0u8; 8192];
         let (h, s) = build(ReplyMode::Simple, 0, |b| b.read(&data, false));
         assert_eq!(h.len(), 16);
-        assert_eq!(s, [Segment::Header { start: 0, len: 16 }, Segment::Data { start: 0, len: 8192 }]);
+        assert_eq!(
+            s,
+            [
+                Segment::Header { start: 0, len: 16 },
+                Segment::Data {
+                    start: 0,
+                    len: 8192
+                }
+            ]
+        );
     }
 
     #[test]
@@ -258,26 +281,45 @@ mod tests {
         let (h, s) = build(ReplyMode::Structured, 8192, |b| b.read(&data, false));
         assert_eq!(
             chunk_types(&h, &s),
-            [(0, REPLY_TYPE_OFFSET_DATA), (0, REPLY_TYPE_OFFSET_HOLE), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]
+            [
+                (0, REPLY_TYPE_OFFSET_DATA),
+                (0, REPLY_TYPE_OFFSET_HOLE),
+                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)
+            ]
         );
         // The hole covers granules 1 and 2 at absolute offsets.
         let hole_payload = &h[20 + 8 + 20..20 + 8 + 20 + 12];
-        assert_eq!(u64::from_be_bytes(hole_payload[..8].try_into().unwrap()), 8192 + 4096);
-        assert_eq!(u32::from_be_bytes(hole_payload[8..].try_into().unwrap()), 8192);
+        assert_eq!(
+            u64::from_be_bytes(hole_payload[..8].try_into().unwrap()),
+            8192 + 4096
+        );
+        assert_eq!(
+            u32::from_be_bytes(hole_payload[8..].try_into().unwrap()),
+            8192
+        );
     }
 
     #[test]
     fn unaligned_zeroes_stay_data_and_df_is_one_chunk() {
         let data = vec![0u8; 4096];
         let (h, s) = build(ReplyMode::Structured, 100, |b| b.read(&data, false));
-        assert_eq!(chunk_types(&h, &s), [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]);
+        assert_eq!(
+            chunk_types(&h, &s),
+            [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]
+        );
         let mut data = vec![0u8; 3 * 4096];
         data[4096] = 9;
         let (h, s) = build(ReplyMode::Structured, 0, |b| b.read(&data, true));
-        assert_eq!(chunk_types(&h, &s), [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]);
+        assert_eq!(
+            chunk_types(&h, &s),
+            [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]
+        );
         let data = vec![0u8; 3 * 4096];
         let (h, s) = build(ReplyMode::Structured, 0, |b| b.read(&data, true));
-        assert_eq!(chunk_types(&h, &s), [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)]);
+        assert_eq!(
+            chunk_types(&h, &s),
+            [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)]
+        );
     }
 
     #[test]
@@ -290,17 +332,27 @@ mod tests {
     fn extended_headers_echo_offset_and_use_64_bit_lengths() {
         let (h, _) = build(ReplyMode::Extended, 4096, |b| b.ok());
         assert_eq!(h.len(), 32);
-        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), EXTENDED_REPLY_MAGIC);
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            EXTENDED_REPLY_MAGIC
+        );
         assert_eq!(u64::from_be_bytes(h[16..24].try_into().unwrap()), 4096);
-        let (h, _) = build(ReplyMode::Extended, 0, |b| b.block_status(1, &[(1 << 33, 3)]));
-        assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_BLOCK_STATUS_EXT);
+        let (h, _) = build(ReplyMode::Extended, 0, |b| {
+            b.block_status(1, &[(1 << 33, 3)])
+        });
+        assert_eq!(
+            u16::from_be_bytes([h[6], h[7]]),
+            REPLY_TYPE_BLOCK_STATUS_EXT
+        );
         assert_eq!(u64::from_be_bytes(h[24..32].try_into().unwrap()), 24);
         assert_eq!(u64::from_be_bytes(h[40..48].try_into().unwrap()), 1 << 33);
     }
 
     #[test]
     fn errors_carry_a_message_in_structured_mode() {
-        let (h, _) = build(ReplyMode::Structured, 0, |b| b.error(NbdErrno::NoSpc, "full"));
+        let (h, _) = build(ReplyMode::Structured, 0, |b| {
+            b.error(NbdErrno::NoSpc, "full")
+        });
         assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_ERROR);
         assert_eq!(u32::from_be_bytes(h[20..24].try_into().unwrap()), 28);
         assert_eq!(&h[26..], b"full");

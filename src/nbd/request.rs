@@ -84,13 +84,38 @@ pub fn parse_header(buf: &[u8], mode: ReplyMode) -> Parse {
 /// A valid request, ready to be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u32, df: bool },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool, may_trim: bool, fast: bool },
-    Cache { offset: u64, len: u64 },
-    BlockStatus { offset: u64, len: u64, req_one: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_trim: bool,
+        fast: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
     Disc,
 }
 
@@ -332,22 +357,43 @@ mod tests {
         assert_eq!(parse_header(&b[..27], ReplyMode::Simple), Parse::Incomplete);
         let mut bad = b.clone();
         bad[0] = 0;
-        assert!(matches!(parse_header(&bad, ReplyMode::Simple), Parse::BadMagic(_)));
+        assert!(matches!(
+            parse_header(&bad, ReplyMode::Simple),
+            Parse::BadMagic(_)
+        ));
         // A compact request on an extended session is a magic mismatch.
         let mut ext = b.clone();
         ext.extend_from_slice(&[0; 4]);
-        assert!(matches!(parse_header(&ext, ReplyMode::Extended), Parse::BadMagic(_)));
+        assert!(matches!(
+            parse_header(&ext, ReplyMode::Extended),
+            Parse::BadMagic(_)
+        ));
     }
 
     #[test]
     fn ranges_map_to_the_spec_errors() {
         let s = session(ReplyMode::Structured);
-        assert_eq!(errno(&compact(0, CMD_READ, (1 << 20) - 10, 512), &s), NbdErrno::Inval);
-        assert_eq!(errno(&compact(0, CMD_WRITE, 1 << 20, 512), &s), NbdErrno::NoSpc);
-        assert_eq!(errno(&compact(0, CMD_WRITE_ZEROES, 1 << 20, 512), &s), NbdErrno::NoSpc);
-        assert_eq!(errno(&compact(0, CMD_TRIM, u64::MAX, 512), &s), NbdErrno::Inval);
+        assert_eq!(
+            errno(&compact(0, CMD_READ, (1 << 20) - 10, 512), &s),
+            NbdErrno::Inval
+        );
+        assert_eq!(
+            errno(&compact(0, CMD_WRITE, 1 << 20, 512), &s),
+            NbdErrno::NoSpc
+        );
+        assert_eq!(
+            errno(&compact(0, CMD_WRITE_ZEROES, 1 << 20, 512), &s),
+            NbdErrno::NoSpc
+        );
+        assert_eq!(
+            errno(&compact(0, CMD_TRIM, u64::MAX, 512), &s),
+            NbdErrno::Inval
+        );
         assert_eq!(errno(&compact(0, 42, 0, 0), &s), NbdErrno::Inval);
-        assert_eq!(errno(&compact(0, CMD_READ, 0, u32::MAX), &s), NbdErrno::Overflow);
+        assert_eq!(
+            errno(&compact(0, CMD_READ, 0, u32::MAX), &s),
+            NbdErrno::Overflow
+        );
     }
 
     #[test]
@@ -362,18 +408,46 @@ mod tests {
     fn flags_are_checked_per_command() {
         let s = session(ReplyMode::Simple);
         // DF needs structured replies.
-        assert_eq!(errno(&compact(CMD_FLAG_DF, CMD_READ, 0, 512), &s), NbdErrno::Inval);
+        assert_eq!(
+            errno(&compact(CMD_FLAG_DF, CMD_READ, 0, 512), &s),
+            NbdErrno::Inval
+        );
         let s = session(ReplyMode::Structured);
-        assert!(decode_bytes(&compact(CMD_FLAG_DF, CMD_READ, 0, 512), &s).unwrap().outcome.is_ok());
-        assert_eq!(errno(&compact(CMD_FLAG_FUA, CMD_READ, 0, 512), &s), NbdErrno::Inval);
-        assert_eq!(errno(&compact(1 << 9, CMD_WRITE, 0, 512), &s), NbdErrno::Inval);
-        let zero = decode_bytes(&compact(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 0, 512), &s)
-            .unwrap()
-            .outcome
-            .unwrap();
+        assert!(
+            decode_bytes(&compact(CMD_FLAG_DF, CMD_READ, 0, 512), &s)
+                .unwrap()
+                .outcome
+                .is_ok()
+        );
+        assert_eq!(
+            errno(&compact(CMD_FLAG_FUA, CMD_READ, 0, 512), &s),
+            NbdErrno::Inval
+        );
+        assert_eq!(
+            errno(&compact(1 << 9, CMD_WRITE, 0, 512), &s),
+            NbdErrno::Inval
+        );
+        let zero = decode_bytes(
+            &compact(
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                CMD_WRITE_ZEROES,
+                0,
+                512,
+            ),
+            &s,
+        )
+        .unwrap()
+        .outcome
+        .unwrap();
         assert_eq!(
             zero,
-            Command::WriteZeroes { offset: 0, len: 512, fua: false, may_trim: false, fast: true }
+            Command::WriteZeroes {
+                offset: 0,
+                len: 512,
+                fua: false,
+                may_trim: false,
+                fast: true
+            }
         );
     }
 
@@ -383,14 +457,22 @@ mod tests {
         s.transmission_flags |= TF_READ_ONLY;
         assert_eq!(errno(&compact(0, CMD_WRITE, 0, 512), &s), NbdErrno::Perm);
         assert_eq!(errno(&compact(0, CMD_TRIM, 0, 512), &s), NbdErrno::Perm);
-        assert!(decode_bytes(&compact(0, CMD_READ, 0, 512), &s).unwrap().outcome.is_ok());
+        assert!(
+            decode_bytes(&compact(0, CMD_READ, 0, 512), &s)
+                .unwrap()
+                .outcome
+                .is_ok()
+        );
     }
 
     #[test]
     fn block_status_needs_a_context() {
         let mut s = session(ReplyMode::Structured);
         s.base_allocation = false;
-        assert_eq!(errno(&compact(0, CMD_BLOCK_STATUS, 0, 512), &s), NbdErrno::Inval);
+        assert_eq!(
+            errno(&compact(0, CMD_BLOCK_STATUS, 0, 512), &s),
+            NbdErrno::Inval
+        );
     }
 
     #[test]
@@ -414,7 +496,14 @@ mod tests {
         assert!(r.outcome.is_ok());
         // A 64-bit effect length on a trim is fine when in range.
         let r = decode_bytes(&ext(0, CMD_TRIM, 8192), &s).unwrap();
-        assert_eq!(r.outcome.unwrap(), Command::Trim { offset: 4096, len: 8192, fua: false });
+        assert_eq!(
+            r.outcome.unwrap(),
+            Command::Trim {
+                offset: 4096,
+                len: 8192,
+                fua: false
+            }
+        );
         // A payload on a read is drained and refused.
         let r = decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_READ, 16), &s).unwrap();
         assert_eq!(r.payload_bytes, 16);

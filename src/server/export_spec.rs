@@ -21,10 +21,14 @@ pub fn validate_export_name(name: &str) -> Result<(), String> {
         return Err("export name is empty".into());
     }
     if name.len() > MAX_EXPORT_NAME_BYTES {
-        return Err(format!("export name is longer than {MAX_EXPORT_NAME_BYTES} bytes"));
+        return Err(format!(
+            "export name is longer than {MAX_EXPORT_NAME_BYTES} bytes"
+        ));
     }
     if name.contains('/') || name == ".." || name == "." {
-        return Err(format!("export name {name:?} may not contain '/' or be '.' or '..'"));
+        return Err(format!(
+            "export name {name:?} may not contain '/' or be '.' or '..'"
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(format!("export name {name:?} contains control characters"));
@@ -47,7 +51,11 @@ impl FromStr for ExportSpec {
         if path.is_empty() {
             return Err(format!("export {name:?} has an empty path"));
         }
-        Ok(ExportSpec { name: name.to_owned(), path: PathBuf::from(path), read_only })
+        Ok(ExportSpec {
+            name: name.to_owned(),
+            path: PathBuf::from(path),
+            read_only,
+        })
     }
 }
 
@@ -58,7 +66,14 @@ mod tests {
     #[test]
     fn parses_name_path_and_mode() {
         let e: ExportSpec = "disk=/tmp/a.raw:ro".parse().unwrap();
-        assert_eq!(e, ExportSpec { name: "disk".into(), path: "/tmp/a.raw".into(), read_only: true });
+        assert_eq!(
+            e,
+            ExportSpec {
+                name: "disk".into(),
+                path: "/tmp/a.raw".into(),
+                read_only: true
+            }
+        );
         let e: ExportSpec = "d=/x:y.raw".parse().unwrap();
         assert_eq!(e.path, PathBuf::from("/x:y.raw"));
         assert!(!e.read_only);
@@ -66,7 +81,11 @@ mod tests {
         assert!("=/x".parse::<ExportSpec>().is_err());
         assert!("a/b=/x".parse::<ExportSpec>().is_err());
         assert!("a=".parse::<ExportSpec>().is_err());
-        assert!(format!("{}=/x", "n".repeat(129)).parse::<ExportSpec>().is_err());
+        assert!(
+            format!("{}=/x", "n".repeat(129))
+                .parse::<ExportSpec>()
+                .is_err()
+        );
         assert!("a\u{7}=/x".parse::<ExportSpec>().is_err());
     }
 }

@@ -35,7 +35,11 @@ pub struct ServeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("opening export {name:?} at {path}: {source}")]
-    OpeningExport { name: String, path: PathBuf, source: io::Error },
+    OpeningExport {
+        name: String,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("export {0:?} is given twice")]
     DuplicateExport(String),
     #[error("listening on {addr}: {source}")]
@@ -59,12 +63,18 @@ impl Listener {
                 // Replies are small and latency-bound; never wait to coalesce them.
                 s.set_nodelay(true)?;
                 s.set_nonblocking(false)?;
-                Ok(Incoming { fd: OwnedFd::from(s), peer: peer.to_string() })
+                Ok(Incoming {
+                    fd: OwnedFd::from(s),
+                    peer: peer.to_string(),
+                })
             }
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
-                Ok(Incoming { fd: OwnedFd::from(s), peer: format!("unix:{}", path.display()) })
+                Ok(Incoming {
+                    fd: OwnedFd::from(s),
+                    peer: format!("unix:{}", path.display()),
+                })
             }
         }
     }
@@ -77,7 +87,11 @@ fn open_exports(cfg: &ServeConfig) -> Result<Exports, ServeError> {
             return Err(ServeError::DuplicateExport(spec.name.clone()));
         }
         let target = FileTarget::open(&spec.path, spec.read_only, cfg.cache).map_err(|source| {
-            ServeError::OpeningExport { name: spec.name.clone(), path: spec.path.clone(), source }
+            ServeError::OpeningExport {
+                name: spec.name.clone(),
+                path: spec.path.clone(),
+                source,
+            }
         })?;
         exports.list.push(Export {
             name: spec.name.clone(),
@@ -92,8 +106,10 @@ fn open_exports(cfg: &ServeConfig) -> Result<Exports, ServeError> {
 fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
-        let l = TcpListener::bind(addr)
-            .map_err(|source| ServeError::Listening { addr: addr.to_string(), source })?;
+        let l = TcpListener::bind(addr).map_err(|source| ServeError::Listening {
+            addr: addr.to_string(),
+            source,
+        })?;
         listeners.push(Listener::Tcp(l));
     }
     if let Some(path) = &cfg.socket {
@@ -101,8 +117,10 @@ fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
             let _ = std::fs::remove_file(path);
         }
-        let l = UnixListener::bind(path)
-            .map_err(|source| ServeError::Listening { addr: path.display().to_string(), source })?;
+        let l = UnixListener::bind(path).map_err(|source| ServeError::Listening {
+            addr: path.display().to_string(),
+            source,
+        })?;
         listeners.push(Listener::Unix(l, path.clone()));
     }
     for l in &listeners {
@@ -110,7 +128,10 @@ fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
             Listener::Tcp(l) => l.set_nonblocking(true),
             Listener::Unix(l, _) => l.set_nonblocking(true),
         };
-        r.map_err(|source| ServeError::Listening { addr: "listener".into(), source })?;
+        r.map_err(|source| ServeError::Listening {
+            addr: "listener".into(),
+            source,
+        })?;
     }
     Ok(listeners)
 }
@@ -126,22 +147,35 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let exports = Arc::new(open_exports(&cfg)?);
     let listeners = bind(&cfg)?;
-    let engine = Arc::new(Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?);
+    let engine = Arc::new(
+        Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?,
+    );
 
     // Announce readiness on stdout (scripts and tests wait for "ready").
     let mut out = io::stdout().lock();
     for l in &listeners {
         let _ = match l {
-            Listener::Tcp(l) => writeln!(out, "listening tcp {}", l.local_addr().map_or("?".into(), |a| a.to_string())),
+            Listener::Tcp(l) => writeln!(
+                out,
+                "listening tcp {}",
+                l.local_addr().map_or("?".into(), |a| a.to_string())
+            ),
             Listener::Unix(_, p) => writeln!(out, "listening unix {}", p.display()),
         };
     }
     let _ = writeln!(out, "ready");
     let _ = out.flush();
     drop(out);
-    tracing::info!(exports = exports.list.len(), threads = cfg.engine.threads, "serving");
+    tracing::info!(
+        exports = exports.list.len(),
+        threads = cfg.engine.threads,
+        "serving"
+    );
 
-    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(|e| ServeError::StartingEngine(e.into()))?);
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| ServeError::StartingEngine(e.into()))?,
+    );
     let acceptor = {
         let engine = engine.clone();
         let stop = stop.clone();
@@ -189,7 +223,10 @@ fn accept_loop(listeners: &[Listener], engine: &Engine, stop: &EventFd, max_conn
                 return;
             }
         }
-        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
         if ready[listeners.len()] {
             return;
         }

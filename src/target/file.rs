@@ -60,7 +60,10 @@ impl FileTarget {
             CacheMode::Buffered => (None, 1),
             CacheMode::Direct => {
                 let f = open(true).map_err(|e| {
-                    io::Error::new(e.kind(), format!("opening {} with O_DIRECT: {e}", path.display()))
+                    io::Error::new(
+                        e.kind(),
+                        format!("opening {} with O_DIRECT: {e}", path.display()),
+                    )
                 })?;
                 let align = probe_direct_alignment(&f);
                 (Some(f), align)
@@ -80,7 +83,10 @@ impl FileTarget {
     /// The descriptor for a data transfer: direct when aligned, else the page cache.
     fn fd_for(&self, offset: u64, len: u32) -> RawFd {
         match &self.direct {
-            Some(f) if offset % self.direct_align == 0 && u64::from(len) % self.direct_align == 0 => {
+            Some(f)
+                if offset.is_multiple_of(self.direct_align)
+                    && u64::from(len).is_multiple_of(self.direct_align) =>
+            {
                 f.as_raw_fd()
             }
             _ => self.buffered.as_raw_fd(),
@@ -97,14 +103,34 @@ impl FileTarget {
         let fd = self.buffered.as_raw_fd();
         let keep = libc::FALLOC_FL_KEEP_SIZE;
         if may_trim {
-            plan.push(FileIo::Fallocate { fd, offset, len, mode: libc::FALLOC_FL_PUNCH_HOLE | keep });
+            plan.push(FileIo::Fallocate {
+                fd,
+                offset,
+                len,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
+            });
         } else if self.zero_range.load(Ordering::Relaxed) {
-            plan.push(FileIo::Fallocate { fd, offset, len, mode: libc::FALLOC_FL_ZERO_RANGE | keep });
+            plan.push(FileIo::Fallocate {
+                fd,
+                offset,
+                len,
+                mode: libc::FALLOC_FL_ZERO_RANGE | keep,
+            });
         } else {
             // Punch, then allocate: the range reads as zeroes and stays provisioned.
             plan.linked = true;
-            plan.push(FileIo::Fallocate { fd, offset, len, mode: libc::FALLOC_FL_PUNCH_HOLE | keep });
-            plan.push(FileIo::Fallocate { fd, offset, len, mode: keep });
+            plan.push(FileIo::Fallocate {
+                fd,
+                offset,
+                len,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
+            });
+            plan.push(FileIo::Fallocate {
+                fd,
+                offset,
+                len,
+                mode: keep,
+            });
         }
         if fua {
             plan.linked = true;
@@ -137,13 +163,24 @@ impl BlockTarget for FileTarget {
             TargetOp::Read { offset, len } => {
                 if len > 0 {
                     let fd = self.fd_for(offset, len);
-                    plan.push(FileIo::Read { fd, offset, buf_start: 0, len });
+                    plan.push(FileIo::Read {
+                        fd,
+                        offset,
+                        buf_start: 0,
+                        len,
+                    });
                 }
             }
             TargetOp::Write { offset, len, fua } => {
                 if len > 0 {
                     let fd = self.fd_for(offset, len);
-                    plan.push(FileIo::Write { fd, offset, buf_start: 0, len, dsync: fua });
+                    plan.push(FileIo::Write {
+                        fd,
+                        offset,
+                        buf_start: 0,
+                        len,
+                        dsync: fua,
+                    });
                 } else if fua {
                     plan.push(FileIo::Fdatasync { fd });
                 }
@@ -152,14 +189,25 @@ impl BlockTarget for FileTarget {
             TargetOp::Trim { offset, len, fua } => {
                 if len > 0 {
                     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                    plan.push(FileIo::Fallocate { fd, offset, len, mode });
+                    plan.push(FileIo::Fallocate {
+                        fd,
+                        offset,
+                        len,
+                        mode,
+                    });
                 }
                 if fua {
                     plan.linked = true;
                     plan.push(FileIo::Fdatasync { fd });
                 }
             }
-            TargetOp::Zero { offset, len, fua, may_trim, .. } => {
+            TargetOp::Zero {
+                offset,
+                len,
+                fua,
+                may_trim,
+                ..
+            } => {
                 if len > 0 {
                     self.plan_zero(offset, len, fua, may_trim, plan);
                 } else if fua {
@@ -169,14 +217,24 @@ impl BlockTarget for FileTarget {
             TargetOp::Cache { offset, len } => {
                 if self.direct.is_none() && len > 0 {
                     let len = len.min(u64::from(u32::MAX)) as u32;
-                    plan.push(FileIo::Fadvise { fd, offset, len, advice: libc::POSIX_FADV_WILLNEED });
+                    plan.push(FileIo::Fadvise {
+                        fd,
+                        offset,
+                        len,
+                        advice: libc::POSIX_FADV_WILLNEED,
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    fn complete(&self, op: &TargetOp, plan: &mut Plan, results: &[i32]) -> Result<Progress, TargetError> {
+    fn complete(
+        &self,
+        op: &TargetOp,
+        plan: &mut Plan,
+        results: &[i32],
+    ) -> Result<Progress, TargetError> {
         // The first failure is the cause; linked I/Os after it only report ECANCELED.
         let Some(&res) = results.iter().find(|r| **r < 0) else {
             return Ok(Progress::Done);
@@ -195,12 +253,20 @@ impl BlockTarget for FileTarget {
                 Err(TargetError::Syncing { source })
             }
             TargetOp::Trim { offset, .. } => Err(TargetError::Discarding { offset, source }),
-            TargetOp::Zero { offset, len, fua, may_trim, fast } => {
+            TargetOp::Zero {
+                offset,
+                len,
+                fua,
+                may_trim,
+                fast,
+            } => {
                 if unsupported && fast {
                     return Err(TargetError::FastZeroUnsupported);
                 }
                 if unsupported && !may_trim && self.zero_range.swap(false, Ordering::Relaxed) {
-                    tracing::info!("file system lacks FALLOC_FL_ZERO_RANGE: zeroing by punch + allocate");
+                    tracing::info!(
+                        "file system lacks FALLOC_FL_ZERO_RANGE: zeroing by punch + allocate"
+                    );
                     plan.clear();
                     self.plan_zero(offset, len, fua, may_trim, plan);
                     return Ok(Progress::Again);
@@ -230,7 +296,12 @@ impl BlockTarget for FileTarget {
                 Ok(d) => d.min(end),
                 // ENXIO: no data at or after pos.
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
-                Err(source) => return Err(TargetError::QueryingAllocation { offset: pos, source }),
+                Err(source) => {
+                    return Err(TargetError::QueryingAllocation {
+                        offset: pos,
+                        source,
+                    });
+                }
             };
             if data > pos {
                 push(out, data - pos, hole);
@@ -239,7 +310,12 @@ impl BlockTarget for FileTarget {
             }
             let next_hole = match seek(file, pos, Whence::SeekHole) {
                 Ok(h) => h.min(end),
-                Err(source) => return Err(TargetError::QueryingAllocation { offset: pos, source }),
+                Err(source) => {
+                    return Err(TargetError::QueryingAllocation {
+                        offset: pos,
+                        source,
+                    });
+                }
             };
             // SEEK_HOLE never returns pos itself here (pos is in data), but guard against a loop.
             let next_hole = next_hole.max(pos + 1);

@@ -33,24 +33,67 @@ pub struct Geometry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetOp {
     /// Fill the request buffer's first `len` bytes.
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// Write the request buffer's first `len` bytes; `fua`: durable before completion.
-    Write { offset: u64, len: u32, fua: bool },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     /// `may_trim`: the range may become a hole; `fast`: fail rather than be slow.
-    Zero { offset: u64, len: u64, fua: bool, may_trim: bool, fast: bool },
-    Cache { offset: u64, len: u64 },
+    Zero {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_trim: bool,
+        fast: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// One I/O the engine performs for a target. Buffer positions are relative to the request buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileIo {
-    Read { fd: RawFd, offset: u64, buf_start: u32, len: u32 },
-    Write { fd: RawFd, offset: u64, buf_start: u32, len: u32, dsync: bool },
-    Fallocate { fd: RawFd, offset: u64, len: u64, mode: i32 },
-    Fdatasync { fd: RawFd },
-    Fadvise { fd: RawFd, offset: u64, len: u32, advice: i32 },
+    Read {
+        fd: RawFd,
+        offset: u64,
+        buf_start: u32,
+        len: u32,
+    },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        buf_start: u32,
+        len: u32,
+        dsync: bool,
+    },
+    Fallocate {
+        fd: RawFd,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    Fdatasync {
+        fd: RawFd,
+    },
+    Fadvise {
+        fd: RawFd,
+        offset: u64,
+        len: u32,
+        advice: i32,
+    },
 }
 
 /// Most I/Os one phase of an operation may issue.
@@ -73,7 +116,10 @@ impl Plan {
         self.linked = false;
     }
     pub fn push(&mut self, io: FileIo) {
-        assert!(self.len < MAX_PLAN_IOS, "a plan holds at most {MAX_PLAN_IOS} I/Os");
+        assert!(
+            self.len < MAX_PLAN_IOS,
+            "a plan holds at most {MAX_PLAN_IOS} I/Os"
+        );
         self.ios[self.len] = Some(io);
         self.len += 1;
     }
@@ -156,7 +202,12 @@ pub trait BlockTarget: Send + Sync {
     /// Every I/O of the phase finished: `results[i]` is I/O `i`'s bytes transferred or `-errno`
     /// (short transfers were already finished by the engine). Returns `Done`, or `Again` with the
     /// next phase planned.
-    fn complete(&self, op: &TargetOp, plan: &mut Plan, results: &[i32]) -> Result<Progress, TargetError>;
+    fn complete(
+        &self,
+        op: &TargetOp,
+        plan: &mut Plan,
+        results: &[i32],
+    ) -> Result<Progress, TargetError>;
     /// Allocation of `[offset, offset+len)` as `(length, base:allocation flags)` extents, at most
     /// `max_extents` of them, covering at least the first byte.
     fn block_status(

@@ -97,7 +97,12 @@ impl Server {
             }
         }
         assert!(!tcp.is_empty(), "server printed no tcp address");
-        Server { child: Some(child), tcp, socket, stderr_path }
+        Server {
+            child: Some(child),
+            tcp,
+            socket,
+            stderr_path,
+        }
     }
 
     pub fn uri(&self, export: &str) -> String {
@@ -129,13 +134,22 @@ impl Server {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("streamer did not exit within 30 s of SIGTERM:\n{}", self.log());
+                panic!(
+                    "streamer did not exit within 30 s of SIGTERM:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let log = self.log();
-        assert!(status.success(), "streamer exited with {status} after SIGTERM:\n{log}");
-        assert!(!log.contains("panicked"), "server log shows a panic:\n{log}");
+        assert!(
+            status.success(),
+            "streamer exited with {status} after SIGTERM:\n{log}"
+        );
+        assert!(
+            !log.contains("panicked"),
+            "server log shows a panic:\n{log}"
+        );
         log
     }
 }
@@ -159,12 +173,21 @@ pub fn run_with(program: &str, args: &[&str], expect_fail: bool) -> Output {
     let mut cmd = Command::new("timeout");
     cmd.arg("-k").arg("5").arg("120").arg(program).args(args);
     // libnbd's Python module exists only for Debian's interpreter.
-    cmd.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    cmd.env(
+        "PATH",
+        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+    );
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     if out.status.success() == expect_fail {
         panic!(
             "{program} {args:?} {} ({}):\nstdout:\n{}\nstderr:\n{}",
-            if expect_fail { "unexpectedly succeeded" } else { "failed" },
+            if expect_fail {
+                "unexpectedly succeeded"
+            } else {
+                "failed"
+            },
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -179,7 +202,9 @@ pub fn stdout(out: &Output) -> String {
 
 /// Runs one of the libnbd scripts in tests/py.
 pub fn py(script: &str, args: &[&str]) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
     let mut all = vec![path.to_str().unwrap()];
     all.extend_from_slice(args);
     stdout(&run("/usr/bin/python3", &all))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests need (when missing) and runs every test: unit tests, and integration tests
+# that start the real binary and drive it with nbdinfo, libnbd, qemu-io/qemu-img/qemu-nbd, nbdcopy
+# and fio. Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
+command -v nbdcopy >/dev/null || need_pkgs+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
+command -v fio >/dev/null || need_pkgs+=(fio)
+command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
+command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
+if ((${#need_pkgs[@]})); then
+    echo "installing: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+cargo test --workspace "$@"
