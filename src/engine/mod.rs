@@ -40,6 +40,8 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// Buffer bytes each worker keeps for reuse.
     pub pool_cache_bytes: usize,
+    /// How long a busy worker spins for the next completion before sleeping (zero: never).
+    pub poll: Duration,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             pool_cache_bytes: 256 << 20,
+            poll: Duration::from_micros(50),
         }
     }
 }

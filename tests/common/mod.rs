@@ -169,7 +169,12 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     run_with(program, args, false)
 }
 
-pub fn run_with(program: &str, args: &[&str], expect_fail: bool) -> Output {
+/// Runs a client command with a time limit and returns its output whatever its status.
+pub fn run_with_status(program: &str, args: &[&str]) -> Output {
+    client(program, args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+fn client(program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("timeout");
     cmd.arg("-k").arg("5").arg("120").arg(program).args(args);
     // libnbd's Python module exists only for Debian's interpreter.
