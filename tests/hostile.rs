@@ -431,11 +431,17 @@ fn hundreds_of_connections_opened_and_dropped_at_once() {
         // at the limit (correctly). Within a bounded time a good client is served again.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = run_with_status("qemu-io", &["-f", "raw", "-c", "read 0 4k", &srv.uri("disk")]);
+            let out = run_with_status(
+                "qemu-io",
+                &["-f", "raw", "-c", "read 0 4k", &srv.uri("disk")],
+            );
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "round {round}: no service 10 s after the storm");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no service 10 s after the storm"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         still_serves(&srv);

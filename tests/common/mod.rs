@@ -171,7 +171,9 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 
 /// Runs a client command with a time limit and returns its output whatever its status.
 pub fn run_with_status(program: &str, args: &[&str]) -> Output {
-    client(program, args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+    client(program, args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
 fn client(program: &str, args: &[&str]) -> Command {
@@ -182,9 +184,11 @@ fn client(program: &str, args: &[&str]) -> Command {
         "PATH",
         format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
     );
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    cmd
+}
+
+pub fn run_with(program: &str, args: &[&str], expect_fail: bool) -> Output {
+    let out = run_with_status(program, args);
     if out.status.success() == expect_fail {
         panic!(
             "{program} {args:?} {} ({}):\nstdout:\n{}\nstderr:\n{}",
