@@ -48,6 +48,8 @@ fn decode(ud: u64) -> (Option<Tag>, u32, u16, u16) {
 }
 
 const RING_ENTRIES: u32 = 1024;
+/// Transfers at least this large are handed to io-wq workers (see `file_io`).
+const ASYNC_MIN_BYTES: u32 = 256 * 1024;
 const TICK: Duration = Duration::from_secs(1);
 
 /// The ring and the buffers of one worker. Every submission goes through here.
@@ -161,11 +163,18 @@ impl Io {
                 .offset(offset)
                 .build(),
         };
-        let e = if link {
-            e.flags(squeue::Flags::IO_LINK)
-        } else {
-            e
-        };
+        let mut flags = squeue::Flags::empty();
+        if link {
+            flags |= squeue::Flags::IO_LINK;
+        }
+        // A large transfer would copy megabytes inline on this thread (page cache <-> buffer)
+        // while the socket work waits. Punted to an io-wq worker, the copy runs on another core in
+        // parallel with this thread's sends and receives.
+        if matches!(*io, FileIo::Read { len, .. } | FileIo::Write { len, .. } if len >= ASYNC_MIN_BYTES)
+        {
+            flags |= squeue::Flags::ASYNC;
+        }
+        let e = e.flags(flags);
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e.user_data(ud)) }
     }
