@@ -219,7 +219,7 @@ impl Conn {
             send_armed: false,
             sendq: VecDeque::with_capacity(max_inflight as usize),
             iov: Vec::with_capacity(MAX_SEND_IOVECS),
-            // SAFETY-free zero init: msghdr is plain data; all-zero is a valid empty header.
+            // Points at `iov` only while a send is armed (see `try_send`).
             msg: Box::new(empty_msghdr()),
             slots: (0..max_inflight).map(|_| Slot::new()).collect(),
             free: (0..max_inflight).rev().collect(),
@@ -294,14 +294,14 @@ impl Conn {
         }
     }
 
-    pub fn drain_for_shutdown(&mut self, io: &mut Io) {
+    pub fn drain_for_shutdown(&mut self) {
         match self.phase {
             Phase::Handshake(_) => self.close("server shutting down".into()),
             Phase::Transmission { .. } => {
                 self.draining = true;
                 // Stop reading: a pending receive completes (with 0) and is not re-armed.
                 let _ = nix::sys::socket::shutdown(self.raw_fd(), nix::sys::socket::Shutdown::Read);
-                self.maybe_done(io);
+                self.maybe_done();
             }
         }
     }
@@ -374,7 +374,7 @@ impl Conn {
                 if let Some(sid) = self.payload_slot.take() {
                     self.release(io, sid);
                 }
-                self.maybe_done(io);
+                self.maybe_done();
                 return;
             }
             let reason = match (&self.phase, self.payload_slot.is_some()) {
@@ -438,7 +438,7 @@ impl Conn {
             }
             self.try_send(io);
             if self.close_after_send.is_some() {
-                self.maybe_done(io);
+                self.maybe_done();
                 return;
             }
         }
@@ -484,7 +484,7 @@ impl Conn {
             if let Ok(Command::Disc) = req.outcome {
                 self.rpos += n;
                 self.disc = true;
-                self.maybe_done(io);
+                self.maybe_done();
                 return;
             }
             let data_len = match req.outcome {
@@ -746,7 +746,15 @@ impl Conn {
             .sum();
         slot.sent = 0;
         self.sendq.push_back(sid);
+        // Not sent yet: the worker calls `flush` once it has handled every completion of this
+        // round, so replies that become ready together leave in one sendmsg.
+        let _ = io;
+    }
+
+    /// Sends what is queued. Called by the worker after each round of completions.
+    pub fn flush(&mut self, io: &mut Io) {
         self.try_send(io);
+        self.maybe_done();
     }
 
     fn release(&mut self, io: &mut Io, sid: u16) {
@@ -863,11 +871,11 @@ impl Conn {
             self.stalled = false;
             self.process(io, exports);
         }
-        self.maybe_done(io);
+        self.maybe_done();
     }
 
     /// Closes when a soft end (negotiation over, `DISC`, shutdown) has nothing left to send.
-    fn maybe_done(&mut self, io: &mut Io) {
+    fn maybe_done(&mut self) {
         let idle = self.out.is_empty()
             && self.out_next.is_empty()
             && self.sendq.is_empty()
@@ -879,7 +887,6 @@ impl Conn {
             }
             return;
         }
-        let _ = io;
         if (self.disc || self.draining) && idle && self.busy_slots() == 0 {
             let reason = if self.disc {
                 "client sent NBD_CMD_DISC"

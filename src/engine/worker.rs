@@ -265,6 +265,7 @@ impl Worker {
         self.arm_wake();
         self.arm_tick();
         let mut completions: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        let mut touched: Vec<u32> = Vec::new();
         let mut last_busy = Instant::now();
         loop {
             self.spin_before_sleep(last_busy)?;
@@ -283,6 +284,20 @@ impl Worker {
             );
             for &(ud, res) in &completions {
                 self.complete(ud, res);
+            }
+            // Replies that became ready in this round go out now, one sendmsg per connection.
+            touched.clear();
+            touched.extend(completions.iter().filter_map(|&(ud, _)| {
+                let (tag, cid, _, _) = decode(ud);
+                matches!(tag, Some(Tag::Recv | Tag::Send | Tag::Io)).then_some(cid)
+            }));
+            touched.sort_unstable();
+            touched.dedup();
+            for &cid in &touched {
+                if let Some(c) = self.conns.get_mut(cid as usize).and_then(Option::as_mut) {
+                    c.flush(&mut self.io);
+                }
+                self.reap(cid);
             }
             if completions
                 .iter()
@@ -395,7 +410,7 @@ impl Worker {
         self.shutdown_deadline = Some(Instant::now() + self.cfg.shutdown_grace);
         for cid in 0..self.conns.len() {
             if let Some(c) = self.conns[cid].as_mut() {
-                c.drain_for_shutdown(&mut self.io);
+                c.drain_for_shutdown();
             }
             self.reap(cid as u32);
         }
