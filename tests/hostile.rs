@@ -368,6 +368,10 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(log.contains("handshake timed out"), "{log}");
 }
 
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -412,6 +416,7 @@ fn client_that_never_reads_replies_is_bounded_and_others_are_served() {
 fn hundreds_of_connections_opened_and_dropped_at_once() {
     let dir = Scratch::new("hostile-storm");
     let srv = server(&dir, &["--max-connections", "300"]);
+    let fds_before = open_fds(srv.pid());
     for round in 0..3 {
         let mut conns = Vec::new();
         for i in 0..400 {
@@ -445,6 +450,12 @@ fn hundreds_of_connections_opened_and_dropped_at_once() {
             std::thread::sleep(Duration::from_millis(100));
         }
         still_serves(&srv);
+    }
+    // Every dropped connection was released: descriptors return to where they started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(srv.pid()) > fds_before {
+        assert!(Instant::now() < deadline, "descriptors leaked: {} before, {} after", fds_before, open_fds(srv.pid()));
+        std::thread::sleep(Duration::from_millis(50));
     }
     // Connections over the limit are accepted and closed, and logged.
     let log = srv.stop();
