@@ -369,7 +369,9 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
 }
 
 fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -454,7 +456,12 @@ fn hundreds_of_connections_opened_and_dropped_at_once() {
     // Every dropped connection was released: descriptors return to where they started.
     let deadline = Instant::now() + Duration::from_secs(10);
     while open_fds(srv.pid()) > fds_before {
-        assert!(Instant::now() < deadline, "descriptors leaked: {} before, {} after", fds_before, open_fds(srv.pid()));
+        assert!(
+            Instant::now() < deadline,
+            "descriptors leaked: {} before, {} after",
+            fds_before,
+            open_fds(srv.pid())
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Connections over the limit are accepted and closed, and logged.
