@@ -419,6 +419,7 @@ fn hundreds_of_connections_opened_and_dropped_at_once() {
     let dir = Scratch::new("hostile-storm");
     let srv = server(&dir, &["--max-connections", "300"]);
     let fds_before = open_fds(srv.pid());
+    let list_before = fd_list(srv.pid());
     for round in 0..3 {
         let mut conns = Vec::new();
         for i in 0..400 {

@@ -151,27 +151,19 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?,
     );
 
-    // Announce readiness on stdout (scripts and tests wait for "ready").
-    let mut out = io::stdout().lock();
+    // Everything that serves exists before "ready" is announced: scripts and tests that see it
+    // can connect at once and observe a fully started process.
+    let mut banner = Vec::new();
     for l in &listeners {
         let _ = match l {
             Listener::Tcp(l) => writeln!(
-                out,
+                banner,
                 "listening tcp {}",
                 l.local_addr().map_or("?".into(), |a| a.to_string())
             ),
-            Listener::Unix(_, p) => writeln!(out, "listening unix {}", p.display()),
+            Listener::Unix(_, p) => writeln!(banner, "listening unix {}", p.display()),
         };
     }
-    let _ = writeln!(out, "ready");
-    let _ = out.flush();
-    drop(out);
-    tracing::info!(
-        exports = exports.list.len(),
-        threads = cfg.engine.threads,
-        "serving"
-    );
-
     let stop = Arc::new(
         EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
             .map_err(|e| ServeError::StartingEngine(e.into()))?,
@@ -185,6 +177,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .spawn(move || accept_loop(&listeners, &engine, &stop, max))
             .map_err(ServeError::StartingEngine)?
     };
+
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(&banner);
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(
+        exports = exports.list.len(),
+        threads = cfg.engine.threads,
+        "serving"
+    );
 
     let signal = stop_signals.wait().map_err(ServeError::Signals)?;
     tracing::info!(%signal, "stopping: no new connections; finishing requests in flight");
