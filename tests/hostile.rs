@@ -368,6 +368,22 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(log.contains("handshake timed out"), "{log}");
 }
 
+fn fd_list(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            format!(
+                "{:?} -> {:?}",
+                e.file_name(),
+                std::fs::read_link(e.path()).ok()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -459,9 +475,8 @@ fn hundreds_of_connections_opened_and_dropped_at_once() {
     while open_fds(srv.pid()) > fds_before {
         assert!(
             Instant::now() < deadline,
-            "descriptors leaked: {} before, {} after",
-            fds_before,
-            open_fds(srv.pid())
+            "descriptors leaked: {list_before:#?} before, {:#?} after",
+            fd_list(srv.pid())
         );
         std::thread::sleep(Duration::from_millis(50));
     }
