@@ -19,4 +19,8 @@ if ((${#need_pkgs[@]})); then
     apt-get install -y -qq "${need_pkgs[@]}"
 fi
 
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace "$@" 2>&1 | tee "$log"
+# One closing line for the whole run (cargo's own last line is the doc-test summary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
