@@ -1,0 +1,343 @@
+//! The volume superblock (SPEC.md §5): encode, decode with every check, and the choice between
+//! the two copies.
+
+use crate::layout::*;
+
+/// Where each field lives in the 4 KiB slot (little-endian).
+mod at {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const INCOMPAT: usize = 16;
+    pub const RO_COMPAT: usize = 24;
+    pub const COMPAT: usize = 32;
+    pub const VOLUME_ID: usize = 40;
+    pub const GENERATION: usize = 56;
+    pub const EPOCH: usize = 72;
+    pub const SIZE: usize = 80;
+    pub const BACKING_ID: usize = 88;
+    pub const BACKING_DIGEST: usize = 104;
+    pub const BACKING_SIZE: usize = 136;
+    pub const JOURNAL_OFFSET: usize = 144;
+    pub const JOURNAL_BYTES: usize = 152;
+    pub const CHECKPOINT_SEQ: usize = 160;
+    pub const CHECKPOINT_POS: usize = 168;
+    pub const MAP_OFFSET: usize = 176;
+    pub const SEQUENCE: usize = 184;
+    /// First byte after the fields; the rest of the slot is zero up to the checksum.
+    pub const END: usize = 192;
+    pub const CRC: usize = super::SUPERBLOCK_SLOT_BYTES - 4;
+}
+
+const _: () = assert!(at::END <= at::CRC);
+
+/// Largest virtual size accepted (1 EiB): keeps every offset computation far from overflow.
+pub const MAX_SIZE_BYTES: u64 = 1 << 60;
+
+/// A decoded, checked superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub incompat: u64,
+    pub ro_compat: u64,
+    pub compat: u64,
+    pub volume_id: [u8; 16],
+    /// Changes on the first write after a new epoch begins (replication).
+    pub generation: [u8; 16],
+    pub epoch: u64,
+    pub size_bytes: u64,
+    /// All zero for a blank volume.
+    pub backing_id: [u8; 16],
+    pub backing_digest: [u8; 32],
+    pub backing_size_bytes: u64,
+    pub journal_offset: u64,
+    pub journal_bytes: u64,
+    pub checkpoint_seq: u64,
+    pub checkpoint_pos: u64,
+    pub map_offset: u64,
+    /// Write counter: of two valid copies, the higher one is current.
+    pub sequence: u64,
+}
+
+/// Why metadata was refused. Every variant names the structure and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("superblock: bad magic {0:02x?}")]
+    BadMagic([u8; 8]),
+    #[error("superblock: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    BadChecksum { stored: u32, computed: u32 },
+    #[error("superblock: format version {0} is not supported (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("superblock: unknown incompatible features {0:#x}")]
+    UnknownIncompatibleFeatures(u64),
+    #[error("superblock: {0}")]
+    Invariant(&'static str),
+    #[error("no valid superblock: A: {a}; B: {b}")]
+    NoValidSuperblock {
+        a: Box<FormatError>,
+        b: Box<FormatError>,
+    },
+}
+
+impl Superblock {
+    /// A fresh superblock for a volume of `size_bytes` (backing fields zero: blank).
+    pub fn new(volume_id: [u8; 16], generation: [u8; 16], size_bytes: u64) -> Superblock {
+        Superblock {
+            incompat: 0,
+            ro_compat: 0,
+            compat: 0,
+            volume_id,
+            generation,
+            epoch: 0,
+            size_bytes,
+            backing_id: [0; 16],
+            backing_digest: [0; 32],
+            backing_size_bytes: 0,
+            journal_offset: JOURNAL_OFFSET,
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            checkpoint_seq: 0,
+            checkpoint_pos: 0,
+            map_offset: JOURNAL_OFFSET + DEFAULT_JOURNAL_BYTES,
+            sequence: 1,
+        }
+    }
+
+    /// Which slot this superblock goes to: they alternate, so a torn write leaves the other.
+    pub fn slot_offset(&self) -> u64 {
+        if self.sequence % 2 == 1 {
+            SUPERBLOCK_A_OFFSET
+        } else {
+            SUPERBLOCK_B_OFFSET
+        }
+    }
+
+    fn check(&self) -> Result<(), FormatError> {
+        let inv = |ok: bool, what: &'static str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(FormatError::Invariant(what))
+            }
+        };
+        inv(
+            self.size_bytes > 0 && self.size_bytes <= MAX_SIZE_BYTES,
+            "virtual size out of range",
+        )?;
+        inv(
+            self.backing_size_bytes <= self.size_bytes,
+            "backing image larger than the volume",
+        )?;
+        inv(
+            self.backing_id != [0; 16] || self.backing_size_bytes == 0,
+            "blank volume with a backing size",
+        )?;
+        inv(
+            self.journal_offset == JOURNAL_OFFSET,
+            "journal not right after the superblocks",
+        )?;
+        inv(
+            self.journal_bytes >= 64 * 1024 && self.journal_bytes.is_multiple_of(BLOCK_BYTES),
+            "journal size not a multiple of 4 KiB of at least 64 KiB",
+        )?;
+        inv(
+            self.checkpoint_pos < self.journal_bytes,
+            "checkpoint beyond the journal",
+        )?;
+        inv(
+            Some(self.map_offset) == self.journal_offset.checked_add(self.journal_bytes),
+            "map not right after the journal",
+        )?;
+        inv(self.sequence > 0, "sequence zero")?;
+        Ok(())
+    }
+
+    /// Encodes into one slot. Panics if the superblock breaks an invariant: writing it would make
+    /// the volume unreadable, which is a bug upstream.
+    pub fn encode(&self) -> [u8; SUPERBLOCK_SLOT_BYTES] {
+        if let Err(e) = self.check() {
+            panic!("refusing to write an invalid superblock: {e}");
+        }
+        let mut b = [0u8; SUPERBLOCK_SLOT_BYTES];
+        let mut put = |at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
+        put(at::MAGIC, &MAGIC);
+        put(at::VERSION, &FORMAT_VERSION.to_le_bytes());
+        put(at::INCOMPAT, &self.incompat.to_le_bytes());
+        put(at::RO_COMPAT, &self.ro_compat.to_le_bytes());
+        put(at::COMPAT, &self.compat.to_le_bytes());
+        put(at::VOLUME_ID, &self.volume_id);
+        put(at::GENERATION, &self.generation);
+        put(at::EPOCH, &self.epoch.to_le_bytes());
+        put(at::SIZE, &self.size_bytes.to_le_bytes());
+        put(at::BACKING_ID, &self.backing_id);
+        put(at::BACKING_DIGEST, &self.backing_digest);
+        put(at::BACKING_SIZE, &self.backing_size_bytes.to_le_bytes());
+        put(at::JOURNAL_OFFSET, &self.journal_offset.to_le_bytes());
+        put(at::JOURNAL_BYTES, &self.journal_bytes.to_le_bytes());
+        put(at::CHECKPOINT_SEQ, &self.checkpoint_seq.to_le_bytes());
+        put(at::CHECKPOINT_POS, &self.checkpoint_pos.to_le_bytes());
+        put(at::MAP_OFFSET, &self.map_offset.to_le_bytes());
+        put(at::SEQUENCE, &self.sequence.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..at::CRC]);
+        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes one slot, checking magic, checksum, version, features and invariants.
+    pub fn decode(b: &[u8; SUPERBLOCK_SLOT_BYTES]) -> Result<Superblock, FormatError> {
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let magic: [u8; 8] = b[at::MAGIC..at::MAGIC + 8].try_into().expect("8 bytes");
+        if magic != MAGIC {
+            return Err(FormatError::BadMagic(magic));
+        }
+        let stored = u32_at(at::CRC);
+        let computed = crc32c::crc32c(&b[..at::CRC]);
+        if stored != computed {
+            return Err(FormatError::BadChecksum { stored, computed });
+        }
+        let version = u32_at(at::VERSION);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let incompat = u64_at(at::INCOMPAT);
+        if incompat & !INCOMPAT_KNOWN != 0 {
+            return Err(FormatError::UnknownIncompatibleFeatures(
+                incompat & !INCOMPAT_KNOWN,
+            ));
+        }
+        if b[at::END..at::CRC].iter().any(|&x| x != 0) {
+            return Err(FormatError::Invariant("reserved bytes are not zero"));
+        }
+        let sb = Superblock {
+            incompat,
+            ro_compat: u64_at(at::RO_COMPAT),
+            compat: u64_at(at::COMPAT),
+            volume_id: b[at::VOLUME_ID..at::VOLUME_ID + 16]
+                .try_into()
+                .expect("16 bytes"),
+            generation: b[at::GENERATION..at::GENERATION + 16]
+                .try_into()
+                .expect("16 bytes"),
+            epoch: u64_at(at::EPOCH),
+            size_bytes: u64_at(at::SIZE),
+            backing_id: b[at::BACKING_ID..at::BACKING_ID + 16]
+                .try_into()
+                .expect("16 bytes"),
+            backing_digest: b[at::BACKING_DIGEST..at::BACKING_DIGEST + 32]
+                .try_into()
+                .expect("32 bytes"),
+            backing_size_bytes: u64_at(at::BACKING_SIZE),
+            journal_offset: u64_at(at::JOURNAL_OFFSET),
+            journal_bytes: u64_at(at::JOURNAL_BYTES),
+            checkpoint_seq: u64_at(at::CHECKPOINT_SEQ),
+            checkpoint_pos: u64_at(at::CHECKPOINT_POS),
+            map_offset: u64_at(at::MAP_OFFSET),
+            sequence: u64_at(at::SEQUENCE),
+        };
+        sb.check()?;
+        Ok(sb)
+    }
+
+    /// The current superblock of the two slots: the valid one with the higher sequence. Read-only
+    /// compatible features unknown to this build are reported by `read_only_features`.
+    pub fn choose(
+        a: &[u8; SUPERBLOCK_SLOT_BYTES],
+        b: &[u8; SUPERBLOCK_SLOT_BYTES],
+    ) -> Result<Superblock, FormatError> {
+        match (Superblock::decode(a), Superblock::decode(b)) {
+            (Ok(x), Ok(y)) => Ok(if y.sequence > x.sequence { y } else { x }),
+            (Ok(x), Err(_)) | (Err(_), Ok(x)) => Ok(x),
+            (Err(ea), Err(eb)) => Err(FormatError::NoValidSuperblock {
+                a: Box::new(ea),
+                b: Box::new(eb),
+            }),
+        }
+    }
+
+    /// Read-only-compatible features this build does not know: the volume may be read, not written.
+    pub fn read_only_features(&self) -> u64 {
+        self.ro_compat & !RO_COMPAT_KNOWN
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Superblock {
+        let mut sb = Superblock::new([7; 16], [9; 16], 10 << 30);
+        sb.backing_id = [1; 16];
+        sb.backing_digest = [2; 32];
+        sb.backing_size_bytes = (8 << 30) + 123;
+        sb
+    }
+
+    #[test]
+    fn round_trips() {
+        let sb = sample();
+        assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = sample().encode();
+        for i in (0..SUPERBLOCK_SLOT_BYTES).step_by(7) {
+            let mut b = bytes;
+            b[i] ^= 0x40;
+            assert!(
+                Superblock::decode(&b).is_err(),
+                "flip at {i} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_incompatible_feature_and_version_are_refused() {
+        let mut sb = sample();
+        sb.incompat = INCOMPAT_PEER_DIRTY_BITMAP;
+        // Encode bypasses nothing: set the bit in raw bytes and re-checksum.
+        let mut b = sample().encode();
+        b[at::INCOMPAT..at::INCOMPAT + 8].copy_from_slice(&sb.incompat.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..at::CRC]);
+        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Superblock::decode(&b),
+            Err(FormatError::UnknownIncompatibleFeatures(
+                INCOMPAT_PEER_DIRTY_BITMAP
+            ))
+        );
+        let mut b = sample().encode();
+        b[at::VERSION..at::VERSION + 4].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..at::CRC]);
+        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Superblock::decode(&b),
+            Err(FormatError::UnsupportedVersion(2))
+        );
+    }
+
+    #[test]
+    fn the_newest_valid_copy_wins_and_a_torn_copy_is_skipped() {
+        let mut sb = sample();
+        let a = sb.encode();
+        sb.sequence = 2;
+        sb.epoch = 5;
+        let b = sb.encode();
+        assert_eq!(Superblock::choose(&a, &b).unwrap().epoch, 5);
+        // B torn halfway: A is still current.
+        let mut torn = b;
+        torn[2048..].fill(0);
+        assert_eq!(Superblock::choose(&a, &torn).unwrap().sequence, 1);
+        // Both torn: refused, and the error names both.
+        let mut torn_a = a;
+        torn_a[100] ^= 1;
+        let e = Superblock::choose(&torn_a, &torn).unwrap_err();
+        assert!(matches!(e, FormatError::NoValidSuperblock { .. }), "{e}");
+    }
+
+    #[test]
+    fn slots_alternate() {
+        let mut sb = sample();
+        assert_eq!(sb.slot_offset(), SUPERBLOCK_A_OFFSET);
+        sb.sequence += 1;
+        assert_eq!(sb.slot_offset(), SUPERBLOCK_B_OFFSET);
+    }
+}
