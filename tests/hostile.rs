@@ -37,6 +37,17 @@ fn server(dir: &Scratch, extra: &[&str]) -> Server {
     Server::start(dir, &args)
 }
 
+/// A compact (28-byte) request header.
+fn request_bytes(flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
 struct Raw(TcpStream);
 
 impl Raw {
@@ -120,13 +131,7 @@ impl Raw {
         c
     }
     fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) {
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        self.send(&b);
+        self.send(&request_bytes(flags, kind, cookie, offset, len));
     }
     /// Reads a simple reply: (error, cookie).
     fn simple_reply(&mut self) -> (u32, u64) {
@@ -299,18 +304,10 @@ fn disc_answers_everything_received_first() {
     // Many writes, then DISC, all in one burst: every write is answered before the close.
     let mut burst = Vec::new();
     for i in 0..50u64 {
-        burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        burst.extend_from_slice(&0u16.to_be_bytes());
-        burst.extend_from_slice(&CMD_WRITE.to_be_bytes());
-        burst.extend_from_slice(&i.to_be_bytes());
-        burst.extend_from_slice(&(i * 4096).to_be_bytes());
-        burst.extend_from_slice(&4096u32.to_be_bytes());
+        burst.extend(request_bytes(0, CMD_WRITE, i, i * 4096, 4096));
         burst.extend_from_slice(&[i as u8 + 1; 4096]);
     }
-    burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    burst.extend_from_slice(&0u16.to_be_bytes());
-    burst.extend_from_slice(&CMD_DISC.to_be_bytes());
-    burst.extend_from_slice(&[0; 20]);
+    burst.extend(request_bytes(0, CMD_DISC, 0, 0, 0));
     c.send(&burst);
     let mut cookies: Vec<u64> = (0..50)
         .map(|_| c.simple_reply())
@@ -356,13 +353,10 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     let srv = server(&dir, &[]);
     let mut c = Raw::connect(&srv);
     c.greeting();
-    let start = Instant::now();
     assert!(
         c.closed_by_server(),
         "a client that sends nothing must be dropped"
     );
-    // Bounded, not timed: the 20 s read timeout would fail the line above.
-    assert!(start.elapsed() < Duration::from_secs(20));
     still_serves(&srv);
     let log = srv.stop();
     assert!(log.contains("handshake timed out"), "{log}");
@@ -413,12 +407,7 @@ fn client_that_never_reads_replies_is_bounded_and_others_are_served() {
     // requests once its per-connection budget is spent, so our sends eventually block.
     let mut req = Vec::new();
     for i in 0..4096u64 {
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_READ.to_be_bytes());
-        req.extend_from_slice(&i.to_be_bytes());
-        req.extend_from_slice(&((i % 16) << 20).to_be_bytes());
-        req.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        req.extend(request_bytes(0, CMD_READ, i, (i % 16) << 20, 1 << 20));
     }
     let _ = c.0.write_all(&req); // times out once both socket buffers are full
     std::thread::sleep(Duration::from_millis(300));
@@ -496,7 +485,11 @@ fn unix_socket_serves_the_same_export() {
     assert_eq!(&g[..8], b"NBDMAGIC");
     s.write_all(&[0xff; 4]).unwrap(); // unknown client flags
     let mut b = [0u8; 1];
-    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("unknown client flags must close the Unix connection, got {other:?}"),
+    }
     let out = stdout(&run(
         "qemu-io",
         &["-f", "raw", "-c", "read 0 4k", &srv.unix_uri("disk")],

@@ -748,7 +748,6 @@ impl Conn {
         self.sendq.push_back(sid);
         // Not sent yet: the worker calls `flush` once it has handled every completion of this
         // round, so replies that become ready together leave in one sendmsg.
-        let _ = io;
     }
 
     /// Sends what is queued. Called by the worker after each round of completions.

@@ -262,6 +262,12 @@ impl Superblock {
 mod tests {
     use super::*;
 
+    /// Recomputes the checksum after a test edited raw bytes, so only the edit is judged.
+    fn reseal(b: &mut [u8; SUPERBLOCK_SLOT_BYTES]) {
+        let crc = crc32c::crc32c(&b[..at::CRC]);
+        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+    }
+
     fn sample() -> Superblock {
         let mut sb = Superblock::new([7; 16], [9; 16], 10 << 30);
         sb.backing_id = [1; 16];
@@ -296,8 +302,7 @@ mod tests {
         // Encode bypasses nothing: set the bit in raw bytes and re-checksum.
         let mut b = sample().encode();
         b[at::INCOMPAT..at::INCOMPAT + 8].copy_from_slice(&sb.incompat.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..at::CRC]);
-        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
             Err(FormatError::UnknownIncompatibleFeatures(
@@ -306,8 +311,7 @@ mod tests {
         );
         let mut b = sample().encode();
         b[at::VERSION..at::VERSION + 4].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..at::CRC]);
-        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
             Err(FormatError::UnsupportedVersion(2))
