@@ -1,23 +1,30 @@
-//! Sizes and offsets of the on-disk layout (SPEC.md §5). Derived from one another and pinned.
+//! Sizes and offsets of the on-disk layout (SPEC.md §5). Derived from one another and pinned by
+//! compile-time asserts, so the code and the spec cannot drift apart silently.
 
 /// Copy-on-write granularity: one block-map bit per block.
 pub const BLOCK_BYTES: u64 = 4096;
+
+// ---- volume metadata file (`V.meta`) ----
+
 /// Each superblock copy occupies one 4 KiB slot: A at 0, B at 4 KiB.
 pub const SUPERBLOCK_SLOT_BYTES: usize = 4096;
 pub const SUPERBLOCK_A_OFFSET: u64 = 0;
 pub const SUPERBLOCK_B_OFFSET: u64 = SUPERBLOCK_SLOT_BYTES as u64;
-/// The journal ring starts right after the two superblocks.
-pub const JOURNAL_OFFSET: u64 = 2 * SUPERBLOCK_SLOT_BYTES as u64;
-pub const DEFAULT_JOURNAL_BYTES: u64 = 4 << 20;
-/// A map page holds the bits of this many blocks.
-pub const MAP_PAGE_BYTES: usize = 4096;
-pub const BLOCKS_PER_MAP_PAGE: u64 = MAP_PAGE_BYTES as u64 * 8;
-/// Volume bytes one map page describes (128 MiB).
+/// Map page slots start right after the two superblocks: page `p`, slot `s` (0 or 1) lives at
+/// `MAP_OFFSET + (2p + s) * MAP_SLOT_BYTES`.
+pub const MAP_OFFSET: u64 = 2 * SUPERBLOCK_SLOT_BYTES as u64;
+/// One on-disk map page slot: a 64-byte header and the bits.
+pub const MAP_SLOT_BYTES: usize = 4096;
+pub const MAP_HEADER_BYTES: usize = 64;
+/// Bytes of bits in a page, and the 64-bit words they make.
+pub const MAP_BITS_BYTES: usize = MAP_SLOT_BYTES - MAP_HEADER_BYTES;
+pub const MAP_PAGE_WORDS: usize = MAP_BITS_BYTES / 8;
+/// A map page holds the bits of this many blocks (32256: 126 MiB of volume).
+pub const BLOCKS_PER_MAP_PAGE: u64 = MAP_BITS_BYTES as u64 * 8;
 pub const BYTES_PER_MAP_PAGE: u64 = BLOCKS_PER_MAP_PAGE * BLOCK_BYTES;
-/// 64-bit words in a map page.
-pub const MAP_PAGE_WORDS: usize = MAP_PAGE_BYTES / 8;
 
 pub const MAGIC: [u8; 8] = *b"STRMVOL1";
+pub const MAP_MAGIC: [u8; 8] = *b"STRMMAP1";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Incompatible feature flags known to this version (none yet; see SPEC.md §5).
@@ -27,11 +34,27 @@ pub const INCOMPAT_PEER_DIRTY_BITMAP: u64 = 1 << 0;
 /// Read-only-compatible flags known to this version.
 pub const RO_COMPAT_KNOWN: u64 = 0;
 
-const _: () = assert!(BLOCKS_PER_MAP_PAGE == 32768);
-const _: () = assert!(BYTES_PER_MAP_PAGE == 128 << 20);
-const _: () = assert!(JOURNAL_OFFSET == 8192);
+/// Superblock `flags`: a new epoch began and the next write must first rotate the generation.
+pub const FLAG_GENERATION_ARMED: u64 = 1 << 0;
+pub const FLAGS_KNOWN: u64 = FLAG_GENERATION_ARMED;
+
+// ---- golden image metadata file (`I.meta`) ----
+
+pub const IMAGE_MAGIC: [u8; 8] = *b"STRMIMG1";
+/// The image header; the chunk checksum table follows it.
+pub const IMAGE_HEADER_BYTES: usize = 128;
+/// Checksum granularity of a golden image (1 MiB chunks, one crc32c each).
+pub const IMAGE_CHUNK_SHIFT: u32 = 20;
+pub const IMAGE_CHUNK_BYTES: u64 = 1 << IMAGE_CHUNK_SHIFT;
+
+const _: () = assert!(BLOCKS_PER_MAP_PAGE == 32256);
+const _: () = assert!(BYTES_PER_MAP_PAGE == 126 << 20);
+const _: () = assert!(MAP_OFFSET == 8192);
+const _: () = assert!(MAP_BITS_BYTES.is_multiple_of(8));
 const _: () = assert!(MAP_PAGE_WORDS * 64 == BLOCKS_PER_MAP_PAGE as usize);
+const _: () = assert!(MAP_SLOT_BYTES as u64 == BLOCK_BYTES, "one slot, one atomic page");
 const _: () = assert!(
     INCOMPAT_KNOWN & INCOMPAT_PEER_DIRTY_BITMAP == 0,
     "reserved, not yet known"
 );
+const _: () = assert!(IMAGE_CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));

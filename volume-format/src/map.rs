@@ -1,9 +1,9 @@
 //! The block map (SPEC.md §3, §5): one bit per 4 KiB block, INHERITED (0) or OWN (1), kept in
-//! 4 KiB pages that exist in memory only when some bit in them is set. A fresh clone of a 1 TiB
+//! pages of 32256 bits that exist in memory only when some bit in them is set. A fresh clone of a 1 TiB
 //! image costs one pointer per 128 MiB; a lookup is an index, a word and a bit.
 
-use crate::layout::{BLOCKS_PER_MAP_PAGE, MAP_PAGE_BYTES, MAP_PAGE_WORDS};
-use crate::superblock::FormatError;
+use crate::error::FormatError;
+use crate::layout::*;
 
 /// Where a block's contents come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +14,8 @@ pub enum BlockState {
     Own,
 }
 
-type Page = [u64; MAP_PAGE_WORDS];
+/// The bits of one map page.
+pub type Page = [u64; MAP_PAGE_WORDS];
 
 pub struct BlockMap {
     blocks: u64,
@@ -121,7 +122,12 @@ impl BlockMap {
             .sum()
     }
 
-    /// Pages changed since the last call, for the next journal transaction.
+    /// Whether any page changed since the last `take_dirty`.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Pages changed since the last call, for the next commit.
     pub fn take_dirty(&mut self) -> Vec<u32> {
         for &p in &self.dirty {
             self.is_dirty[p as usize] = false;
@@ -129,28 +135,22 @@ impl BlockMap {
         std::mem::take(&mut self.dirty)
     }
 
-    /// The on-disk bytes of page `p` (little-endian words; bit `i` of the page is block
-    /// `p * 32768 + i`).
-    pub fn encode_page(&self, p: u32) -> [u8; MAP_PAGE_BYTES] {
-        let mut out = [0u8; MAP_PAGE_BYTES];
-        if let Some(page) = &self.pages[p as usize] {
-            for (chunk, w) in out.chunks_exact_mut(8).zip(page.iter()) {
-                chunk.copy_from_slice(&w.to_le_bytes());
-            }
+    /// The bits of page `p` as on disk (`MAP_PAGE_WORDS` little-endian words; bit `i` of the
+    /// page is block `p * BLOCKS_PER_MAP_PAGE + i`).
+    pub fn page_words(&self, p: u32) -> Page {
+        match &self.pages[p as usize] {
+            Some(page) => **page,
+            None => [0; MAP_PAGE_WORDS],
         }
-        out
     }
 
-    /// Loads page `p` from disk bytes (already checksum-verified by the caller). Bits for blocks
-    /// past the end of the volume must be zero.
-    pub fn load_page(&mut self, p: u32, bytes: &[u8; MAP_PAGE_BYTES]) -> Result<(), FormatError> {
+    /// Installs page `p` from checked on-disk words. Bits for blocks past the end of the volume
+    /// must be zero: a set one means the page belongs to something else.
+    pub fn load_page(&mut self, p: u32, page: &Page) -> Result<(), FormatError> {
+        let what = || format!("map page {p}");
         let idx = p as usize;
         if idx >= self.pages.len() {
-            return Err(FormatError::Invariant("map page beyond the volume"));
-        }
-        let mut page: Page = [0; MAP_PAGE_WORDS];
-        for (w, chunk) in page.iter_mut().zip(bytes.chunks_exact(8)) {
-            *w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            return Err(FormatError::invariant(what(), "beyond the end of the volume"));
         }
         let first = u64::from(p) * BLOCKS_PER_MAP_PAGE;
         let valid = (self.blocks - first).min(BLOCKS_PER_MAP_PAGE);
@@ -164,13 +164,23 @@ impl BlockMap {
                 (1u64 << (valid - base)) - 1
             };
             if w & !allowed != 0 {
-                return Err(FormatError::Invariant(
-                    "map bits set past the end of the volume",
+                return Err(FormatError::invariant(
+                    what(),
+                    "bits set past the end of the volume",
                 ));
             }
         }
-        self.pages[idx] = page.iter().any(|&w| w != 0).then(|| Box::new(page));
+        self.pages[idx] = page.iter().any(|&w| w != 0).then(|| Box::new(*page));
         Ok(())
+    }
+
+    /// Grows the map to `blocks` (a volume resize); new blocks are INHERITED.
+    pub fn grow(&mut self, blocks: u64) {
+        assert!(blocks >= self.blocks, "maps only grow");
+        let pages = blocks.div_ceil(BLOCKS_PER_MAP_PAGE) as usize;
+        self.pages.resize_with(pages, || None);
+        self.is_dirty.resize(pages, false);
+        self.blocks = blocks;
     }
 
     /// Bytes of memory the map holds (page table plus resident pages).
@@ -178,7 +188,7 @@ impl BlockMap {
         let resident = self.pages.iter().flatten().count();
         self.pages.len() * std::mem::size_of::<Option<Box<Page>>>()
             + self.is_dirty.len()
-            + resident * MAP_PAGE_BYTES
+            + resident * std::mem::size_of::<Page>()
     }
 }
 
@@ -316,7 +326,7 @@ mod tests {
         assert!(map.take_dirty().is_empty());
         let mut copy = BlockMap::new(blocks);
         for p in 0..map.pages() {
-            copy.load_page(p, &map.encode_page(p)).unwrap();
+            copy.load_page(p, &map.page_words(p)).unwrap();
         }
         assert_eq!(
             copy.runs(0, blocks).collect::<Vec<_>>(),
@@ -327,14 +337,13 @@ mod tests {
     #[test]
     fn bits_past_the_end_are_refused() {
         let mut map = BlockMap::new(BLOCKS_PER_MAP_PAGE + 10);
-        let mut bytes = [0u8; MAP_PAGE_BYTES];
-        bytes[1] = 0x04; // block 10 of page 1: one past the end
-        assert!(map.load_page(1, &bytes).is_err());
-        bytes[1] = 0;
-        bytes[0] = 0xff; // blocks 0..8 of page 1: fine
-        map.load_page(1, &bytes).unwrap();
+        let mut words = [0u64; MAP_PAGE_WORDS];
+        words[0] = 1 << 10; // block 10 of page 1: one past the end
+        assert!(map.load_page(1, &words).is_err());
+        words[0] = 0xff; // blocks 0..8 of page 1: fine
+        map.load_page(1, &words).unwrap();
         assert_eq!(map.own_blocks(), 8);
-        assert!(map.load_page(2, &bytes).is_err(), "page beyond the volume");
+        assert!(map.load_page(2, &words).is_err(), "page beyond the volume");
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub trait Storage {
         self.len() == 0
     }
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// `SEEK_DATA`: the first offset at or after `offset` that may hold data, or `None` when only
+    /// holes remain before the end.
+    fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>>;
+    /// `SEEK_HOLE`: the first offset at or after `offset` in a hole (the end of file counts).
+    fn seek_hole(&mut self, offset: u64) -> io::Result<u64>;
+    /// Bytes of disk space the file holds.
+    fn allocated_bytes(&self) -> io::Result<u64>;
 }
 
 /// Sector size at which a simulated power cut may tear a write.
@@ -37,25 +44,58 @@ struct Sparse {
 
 impl Sparse {
     fn read(&self, offset: u64, buf: &mut [u8]) {
-        for (i, b) in buf.iter_mut().enumerate() {
-            let pos = offset + i as u64;
-            *b = if pos >= self.len {
-                0
-            } else {
-                self.pages
-                    .get(&(pos / PAGE))
-                    .map_or(0, |p| p[(pos % PAGE) as usize])
-            };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.pages.get(&(pos / PAGE)) {
+                Some(p) if pos < self.len => out.copy_from_slice(&p[in_page..in_page + n]),
+                _ => out.fill(0),
+            }
+            // Bytes of this piece past the end read as zeroes.
+            if pos + n as u64 > self.len {
+                let keep = self.len.saturating_sub(pos) as usize;
+                out[keep.min(n)..].fill(0);
+            }
+            done += n;
         }
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
-            let pos = offset + i as u64;
-            self.pages
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(data.len() - done);
+            let page = self
+                .pages
                 .entry(pos / PAGE)
-                .or_insert_with(|| Box::new([0; PAGE as usize]))[(pos % PAGE) as usize] = b;
+                .or_insert_with(|| Box::new([0; PAGE as usize]));
+            page[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+            done += n;
         }
         self.len = self.len.max(offset + data.len() as u64);
+    }
+    /// First offset at or after `offset` inside an allocated page.
+    fn seek_data(&self, offset: u64) -> Option<u64> {
+        let first = offset / PAGE;
+        let last = self.len.div_ceil(PAGE);
+        // Pages are few in tests; scanning the keys beats walking a huge sparse range.
+        let next = self
+            .pages
+            .keys()
+            .copied()
+            .filter(|&p| p >= first && p < last)
+            .min()?;
+        Some((next * PAGE).max(offset))
+    }
+    fn seek_hole(&self, offset: u64) -> u64 {
+        let mut p = offset / PAGE;
+        while p * PAGE < self.len && self.pages.contains_key(&p) {
+            p += 1;
+        }
+        (p * PAGE).max(offset).min(self.len)
     }
     fn zero(&mut self, offset: u64, len: u64) {
         let end = offset + len;
@@ -96,18 +136,48 @@ pub enum Fate {
 }
 
 /// An in-memory file with a volatile cache. See the module comment.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemFile {
     current: Sparse,
     durable: Sparse,
     pending: Vec<Pending>,
     ops: u64,
     fail_at: Option<(u64, i32)>,
+    /// A power cut tears writes at this granularity (absolute file offsets).
+    tear_unit: u64,
+    bytes_written: u64,
+}
+
+impl Default for MemFile {
+    fn default() -> MemFile {
+        MemFile::new()
+    }
 }
 
 impl MemFile {
+    /// A file whose unsynced writes a power cut may tear at any 512-byte sector (metadata).
     pub fn new() -> MemFile {
-        MemFile::default()
+        MemFile::with_tear_unit(SECTOR_BYTES)
+    }
+
+    /// A file whose power cuts tear writes only at `unit`-aligned boundaries: 4096 models the
+    /// disk assumption that an aligned 4 KiB page write is atomic (SPEC.md §7).
+    pub fn with_tear_unit(unit: u64) -> MemFile {
+        assert!(unit >= SECTOR_BYTES && unit.is_power_of_two());
+        MemFile {
+            current: Sparse::default(),
+            durable: Sparse::default(),
+            pending: Vec::new(),
+            ops: 0,
+            fail_at: None,
+            tear_unit: unit,
+            bytes_written: 0,
+        }
+    }
+
+    /// Bytes handed to `write_at` so far (write amplification measurements).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
     }
 
     /// Makes operation number `n` (counting from 1, every call) and every later one fail with
@@ -128,12 +198,13 @@ impl MemFile {
         }
     }
 
-    /// Simulates a power cut: the file becomes what survived it. `fate(i, sector_count)` decides
-    /// for the i-th unsynced change, and `keep_sector(i, s)` for each sector of a torn write.
+    /// Simulates a power cut: the file becomes what survived it. `fate(i)` decides for the i-th
+    /// unsynced change, and `keep_unit(i, u)` for each tear unit `u` (counted from the start of
+    /// the write) of a torn write.
     pub fn power_cut(
         &mut self,
         mut fate: impl FnMut(usize) -> Fate,
-        mut keep_sector: impl FnMut(usize, u64) -> bool,
+        mut keep_unit: impl FnMut(usize, u64) -> bool,
     ) {
         let mut survived = self.durable.clone();
         for (i, change) in std::mem::take(&mut self.pending).into_iter().enumerate() {
@@ -143,14 +214,15 @@ impl MemFile {
             }
             match change {
                 Pending::Write { offset, data } => {
-                    let first = offset / SECTOR_BYTES;
-                    let last = (offset + data.len() as u64).div_ceil(SECTOR_BYTES);
+                    let unit = self.tear_unit;
+                    let first = offset / unit;
+                    let last = (offset + data.len() as u64).div_ceil(unit);
                     for s in first..last {
-                        if f == Fate::Tear && !keep_sector(i, s - first) {
+                        if f == Fate::Tear && !keep_unit(i, s - first) {
                             continue;
                         }
-                        let lo = (s * SECTOR_BYTES).max(offset);
-                        let hi = ((s + 1) * SECTOR_BYTES).min(offset + data.len() as u64);
+                        let lo = (s * unit).max(offset);
+                        let hi = ((s + 1) * unit).min(offset + data.len() as u64);
                         survived.write(lo, &data[(lo - offset) as usize..(hi - offset) as usize]);
                     }
                 }
@@ -177,6 +249,7 @@ impl Storage for MemFile {
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.tick()?;
+        self.bytes_written += data.len() as u64;
         self.current.write(offset, data);
         self.pending.push(Pending::Write {
             offset,
@@ -210,6 +283,17 @@ impl Storage for MemFile {
         self.current.set_len(len);
         self.pending.push(Pending::SetLen(len));
         Ok(())
+    }
+    fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>> {
+        self.tick()?;
+        Ok(self.current.seek_data(offset))
+    }
+    fn seek_hole(&mut self, offset: u64) -> io::Result<u64> {
+        self.tick()?;
+        Ok(self.current.seek_hole(offset))
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.current.pages.len() as u64 * PAGE)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The volume superblock (SPEC.md §5): encode, decode with every check, and the choice between
 //! the two copies.
 
+use crate::error::FormatError;
 use crate::layout::*;
 
 /// Where each field lives in the 4 KiB slot (little-endian).
@@ -17,12 +18,11 @@ mod at {
     pub const BACKING_ID: usize = 88;
     pub const BACKING_DIGEST: usize = 104;
     pub const BACKING_SIZE: usize = 136;
-    pub const JOURNAL_OFFSET: usize = 144;
-    pub const JOURNAL_BYTES: usize = 152;
-    pub const CHECKPOINT_SEQ: usize = 160;
-    pub const CHECKPOINT_POS: usize = 168;
-    pub const MAP_OFFSET: usize = 176;
-    pub const SEQUENCE: usize = 184;
+    pub const MAP_OFFSET: usize = 144;
+    pub const MAP_DIGEST: usize = 152;
+    pub const SEQUENCE: usize = 160;
+    pub const FLAGS: usize = 168;
+    pub const NEXT_GENERATION: usize = 176;
     /// First byte after the fields; the rest of the slot is zero up to the checksum.
     pub const END: usize = 192;
     pub const CRC: usize = super::SUPERBLOCK_SLOT_BYTES - 4;
@@ -48,33 +48,16 @@ pub struct Superblock {
     pub backing_id: [u8; 16],
     pub backing_digest: [u8; 32],
     pub backing_size_bytes: u64,
-    pub journal_offset: u64,
-    pub journal_bytes: u64,
-    pub checkpoint_seq: u64,
-    pub checkpoint_pos: u64,
     pub map_offset: u64,
-    /// Write counter: of two valid copies, the higher one is current.
+    /// Digest of the committed map: which version of which page is current (SPEC.md §6).
+    pub map_digest: u64,
+    /// Commit number: of two valid copies, the higher one is current. Map page versions carry the
+    /// commit number that wrote them.
     pub sequence: u64,
-}
-
-/// Why metadata was refused. Every variant names the structure and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FormatError {
-    #[error("superblock: bad magic {0:02x?}")]
-    BadMagic([u8; 8]),
-    #[error("superblock: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    BadChecksum { stored: u32, computed: u32 },
-    #[error("superblock: format version {0} is not supported (this build reads {FORMAT_VERSION})")]
-    UnsupportedVersion(u32),
-    #[error("superblock: unknown incompatible features {0:#x}")]
-    UnknownIncompatibleFeatures(u64),
-    #[error("superblock: {0}")]
-    Invariant(&'static str),
-    #[error("no valid superblock: A: {a}; B: {b}")]
-    NoValidSuperblock {
-        a: Box<FormatError>,
-        b: Box<FormatError>,
-    },
+    /// `FLAG_*` bits.
+    pub flags: u64,
+    /// The generation the first write of the current epoch adopts (while `FLAG_GENERATION_ARMED`).
+    pub next_generation: [u8; 16],
 }
 
 impl Superblock {
@@ -91,12 +74,11 @@ impl Superblock {
             backing_id: [0; 16],
             backing_digest: [0; 32],
             backing_size_bytes: 0,
-            journal_offset: JOURNAL_OFFSET,
-            journal_bytes: DEFAULT_JOURNAL_BYTES,
-            checkpoint_seq: 0,
-            checkpoint_pos: 0,
-            map_offset: JOURNAL_OFFSET + DEFAULT_JOURNAL_BYTES,
+            map_offset: MAP_OFFSET,
+            map_digest: 0,
             sequence: 1,
+            flags: 0,
+            next_generation: [0; 16],
         }
     }
 
@@ -114,7 +96,7 @@ impl Superblock {
             if ok {
                 Ok(())
             } else {
-                Err(FormatError::Invariant(what))
+                Err(FormatError::invariant("superblock", what))
             }
         };
         inv(
@@ -130,20 +112,13 @@ impl Superblock {
             "blank volume with a backing size",
         )?;
         inv(
-            self.journal_offset == JOURNAL_OFFSET,
-            "journal not right after the superblocks",
+            self.map_offset == MAP_OFFSET,
+            "map not right after the superblocks",
         )?;
+        inv(self.flags & !FLAGS_KNOWN == 0, "unknown flags")?;
         inv(
-            self.journal_bytes >= 64 * 1024 && self.journal_bytes.is_multiple_of(BLOCK_BYTES),
-            "journal size not a multiple of 4 KiB of at least 64 KiB",
-        )?;
-        inv(
-            self.checkpoint_pos < self.journal_bytes,
-            "checkpoint beyond the journal",
-        )?;
-        inv(
-            Some(self.map_offset) == self.journal_offset.checked_add(self.journal_bytes),
-            "map not right after the journal",
+            self.flags & FLAG_GENERATION_ARMED != 0 || self.next_generation == [0; 16],
+            "a next generation without an armed epoch",
         )?;
         inv(self.sequence > 0, "sequence zero")?;
         Ok(())
@@ -169,12 +144,11 @@ impl Superblock {
         put(at::BACKING_ID, &self.backing_id);
         put(at::BACKING_DIGEST, &self.backing_digest);
         put(at::BACKING_SIZE, &self.backing_size_bytes.to_le_bytes());
-        put(at::JOURNAL_OFFSET, &self.journal_offset.to_le_bytes());
-        put(at::JOURNAL_BYTES, &self.journal_bytes.to_le_bytes());
-        put(at::CHECKPOINT_SEQ, &self.checkpoint_seq.to_le_bytes());
-        put(at::CHECKPOINT_POS, &self.checkpoint_pos.to_le_bytes());
         put(at::MAP_OFFSET, &self.map_offset.to_le_bytes());
+        put(at::MAP_DIGEST, &self.map_digest.to_le_bytes());
         put(at::SEQUENCE, &self.sequence.to_le_bytes());
+        put(at::FLAGS, &self.flags.to_le_bytes());
+        put(at::NEXT_GENERATION, &self.next_generation);
         let crc = crc32c::crc32c(&b[..at::CRC]);
         b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -186,16 +160,23 @@ impl Superblock {
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let magic: [u8; 8] = b[at::MAGIC..at::MAGIC + 8].try_into().expect("8 bytes");
         if magic != MAGIC {
-            return Err(FormatError::BadMagic(magic));
+            return Err(FormatError::BadMagic("superblock".into()));
         }
         let stored = u32_at(at::CRC);
         let computed = crc32c::crc32c(&b[..at::CRC]);
         if stored != computed {
-            return Err(FormatError::BadChecksum { stored, computed });
+            return Err(FormatError::BadChecksum {
+                what: "superblock".into(),
+                stored,
+                computed,
+            });
         }
         let version = u32_at(at::VERSION);
         if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion(version));
+            return Err(FormatError::UnsupportedVersion {
+                what: "superblock".into(),
+                version,
+            });
         }
         let incompat = u64_at(at::INCOMPAT);
         if incompat & !INCOMPAT_KNOWN != 0 {
@@ -204,7 +185,7 @@ impl Superblock {
             ));
         }
         if b[at::END..at::CRC].iter().any(|&x| x != 0) {
-            return Err(FormatError::Invariant("reserved bytes are not zero"));
+            return Err(FormatError::invariant("superblock", "reserved bytes are not zero"));
         }
         let sb = Superblock {
             incompat,
@@ -225,12 +206,13 @@ impl Superblock {
                 .try_into()
                 .expect("32 bytes"),
             backing_size_bytes: u64_at(at::BACKING_SIZE),
-            journal_offset: u64_at(at::JOURNAL_OFFSET),
-            journal_bytes: u64_at(at::JOURNAL_BYTES),
-            checkpoint_seq: u64_at(at::CHECKPOINT_SEQ),
-            checkpoint_pos: u64_at(at::CHECKPOINT_POS),
             map_offset: u64_at(at::MAP_OFFSET),
+            map_digest: u64_at(at::MAP_DIGEST),
             sequence: u64_at(at::SEQUENCE),
+            flags: u64_at(at::FLAGS),
+            next_generation: b[at::NEXT_GENERATION..at::NEXT_GENERATION + 16]
+                .try_into()
+                .expect("16 bytes"),
         };
         sb.check()?;
         Ok(sb)
@@ -314,7 +296,10 @@ mod tests {
         reseal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
-            Err(FormatError::UnsupportedVersion(2))
+            Err(FormatError::UnsupportedVersion {
+                what: "superblock".into(),
+                version: 2
+            })
         );
     }
 

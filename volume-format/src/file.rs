@@ -1,0 +1,122 @@
+//! `Storage` on a real file: positioned reads and writes, `fallocate` hole punching,
+//! `SEEK_DATA`/`SEEK_HOLE` and `fdatasync`. Used by the checker, the pool's management work and
+//! the tests that run on a real file system; the data path drives the same files through io_uring.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::unistd::{Whence, lseek};
+
+use crate::storage::Storage;
+
+pub struct FileStorage {
+    file: File,
+    len: u64,
+}
+
+impl FileStorage {
+    pub fn new(file: File) -> io::Result<FileStorage> {
+        let len = file.metadata()?.len();
+        Ok(FileStorage { file, len })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}
+
+fn to_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn off(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc_einval()))
+}
+
+const fn libc_einval() -> i32 {
+    22
+}
+
+impl Storage for FileStorage {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0); // past the end: zeroes
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        self.len = self.len.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off(offset)?,
+            off(len)?,
+        )
+        .map_err(to_io)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.len = len;
+        Ok(())
+    }
+
+    fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>> {
+        if offset >= self.len {
+            return Ok(None);
+        }
+        match lseek(&self.file, off(offset)?, Whence::SeekData) {
+            Ok(pos) => Ok(Some(pos as u64)),
+            Err(Errno::ENXIO) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn seek_hole(&mut self, offset: u64) -> io::Result<u64> {
+        if offset >= self.len {
+            return Ok(self.len);
+        }
+        match lseek(&self.file, off(offset)?, Whence::SeekHole) {
+            Ok(pos) => Ok(pos as u64),
+            Err(Errno::ENXIO) => Ok(self.len),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}

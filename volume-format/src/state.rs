@@ -1,0 +1,468 @@
+//! The pure core of an open volume: its superblock, its block map and which on-disk version of
+//! each map page is current. It does no I/O. It answers "where do these bytes come from", records
+//! which blocks became OWN, and plans commits; whoever drives it (the synchronous `Volume` over
+//! the `Storage` trait, or the io_uring engine) performs the I/O and reports back.
+//!
+//! Commit protocol (SPEC.md §6), in this order, at most one commit in flight:
+//! 1. `plan_commit` snapshots the dirty map pages. Only writes that completed before this point
+//!    are covered by the commit.
+//! 2. The driver `fdatasync`s the data file: every block those bits describe is durable.
+//! 3. It writes each planned page to its alternate slot, then `fdatasync`s the metadata file.
+//! 4. It writes the planned superblock (the commit record), then `fdatasync`s the metadata.
+//! 5. `commit_done` installs the new page versions and the superblock.
+//! A failure anywhere leaves the volume to be reopened: the driver latches it failed.
+
+use crate::error::FormatError;
+use crate::image::ImageRef;
+use crate::layout::*;
+use crate::map::{BlockMap, BlockState};
+use crate::slot;
+use crate::superblock::{MAX_SIZE_BYTES, Superblock};
+
+/// Where a byte range of the volume reads from. Offsets are volume offsets: both files are
+/// identity-mapped, so the same offset is used in the image or the data file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The backing image at the same offset.
+    Image,
+    /// The volume's data file at the same offset (holes read as zeroes).
+    Data,
+    /// Zeroes with no I/O: past the backing image's end, or a blank volume's unwritten blocks.
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub offset: u64,
+    pub len: u64,
+    pub source: Source,
+}
+
+/// The on-disk version of one map page that is current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PageVersion {
+    slot: u8,
+    seq: u64,
+    crc: u32,
+}
+
+/// One planned commit: write `pages`, sync, write `superblock`, sync.
+pub struct Commit {
+    pub seq: u64,
+    /// `(offset in the metadata file, slot bytes)`.
+    pub pages: Vec<(u64, Box<[u8; MAP_SLOT_BYTES]>)>,
+    pub superblock: (u64, Box<[u8; SUPERBLOCK_SLOT_BYTES]>),
+    versions: Vec<(u32, PageVersion)>,
+    sb: Superblock,
+}
+
+pub struct VolumeState {
+    sb: Superblock,
+    map: BlockMap,
+    versions: Vec<Option<PageVersion>>,
+    /// The superblock changed (size, epoch, generation) and must be committed.
+    sb_dirty: bool,
+    /// Anomalies seen while loading that did not matter (torn or orphaned slots), for the checker.
+    notes: Vec<String>,
+}
+
+/// Blocks in a volume of `size` bytes.
+pub fn blocks_of(size: u64) -> u64 {
+    size.div_ceil(BLOCK_BYTES)
+}
+
+impl VolumeState {
+    /// A new volume's state and the superblock bytes to write (slot A) before it is used.
+    pub fn create(
+        volume_id: [u8; 16],
+        generation: [u8; 16],
+        size: u64,
+        backing: Option<ImageRef>,
+    ) -> Result<(VolumeState, [u8; SUPERBLOCK_SLOT_BYTES]), String> {
+        check_size(size, backing.as_ref())?;
+        let mut sb = Superblock::new(volume_id, generation, size);
+        if let Some(b) = backing {
+            if b.id == [0; 16] {
+                return Err("a backing image id must not be zero".into());
+            }
+            sb.backing_id = b.id;
+            sb.backing_digest = b.digest;
+            sb.backing_size_bytes = b.size;
+        }
+        let bytes = sb.encode();
+        Ok((VolumeState::empty(sb), bytes))
+    }
+
+    fn empty(sb: Superblock) -> VolumeState {
+        let blocks = blocks_of(sb.size_bytes);
+        let map = BlockMap::new(blocks);
+        let pages = map.pages() as usize;
+        VolumeState {
+            sb,
+            map,
+            versions: vec![None; pages],
+            sb_dirty: false,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Starts loading from the two superblock slots. Then call `load_page` for every page whose
+    /// slots are not both holes, and `finish_load`.
+    pub fn begin_load(
+        a: &[u8; SUPERBLOCK_SLOT_BYTES],
+        b: &[u8; SUPERBLOCK_SLOT_BYTES],
+    ) -> Result<VolumeState, FormatError> {
+        let sb = Superblock::choose(a, b)?;
+        if sb.size_bytes % BLOCK_BYTES != 0 {
+            return Err(FormatError::invariant(
+                "superblock",
+                "volume size not a multiple of 4 KiB",
+            ));
+        }
+        let mut st = VolumeState::empty(sb);
+        for (name, bytes) in [("A", a), ("B", b)] {
+            match Superblock::decode(bytes) {
+                Ok(s) if s.sequence == st.sb.sequence => {}
+                Ok(s) => st.notes.push(format!(
+                    "superblock {name}: older copy (commit {})",
+                    s.sequence
+                )),
+                Err(e) => st.notes.push(format!("superblock {name}: not usable: {e}")),
+            }
+        }
+        Ok(st)
+    }
+
+    /// Loads page `p` from its two slots: the valid version with the highest commit number not
+    /// above the superblock's wins. Newer versions belong to a commit that never completed.
+    pub fn load_page(
+        &mut self,
+        p: u32,
+        slots: [&[u8; MAP_SLOT_BYTES]; 2],
+    ) -> Result<(), FormatError> {
+        if p as usize >= self.versions.len() {
+            return Err(FormatError::invariant(
+                format!("map page {p}"),
+                "stored beyond the end of the volume",
+            ));
+        }
+        let mut best: Option<(u8, slot::Slot)> = None;
+        for (s, bytes) in slots.iter().enumerate() {
+            let s = s as u8;
+            match slot::decode(bytes, p, s, &self.sb.volume_id) {
+                Ok(None) => {}
+                Ok(Some(v)) if v.seq > self.sb.sequence => self.notes.push(format!(
+                    "map page {p} slot {s}: from commit {} that never completed",
+                    v.seq
+                )),
+                Ok(Some(v)) => {
+                    if best.as_ref().is_none_or(|(_, b)| v.seq > b.seq) {
+                        if let Some((bs, b)) = best.take() {
+                            self.notes.push(format!(
+                                "map page {p} slot {bs}: older version (commit {})",
+                                b.seq
+                            ));
+                        }
+                        best = Some((s, v));
+                    }
+                }
+                // A torn write of an interrupted commit looks like this; if the slot mattered,
+                // the map digest will not match and the volume is refused.
+                Err(e) => self.notes.push(format!("not usable: {e}")),
+            }
+        }
+        if let Some((s, v)) = best {
+            self.map.load_page(p, &v.words)?;
+            self.versions[p as usize] = Some(PageVersion {
+                slot: s,
+                seq: v.seq,
+                crc: v.crc,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that the loaded pages are exactly the committed map.
+    pub fn finish_load(mut self) -> Result<VolumeState, FormatError> {
+        let digest = self.digest();
+        if digest != self.sb.map_digest {
+            let detail = if self.notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.notes.join("; "))
+            };
+            return Err(FormatError::invariant(
+                "block map",
+                format!(
+                    "digest {digest:#018x} does not match the committed {:#018x}: a committed map \
+                     page is missing or damaged{detail}",
+                    self.sb.map_digest
+                ),
+            ));
+        }
+        self.map.take_dirty();
+        Ok(self)
+    }
+
+    fn digest(&self) -> u64 {
+        self.versions
+            .iter()
+            .enumerate()
+            .filter_map(|(p, v)| v.map(|v| slot::digest_share(p as u32, v.seq, v.crc)))
+            .fold(0, |a, b| a ^ b)
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    pub fn size(&self) -> u64 {
+        self.sb.size_bytes
+    }
+
+    pub fn backing(&self) -> Option<ImageRef> {
+        (self.sb.backing_id != [0; 16]).then_some(ImageRef {
+            id: self.sb.backing_id,
+            size: self.sb.backing_size_bytes,
+            digest: self.sb.backing_digest,
+        })
+    }
+
+    /// Blocks that may read image data (the image's last partial block included).
+    pub fn image_blocks(&self) -> u64 {
+        blocks_of(self.sb.backing_size_bytes)
+    }
+
+    pub fn state(&self, block: u64) -> BlockState {
+        self.map.get(block)
+    }
+
+    /// Records that `count` blocks from `first` now hold their own data (after the write or hole
+    /// punch that put it there completed).
+    pub fn mark_own(&mut self, first: u64, count: u64) {
+        self.map.set(first, count, BlockState::Own);
+    }
+
+    /// Calls `f` with the pieces covering `[offset, offset+len)`, in order.
+    pub fn pieces(&self, offset: u64, len: u64, mut f: impl FnMut(Piece)) {
+        if len == 0 {
+            return;
+        }
+        let end = offset + len;
+        let first = offset / BLOCK_BYTES;
+        let last = (end - 1) / BLOCK_BYTES;
+        let image_end = self.sb.backing_size_bytes;
+        for (start, count, state) in self.map.runs(first, last - first + 1) {
+            let a = (start * BLOCK_BYTES).max(offset);
+            let b = ((start + count) * BLOCK_BYTES).min(end);
+            match state {
+                BlockState::Own => f(Piece {
+                    offset: a,
+                    len: b - a,
+                    source: Source::Data,
+                }),
+                BlockState::Inherited => {
+                    let split = image_end.clamp(a, b);
+                    if split > a {
+                        f(Piece {
+                            offset: a,
+                            len: split - a,
+                            source: Source::Image,
+                        });
+                    }
+                    if b > split {
+                        f(Piece {
+                            offset: split,
+                            len: b - split,
+                            source: Source::Zero,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arms a new epoch: the next write adopts `next_generation` (committed before it is done).
+    pub fn begin_epoch(&mut self, epoch: u64, next_generation: [u8; 16]) {
+        self.sb.epoch = epoch;
+        self.sb.flags |= FLAG_GENERATION_ARMED;
+        self.sb.next_generation = next_generation;
+        self.sb_dirty = true;
+    }
+
+    /// Called before every write: true when this is the first write of an armed epoch, so the
+    /// driver must commit the new generation before the write goes to disk.
+    pub fn rotate_generation(&mut self) -> bool {
+        if self.sb.flags & FLAG_GENERATION_ARMED == 0 {
+            return false;
+        }
+        self.sb.generation = self.sb.next_generation;
+        self.sb.next_generation = [0; 16];
+        self.sb.flags &= !FLAG_GENERATION_ARMED;
+        self.sb_dirty = true;
+        true
+    }
+
+    /// Grows the volume (the driver extends the data file first).
+    pub fn grow(&mut self, size: u64) -> Result<(), String> {
+        check_size(size, self.backing().as_ref())?;
+        if size < self.sb.size_bytes {
+            return Err(format!(
+                "volumes only grow: {size} is smaller than the current {}",
+                self.sb.size_bytes
+            ));
+        }
+        self.map.grow(blocks_of(size));
+        self.versions.resize(self.map.pages() as usize, None);
+        self.sb.size_bytes = size;
+        self.sb_dirty = true;
+        Ok(())
+    }
+
+    /// Whether a commit has anything to write.
+    pub fn needs_commit(&self) -> bool {
+        self.sb_dirty || self.map.has_dirty()
+    }
+
+    /// Plans the next commit (step 1 of the protocol), or `None` when nothing changed.
+    pub fn plan_commit(&mut self) -> Option<Commit> {
+        if !self.needs_commit() {
+            return None;
+        }
+        let seq = self.sb.sequence + 1;
+        let mut digest = self.sb.map_digest;
+        let mut pages = Vec::new();
+        let mut versions = Vec::new();
+        for p in self.map.take_dirty() {
+            let old = self.versions[p as usize];
+            let s = old.map_or(0, |v| 1 - v.slot);
+            let (bytes, crc) = slot::encode(p, &self.sb.volume_id, seq, &self.map.page_words(p));
+            if let Some(v) = old {
+                digest ^= slot::digest_share(p, v.seq, v.crc);
+            }
+            digest ^= slot::digest_share(p, seq, crc);
+            pages.push((slot::slot_offset(p, s), Box::new(bytes)));
+            versions.push((p, PageVersion { slot: s, seq, crc }));
+        }
+        self.sb_dirty = false;
+        let mut sb = self.sb.clone();
+        sb.sequence = seq;
+        sb.map_digest = digest;
+        let bytes = Box::new(sb.encode());
+        Some(Commit {
+            seq,
+            pages,
+            superblock: (sb.slot_offset(), bytes),
+            versions,
+            sb,
+        })
+    }
+
+    /// Installs a commit whose every step completed (step 5).
+    pub fn commit_done(&mut self, c: Commit) {
+        for (p, v) in c.versions {
+            self.versions[p as usize] = Some(v);
+        }
+        // Fields changed in memory after planning (a later epoch or size) set `sb_dirty` again
+        // and go with the next commit.
+        self.sb.sequence = c.sb.sequence;
+        self.sb.map_digest = c.sb.map_digest;
+    }
+}
+
+fn check_size(size: u64, backing: Option<&ImageRef>) -> Result<(), String> {
+    if size == 0 || size > MAX_SIZE_BYTES {
+        return Err(format!("size {size} out of range (1 byte to 1 EiB)"));
+    }
+    if size % BLOCK_BYTES != 0 {
+        return Err(format!("size {size} is not a multiple of 4 KiB"));
+    }
+    if let Some(b) = backing
+        && size < b.size
+    {
+        return Err(format!(
+            "size {size} is smaller than the backing image ({} bytes)",
+            b.size
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(size: u64) -> Option<ImageRef> {
+        Some(ImageRef {
+            id: [1; 16],
+            size,
+            digest: [2; 32],
+        })
+    }
+
+    #[test]
+    fn pieces_split_at_states_and_the_image_end() {
+        let (mut st, _) = VolumeState::create([3; 16], [4; 16], 64 << 10, img(10_000)).unwrap();
+        st.mark_own(1, 1);
+        let mut got = Vec::new();
+        st.pieces(100, 20_000, |p| got.push((p.offset, p.len, p.source)));
+        assert_eq!(
+            got,
+            vec![
+                (100, 3996, Source::Image),
+                (4096, 4096, Source::Data),
+                (8192, 10_000 - 8192, Source::Image),
+                (10_000, 20_100 - 10_000, Source::Zero),
+            ]
+        );
+    }
+
+    #[test]
+    fn commits_alternate_slots_and_reload_matches() {
+        let (mut st, sb0) = VolumeState::create([3; 16], [4; 16], 1 << 30, None).unwrap();
+        let mut disk = std::collections::HashMap::new();
+        let mut sbs = [sb0, [0; SUPERBLOCK_SLOT_BYTES]];
+        for round in 0..3u64 {
+            st.mark_own(round * 40_000, 5);
+            st.mark_own(100 + round * 10, 1); // page 0 every round
+            let c = st.plan_commit().unwrap();
+            for (off, bytes) in &c.pages {
+                disk.insert(*off, **bytes);
+            }
+            sbs[(c.superblock.0 / 4096) as usize] = *c.superblock.1;
+            st.commit_done(c);
+            assert!(st.plan_commit().is_none());
+        }
+        let mut again = VolumeState::begin_load(&sbs[0], &sbs[1]).unwrap();
+        for p in 0..again.map().pages() {
+            let a = disk.get(&slot::slot_offset(p, 0)).copied().unwrap_or([0; 4096]);
+            let b = disk.get(&slot::slot_offset(p, 1)).copied().unwrap_or([0; 4096]);
+            again.load_page(p, [&a, &b]).unwrap();
+        }
+        let again = again.finish_load().unwrap();
+        assert_eq!(again.map().own_blocks(), 18);
+        assert_eq!(again.superblock().sequence, 4);
+        // Page 0 was written twice: once per slot.
+        assert!(disk.contains_key(&slot::slot_offset(0, 0)));
+        assert!(disk.contains_key(&slot::slot_offset(0, 1)));
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(VolumeState::create([3; 16], [4; 16], 0, None).is_err());
+        assert!(VolumeState::create([3; 16], [4; 16], 4097, None).is_err());
+        assert!(VolumeState::create([3; 16], [4; 16], 4096, img(8192)).is_err());
+        let (mut st, _) = VolumeState::create([3; 16], [4; 16], 8192, img(5000)).unwrap();
+        assert!(st.grow(4096).is_err());
+        st.grow(1 << 40).unwrap();
+        assert_eq!(st.map().blocks(), (1 << 40) / 4096);
+    }
+}

@@ -1,0 +1,536 @@
+//! A volume driven synchronously over the `Storage` trait: create, open, read, write, zero,
+//! trim, flush, stat, block status, grow, epochs and capture. It runs the pure core
+//! (`VolumeState`) exactly as the io_uring engine does, so the tests of this driver test the
+//! protocol the data path follows.
+
+use std::io;
+
+use crate::error::FormatError;
+use crate::image::{ImageInfo, ImageRef, Sealer};
+use crate::layout::*;
+use crate::map::BlockState;
+use crate::state::{Commit, Source, VolumeState};
+use crate::storage::Storage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("corrupt metadata: {0}")]
+    Format(#[from] FormatError),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("volume failed after an I/O error ({0}); it must be reopened")]
+    Failed(String),
+    #[error("range {offset}+{len} is outside the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("backing image mismatch: {0}")]
+    BackingMismatch(String),
+}
+
+impl VolumeError {
+    /// The errno a block device would report for this error.
+    pub fn errno(&self) -> i32 {
+        const EIO: i32 = 5;
+        const EINVAL: i32 = 22;
+        const ENOSPC: i32 = 28;
+        match self {
+            VolumeError::Io(e) => e.raw_os_error().unwrap_or(EIO),
+            VolumeError::Format(_) | VolumeError::Failed(_) | VolumeError::BackingMismatch(_) => {
+                EIO
+            }
+            VolumeError::OutOfRange { .. } => ENOSPC,
+            VolumeError::Invalid(_) => EINVAL,
+        }
+    }
+}
+
+/// Which layer holds a range, for block status (`base:allocation` and allocation depth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// The volume's own blocks.
+    Volume,
+    /// Inherited from the backing image.
+    Image,
+    /// Neither: past the image's end, or a blank volume's unwritten blocks.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub layer: Layer,
+    /// Reads as zeroes (a hole, or no layer).
+    pub zero: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStat {
+    pub size: u64,
+    pub own_blocks: u64,
+    /// Disk space of the data and metadata files.
+    pub allocated_bytes: u64,
+    pub metadata_bytes: u64,
+    pub backing: Option<ImageRef>,
+    pub generation: [u8; 16],
+    pub epoch: u64,
+    pub commit: u64,
+}
+
+pub struct Volume<S: Storage> {
+    meta: S,
+    data: S,
+    image: Option<S>,
+    st: VolumeState,
+    /// Set by the first failed write or sync; every later call fails (SPEC.md §7).
+    failed: Option<String>,
+}
+
+impl<S: Storage> Volume<S> {
+    /// Creates a volume in empty `meta` and `data` files: a blank one, or a thin clone of
+    /// `backing`. O(1) whatever the size: one superblock and a sparse data file.
+    pub fn create(
+        mut meta: S,
+        mut data: S,
+        backing: Option<(S, ImageRef)>,
+        size: u64,
+        volume_id: [u8; 16],
+        generation: [u8; 16],
+    ) -> Result<Volume<S>, VolumeError> {
+        let (image, image_ref) = match backing {
+            Some((s, r)) => {
+                if s.len() != r.size {
+                    return Err(VolumeError::BackingMismatch(format!(
+                        "image file holds {} bytes, its metadata says {}",
+                        s.len(),
+                        r.size
+                    )));
+                }
+                (Some(s), Some(r))
+            }
+            None => (None, None),
+        };
+        let (st, sb) = VolumeState::create(volume_id, generation, size, image_ref)
+            .map_err(VolumeError::Invalid)?;
+        meta.set_len(0)?;
+        meta.write_at(SUPERBLOCK_A_OFFSET, &sb)?;
+        meta.sync()?;
+        data.set_len(size)?;
+        data.sync()?;
+        Ok(Volume {
+            meta,
+            data,
+            image,
+            st,
+            failed: None,
+        })
+    }
+
+    /// Opens a volume: the current superblock, the committed map (checked against its digest),
+    /// and the backing image it names (checked by id, size and digest).
+    pub fn open(
+        mut meta: S,
+        data: S,
+        backing: Option<(S, ImageRef)>,
+    ) -> Result<Volume<S>, VolumeError> {
+        let st = load_state(&mut meta)?;
+        let image = match (st.backing(), backing) {
+            (None, None) => None,
+            (Some(want), Some((s, got))) => {
+                if want != got {
+                    return Err(VolumeError::BackingMismatch(format!(
+                        "the volume was cloned from image {} ({} bytes), not {} ({} bytes)",
+                        crate::image::hex(&want.id),
+                        want.size,
+                        crate::image::hex(&got.id),
+                        got.size
+                    )));
+                }
+                if s.len() != want.size {
+                    return Err(VolumeError::BackingMismatch(format!(
+                        "image file holds {} bytes, the volume expects {}",
+                        s.len(),
+                        want.size
+                    )));
+                }
+                Some(s)
+            }
+            (Some(want), None) => {
+                return Err(VolumeError::BackingMismatch(format!(
+                    "the volume needs image {}",
+                    crate::image::hex(&want.id)
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(VolumeError::BackingMismatch(
+                    "a blank volume was given a backing image".into(),
+                ));
+            }
+        };
+        Ok(Volume {
+            meta,
+            data,
+            image,
+            st,
+            failed: None,
+        })
+    }
+
+    pub fn state(&self) -> &VolumeState {
+        &self.st
+    }
+
+    pub fn size(&self) -> u64 {
+        self.st.size()
+    }
+
+    pub fn into_parts(self) -> (S, S, Option<S>) {
+        (self.meta, self.data, self.image)
+    }
+
+    fn live(&self) -> Result<(), VolumeError> {
+        match &self.failed {
+            Some(why) => Err(VolumeError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            }),
+        }
+    }
+
+    /// Runs `op`; an error latches the volume failed.
+    fn latching<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
+        self.live()?;
+        let r = op(self);
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.live()?;
+        self.range(offset, buf.len() as u64)?;
+        let mut pieces = Vec::new();
+        self.st.pieces(offset, buf.len() as u64, |p| pieces.push(p));
+        for p in pieces {
+            let out = &mut buf[(p.offset - offset) as usize..(p.offset - offset + p.len) as usize];
+            match p.source {
+                Source::Zero => out.fill(0),
+                Source::Data => self.data.read_at(p.offset, out)?,
+                Source::Image => self
+                    .image
+                    .as_mut()
+                    .expect("an image piece implies a backing image")
+                    .read_at(p.offset, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `b`'s current contents (for a read-modify-write of a partial block).
+    fn read_block(&mut self, b: u64) -> Result<[u8; BLOCK_BYTES as usize], VolumeError> {
+        let mut buf = [0u8; BLOCK_BYTES as usize];
+        self.read(b * BLOCK_BYTES, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Commits the next generation first if this is the first write of an armed epoch.
+    fn before_write(&mut self) -> Result<(), VolumeError> {
+        if self.st.rotate_generation() {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. Whole blocks go straight to the data file (nothing is read
+    /// from the image); a partial block that is still INHERITED is copied up first, only that
+    /// block. Bits flip once the data is written, and become durable at the next flush.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.range(offset, data.len() as u64)?;
+        self.latching(|v| {
+            v.before_write()?;
+            let end = offset + data.len() as u64;
+            let mut pos = offset;
+            while pos < end {
+                let b = pos / BLOCK_BYTES;
+                let b_start = b * BLOCK_BYTES;
+                let src = &data[(pos - offset) as usize..];
+                if pos == b_start && end - pos >= BLOCK_BYTES {
+                    let n = (end - pos) / BLOCK_BYTES;
+                    v.data.write_at(pos, &src[..(n * BLOCK_BYTES) as usize])?;
+                    v.st.mark_own(b, n);
+                    pos += n * BLOCK_BYTES;
+                    continue;
+                }
+                let piece_end = end.min(b_start + BLOCK_BYTES);
+                let piece = &src[..(piece_end - pos) as usize];
+                if v.st.state(b) == BlockState::Own {
+                    v.data.write_at(pos, piece)?;
+                } else {
+                    let mut block = v.read_block(b)?;
+                    let at = (pos - b_start) as usize;
+                    block[at..at + piece.len()].copy_from_slice(piece);
+                    v.data.write_at(b_start, &block)?;
+                    v.st.mark_own(b, 1);
+                }
+                pos = piece_end;
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes and frees the whole blocks it covers
+    /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.range(offset, len)?;
+        self.latching(|v| {
+            v.before_write()?;
+            let end = offset + len;
+            let image_blocks = v.st.image_blocks();
+            let mut pos = offset;
+            while pos < end {
+                let b = pos / BLOCK_BYTES;
+                let b_start = b * BLOCK_BYTES;
+                if pos == b_start && end - pos >= BLOCK_BYTES {
+                    let n = (end - pos) / BLOCK_BYTES;
+                    v.data.punch_hole(pos, n * BLOCK_BYTES)?;
+                    // INHERITED blocks past the image already read as zeroes.
+                    if b < image_blocks {
+                        v.st.mark_own(b, n.min(image_blocks - b));
+                    }
+                    pos += n * BLOCK_BYTES;
+                    continue;
+                }
+                let piece_end = end.min(b_start + BLOCK_BYTES);
+                if v.st.state(b) == BlockState::Own {
+                    v.data
+                        .write_at(pos, &vec![0; (piece_end - pos) as usize])?;
+                } else if b < image_blocks {
+                    let mut block = v.read_block(b)?;
+                    block[(pos - b_start) as usize..(piece_end - b_start) as usize].fill(0);
+                    v.data.write_at(b_start, &block)?;
+                    v.st.mark_own(b, 1);
+                }
+                pos = piece_end;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn trim(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// Makes every write that completed before it durable (SPEC.md §6).
+    pub fn flush(&mut self) -> Result<(), VolumeError> {
+        self.latching(|v| v.commit())
+    }
+
+    /// The commit protocol of `state`, synchronously. Without map or superblock changes it is
+    /// just a data sync.
+    fn commit(&mut self) -> Result<(), VolumeError> {
+        let plan = self.st.plan_commit();
+        self.data.sync()?;
+        if let Some(c) = plan {
+            self.write_commit(&c)?;
+            self.st.commit_done(c);
+        }
+        Ok(())
+    }
+
+    fn write_commit(&mut self, c: &Commit) -> Result<(), VolumeError> {
+        if !c.pages.is_empty() {
+            for (off, bytes) in &c.pages {
+                self.meta.write_at(*off, &bytes[..])?;
+            }
+            self.meta.sync()?;
+        }
+        self.meta.write_at(c.superblock.0, &c.superblock.1[..])?;
+        self.meta.sync()?;
+        Ok(())
+    }
+
+    /// Grows the volume to `size` bytes (committed before it returns).
+    pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
+        self.live()?;
+        if size < self.size() {
+            return Err(VolumeError::Invalid(format!(
+                "volumes only grow: {size} is smaller than the current {}",
+                self.size()
+            )));
+        }
+        // Validate before touching the files.
+        if size % BLOCK_BYTES != 0 || size > crate::superblock::MAX_SIZE_BYTES {
+            return Err(VolumeError::Invalid(format!(
+                "size {size} is not a multiple of 4 KiB up to 1 EiB"
+            )));
+        }
+        self.latching(|v| {
+            v.data.set_len(size)?;
+            v.st.grow(size).map_err(VolumeError::Invalid)?;
+            v.commit()
+        })
+    }
+
+    /// Starts a new epoch (replication): the first write after it adopts `next_generation`.
+    pub fn begin_epoch(&mut self, epoch: u64, next_generation: [u8; 16]) -> Result<(), VolumeError> {
+        self.latching(|v| {
+            v.st.begin_epoch(epoch, next_generation);
+            v.commit()
+        })
+    }
+
+    pub fn stat(&self) -> Result<VolumeStat, VolumeError> {
+        let sb = self.st.superblock();
+        let metadata_bytes = self.meta.allocated_bytes()?;
+        Ok(VolumeStat {
+            size: sb.size_bytes,
+            own_blocks: self.st.map().own_blocks(),
+            allocated_bytes: self.data.allocated_bytes()? + metadata_bytes,
+            metadata_bytes,
+            backing: self.st.backing(),
+            generation: sb.generation,
+            epoch: sb.epoch,
+            commit: sb.sequence,
+        })
+    }
+
+    /// Extents covering `[offset, offset+len)`: which layer holds each range and whether it
+    /// reads as zeroes. Adjacent extents always differ.
+    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
+        self.live()?;
+        self.range(offset, len)?;
+        let mut pieces = Vec::new();
+        self.st.pieces(offset, len, |p| pieces.push(p));
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |e: Extent| match out.last_mut() {
+            Some(l) if l.layer == e.layer && l.zero == e.zero && l.offset + l.len == e.offset => {
+                l.len += e.len
+            }
+            _ => out.push(e),
+        };
+        for p in pieces {
+            let (layer, file) = match p.source {
+                Source::Zero => {
+                    push(Extent {
+                        offset: p.offset,
+                        len: p.len,
+                        layer: Layer::None,
+                        zero: true,
+                    });
+                    continue;
+                }
+                Source::Data => (Layer::Volume, &mut self.data),
+                Source::Image => (
+                    Layer::Image,
+                    self.image.as_mut().expect("image piece has an image"),
+                ),
+            };
+            let end = p.offset + p.len;
+            let mut pos = p.offset;
+            while pos < end {
+                let data_at = file.seek_data(pos)?.unwrap_or(end).min(end);
+                if data_at > pos {
+                    push(Extent {
+                        offset: pos,
+                        len: data_at - pos,
+                        layer,
+                        zero: true,
+                    });
+                    pos = data_at;
+                    continue;
+                }
+                let hole_at = file.seek_hole(pos)?.clamp(pos + 1, end);
+                push(Extent {
+                    offset: pos,
+                    len: hole_at - pos,
+                    layer,
+                    zero: false,
+                });
+                pos = hole_at;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flattens the volume into `raw` (an empty file) and seals it as a new golden image with
+    /// `id`: every byte is copied once, zero runs stay holes, and the digest is computed on the
+    /// way. The volume should be quiesced (no writers) by the caller.
+    pub fn capture<T: Storage>(
+        &mut self,
+        raw: &mut T,
+        id: [u8; 16],
+        mut progress: impl FnMut(u64),
+    ) -> Result<ImageInfo, VolumeError> {
+        self.live()?;
+        let size = self.size();
+        let mut sealer = Sealer::new();
+        let mut buf = vec![0u8; IMAGE_CHUNK_BYTES as usize];
+        raw.set_len(0)?;
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(IMAGE_CHUNK_BYTES) as usize;
+            self.read(pos, &mut buf[..n])?;
+            sealer.update(&buf[..n]);
+            // Keep the image sparse: skip all-zero blocks.
+            for (i, block) in buf[..n].chunks(BLOCK_BYTES as usize).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    raw.write_at(pos + (i as u64) * BLOCK_BYTES, block)?;
+                }
+            }
+            pos += n as u64;
+            progress(pos);
+        }
+        raw.set_len(size)?;
+        raw.sync()?;
+        Ok(sealer.finish(id))
+    }
+}
+
+/// Reads the superblocks and every stored map page (skipping holes) into a checked state.
+pub(crate) fn load_state<S: Storage>(meta: &mut S) -> Result<VolumeState, VolumeError> {
+    let mut a = [0u8; SUPERBLOCK_SLOT_BYTES];
+    let mut b = [0u8; SUPERBLOCK_SLOT_BYTES];
+    meta.read_at(SUPERBLOCK_A_OFFSET, &mut a)?;
+    meta.read_at(SUPERBLOCK_B_OFFSET, &mut b)?;
+    let mut st = VolumeState::begin_load(&a, &b)?;
+    // Pages ever written are the ones with allocated slots; a fresh clone has none.
+    let mut pages = Vec::new();
+    let mut pos = MAP_OFFSET;
+    while let Some(d) = meta.seek_data(pos)? {
+        let d = d.max(MAP_OFFSET);
+        let h = meta.seek_hole(d)?.max(d + 1);
+        let first = (d - MAP_OFFSET) / (2 * MAP_SLOT_BYTES as u64);
+        let last = (h - 1 - MAP_OFFSET) / (2 * MAP_SLOT_BYTES as u64);
+        for p in first..=last {
+            if pages.last() != Some(&p) {
+                pages.push(p);
+            }
+        }
+        pos = h;
+    }
+    for p in pages {
+        let p = u32::try_from(p).map_err(|_| {
+            FormatError::invariant("block map", "metadata file holds a page beyond any volume")
+        })?;
+        let mut slots = [[0u8; MAP_SLOT_BYTES]; 2];
+        for (s, buf) in slots.iter_mut().enumerate() {
+            meta.read_at(crate::slot::slot_offset(p, s as u8), buf)?;
+        }
+        st.load_page(p, [&slots[0], &slots[1]])?;
+    }
+    Ok(st.finish_load()?)
+}
