@@ -7,9 +7,15 @@
 //! 1. `plan_commit` snapshots the dirty map pages. Only writes that completed before this point
 //!    are covered by the commit.
 //! 2. The driver `fdatasync`s the data file: every block those bits describe is durable.
-//! 3. It writes each planned page to its alternate slot, then `fdatasync`s the metadata file.
-//! 4. It writes the planned superblock (the commit record), then `fdatasync`s the metadata.
-//! 5. `commit_done` installs the new page versions and the superblock.
+//! 3. It writes each planned page to its alternate slot, and copy B of the superblock if B does
+//!    not hold the last commit (`Commit::previous`), then `fdatasync`s the metadata file (even
+//!    with nothing to write: this makes the previous commit's lazily written copy B durable).
+//!    From here on, copy B holds the last commit, so overwriting copy A is safe.
+//! 4. It writes the planned superblock to copy A (the commit record) and `fdatasync`s: the
+//!    commit is done and may be acknowledged.
+//! 5. It writes the same superblock to copy B, not synced: the next commit's first sync (or the
+//!    close) makes it durable. With two equal copies, one damaged copy costs nothing.
+//! 6. `commit_done` installs the new page versions and the superblock.
 //! A failure anywhere leaves the volume to be reopened: the driver latches it failed.
 
 use crate::error::FormatError;
@@ -46,12 +52,14 @@ struct PageVersion {
     crc: u32,
 }
 
-/// One planned commit: write `pages`, sync, write `superblock`, sync.
+/// One planned commit: write `pages`, sync, write `superblock` to copy A, sync, then to copy B.
 pub struct Commit {
     pub seq: u64,
     /// `(offset in the metadata file, slot bytes)`.
     pub pages: Vec<(u64, Box<[u8; MAP_SLOT_BYTES]>)>,
-    pub superblock: (u64, Box<[u8; SUPERBLOCK_SLOT_BYTES]>),
+    pub superblock: Box<[u8; SUPERBLOCK_SLOT_BYTES]>,
+    /// The last commit's superblock, to write to copy B in step 3 when B lags behind it.
+    pub previous: Option<Box<[u8; SUPERBLOCK_SLOT_BYTES]>>,
     versions: Vec<(u32, PageVersion)>,
     sb: Superblock,
 }
@@ -62,6 +70,9 @@ pub struct VolumeState {
     versions: Vec<Option<PageVersion>>,
     /// The superblock changed (size, epoch, generation) and must be committed.
     sb_dirty: bool,
+    /// The last committed superblock's bytes, and the commit copy B holds (0: none valid).
+    committed: Box<[u8; SUPERBLOCK_SLOT_BYTES]>,
+    b_seq: u64,
     /// Anomalies seen while loading that did not matter (torn or orphaned slots), for the checker.
     notes: Vec<String>,
 }
@@ -90,18 +101,23 @@ impl VolumeState {
             sb.backing_size_bytes = b.size;
         }
         let bytes = sb.encode();
-        Ok((VolumeState::empty(sb), bytes))
+        let mut st = VolumeState::empty(sb);
+        st.b_seq = 1; // `create` writes both copies
+        Ok((st, bytes))
     }
 
     fn empty(sb: Superblock) -> VolumeState {
         let blocks = blocks_of(sb.size_bytes);
         let map = BlockMap::new(blocks);
         let pages = map.pages() as usize;
+        let committed = Box::new(sb.encode());
         VolumeState {
             sb,
             map,
             versions: vec![None; pages],
             sb_dirty: false,
+            committed,
+            b_seq: 0,
             notes: Vec::new(),
         }
     }
@@ -120,6 +136,7 @@ impl VolumeState {
             ));
         }
         let mut st = VolumeState::empty(sb);
+        st.b_seq = Superblock::decode(b).map_or(0, |s| s.sequence);
         for (name, bytes) in [("A", a), ("B", b)] {
             match Superblock::decode(bytes) {
                 Ok(s) if s.sequence == st.sb.sequence => {}
@@ -357,10 +374,12 @@ impl VolumeState {
         sb.sequence = seq;
         sb.map_digest = digest;
         let bytes = Box::new(sb.encode());
+        let previous = (self.b_seq != self.sb.sequence).then(|| self.committed.clone());
         Some(Commit {
             seq,
             pages,
-            superblock: (sb.slot_offset(), bytes),
+            superblock: bytes,
+            previous,
             versions,
             sb,
         })
@@ -375,6 +394,8 @@ impl VolumeState {
         // and go with the next commit.
         self.sb.sequence = c.sb.sequence;
         self.sb.map_digest = c.sb.map_digest;
+        self.committed = c.superblock;
+        self.b_seq = c.seq; // the driver wrote copy B last
     }
 }
 
@@ -437,7 +458,7 @@ mod tests {
             for (off, bytes) in &c.pages {
                 disk.insert(*off, **bytes);
             }
-            sbs[(c.superblock.0 / 4096) as usize] = *c.superblock.1;
+            sbs = [*c.superblock, *c.superblock];
             st.commit_done(c);
             assert!(st.plan_commit().is_none());
         }

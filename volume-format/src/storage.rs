@@ -146,6 +146,7 @@ pub struct MemFile {
     /// A power cut tears writes at this granularity (absolute file offsets).
     tear_unit: u64,
     bytes_written: u64,
+    bytes_read: u64,
 }
 
 impl Default for MemFile {
@@ -172,7 +173,13 @@ impl MemFile {
             fail_at: None,
             tear_unit: unit,
             bytes_written: 0,
+            bytes_read: 0,
         }
+    }
+
+    /// Bytes asked of `read_at` so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// Bytes handed to `write_at` so far (write amplification measurements).
@@ -235,6 +242,54 @@ impl MemFile {
         self.fail_at = None;
     }
 
+    /// Simulates a power cut under page-cache semantics: each 4 KiB page changed since the last
+    /// sync ends up as one of the versions it held (`pick(page, versions)` returns an index in
+    /// `0..=versions`, 0 being the durable one). Sub-page writes to one page are never
+    /// reordered against each other, because the page cache writes the page back whole; pages
+    /// are independent of each other. This is what SPEC.md §7 assumes of data files.
+    pub fn power_cut_pages(&mut self, mut pick: impl FnMut(u64, usize) -> usize) {
+        let mut replay = self.durable.clone();
+        // Page -> its versions after each change that touched it.
+        let mut versions: HashMap<u64, Vec<Option<Box<[u8; PAGE as usize]>>>> = HashMap::new();
+        for change in std::mem::take(&mut self.pending) {
+            let (lo, hi) = match &change {
+                Pending::Write { offset, data } => (*offset, *offset + data.len() as u64),
+                Pending::Punch { offset, len } => (*offset, *offset + *len),
+                Pending::SetLen(len) => (replay.len.min(*len), replay.len.max(*len)),
+            };
+            match change {
+                Pending::Write { offset, data } => replay.write(offset, &data),
+                Pending::Punch { offset, len } => replay.zero(offset, len),
+                Pending::SetLen(len) => replay.set_len(len),
+            }
+            for p in lo / PAGE..hi.div_ceil(PAGE) {
+                versions
+                    .entry(p)
+                    .or_default()
+                    .push(replay.pages.get(&p).cloned());
+            }
+        }
+        let mut survived = self.durable.clone();
+        survived.len = replay.len;
+        for (p, vs) in versions {
+            let i = pick(p, vs.len()).min(vs.len());
+            if i == 0 {
+                continue; // the durable version
+            }
+            match &vs[i - 1] {
+                Some(page) => {
+                    survived.pages.insert(p, page.clone());
+                }
+                None => {
+                    survived.pages.remove(&p);
+                }
+            }
+        }
+        self.current = survived.clone();
+        self.durable = survived;
+        self.fail_at = None;
+    }
+
     /// Number of changes since the last successful sync.
     pub fn unsynced(&self) -> usize {
         self.pending.len()
@@ -244,6 +299,7 @@ impl MemFile {
 impl Storage for MemFile {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.tick()?;
+        self.bytes_read += buf.len() as u64;
         self.current.read(offset, buf);
         Ok(())
     }

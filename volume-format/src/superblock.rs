@@ -82,15 +82,6 @@ impl Superblock {
         }
     }
 
-    /// Which slot this superblock goes to: they alternate, so a torn write leaves the other.
-    pub fn slot_offset(&self) -> u64 {
-        if self.sequence % 2 == 1 {
-            SUPERBLOCK_A_OFFSET
-        } else {
-            SUPERBLOCK_B_OFFSET
-        }
-    }
-
     fn check(&self) -> Result<(), FormatError> {
         let inv = |ok: bool, what: &'static str| {
             if ok {
@@ -320,13 +311,5 @@ mod tests {
         torn_a[100] ^= 1;
         let e = Superblock::choose(&torn_a, &torn).unwrap_err();
         assert!(matches!(e, FormatError::NoValidSuperblock { .. }), "{e}");
-    }
-
-    #[test]
-    fn slots_alternate() {
-        let mut sb = sample();
-        assert_eq!(sb.slot_offset(), SUPERBLOCK_A_OFFSET);
-        sb.sequence += 1;
-        assert_eq!(sb.slot_offset(), SUPERBLOCK_B_OFFSET);
     }
 }

@@ -115,6 +115,7 @@ impl<S: Storage> Volume<S> {
             .map_err(VolumeError::Invalid)?;
         meta.set_len(0)?;
         meta.write_at(SUPERBLOCK_A_OFFSET, &sb)?;
+        meta.write_at(SUPERBLOCK_B_OFFSET, &sb)?;
         meta.sync()?;
         data.set_len(size)?;
         data.sync()?;
@@ -183,6 +184,12 @@ impl<S: Storage> Volume<S> {
 
     pub fn size(&self) -> u64 {
         self.st.size()
+    }
+
+    /// The metadata and data files, for inspection and fault injection. Writing through them
+    /// bypasses the volume.
+    pub fn files_mut(&mut self) -> (&mut S, &mut S) {
+        (&mut self.meta, &mut self.data)
     }
 
     pub fn into_parts(self) -> (S, S, Option<S>) {
@@ -352,15 +359,24 @@ impl<S: Storage> Volume<S> {
     }
 
     fn write_commit(&mut self, c: &Commit) -> Result<(), VolumeError> {
-        if !c.pages.is_empty() {
-            for (off, bytes) in &c.pages {
-                self.meta.write_at(*off, &bytes[..])?;
-            }
-            self.meta.sync()?;
+        for (off, bytes) in &c.pages {
+            self.meta.write_at(*off, &bytes[..])?;
         }
-        self.meta.write_at(c.superblock.0, &c.superblock.1[..])?;
+        if let Some(prev) = &c.previous {
+            self.meta.write_at(SUPERBLOCK_B_OFFSET, &prev[..])?;
+        }
         self.meta.sync()?;
+        self.meta.write_at(SUPERBLOCK_A_OFFSET, &c.superblock[..])?;
+        self.meta.sync()?;
+        self.meta.write_at(SUPERBLOCK_B_OFFSET, &c.superblock[..])?;
         Ok(())
+    }
+
+    /// Makes the lazily written superblock copy B durable (on close); flushes nothing else.
+    pub fn close(mut self) -> Result<(S, S, Option<S>), VolumeError> {
+        self.live()?;
+        self.meta.sync()?;
+        Ok(self.into_parts())
     }
 
     /// Grows the volume to `size` bytes (committed before it returns).

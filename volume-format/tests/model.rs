@@ -1,0 +1,187 @@
+//! Model-based test: random reads, writes (unaligned, 1 byte to 1 MiB), zeroes, trims, flushes,
+//! clones, captures (seal into a new golden image), grows and reopens across several volumes and
+//! images, checked after every step against plain byte vectors.
+
+mod common;
+
+use common::*;
+use volume_format::{BlockState, Layer, MemFile, Volume, check, image};
+
+/// A random range inside `size`: lengths from 1 byte to 1 MiB, often unaligned.
+fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
+    let len = match rng.below(4) {
+        0 => 1 + rng.below(64),
+        1 => 1 + rng.below(3 * BLOCK),
+        2 => BLOCK * (1 + rng.below(16)),
+        _ => 1 + rng.below(1 << 20),
+    }
+    .min(size);
+    let mut off = rng.below(size - len + 1);
+    if rng.chance(30) {
+        off -= off % BLOCK;
+    }
+    (off, len)
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut rng = Rng::new(seed);
+    let mut images = vec![Golden::new(&mut rng, (3 << 20) + 1234)];
+    let mut vols: Vec<Modelled> = Vec::new();
+    let base = images[0].clone();
+    vols.push(Modelled::clone_of(&mut rng, Some(&base), round_up(base.bytes.len() as u64) + (1 << 20)));
+    vols.push(Modelled::clone_of(&mut rng, None, 2 << 20));
+    for step in 0..steps {
+        let v = rng.below(vols.len() as u64) as usize;
+        let size = vols[v].model.len() as u64;
+        let what = rng.below(100);
+        let ctx = format!("seed {seed} step {step} volume {v} op {what}");
+        match what {
+            0..=29 => {
+                let (off, len) = range(&mut rng, size);
+                let mut buf = vec![0u8; len as usize];
+                rng.fill(&mut buf);
+                vols[v].vol.write(off, &buf).unwrap();
+                vols[v].model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            30..=49 => {
+                let (off, len) = range(&mut rng, size);
+                let mut got = vec![0u8; len as usize];
+                vols[v].vol.read(off, &mut got).unwrap();
+                assert!(got == vols[v].model[off as usize..(off + len) as usize], "{ctx}: read {off}+{len}");
+            }
+            50..=59 => {
+                let (off, len) = range(&mut rng, size);
+                if rng.chance(50) {
+                    vols[v].vol.write_zeroes(off, len).unwrap();
+                } else {
+                    vols[v].vol.trim(off, len).unwrap();
+                }
+                vols[v].model[off as usize..(off + len) as usize].fill(0);
+            }
+            60..=67 => vols[v].vol.flush().unwrap(),
+            68..=73 => {
+                // Block status must be truthful: "zero" ranges read as zeroes, own ranges are
+                // OWN in the map, and the extents tile the range.
+                let (off, len) = range(&mut rng, size);
+                let ext = vols[v].vol.block_status(off, len).unwrap();
+                let mut pos = off;
+                for e in &ext {
+                    assert_eq!(e.offset, pos, "{ctx}: extents tile");
+                    if e.zero {
+                        let m = &vols[v].model[e.offset as usize..(e.offset + e.len) as usize];
+                        assert!(m.iter().all(|&b| b == 0), "{ctx}: zero extent {e:?} holds data");
+                    }
+                    let b = e.offset / BLOCK;
+                    let own = vols[v].vol.state().state(b) == BlockState::Own;
+                    assert_eq!(own, e.layer == Layer::Volume, "{ctx}: layer of {e:?}");
+                    pos += e.len;
+                }
+                assert_eq!(pos, off + len);
+            }
+            74..=79 => {
+                // Reopen: flush, close, open again; the checker finds nothing.
+                vols[v].vol.flush().unwrap();
+                let m = std::mem::replace(&mut vols[v].vol, placeholder());
+                let backing = m.state().backing();
+                let (mut meta, mut data, image) = m.close().unwrap();
+                let r = check(&mut meta, &mut data, false);
+                assert!(r.clean(), "{ctx}: checker after a clean close: {r:?}");
+                vols[v].vol = Volume::open(meta, data, image.zip(backing)).unwrap();
+                vols[v].assert_matches(&ctx);
+            }
+            80..=85 if vols.len() < 8 => {
+                let g = rng.below(images.len() as u64) as usize;
+                let img = images[g].clone();
+                let size = round_up(img.bytes.len() as u64) + BLOCK * rng.below(300);
+                vols.push(Modelled::clone_of(&mut rng, Some(&img), size));
+                let last = vols.len() - 1;
+                vols[last].assert_matches(&ctx);
+            }
+            86..=89 if images.len() < 4 => {
+                // Capture: flatten into a new golden image, verify it, clone it.
+                let mut raw = MemFile::new();
+                let info = vols[v].vol.capture(&mut raw, rng.id(), |_| {}).unwrap();
+                assert!(image::verify(&mut raw, &info, |_| {}).unwrap().ok(), "{ctx}");
+                let g = Golden { raw, info, bytes: vols[v].model.clone() };
+                vols.push(Modelled::clone_of(&mut rng, Some(&g), size));
+                let last = vols.len() - 1;
+                vols[last].assert_matches(&ctx);
+                images.push(g);
+            }
+            90..=92 => {
+                let new = size + BLOCK * rng.below(1000);
+                vols[v].vol.grow(new).unwrap();
+                vols[v].model.resize(new as usize, 0);
+            }
+            _ => {
+                let st = vols[v].vol.stat().unwrap();
+                assert_eq!(st.size, size);
+                assert_eq!(st.own_blocks, vols[v].vol.state().map().own_blocks());
+                // Thin: never more than the data written plus a little metadata.
+                assert!(st.allocated_bytes <= size + (64 << 10), "{ctx}: {st:?}");
+            }
+        }
+    }
+    for (i, m) in vols.iter_mut().enumerate() {
+        m.assert_matches(&format!("seed {seed} final volume {i}"));
+    }
+}
+
+/// A volume to park in a slot while the real one is reopened.
+fn placeholder() -> Volume<MemFile> {
+    Volume::create(MemFile::new(), data_file(), None, BLOCK, [1; 16], [1; 16]).unwrap()
+}
+
+#[test]
+fn random_operations_match_the_model() {
+    for seed in 1..=6 {
+        run(seed, 600);
+    }
+}
+
+#[test]
+fn a_fresh_clone_costs_a_few_kib_whatever_the_image_size() {
+    let mut rng = Rng::new(99);
+    // A 1 TiB "image": only its metadata matters for a clone.
+    let info = volume_format::ImageInfo {
+        id: rng.id(),
+        size: 1 << 40,
+        digest: [7; 32],
+        chunk_crcs: vec![],
+    };
+    let mut raw = MemFile::new();
+    use volume_format::Storage;
+    raw.set_len(1 << 40).unwrap();
+    let started = std::time::Instant::now();
+    let vol = Volume::create(
+        MemFile::new(),
+        data_file(),
+        Some((raw, info.image_ref())),
+        1 << 40,
+        rng.id(),
+        rng.id(),
+    )
+    .unwrap();
+    let elapsed = started.elapsed();
+    let st = vol.stat().unwrap();
+    assert!(st.allocated_bytes < 1 << 20, "{st:?}");
+    assert_eq!(st.metadata_bytes, 8192, "two superblocks");
+    eprintln!("1 TiB clone: {elapsed:?}, {} bytes on disk", st.allocated_bytes);
+}
+
+#[test]
+fn first_writes_read_nothing_from_the_image_and_write_only_their_blocks() {
+    let mut rng = Rng::new(5);
+    let g = Golden::new(&mut rng, 8 << 20);
+    let mut m = Modelled::clone_of(&mut rng, Some(&g), 8 << 20);
+    let before = m.vol.stat().unwrap();
+    let image_read_before = g.raw.bytes_read();
+    let buf = vec![0xab; BLOCK as usize];
+    m.vol.write(40 * BLOCK, &buf).unwrap();
+    m.vol.flush().unwrap();
+    let (meta, data, image) = m.vol.into_parts();
+    assert_eq!(data.bytes_written(), BLOCK, "one block written to the data file");
+    assert_eq!(image.unwrap().bytes_read(), image_read_before, "nothing read from the image");
+    // Metadata: one map page slot and two superblock copies.
+    assert_eq!(meta.bytes_written(), 3 * BLOCK + before.metadata_bytes);
+}
