@@ -14,7 +14,9 @@ pub enum FormatError {
         stored: u32,
         computed: u32,
     },
-    #[error("{what}: format version {version} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "{what}: format version {version} is not supported (this build reads {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { what: String, version: u32 },
     #[error("volume: unknown incompatible features {0:#x}")]
     UnknownIncompatibleFeatures(u64),

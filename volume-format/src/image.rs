@@ -117,7 +117,10 @@ impl ImageInfo {
         }
         let chunks = u64_at(at::CHUNKS);
         if chunks != size.div_ceil(IMAGE_CHUNK_BYTES) {
-            return Err(FormatError::invariant(WHAT, "chunk count does not match the size"));
+            return Err(FormatError::invariant(
+                WHAT,
+                "chunk count does not match the size",
+            ));
         }
         let table_end = (chunks as usize)
             .checked_mul(4)
@@ -269,7 +272,12 @@ pub fn verify<S: Storage>(
     let bad_chunks = info
         .chunk_crcs
         .iter()
-        .zip(now.chunk_crcs.iter().map(Some).chain(std::iter::repeat(None)))
+        .zip(
+            now.chunk_crcs
+                .iter()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        )
         .enumerate()
         .filter(|(_, (want, got))| Some(*want) != *got)
         .map(|(i, _)| i as u64)
@@ -303,7 +311,10 @@ mod tests {
             let mut raw = image(size);
             let info = seal(&mut raw, [1; 16], |_| {}).unwrap();
             assert_eq!(info.size, size as u64);
-            assert_eq!(info.chunk_crcs.len() as u64, (size as u64).div_ceil(1 << 20));
+            assert_eq!(
+                info.chunk_crcs.len() as u64,
+                (size as u64).div_ceil(1 << 20)
+            );
             let mut bytes = vec![0; size];
             raw.read_at(0, &mut bytes).unwrap();
             assert_eq!(info.digest, <[u8; 32]>::from(Sha256::digest(&bytes)));

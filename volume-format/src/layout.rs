@@ -52,7 +52,10 @@ const _: () = assert!(BYTES_PER_MAP_PAGE == 126 << 20);
 const _: () = assert!(MAP_OFFSET == 8192);
 const _: () = assert!(MAP_BITS_BYTES.is_multiple_of(8));
 const _: () = assert!(MAP_PAGE_WORDS * 64 == BLOCKS_PER_MAP_PAGE as usize);
-const _: () = assert!(MAP_SLOT_BYTES as u64 == BLOCK_BYTES, "one slot, one atomic page");
+const _: () = assert!(
+    MAP_SLOT_BYTES as u64 == BLOCK_BYTES,
+    "one slot, one atomic page"
+);
 const _: () = assert!(
     INCOMPAT_KNOWN & INCOMPAT_PEER_DIRTY_BITMAP == 0,
     "reserved, not yet known"

@@ -150,7 +150,10 @@ impl BlockMap {
         let what = || format!("map page {p}");
         let idx = p as usize;
         if idx >= self.pages.len() {
-            return Err(FormatError::invariant(what(), "beyond the end of the volume"));
+            return Err(FormatError::invariant(
+                what(),
+                "beyond the end of the volume",
+            ));
         }
         let first = u64::from(p) * BLOCKS_PER_MAP_PAGE;
         let valid = (self.blocks - first).min(BLOCKS_PER_MAP_PAGE);

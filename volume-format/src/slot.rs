@@ -84,8 +84,15 @@ pub fn decode(
     if b[at::VOLUME_ID..at::VOLUME_ID + 16] != volume_id[..] {
         return Err(FormatError::invariant(what(), "belongs to another volume"));
     }
-    if b[at::SEQ + 8..at::CRC].iter().chain(&b[at::CRC + 4..at::BITS]).any(|&x| x != 0) {
-        return Err(FormatError::invariant(what(), "reserved bytes are not zero"));
+    if b[at::SEQ + 8..at::CRC]
+        .iter()
+        .chain(&b[at::CRC + 4..at::BITS])
+        .any(|&x| x != 0)
+    {
+        return Err(FormatError::invariant(
+            what(),
+            "reserved bytes are not zero",
+        ));
     }
     let seq = u64::from_le_bytes(b[at::SEQ..at::SEQ + 8].try_into().expect("8 bytes"));
     if seq == 0 {

@@ -16,6 +16,7 @@
 //! 5. It writes the same superblock to copy B, not synced: the next commit's first sync (or the
 //!    close) makes it durable. With two equal copies, one damaged copy costs nothing.
 //! 6. `commit_done` installs the new page versions and the superblock.
+//!
 //! A failure anywhere leaves the volume to be reopened: the driver latches it failed.
 
 use crate::error::FormatError;
@@ -129,7 +130,7 @@ impl VolumeState {
         b: &[u8; SUPERBLOCK_SLOT_BYTES],
     ) -> Result<VolumeState, FormatError> {
         let sb = Superblock::choose(a, b)?;
-        if sb.size_bytes % BLOCK_BYTES != 0 {
+        if !sb.size_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(FormatError::invariant(
                 "superblock",
                 "volume size not a multiple of 4 KiB",
@@ -403,7 +404,7 @@ fn check_size(size: u64, backing: Option<&ImageRef>) -> Result<(), String> {
     if size == 0 || size > MAX_SIZE_BYTES {
         return Err(format!("size {size} out of range (1 byte to 1 EiB)"));
     }
-    if size % BLOCK_BYTES != 0 {
+    if !size.is_multiple_of(BLOCK_BYTES) {
         return Err(format!("size {size} is not a multiple of 4 KiB"));
     }
     if let Some(b) = backing
@@ -464,8 +465,14 @@ mod tests {
         }
         let mut again = VolumeState::begin_load(&sbs[0], &sbs[1]).unwrap();
         for p in 0..again.map().pages() {
-            let a = disk.get(&slot::slot_offset(p, 0)).copied().unwrap_or([0; 4096]);
-            let b = disk.get(&slot::slot_offset(p, 1)).copied().unwrap_or([0; 4096]);
+            let a = disk
+                .get(&slot::slot_offset(p, 0))
+                .copied()
+                .unwrap_or([0; 4096]);
+            let b = disk
+                .get(&slot::slot_offset(p, 1))
+                .copied()
+                .unwrap_or([0; 4096]);
             again.load_page(p, [&a, &b]).unwrap();
         }
         let again = again.finish_load().unwrap();

@@ -176,7 +176,10 @@ impl Superblock {
             ));
         }
         if b[at::END..at::CRC].iter().any(|&x| x != 0) {
-            return Err(FormatError::invariant("superblock", "reserved bytes are not zero"));
+            return Err(FormatError::invariant(
+                "superblock",
+                "reserved bytes are not zero",
+            ));
         }
         let sb = Superblock {
             incompat,

@@ -323,8 +323,7 @@ impl<S: Storage> Volume<S> {
                 }
                 let piece_end = end.min(b_start + BLOCK_BYTES);
                 if v.st.state(b) == BlockState::Own {
-                    v.data
-                        .write_at(pos, &vec![0; (piece_end - pos) as usize])?;
+                    v.data.write_at(pos, &vec![0; (piece_end - pos) as usize])?;
                 } else if b < image_blocks {
                     let mut block = v.read_block(b)?;
                     block[(pos - b_start) as usize..(piece_end - b_start) as usize].fill(0);
@@ -389,7 +388,7 @@ impl<S: Storage> Volume<S> {
             )));
         }
         // Validate before touching the files.
-        if size % BLOCK_BYTES != 0 || size > crate::superblock::MAX_SIZE_BYTES {
+        if !size.is_multiple_of(BLOCK_BYTES) || size > crate::superblock::MAX_SIZE_BYTES {
             return Err(VolumeError::Invalid(format!(
                 "size {size} is not a multiple of 4 KiB up to 1 EiB"
             )));
@@ -402,7 +401,11 @@ impl<S: Storage> Volume<S> {
     }
 
     /// Starts a new epoch (replication): the first write after it adopts `next_generation`.
-    pub fn begin_epoch(&mut self, epoch: u64, next_generation: [u8; 16]) -> Result<(), VolumeError> {
+    pub fn begin_epoch(
+        &mut self,
+        epoch: u64,
+        next_generation: [u8; 16],
+    ) -> Result<(), VolumeError> {
         self.latching(|v| {
             v.st.begin_epoch(epoch, next_generation);
             v.commit()

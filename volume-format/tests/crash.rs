@@ -152,7 +152,10 @@ fn scenario(seed: u64, crashes: usize) -> (usize, usize) {
         cut_pages(&mut data, &mut rng);
         // Reopen: no corruption. Leaks are allowed; repair them and check again.
         let r = check(&mut meta, &mut data, true);
-        assert!(r.errors.is_empty(), "{ctx}: checker found corruption: {r:?}");
+        assert!(
+            r.errors.is_empty(),
+            "{ctx}: checker found corruption: {r:?}"
+        );
         leaks_seen += usize::from(!r.leaks.is_empty());
         let r = check(&mut meta, &mut data, false);
         assert!(r.clean(), "{ctx}: still unclean after repair: {r:?}");
@@ -216,17 +219,25 @@ fn a_commit_cut_at_every_single_step_recovers() {
             for b in [3u64, 40_000, 90_000] {
                 let mut got = [0u8; 4096];
                 v.read(b * BLOCK, &mut got).unwrap();
-                assert_eq!(got, [b as u8; 4096], "{fate:?} step {step}: flushed block {b}");
+                assert_eq!(
+                    got, [b as u8; 4096],
+                    "{fate:?} step {step}: flushed block {b}"
+                );
             }
             for b in [4u64, 40_001, 90_001] {
                 let mut got = [0u8; 4096];
                 v.read(b * BLOCK, &mut got).unwrap();
-                let old = g.bytes.get((b * BLOCK) as usize..((b + 1) * BLOCK) as usize);
+                let old = g
+                    .bytes
+                    .get((b * BLOCK) as usize..((b + 1) * BLOCK) as usize);
                 let is_old = match old {
                     Some(o) => got[..] == *o,
                     None => got == [0; 4096],
                 };
-                assert!(is_old || got == [0x5a; 4096], "{fate:?} step {step}: block {b}");
+                assert!(
+                    is_old || got == [0x5a; 4096],
+                    "{fate:?} step {step}: block {b}"
+                );
                 if flushed {
                     assert_eq!(got, [0x5a; 4096], "{fate:?} step {step}: acknowledged");
                 }

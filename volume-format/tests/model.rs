@@ -28,7 +28,11 @@ fn run(seed: u64, steps: usize) {
     let mut images = vec![Golden::new(&mut rng, (3 << 20) + 1234)];
     let mut vols: Vec<Modelled> = Vec::new();
     let base = images[0].clone();
-    vols.push(Modelled::clone_of(&mut rng, Some(&base), round_up(base.bytes.len() as u64) + (1 << 20)));
+    vols.push(Modelled::clone_of(
+        &mut rng,
+        Some(&base),
+        round_up(base.bytes.len() as u64) + (1 << 20),
+    ));
     vols.push(Modelled::clone_of(&mut rng, None, 2 << 20));
     for step in 0..steps {
         let v = rng.below(vols.len() as u64) as usize;
@@ -47,7 +51,10 @@ fn run(seed: u64, steps: usize) {
                 let (off, len) = range(&mut rng, size);
                 let mut got = vec![0u8; len as usize];
                 vols[v].vol.read(off, &mut got).unwrap();
-                assert!(got == vols[v].model[off as usize..(off + len) as usize], "{ctx}: read {off}+{len}");
+                assert!(
+                    got == vols[v].model[off as usize..(off + len) as usize],
+                    "{ctx}: read {off}+{len}"
+                );
             }
             50..=59 => {
                 let (off, len) = range(&mut rng, size);
@@ -69,7 +76,10 @@ fn run(seed: u64, steps: usize) {
                     assert_eq!(e.offset, pos, "{ctx}: extents tile");
                     if e.zero {
                         let m = &vols[v].model[e.offset as usize..(e.offset + e.len) as usize];
-                        assert!(m.iter().all(|&b| b == 0), "{ctx}: zero extent {e:?} holds data");
+                        assert!(
+                            m.iter().all(|&b| b == 0),
+                            "{ctx}: zero extent {e:?} holds data"
+                        );
                     }
                     let b = e.offset / BLOCK;
                     let own = vols[v].vol.state().state(b) == BlockState::Own;
@@ -101,8 +111,15 @@ fn run(seed: u64, steps: usize) {
                 // Capture: flatten into a new golden image, verify it, clone it.
                 let mut raw = MemFile::new();
                 let info = vols[v].vol.capture(&mut raw, rng.id(), |_| {}).unwrap();
-                assert!(image::verify(&mut raw, &info, |_| {}).unwrap().ok(), "{ctx}");
-                let g = Golden { raw, info, bytes: vols[v].model.clone() };
+                assert!(
+                    image::verify(&mut raw, &info, |_| {}).unwrap().ok(),
+                    "{ctx}"
+                );
+                let g = Golden {
+                    raw,
+                    info,
+                    bytes: vols[v].model.clone(),
+                };
                 vols.push(Modelled::clone_of(&mut rng, Some(&g), size));
                 let last = vols.len() - 1;
                 vols[last].assert_matches(&ctx);
@@ -166,7 +183,10 @@ fn a_fresh_clone_costs_a_few_kib_whatever_the_image_size() {
     let st = vol.stat().unwrap();
     assert!(st.allocated_bytes < 1 << 20, "{st:?}");
     assert_eq!(st.metadata_bytes, 8192, "two superblocks");
-    eprintln!("1 TiB clone: {elapsed:?}, {} bytes on disk", st.allocated_bytes);
+    eprintln!(
+        "1 TiB clone: {elapsed:?}, {} bytes on disk",
+        st.allocated_bytes
+    );
 }
 
 #[test]
@@ -180,8 +200,16 @@ fn first_writes_read_nothing_from_the_image_and_write_only_their_blocks() {
     m.vol.write(40 * BLOCK, &buf).unwrap();
     m.vol.flush().unwrap();
     let (meta, data, image) = m.vol.into_parts();
-    assert_eq!(data.bytes_written(), BLOCK, "one block written to the data file");
-    assert_eq!(image.unwrap().bytes_read(), image_read_before, "nothing read from the image");
+    assert_eq!(
+        data.bytes_written(),
+        BLOCK,
+        "one block written to the data file"
+    );
+    assert_eq!(
+        image.unwrap().bytes_read(),
+        image_read_before,
+        "nothing read from the image"
+    );
     // Metadata: one map page slot and two superblock copies.
     assert_eq!(meta.bytes_written(), 3 * BLOCK + before.metadata_bytes);
 }
