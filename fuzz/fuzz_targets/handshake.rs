@@ -13,20 +13,23 @@ impl ExportLookup for OneExport {
     type Export = ();
     fn lookup(&self, name: &str) -> Option<((), ExportInfo)> {
         (name == "disk" || name.is_empty()).then(|| {
-            ((), ExportInfo {
-                name: "disk".into(),
-                size_bytes: 1 << 30,
-                description: "fuzz".into(),
-                read_only: false,
-                can_trim: true,
-                can_zero: true,
-                can_fast_zero: true,
-                can_cache: true,
-                can_multi_conn: true,
-                block_min: 1,
-                block_preferred: 4096,
-                block_max: 1 << 25,
-            })
+            (
+                (),
+                ExportInfo {
+                    name: "disk".into(),
+                    size_bytes: 1 << 30,
+                    description: "fuzz".into(),
+                    read_only: false,
+                    can_trim: true,
+                    can_zero: true,
+                    can_fast_zero: true,
+                    can_cache: true,
+                    can_multi_conn: true,
+                    block_min: 1,
+                    block_preferred: 4096,
+                    block_max: 1 << 25,
+                },
+            )
         })
     }
     fn for_each(&self, f: &mut dyn FnMut(&str, &str)) {
@@ -39,19 +42,29 @@ fn check_replies(mut out: &[u8]) {
     while out.len() >= 20 {
         let magic = u64::from_be_bytes(out[..8].try_into().unwrap());
         if magic != OPTION_REPLY_MAGIC {
-            assert!(out.len() == 10 || out.len() == 134, "stray output bytes: {}", out.len());
+            assert!(
+                out.len() == 10 || out.len() == 134,
+                "stray output bytes: {}",
+                out.len()
+            );
             return;
         }
         let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
         assert!(out.len() >= 20 + len, "reply shorter than its length field");
         out = &out[20 + len..];
     }
-    assert!(out.is_empty() || out.len() == 10, "trailing {} bytes", out.len());
+    assert!(
+        out.is_empty() || out.len() == 10,
+        "trailing {} bytes",
+        out.len()
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
     // First byte chooses how the input is cut into pieces, as a socket would deliver it.
-    let Some((&cut, input)) = data.split_first() else { return };
+    let Some((&cut, input)) = data.split_first() else {
+        return;
+    };
     let piece = usize::from(cut).max(1);
     let mut hs = Handshake::new();
     let mut buffered: Vec<u8> = Vec::new();

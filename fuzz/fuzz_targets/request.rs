@@ -32,7 +32,13 @@ fuzz_target!(|data: &[u8]| {
         let Ok(req) = decode(&h, &session) else { break };
         header.clear();
         segments.clear();
-        let mut b = ReplyBuilder { mode, cookie: req.cookie, offset: req.offset, header: &mut header, segments: &mut segments };
+        let mut b = ReplyBuilder {
+            mode,
+            cookie: req.cookie,
+            offset: req.offset,
+            header: &mut header,
+            segments: &mut segments,
+        };
         match req.outcome {
             Ok(Command::Read { offset, len, df }) => {
                 assert!(offset + u64::from(len) <= session.size_bytes);
@@ -43,7 +49,10 @@ fuzz_target!(|data: &[u8]| {
                 let mut data_bytes = 0u64;
                 for s in &segments {
                     if let Segment::Data { start, len: n } = *s {
-                        assert!(start as usize + n as usize <= len, "data segment beyond the read");
+                        assert!(
+                            start as usize + n as usize <= len,
+                            "data segment beyond the read"
+                        );
                         data_bytes += u64::from(n);
                     }
                 }

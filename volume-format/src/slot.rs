@@ -54,6 +54,12 @@ pub fn encode(p: u32, volume_id: &[u8; 16], seq: u64, words: &Page) -> ([u8; MAP
     (b, crc)
 }
 
+/// Recomputes the checksum of raw slot bytes (tests and fuzzing forge valid-looking slots).
+pub fn reseal(b: &mut [u8; MAP_SLOT_BYTES]) {
+    let crc = crc_of(b);
+    b[at::CRC..at::CRC + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// Decodes slot `s` of page `p`. `Ok(None)`: the slot was never written (all zero).
 pub fn decode(
     b: &[u8; MAP_SLOT_BYTES],

@@ -402,7 +402,7 @@ impl VolumeState {
 
 fn check_size(size: u64, backing: Option<&ImageRef>) -> Result<(), String> {
     if size == 0 || size > MAX_SIZE_BYTES {
-        return Err(format!("size {size} out of range (1 byte to 1 EiB)"));
+        return Err(format!("size {size} out of range (4 KiB to 64 TiB)"));
     }
     if !size.is_multiple_of(BLOCK_BYTES) {
         return Err(format!("size {size} is not a multiple of 4 KiB"));

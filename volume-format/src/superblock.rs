@@ -30,8 +30,10 @@ mod at {
 
 const _: () = assert!(at::END <= at::CRC);
 
-/// Largest virtual size accepted (1 EiB): keeps every offset computation far from overflow.
-pub const MAX_SIZE_BYTES: u64 = 1 << 60;
+/// Largest virtual size accepted (64 TiB). The in-memory page table is dense over page indices
+/// (9 bytes per 126 MiB), so this bound also bounds what opening a volume can allocate (4.7 MiB),
+/// whatever a damaged or hostile superblock claims.
+pub const MAX_SIZE_BYTES: u64 = 1 << 46;
 
 /// A decoded, checked superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +145,13 @@ impl Superblock {
         let crc = crc32c::crc32c(&b[..at::CRC]);
         b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// Recomputes the checksum of raw superblock bytes (tests and fuzzing forge valid-looking
+    /// copies with it, to reach the checks behind the checksum).
+    pub fn reseal(b: &mut [u8; SUPERBLOCK_SLOT_BYTES]) {
+        let crc = crc32c::crc32c(&b[..at::CRC]);
+        b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes one slot, checking magic, checksum, version, features and invariants.

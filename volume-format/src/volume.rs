@@ -390,7 +390,7 @@ impl<S: Storage> Volume<S> {
         // Validate before touching the files.
         if !size.is_multiple_of(BLOCK_BYTES) || size > crate::superblock::MAX_SIZE_BYTES {
             return Err(VolumeError::Invalid(format!(
-                "size {size} is not a multiple of 4 KiB up to 1 EiB"
+                "size {size} is not a multiple of 4 KiB up to 64 TiB"
             )));
         }
         self.latching(|v| {
