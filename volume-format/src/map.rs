@@ -186,6 +186,11 @@ impl BlockMap {
         self.blocks = blocks;
     }
 
+    /// Pages that hold at least one OWN block.
+    pub fn resident_pages(&self) -> usize {
+        self.pages.iter().flatten().count()
+    }
+
     /// Bytes of memory the map holds (page table plus resident pages).
     pub fn resident_bytes(&self) -> usize {
         let resident = self.pages.iter().flatten().count();
