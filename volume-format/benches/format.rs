@@ -182,5 +182,55 @@ fn sized(len: u64) -> MemFile {
     f
 }
 
-criterion_group!(benches, costs, map, clone_creation);
+/// Reading an untouched clone against reading its golden image directly, on a real file (warm
+/// page cache: this measures what the format adds, not the disk).
+fn untouched_clone_reads(c: &mut Criterion) {
+    use volume_format::FileStorage;
+    let dir = std::env::temp_dir().join(format!("vf-bench-read-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = dir.join("img.raw");
+    let size = 256u64 << 20;
+    std::fs::write(&raw, vec![0x5au8; size as usize]).unwrap();
+    let file = |p: &std::path::Path| {
+        FileStorage::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let mut direct = file(&raw);
+    let mut vol = Volume::create(
+        file(&dir.join("v.meta")),
+        file(&dir.join("v.data")),
+        Some((file(&raw), image(size))),
+        size,
+        [5; 16],
+        [6; 16],
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut g = c.benchmark_group("read 1 MiB");
+    let mut pos = 0u64;
+    g.bench_function("golden image file directly", |b| {
+        b.iter(|| {
+            direct.read_at(pos, &mut buf).unwrap();
+            pos = (pos + (1 << 20)) % size;
+        })
+    });
+    g.bench_function("untouched clone of it", |b| {
+        b.iter(|| {
+            vol.read(pos, &mut buf).unwrap();
+            pos = (pos + (1 << 20)) % size;
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, costs, map, clone_creation, untouched_clone_reads);
 criterion_main!(benches);
