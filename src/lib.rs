@@ -15,6 +15,8 @@
 
 pub mod cli;
 pub mod engine;
+pub mod names;
 pub mod nbd;
+pub mod pool;
 pub mod server;
 pub mod target;

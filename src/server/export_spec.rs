@@ -11,29 +11,9 @@ pub struct ExportSpec {
     pub read_only: bool,
 }
 
-/// Longest export name accepted (the NBD limit is 4096; names also become volume names later).
-pub const MAX_EXPORT_NAME_BYTES: usize = 128;
-
-/// Checks a name the same way everywhere: non-empty, at most 128 bytes, no `/`, no `..`, no control
-/// characters.
+/// Checks an export name (the same rules as every name: `crate::names`).
 pub fn validate_export_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("export name is empty".into());
-    }
-    if name.len() > MAX_EXPORT_NAME_BYTES {
-        return Err(format!(
-            "export name is longer than {MAX_EXPORT_NAME_BYTES} bytes"
-        ));
-    }
-    if name.contains('/') || name == ".." || name == "." {
-        return Err(format!(
-            "export name {name:?} may not contain '/' or be '.' or '..'"
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(format!("export name {name:?} contains control characters"));
-    }
-    Ok(())
+    crate::names::validate_name(name).map_err(|e| format!("export {e}"))
 }
 
 impl FromStr for ExportSpec {

@@ -1,0 +1,647 @@
+//! The pool: golden images and volumes in one directory, every change atomic and durable.
+//!
+//! ```text
+//! DIR/images/NAME/   image.raw  image.meta      a sealed golden image
+//! DIR/volumes/NAME/  volume.meta  volume.data   a volume (a thin clone, or blank)
+//! DIR/.staging/ID/   an object being built      removed when the pool opens
+//! DIR/.trash/ID/     an object being deleted    removed when the pool opens
+//! ```
+//!
+//! An object exists exactly when its directory has its final name. It is built complete and
+//! synced under `.staging`, then renamed into place (`RENAME_NOREPLACE`, so two creators of one
+//! name cannot both win) and the parent directory synced. A delete is a rename into `.trash`,
+//! synced, then the removal. A `kill -9` at any instant therefore leaves every object either
+//! whole or absent, and opening the pool sweeps what was left half-done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+use parking_lot::Mutex;
+use volume_format::image::{self, ImageInfo, Sealer};
+use volume_format::{FileStorage, ImageRef, Storage, Volume, VolumeError, check};
+
+use crate::names::validate_name;
+
+const IMAGE_RAW: &str = "image.raw";
+const IMAGE_META: &str = "image.meta";
+const VOLUME_META: &str = "volume.meta";
+const VOLUME_DATA: &str = "volume.data";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    Exists { kind: &'static str, name: String },
+    #[error("{0}")]
+    InUse(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {source}")]
+    Volume {
+        what: String,
+        #[source]
+        source: VolumeError,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
+    let what = what.into();
+    move |source| PoolError::Io { what, source }
+}
+
+fn vol_err(what: impl Into<String>) -> impl FnOnce(VolumeError) -> PoolError {
+    let what = what.into();
+    move |source| PoolError::Volume { what, source }
+}
+
+/// A golden image as the pool lists it.
+#[derive(Debug, Clone)]
+pub struct ImageEntry {
+    pub name: String,
+    pub info: ImageInfo,
+}
+
+/// A volume as the pool lists it.
+#[derive(Debug, Clone)]
+pub struct VolumeEntry {
+    pub name: String,
+    pub size: u64,
+    /// The backing image's name, or `None` for a blank volume.
+    pub image: Option<String>,
+    pub backing: Option<ImageRef>,
+}
+
+struct Catalog {
+    images: BTreeMap<String, ImageEntry>,
+    volumes: BTreeMap<String, VolumeEntry>,
+    /// Names being created right now (long imports run without the lock held).
+    reserved: BTreeSet<(&'static str, String)>,
+}
+
+pub struct Pool {
+    dir: PathBuf,
+    catalog: Mutex<Catalog>,
+}
+
+/// What `Pool::check` found, per volume.
+#[derive(Debug, Clone)]
+pub struct PoolCheck {
+    pub volumes: Vec<(String, volume_format::CheckReport)>,
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool in `dir`, sweeping half-done work and loading the
+    /// catalog. A volume or image that fails to load is an error naming it: nothing is served
+    /// from a pool whose metadata does not check out.
+    pub fn open(dir: &Path) -> Result<Pool, PoolError> {
+        for sub in ["images", "volumes", ".staging", ".trash"] {
+            fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
+        }
+        for sub in [".staging", ".trash"] {
+            for e in fs::read_dir(dir.join(sub)).map_err(io_err(format!("reading {sub}")))? {
+                let p = e.map_err(io_err(format!("reading {sub}")))?.path();
+                fs::remove_dir_all(&p).map_err(io_err(format!("removing {}", p.display())))?;
+            }
+        }
+        let mut images = BTreeMap::new();
+        for name in list_dir(&dir.join("images"))? {
+            let mut meta = open_ro(&dir.join("images").join(&name).join(IMAGE_META))?;
+            let info = ImageInfo::load(&mut meta).map_err(vol_err(format!("image {name:?}")))?;
+            images.insert(name.clone(), ImageEntry { name, info });
+        }
+        let mut volumes = BTreeMap::new();
+        for name in list_dir(&dir.join("volumes"))? {
+            let vdir = dir.join("volumes").join(&name);
+            let mut meta = open_ro(&vdir.join(VOLUME_META))?;
+            let mut a = [0u8; 4096];
+            let mut b = [0u8; 4096];
+            meta.read_at(0, &mut a)
+                .map_err(io_err(format!("volume {name:?}")))?;
+            meta.read_at(4096, &mut b)
+                .map_err(io_err(format!("volume {name:?}")))?;
+            let sb = volume_format::Superblock::choose(&a, &b)
+                .map_err(|e| vol_err(format!("volume {name:?}"))(e.into()))?;
+            let backing = (sb.backing_id != [0; 16]).then_some(ImageRef {
+                id: sb.backing_id,
+                size: sb.backing_size_bytes,
+                digest: sb.backing_digest,
+            });
+            let image = match &backing {
+                None => None,
+                Some(r) => Some(
+                    images
+                        .values()
+                        .find(|i: &&ImageEntry| i.info.image_ref() == *r)
+                        .map(|i| i.name.clone())
+                        .ok_or_else(|| {
+                            PoolError::Invalid(format!(
+                                "volume {name:?}: its golden image {} is missing from the pool",
+                                image::hex(&r.id)
+                            ))
+                        })?,
+                ),
+            };
+            volumes.insert(
+                name.clone(),
+                VolumeEntry {
+                    name,
+                    size: sb.size_bytes,
+                    image,
+                    backing,
+                },
+            );
+        }
+        Ok(Pool {
+            dir: dir.to_owned(),
+            catalog: Mutex::new(Catalog {
+                images,
+                volumes,
+                reserved: BTreeSet::new(),
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn images(&self) -> Vec<ImageEntry> {
+        self.catalog.lock().images.values().cloned().collect()
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeEntry> {
+        self.catalog.lock().volumes.values().cloned().collect()
+    }
+
+    pub fn image(&self, name: &str) -> Result<ImageEntry, PoolError> {
+        self.catalog
+            .lock()
+            .images
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound {
+                kind: "image",
+                name: name.into(),
+            })
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeEntry, PoolError> {
+        self.catalog
+            .lock()
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound {
+                kind: "volume",
+                name: name.into(),
+            })
+    }
+
+    /// Volumes cloned from image `name`.
+    pub fn dependents(&self, name: &str) -> Vec<String> {
+        let c = self.catalog.lock();
+        c.volumes
+            .values()
+            .filter(|v| v.image.as_deref() == Some(name))
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    pub fn image_paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.join("images").join(name);
+        (d.join(IMAGE_RAW), d.join(IMAGE_META))
+    }
+
+    pub fn volume_paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.join("volumes").join(name);
+        (d.join(VOLUME_META), d.join(VOLUME_DATA))
+    }
+
+    /// Claims a name for an object being built; `Reservation` releases it when dropped.
+    fn reserve(&self, kind: &'static str, name: &str) -> Result<Reservation<'_>, PoolError> {
+        validate_name(name).map_err(PoolError::Invalid)?;
+        let mut c = self.catalog.lock();
+        let taken = match kind {
+            "image" => c.images.contains_key(name),
+            _ => c.volumes.contains_key(name),
+        };
+        if taken || !c.reserved.insert((kind, name.to_owned())) {
+            return Err(PoolError::Exists {
+                kind,
+                name: name.into(),
+            });
+        }
+        Ok(Reservation {
+            pool: self,
+            kind,
+            name: name.to_owned(),
+        })
+    }
+
+    fn staging(&self) -> Result<PathBuf, PoolError> {
+        let p = self.dir.join(".staging").join(image::hex(&random_id()));
+        fs::create_dir(&p).map_err(io_err("creating a staging directory"))?;
+        Ok(p)
+    }
+
+    /// Makes a staged object visible under its final name, durably.
+    fn publish(&self, staged: &Path, kind_dir: &str, name: &str) -> Result<(), PoolError> {
+        sync_dir(staged)?;
+        let parent = self.dir.join(kind_dir);
+        renameat2(
+            AT_FDCWD,
+            staged,
+            AT_FDCWD,
+            &parent.join(name),
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| io_err(format!("publishing {name:?}"))(io::Error::from(e)))?;
+        sync_dir(&parent)?;
+        sync_dir(&self.dir.join(".staging"))
+    }
+
+    /// Imports a raw image from `src`, sealing it (digest and chunk table) on the way in.
+    /// `progress` is called with the bytes copied so far.
+    pub fn import_image(
+        &self,
+        name: &str,
+        src: &mut dyn Read,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ImageEntry, PoolError> {
+        let res = self.reserve("image", name)?;
+        let staged = self.staging()?;
+        let cleanup = Cleanup(staged.clone());
+        let mut raw = create(&staged.join(IMAGE_RAW))?;
+        let mut sealer = Sealer::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        loop {
+            // Fill whole buffers so zero blocks can be left as holes.
+            let mut n = 0;
+            while n < buf.len() {
+                match src.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(format!("reading the import of {name:?}"))(e)),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            sealer.update(&buf[..n]);
+            for (i, block) in buf[..n].chunks(4096).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    raw.write_at(pos + i as u64 * 4096, block)
+                        .map_err(io_err(format!("writing image {name:?}")))?;
+                }
+            }
+            pos += n as u64;
+            progress(pos);
+        }
+        if pos == 0 {
+            return Err(PoolError::Invalid(format!(
+                "the import of {name:?} is empty"
+            )));
+        }
+        raw.set_len(pos)
+            .map_err(io_err(format!("writing image {name:?}")))?;
+        raw.sync()
+            .map_err(io_err(format!("syncing image {name:?}")))?;
+        let info = sealer.finish(random_id());
+        info.store(&mut create(&staged.join(IMAGE_META))?)
+            .map_err(io_err(format!("writing image {name:?} metadata")))?;
+        self.publish(&staged, "images", name)?;
+        cleanup.disarm();
+        let entry = ImageEntry {
+            name: name.to_owned(),
+            info,
+        };
+        self.catalog
+            .lock()
+            .images
+            .insert(name.to_owned(), entry.clone());
+        drop(res);
+        Ok(entry)
+    }
+
+    /// Creates a volume: a thin clone of `image` (size at least the image's, rounded up to
+    /// 4 KiB; default the image's size), or blank (`size` required).
+    pub fn create_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+    ) -> Result<VolumeEntry, PoolError> {
+        let res = self.reserve("volume", name)?;
+        let backing = match image {
+            Some(i) => Some(self.image(i)?),
+            None => None,
+        };
+        let min = backing
+            .as_ref()
+            .map_or(4096, |b| b.info.size.max(1).div_ceil(4096) * 4096);
+        let size = match (size, &backing) {
+            (Some(s), _) => s,
+            (None, Some(_)) => min,
+            (None, None) => {
+                return Err(PoolError::Invalid("a blank volume needs --size".into()));
+            }
+        };
+        if size < min {
+            return Err(PoolError::Invalid(format!(
+                "size {size} is smaller than {} bytes{}",
+                min,
+                if backing.is_some() {
+                    " (the image's size)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if !size.is_multiple_of(4096) {
+            return Err(PoolError::Invalid(format!(
+                "size {size} is not a multiple of 4 KiB"
+            )));
+        }
+        let staged = self.staging()?;
+        let cleanup = Cleanup(staged.clone());
+        let backing_storage = match &backing {
+            Some(b) => Some((open_ro(&self.image_paths(&b.name).0)?, b.info.image_ref())),
+            None => None,
+        };
+        let v = Volume::create(
+            create(&staged.join(VOLUME_META))?,
+            create(&staged.join(VOLUME_DATA))?,
+            backing_storage,
+            size,
+            random_id(),
+            random_id(),
+        )
+        .map_err(|e| match e {
+            VolumeError::Invalid(m) => PoolError::Invalid(m),
+            e => vol_err(format!("creating volume {name:?}"))(e),
+        })?;
+        v.close()
+            .map_err(vol_err(format!("creating volume {name:?}")))?;
+        self.publish(&staged, "volumes", name)?;
+        cleanup.disarm();
+        let entry = VolumeEntry {
+            name: name.to_owned(),
+            size,
+            image: backing.as_ref().map(|b| b.name.clone()),
+            backing: backing.map(|b| b.info.image_ref()),
+        };
+        self.catalog
+            .lock()
+            .volumes
+            .insert(name.to_owned(), entry.clone());
+        drop(res);
+        Ok(entry)
+    }
+
+    /// Opens a volume of the pool (its files and its backing image).
+    pub fn open_volume(&self, name: &str) -> Result<Volume<FileStorage>, PoolError> {
+        let entry = self.volume(name)?;
+        let (meta, data) = self.volume_paths(name);
+        let backing = match &entry.image {
+            Some(i) => Some((
+                open_ro(&self.image_paths(i).0)?,
+                entry.backing.expect("image implies backing"),
+            )),
+            None => None,
+        };
+        Volume::open(open_rw(&meta)?, open_rw(&data)?, backing)
+            .map_err(vol_err(format!("opening volume {name:?}")))
+    }
+
+    /// Deletes a volume (the caller has disconnected its clients).
+    pub fn delete_volume(&self, name: &str) -> Result<(), PoolError> {
+        let mut c = self.catalog.lock();
+        if !c.volumes.contains_key(name) {
+            return Err(PoolError::NotFound {
+                kind: "volume",
+                name: name.into(),
+            });
+        }
+        self.trash("volumes", name)?;
+        c.volumes.remove(name);
+        Ok(())
+    }
+
+    /// Deletes a golden image; refused while volumes are cloned from it.
+    pub fn delete_image(&self, name: &str) -> Result<(), PoolError> {
+        let mut c = self.catalog.lock();
+        if !c.images.contains_key(name) {
+            return Err(PoolError::NotFound {
+                kind: "image",
+                name: name.into(),
+            });
+        }
+        let users: Vec<&str> = c
+            .volumes
+            .values()
+            .filter(|v| v.image.as_deref() == Some(name))
+            .map(|v| v.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(PoolError::InUse(format!(
+                "image {name:?} has {} volume(s) cloned from it: {}",
+                users.len(),
+                users.join(", ")
+            )));
+        }
+        self.trash("images", name)?;
+        c.images.remove(name);
+        Ok(())
+    }
+
+    fn trash(&self, kind_dir: &str, name: &str) -> Result<(), PoolError> {
+        let from = self.dir.join(kind_dir).join(name);
+        let to = self.dir.join(".trash").join(image::hex(&random_id()));
+        fs::rename(&from, &to).map_err(io_err(format!("deleting {name:?}")))?;
+        sync_dir(&self.dir.join(kind_dir))?;
+        sync_dir(&self.dir.join(".trash"))?;
+        fs::remove_dir_all(&to).map_err(io_err(format!("removing {name:?}")))
+    }
+
+    /// Seals volume `from` (quiesced by the caller) into a new golden image `name`: flattened.
+    pub fn capture(
+        &self,
+        name: &str,
+        from: &str,
+        progress: impl FnMut(u64),
+    ) -> Result<ImageEntry, PoolError> {
+        let res = self.reserve("image", name)?;
+        let mut vol = self.open_volume(from)?;
+        let staged = self.staging()?;
+        let cleanup = Cleanup(staged.clone());
+        let mut raw = create(&staged.join(IMAGE_RAW))?;
+        let info = vol
+            .capture(&mut raw, random_id(), progress)
+            .map_err(vol_err(format!("capturing volume {from:?}")))?;
+        info.store(&mut create(&staged.join(IMAGE_META))?)
+            .map_err(io_err(format!("writing image {name:?} metadata")))?;
+        self.publish(&staged, "images", name)?;
+        cleanup.disarm();
+        let entry = ImageEntry {
+            name: name.to_owned(),
+            info,
+        };
+        self.catalog
+            .lock()
+            .images
+            .insert(name.to_owned(), entry.clone());
+        drop(res);
+        Ok(entry)
+    }
+
+    /// Grows a volume (new connections see the new size).
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeEntry, PoolError> {
+        let mut v = self.open_volume(name)?;
+        v.grow(size).map_err(|e| match e {
+            VolumeError::Invalid(m) => PoolError::Invalid(m),
+            e => vol_err(format!("resizing volume {name:?}"))(e),
+        })?;
+        v.close()
+            .map_err(vol_err(format!("resizing volume {name:?}")))?;
+        let mut c = self.catalog.lock();
+        let e = c.volumes.get_mut(name).ok_or_else(|| PoolError::NotFound {
+            kind: "volume",
+            name: name.into(),
+        })?;
+        e.size = size;
+        Ok(e.clone())
+    }
+
+    /// Re-reads image `name` and checks it against its digest.
+    pub fn verify_image(
+        &self,
+        name: &str,
+        progress: impl FnMut(u64),
+    ) -> Result<image::VerifyReport, PoolError> {
+        let entry = self.image(name)?;
+        let mut raw = open_ro(&self.image_paths(name).0)?;
+        image::verify(&mut raw, &entry.info, progress)
+            .map_err(io_err(format!("reading image {name:?}")))
+    }
+
+    /// Runs the checker over every volume (closed ones: the caller keeps them unserved).
+    pub fn check(&self, repair: bool) -> Result<PoolCheck, PoolError> {
+        let mut out = Vec::new();
+        for v in self.volumes() {
+            let (meta, data) = self.volume_paths(&v.name);
+            let mut meta = if repair {
+                open_rw(&meta)?
+            } else {
+                open_ro(&meta)?
+            };
+            let mut data = if repair {
+                open_rw(&data)?
+            } else {
+                open_ro(&data)?
+            };
+            out.push((v.name.clone(), check(&mut meta, &mut data, repair)));
+        }
+        Ok(PoolCheck { volumes: out })
+    }
+}
+
+struct Reservation<'a> {
+    pool: &'a Pool,
+    kind: &'static str,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .catalog
+            .lock()
+            .reserved
+            .remove(&(self.kind, std::mem::take(&mut self.name)));
+    }
+}
+
+/// Removes a staging directory unless the object was published.
+struct Cleanup(PathBuf);
+
+impl Cleanup {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<String>, PoolError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))? {
+        let e = e.map_err(io_err(format!("reading {}", dir.display())))?;
+        let name = e.file_name().into_string().map_err(|n| {
+            PoolError::Invalid(format!("{}: {n:?} is not a valid name", dir.display()))
+        })?;
+        validate_name(&name).map_err(|m| PoolError::Invalid(format!("{}: {m}", dir.display())))?;
+        names.push(name);
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn open_ro(p: &Path) -> Result<FileStorage, PoolError> {
+    let f = File::open(p).map_err(io_err(format!("opening {}", p.display())))?;
+    FileStorage::new(f).map_err(io_err(format!("opening {}", p.display())))
+}
+
+fn open_rw(p: &Path) -> Result<FileStorage, PoolError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(io_err(format!("opening {}", p.display())))?;
+    FileStorage::new(f).map_err(io_err(format!("opening {}", p.display())))
+}
+
+fn create(p: &Path) -> Result<FileStorage, PoolError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(io_err(format!("creating {}", p.display())))?;
+    FileStorage::new(f).map_err(io_err(format!("creating {}", p.display())))
+}
+
+fn sync_dir(p: &Path) -> Result<(), PoolError> {
+    File::open(p)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("syncing {}", p.display())))
+}
+
+/// 16 random bytes from the kernel, never all zero.
+pub fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .expect("/dev/urandom is readable");
+    id[0] |= 1;
+    id
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+use std::io::Cursor;
+
+use super::*;
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(tag: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("streamer-pool-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    TempDir(d)
+}
+
+fn golden_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 253) as u8 | 1).collect()
+}
+
+#[test]
+fn import_clone_capture_delete_and_reopen() {
+    let d = tempdir("flow");
+    let pool = Pool::open(&d.0).unwrap();
+    let bytes = golden_bytes((3 << 20) + 5);
+    let img = pool
+        .import_image("golden", &mut Cursor::new(bytes.clone()), |_| {})
+        .unwrap();
+    assert_eq!(img.info.size, bytes.len() as u64);
+    assert!(pool.verify_image("golden", |_| {}).unwrap().ok());
+
+    let v = pool.create_volume("node1", Some("golden"), None).unwrap();
+    assert_eq!(v.size, (3 << 20) + 4096, "rounded up to 4 KiB");
+    pool.create_volume("blank", None, Some(1 << 20)).unwrap();
+    let mut vol = pool.open_volume("node1").unwrap();
+    vol.write(100, b"personality").unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+
+    // Capture flattens: the new image holds the golden bytes plus the write.
+    let cap = pool.capture("golden2", "node1", |_| {}).unwrap();
+    assert_eq!(cap.info.size, v.size);
+    let mut raw = fs::read(pool.image_paths("golden2").0).unwrap();
+    assert_eq!(&raw[100..111], b"personality");
+    raw[100..111].copy_from_slice(&bytes[100..111]);
+    assert_eq!(&raw[..bytes.len()], &bytes[..]);
+
+    // Refusals name the problem.
+    let e = pool.delete_image("golden").unwrap_err().to_string();
+    assert!(e.contains("node1"), "{e}");
+    let e = pool
+        .create_volume("node1", Some("golden"), None)
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Exists { .. }), "{e}");
+    let e = pool.create_volume("x", Some("nope"), None).unwrap_err();
+    assert!(matches!(e, PoolError::NotFound { .. }), "{e}");
+    let e = pool
+        .create_volume("small", Some("golden"), Some(4096))
+        .unwrap_err();
+    assert!(e.to_string().contains("smaller"), "{e}");
+    assert!(pool.create_volume("../evil", None, Some(4096)).is_err());
+    assert!(pool.create_volume("blank2", None, None).is_err());
+
+    // Reopen: the same catalog, and the write is still there.
+    drop(pool);
+    let pool = Pool::open(&d.0).unwrap();
+    assert_eq!(pool.images().len(), 2);
+    assert_eq!(pool.volumes().len(), 2);
+    assert_eq!(
+        pool.volume("node1").unwrap().image.as_deref(),
+        Some("golden")
+    );
+    let mut vol = pool.open_volume("node1").unwrap();
+    let mut got = [0u8; 11];
+    vol.read(100, &mut got).unwrap();
+    assert_eq!(&got, b"personality");
+    drop(vol);
+
+    pool.resize_volume("node1", 8 << 20).unwrap();
+    assert_eq!(pool.open_volume("node1").unwrap().size(), 8 << 20);
+    assert!(
+        pool.resize_volume("node1", 4 << 20).is_err(),
+        "shrinking refused"
+    );
+
+    pool.delete_volume("node1").unwrap();
+    pool.delete_image("golden").unwrap();
+    assert!(
+        pool.check(false)
+            .unwrap()
+            .volumes
+            .iter()
+            .all(|(_, r)| r.clean())
+    );
+    drop(pool);
+    let pool = Pool::open(&d.0).unwrap();
+    assert_eq!(pool.images().len(), 1);
+    assert_eq!(pool.volumes().len(), 1);
+}
+
+#[test]
+fn half_done_work_is_swept_on_open() {
+    let d = tempdir("sweep");
+    let pool = Pool::open(&d.0).unwrap();
+    pool.create_volume("v", None, Some(1 << 20)).unwrap();
+    drop(pool);
+    // What a kill -9 leaves: a staged object and a trashed one.
+    fs::create_dir_all(d.0.join(".staging/abc")).unwrap();
+    fs::write(d.0.join(".staging/abc/image.raw"), b"partial").unwrap();
+    fs::create_dir_all(d.0.join(".trash/def")).unwrap();
+    let pool = Pool::open(&d.0).unwrap();
+    assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(d.0.join(".trash")).unwrap().count(), 0);
+    assert_eq!(pool.volumes().len(), 1);
+}
+
+#[test]
+fn concurrent_creators_of_one_name_get_one_winner() {
+    let d = tempdir("race");
+    let pool = Pool::open(&d.0).unwrap();
+    let wins = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| pool.create_volume("same", None, Some(1 << 20)).is_ok()))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&w| w)
+            .count()
+    });
+    assert_eq!(wins, 1);
+}
+
+#[test]
+fn an_empty_import_is_refused_and_leaves_nothing() {
+    let d = tempdir("empty");
+    let pool = Pool::open(&d.0).unwrap();
+    let e = pool
+        .import_image("e", &mut Cursor::new(Vec::new()), |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    assert!(pool.images().is_empty());
+    assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
+    // The name is free again.
+    pool.import_image("e", &mut Cursor::new(golden_bytes(10)), |_| {})
+        .unwrap();
+}
