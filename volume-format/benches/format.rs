@@ -136,7 +136,7 @@ fn costs(_: &mut Criterion) {
         let pages_on_disk = st.map().resident_pages() as u64;
         println!(
             "metadata, 100 GiB volume, {name}: {} KiB in memory, {} KiB on disk",
-            st.map().resident_bytes() / 1024,
+            st.memory_bytes() / 1024,
             (8192 + pages_on_disk * 2 * 4096) / 1024
         );
     }

@@ -44,6 +44,13 @@ pub fn check<S: Storage>(meta: &mut S, data: &mut S, repair: bool) -> CheckRepor
         }
     };
     r.notes.extend(st.notes().iter().cloned());
+    let ro = st.superblock().read_only_features();
+    if repair && ro != 0 {
+        r.errors.push(format!(
+            "repair refused: the volume uses read-only-compatible features {ro:#x} this build does not know"
+        ));
+        return r;
+    }
     if let Err(e) = find_leaks(&st, data, &mut r) {
         r.errors.push(format!("data file: {e}"));
         return r;

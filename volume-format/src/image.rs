@@ -155,13 +155,23 @@ impl ImageInfo {
         meta.sync()
     }
 
-    /// Reads and checks a metadata file.
+    /// Reads and checks a metadata file: the header first, then exactly the chunk table it
+    /// announces (a hostile or damaged file cannot make this read more than it should).
     pub fn load<S: Storage>(meta: &mut S) -> Result<ImageInfo, crate::VolumeError> {
-        let len = usize::try_from(meta.len())
-            .ok()
-            .filter(|&l| l <= IMAGE_HEADER_BYTES + 4 * (1 << 30))
-            .ok_or_else(|| FormatError::invariant("image header", "metadata file too large"))?;
-        let mut b = vec![0u8; len];
+        let mut header = [0u8; IMAGE_HEADER_BYTES];
+        if meta.len() < IMAGE_HEADER_BYTES as u64 {
+            return Err(FormatError::invariant("image header", "file too short").into());
+        }
+        meta.read_at(0, &mut header)?;
+        let chunks = u64::from_le_bytes(header[at::CHUNKS..at::CHUNKS + 8].try_into().expect("8"));
+        let max_chunks = MAX_IMAGE_BYTES.div_ceil(IMAGE_CHUNK_BYTES);
+        let want = IMAGE_HEADER_BYTES as u64 + chunks.min(max_chunks + 1) * 4 + 4;
+        if chunks > max_chunks || meta.len() != want {
+            // Decode the header alone for the precise reason (checksum, magic, count).
+            ImageInfo::decode(&header)?;
+            return Err(FormatError::invariant("image chunk table", "wrong length").into());
+        }
+        let mut b = vec![0u8; want as usize];
         meta.read_at(0, &mut b)?;
         Ok(ImageInfo::decode(&b)?)
     }

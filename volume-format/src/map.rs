@@ -127,6 +127,14 @@ impl BlockMap {
         !self.dirty.is_empty()
     }
 
+    /// Marks page `p` for the next commit although no bit changed (to overwrite a stale slot).
+    pub fn mark_dirty(&mut self, p: u32) {
+        if !self.is_dirty[p as usize] {
+            self.is_dirty[p as usize] = true;
+            self.dirty.push(p);
+        }
+    }
+
     /// Pages changed since the last call, for the next commit.
     pub fn take_dirty(&mut self) -> Vec<u32> {
         for &p in &self.dirty {

@@ -71,6 +71,8 @@ pub struct VolumeState {
     versions: Vec<Option<PageVersion>>,
     /// The superblock changed (size, epoch, generation) and must be committed.
     sb_dirty: bool,
+    /// Slots holding versions of a commit that never completed: `(page, slot)`.
+    orphans: Vec<(u32, u8)>,
     /// The last committed superblock's bytes, and the commit copy B holds (0: none valid).
     committed: Box<[u8; SUPERBLOCK_SLOT_BYTES]>,
     b_seq: u64,
@@ -117,6 +119,7 @@ impl VolumeState {
             map,
             versions: vec![None; pages],
             sb_dirty: false,
+            orphans: Vec::new(),
             committed,
             b_seq: 0,
             notes: Vec::new(),
@@ -130,12 +133,6 @@ impl VolumeState {
         b: &[u8; SUPERBLOCK_SLOT_BYTES],
     ) -> Result<VolumeState, FormatError> {
         let sb = Superblock::choose(a, b)?;
-        if !sb.size_bytes.is_multiple_of(BLOCK_BYTES) {
-            return Err(FormatError::invariant(
-                "superblock",
-                "volume size not a multiple of 4 KiB",
-            ));
-        }
         let mut st = VolumeState::empty(sb);
         st.b_seq = Superblock::decode(b).map_or(0, |s| s.sequence);
         for (name, bytes) in [("A", a), ("B", b)] {
@@ -158,21 +155,27 @@ impl VolumeState {
         p: u32,
         slots: [&[u8; MAP_SLOT_BYTES]; 2],
     ) -> Result<(), FormatError> {
-        if p as usize >= self.versions.len() {
-            return Err(FormatError::invariant(
-                format!("map page {p}"),
-                "stored beyond the end of the volume",
-            ));
-        }
+        let beyond_end = p as usize >= self.versions.len();
         let mut best: Option<(u8, slot::Slot)> = None;
         for (s, bytes) in slots.iter().enumerate() {
             let s = s as u8;
             match slot::decode(bytes, p, s, &self.sb.volume_id) {
                 Ok(None) => {}
-                Ok(Some(v)) if v.seq > self.sb.sequence => self.notes.push(format!(
-                    "map page {p} slot {s}: from commit {} that never completed",
-                    v.seq
-                )),
+                // A version from a commit that never completed. It must not outlive the next
+                // commit, which takes its number: that commit overwrites it.
+                Ok(Some(v)) if v.seq > self.sb.sequence => {
+                    self.notes.push(format!(
+                        "map page {p} slot {s}: from commit {} that never completed",
+                        v.seq
+                    ));
+                    self.orphans.push((p, s));
+                }
+                Ok(Some(_)) if beyond_end => {
+                    return Err(FormatError::invariant(
+                        format!("map page {p} slot {s}"),
+                        "a committed map page beyond the end of the volume",
+                    ));
+                }
                 Ok(Some(v)) => {
                     if best.as_ref().is_none_or(|(_, b)| v.seq > b.seq) {
                         if let Some((bs, b)) = best.take() {
@@ -190,6 +193,7 @@ impl VolumeState {
             }
         }
         if let Some((s, v)) = best {
+            debug_assert!(!beyond_end);
             self.map.load_page(p, &v.words)?;
             self.versions[p as usize] = Some(PageVersion {
                 slot: s,
@@ -219,6 +223,14 @@ impl VolumeState {
             ));
         }
         self.map.take_dirty();
+        // Orphaned versions are rewritten by the next commit (in range) or zeroed (past the end,
+        // from a grow that never committed), before its number can make them look committed.
+        let pages = self.map.pages();
+        for &(p, _) in &self.orphans {
+            if p < pages {
+                self.map.mark_dirty(p);
+            }
+        }
         Ok(self)
     }
 
@@ -236,6 +248,13 @@ impl VolumeState {
 
     pub fn map(&self) -> &BlockMap {
         &self.map
+    }
+
+    /// Bytes of memory this state holds: the map and the per-page version table.
+    pub fn memory_bytes(&self) -> usize {
+        self.map.resident_bytes()
+            + self.versions.len() * std::mem::size_of::<Option<PageVersion>>()
+            + std::mem::size_of::<VolumeState>()
     }
 
     pub fn notes(&self) -> &[String] {
@@ -352,7 +371,7 @@ impl VolumeState {
 
     /// Plans the next commit (step 1 of the protocol), or `None` when nothing changed.
     pub fn plan_commit(&mut self) -> Option<Commit> {
-        if !self.needs_commit() {
+        if !self.needs_commit() && self.orphans.is_empty() {
             return None;
         }
         let seq = self.sb.sequence + 1;
@@ -361,7 +380,10 @@ impl VolumeState {
         let mut versions = Vec::new();
         for p in self.map.take_dirty() {
             let old = self.versions[p as usize];
-            let s = old.map_or(0, |v| 1 - v.slot);
+            // The slot not holding the current version; for a page with none yet, the slot an
+            // orphan sits in (so the orphan is overwritten), else 0.
+            let orphan = self.orphans.iter().find(|o| o.0 == p).map(|o| o.1);
+            let s = old.map_or(orphan.unwrap_or(0), |v| 1 - v.slot);
             let (bytes, crc) = slot::encode(p, &self.sb.volume_id, seq, &self.map.page_words(p));
             if let Some(v) = old {
                 digest ^= slot::digest_share(p, v.seq, v.crc);
@@ -369,6 +391,12 @@ impl VolumeState {
             digest ^= slot::digest_share(p, seq, crc);
             pages.push((slot::slot_offset(p, s), Box::new(bytes)));
             versions.push((p, PageVersion { slot: s, seq, crc }));
+        }
+        let pages_in_range = self.map.pages();
+        for &(p, s) in &self.orphans {
+            if p >= pages_in_range {
+                pages.push((slot::slot_offset(p, s), Box::new([0u8; MAP_SLOT_BYTES])));
+            }
         }
         self.sb_dirty = false;
         let mut sb = self.sb.clone();
@@ -396,6 +424,7 @@ impl VolumeState {
         self.sb.sequence = c.sb.sequence;
         self.sb.map_digest = c.sb.map_digest;
         self.committed = c.superblock;
+        self.orphans.clear();
         self.b_seq = c.seq; // the driver wrote copy B last
     }
 }
@@ -481,6 +510,49 @@ mod tests {
         // Page 0 was written twice: once per slot.
         assert!(disk.contains_key(&slot::slot_offset(0, 0)));
         assert!(disk.contains_key(&slot::slot_offset(0, 1)));
+    }
+
+    /// A grow whose commit never completed leaves map slots past the old end: reopening at the
+    /// old size works, and the next commit zeroes them before its number could validate them.
+    #[test]
+    fn slots_of_an_uncommitted_grow_are_cleared_by_the_next_commit() {
+        let (mut st, sb0) = VolumeState::create([3; 16], [4; 16], 4 << 20, None).unwrap();
+        st.grow(400 << 20).unwrap();
+        st.mark_own(BLOCKS_PER_MAP_PAGE * 2 + 5, 1);
+        let c = st.plan_commit().unwrap();
+        let mut disk = std::collections::HashMap::new();
+        for (off, bytes) in &c.pages {
+            disk.insert(*off, **bytes); // the pages made it, the superblock did not
+        }
+        let load = |disk: &std::collections::HashMap<u64, [u8; 4096]>, a, b| {
+            let mut st = VolumeState::begin_load(a, b).unwrap();
+            for p in 0..4u32 {
+                let get = |s| {
+                    disk.get(&slot::slot_offset(p, s))
+                        .copied()
+                        .unwrap_or([0; 4096])
+                };
+                st.load_page(p, [&get(0), &get(1)]).unwrap();
+            }
+            st.finish_load().unwrap()
+        };
+        let mut again = load(&disk, &sb0, &sb0);
+        assert_eq!(again.size(), 4 << 20);
+        let c = again.plan_commit().expect("the orphan must be cleared");
+        assert!(
+            c.pages
+                .iter()
+                .any(|(off, b)| *off == slot::slot_offset(2, 0) && b.iter().all(|&x| x == 0))
+        );
+        for (off, bytes) in &c.pages {
+            disk.insert(*off, **bytes);
+        }
+        let sb = *c.superblock;
+        again.commit_done(c);
+        assert!(again.plan_commit().is_none());
+        // Now the committed number has passed the orphan's: it is gone, so this still loads.
+        let reloaded = load(&disk, &sb, &sb);
+        assert_eq!(reloaded.map().own_blocks(), 0);
     }
 
     #[test]

@@ -97,6 +97,10 @@ impl Superblock {
             "virtual size out of range",
         )?;
         inv(
+            self.size_bytes.is_multiple_of(BLOCK_BYTES),
+            "virtual size not a multiple of 4 KiB",
+        )?;
+        inv(
             self.backing_size_bytes <= self.size_bytes,
             "backing image larger than the volume",
         )?;
@@ -184,7 +188,11 @@ impl Superblock {
                 incompat & !INCOMPAT_KNOWN,
             ));
         }
-        if b[at::END..at::CRC].iter().any(|&x| x != 0) {
+        if b[at::END..at::CRC]
+            .iter()
+            .chain(&b[12..16])
+            .any(|&x| x != 0)
+        {
             return Err(FormatError::invariant(
                 "superblock",
                 "reserved bytes are not zero",

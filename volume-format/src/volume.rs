@@ -203,6 +203,17 @@ impl<S: Storage> Volume<S> {
         }
     }
 
+    /// Unknown read-only-compatible features: this build may read the volume, never change it.
+    fn writable(&self) -> Result<(), VolumeError> {
+        match self.st.superblock().read_only_features() {
+            0 => Ok(()),
+            f => Err(VolumeError::Invalid(format!(
+                "read-only: the volume uses read-only-compatible features {f:#x} this build does \
+                 not know"
+            ))),
+        }
+    }
+
     fn range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() => Ok(()),
@@ -220,6 +231,7 @@ impl<S: Storage> Volume<S> {
         op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
     ) -> Result<T, VolumeError> {
         self.live()?;
+        self.writable()?;
         let r = op(self);
         if let Err(e) = &r {
             self.failed = Some(e.to_string());

@@ -119,6 +119,17 @@ fn newer_formats_and_foreign_files_are_refused_with_a_reason() {
     }
     let e = err(m, g.backing());
     assert!(e.contains("unknown incompatible features 0x1"), "{e}");
+    // An unknown read-only-compatible feature: readable, never changed.
+    let mut m = meta.clone();
+    for off in [0, 4096] {
+        reseal(&mut m, off, 24, &1u64.to_le_bytes());
+    }
+    let mut v = Volume::open(m, data.clone(), g.backing()).unwrap();
+    let mut buf = [0u8; 4096];
+    v.read(4096, &mut buf).unwrap();
+    let e = v.write(0, &[1]).unwrap_err().to_string();
+    assert!(e.contains("read-only"), "{e}");
+    assert!(v.flush().is_err());
     // A newer format version.
     let mut m = meta.clone();
     for off in [0, 4096] {

@@ -13,8 +13,28 @@ mod common;
 use common::*;
 use volume_format::{Fate, MemFile, Volume, check};
 
-const SIZE: u64 = 2 << 20;
+/// The model covers three 1 MiB windows that lie on three different map pages (126 MiB
+/// apart), so commits touch several pages and a crash can leave some of them behind.
+const WINDOW: u64 = 1 << 20;
+const WINDOWS: [u64; 3] = [0, 130 << 20, 260 << 20];
+const SIZE: u64 = WINDOW * WINDOWS.len() as u64;
+const VOLUME_SIZE: u64 = (260 << 20) + WINDOW;
 const BLOCKS: usize = (SIZE / BLOCK) as usize;
+
+/// Volume offset of window-space offset `off`.
+fn phys(off: u64) -> u64 {
+    WINDOWS[(off / WINDOW) as usize] + off % WINDOW
+}
+
+/// A random range of window space that stays inside one window.
+fn window_range(rng: &mut Rng, max_len: u64, align: bool) -> (u64, u64) {
+    let mut off = rng.below(SIZE);
+    if align {
+        off -= off % BLOCK;
+    }
+    let len = (1 + rng.below(max_len)).min(WINDOW - off % WINDOW);
+    (off, len)
+}
 
 /// Per block: the contents as of the last completed flush, and every contents it took since.
 struct Model {
@@ -96,9 +116,18 @@ fn scenario(seed: u64, crashes: usize) -> (usize, usize) {
     let mut rng = Rng::new(seed);
     let g = Golden::new(&mut rng, (1 << 20) + 777);
     let backing = g.info.image_ref();
-    let m = Modelled::clone_of(&mut rng, Some(&g), SIZE);
-    let mut model = Model::new(m.model.clone());
-    let mut vol = m.vol;
+    let mut vol = Volume::create(
+        MemFile::new(),
+        data_file(),
+        g.backing(),
+        VOLUME_SIZE,
+        rng.id(),
+        rng.id(),
+    )
+    .unwrap();
+    let mut initial = vec![0u8; SIZE as usize];
+    initial[..WINDOW as usize].copy_from_slice(&g.bytes[..WINDOW as usize]);
+    let mut model = Model::new(initial);
     let (mut mid_flush, mut leaks_seen) = (0, 0);
     for crash in 0..crashes {
         let ctx = format!("seed {seed} crash {crash}");
@@ -107,21 +136,17 @@ fn scenario(seed: u64, crashes: usize) -> (usize, usize) {
             match rng.below(10) {
                 0..=5 => {
                     let max = if rng.chance(50) { 64 } else { 5 * BLOCK };
-                    let len = 1 + rng.below(max);
-                    let mut off = rng.below(SIZE - len + 1);
-                    if rng.chance(40) {
-                        off -= off % BLOCK;
-                    }
+                    let align = rng.chance(40);
+                    let (off, len) = window_range(&mut rng, max, align);
                     let mut buf = vec![0u8; len as usize];
                     rng.fill(&mut buf);
-                    vol.write(off, &buf).unwrap();
+                    vol.write(phys(off), &buf).unwrap();
                     model.current[off as usize..(off + len) as usize].copy_from_slice(&buf);
                     model.changed(off, len);
                 }
                 6..=7 => {
-                    let len = 1 + rng.below(8 * BLOCK);
-                    let off = rng.below(SIZE - len + 1);
-                    vol.write_zeroes(off, len).unwrap();
+                    let (off, len) = window_range(&mut rng, 8 * BLOCK, false);
+                    vol.write_zeroes(phys(off), len).unwrap();
                     model.current[off as usize..(off + len) as usize].fill(0);
                     model.changed(off, len);
                 }
@@ -162,7 +187,9 @@ fn scenario(seed: u64, crashes: usize) -> (usize, usize) {
         vol = Volume::open(meta, data, image.map(|i| (i, backing)))
             .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
         let mut got = vec![0u8; SIZE as usize];
-        vol.read(0, &mut got).unwrap();
+        for (w, chunk) in got.chunks_mut(WINDOW as usize).enumerate() {
+            vol.read(WINDOWS[w], chunk).unwrap();
+        }
         for b in 0..BLOCKS {
             model.judge(b, &got[b * BLOCK as usize..(b + 1) * BLOCK as usize], &ctx);
         }
