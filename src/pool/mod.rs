@@ -271,6 +271,28 @@ impl Pool {
         sync_dir(&self.dir.join(".staging"))
     }
 
+    /// Stores a staged image's metadata, publishes it and adds it to the catalog.
+    fn publish_image(
+        &self,
+        staged: Cleanup,
+        name: &str,
+        info: ImageInfo,
+    ) -> Result<ImageEntry, PoolError> {
+        info.store(&mut create(&staged.0.join(IMAGE_META))?)
+            .map_err(io_err(format!("writing image {name:?} metadata")))?;
+        self.publish(&staged.0, "images", name)?;
+        staged.disarm();
+        let entry = ImageEntry {
+            name: name.to_owned(),
+            info,
+        };
+        self.catalog
+            .lock()
+            .images
+            .insert(name.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
     /// Imports a raw image from `src`, sealing it (digest and chunk table) on the way in.
     /// `progress` is called with the bytes copied so far.
     pub fn import_image(
@@ -320,18 +342,7 @@ impl Pool {
         raw.sync()
             .map_err(io_err(format!("syncing image {name:?}")))?;
         let info = sealer.finish(random_id());
-        info.store(&mut create(&staged.join(IMAGE_META))?)
-            .map_err(io_err(format!("writing image {name:?} metadata")))?;
-        self.publish(&staged, "images", name)?;
-        cleanup.disarm();
-        let entry = ImageEntry {
-            name: name.to_owned(),
-            info,
-        };
-        self.catalog
-            .lock()
-            .images
-            .insert(name.to_owned(), entry.clone());
+        let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)
     }
@@ -491,18 +502,7 @@ impl Pool {
         let info = vol
             .capture(&mut raw, random_id(), progress)
             .map_err(vol_err(format!("capturing volume {from:?}")))?;
-        info.store(&mut create(&staged.join(IMAGE_META))?)
-            .map_err(io_err(format!("writing image {name:?} metadata")))?;
-        self.publish(&staged, "images", name)?;
-        cleanup.disarm();
-        let entry = ImageEntry {
-            name: name.to_owned(),
-            info,
-        };
-        self.catalog
-            .lock()
-            .images
-            .insert(name.to_owned(), entry.clone());
+        let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)
     }
