@@ -603,28 +603,27 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, PoolError> {
     Ok(names)
 }
 
+/// Opens `p` as storage; `verb` names the attempt in errors.
+fn storage(p: &Path, opts: &OpenOptions, verb: &str) -> Result<FileStorage, PoolError> {
+    let what = || format!("{verb} {}", p.display());
+    let f = opts.open(p).map_err(io_err(what()))?;
+    FileStorage::new(f).map_err(io_err(what()))
+}
+
 fn open_ro(p: &Path) -> Result<FileStorage, PoolError> {
-    let f = File::open(p).map_err(io_err(format!("opening {}", p.display())))?;
-    FileStorage::new(f).map_err(io_err(format!("opening {}", p.display())))
+    storage(p, OpenOptions::new().read(true), "opening")
 }
 
 fn open_rw(p: &Path) -> Result<FileStorage, PoolError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .map_err(io_err(format!("opening {}", p.display())))?;
-    FileStorage::new(f).map_err(io_err(format!("opening {}", p.display())))
+    storage(p, OpenOptions::new().read(true).write(true), "opening")
 }
 
 fn create(p: &Path) -> Result<FileStorage, PoolError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(p)
-        .map_err(io_err(format!("creating {}", p.display())))?;
-    FileStorage::new(f).map_err(io_err(format!("creating {}", p.display())))
+    storage(
+        p,
+        OpenOptions::new().read(true).write(true).create_new(true),
+        "creating",
+    )
 }
 
 fn sync_dir(p: &Path) -> Result<(), PoolError> {
