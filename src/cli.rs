@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::engine::EngineConfig;
-use crate::server::{ExportSpec, ServeConfig};
+use crate::server::{ExportSpec, PoolConfig, ServeConfig};
 use crate::target::CacheMode;
 
 #[derive(Debug, Parser)]
@@ -24,15 +24,37 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve exports over NBD until SIGTERM or SIGINT.
+    /// Run a node: serve the pool's volumes and images over NBD (and any --export raw files)
+    /// until SIGTERM or SIGINT, with the management socket for the commands below.
     Serve(ServeArgs),
+    /// Golden images: import, list, show, verify, delete, capture.
+    Image(crate::manage::ImageCmd),
+    /// OS volumes: create (thin clone or blank), list, show, resize, delete.
+    Volume(crate::manage::VolumeCmd),
+    /// The node: pool capacity and use, volumes, exports, connections, alerts.
+    Status(crate::manage::StatusCmd),
+    /// Run the volume-format checker over every volume of the pool.
+    Check(crate::manage::CheckCmd),
 }
+
+/// The pool directory when neither --data-dir, STREAMER_DATA_DIR nor --export is given.
+pub const DEFAULT_DATA_DIR: &str = "streamer-data";
 
 /// Default TCP address when neither --listen nor --socket is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// The pool directory (golden images, volumes, the management socket). Used when given
+    /// (or STREAMER_DATA_DIR is set), or when no --export is: then ./streamer-data.
+    #[arg(long, env = "STREAMER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The management socket (default DIR/streamer.sock).
+    #[arg(long, value_name = "PATH")]
+    pub mgmt_socket: Option<PathBuf>,
+    /// Members of this group may use the management socket too (it becomes mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
     /// TCP address to listen on (repeatable; IPv6 as [::1]:10809). Default 127.0.0.1:10809 unless
     /// only --socket is given.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -70,7 +92,7 @@ pub struct ServeArgs {
     pub handshake_timeout: u64,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
         .parse_size(s)
@@ -83,9 +105,33 @@ impl ServeArgs {
         if listen.is_empty() && self.socket.is_none() {
             listen.push(DEFAULT_LISTEN.parse().expect("valid default address"));
         }
-        if self.exports.is_empty() {
-            return Err("nothing to serve: give at least one --export NAME=PATH".into());
-        }
+        let data_dir = match (self.data_dir, self.exports.is_empty()) {
+            (Some(d), _) => Some(d),
+            (None, true) => Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            (None, false) => None,
+        };
+        let pool = match data_dir {
+            None => None,
+            Some(dir) => {
+                let admin_gid = match &self.admin_group {
+                    None => None,
+                    Some(g) => Some(
+                        nix::unistd::Group::from_name(g)
+                            .map_err(|e| format!("--admin-group {g:?}: {e}"))?
+                            .ok_or_else(|| format!("--admin-group {g:?}: no such group"))?
+                            .gid
+                            .as_raw(),
+                    ),
+                };
+                Some(PoolConfig {
+                    mgmt_socket: self
+                        .mgmt_socket
+                        .unwrap_or_else(|| dir.join(crate::manage::SOCKET_NAME)),
+                    dir,
+                    admin_gid,
+                })
+            }
+        };
         let max_payload = u32::try_from(self.max_request)
             .ok()
             .filter(|m| (4096..=crate::engine::BufPool::MAX_BYTES as u32).contains(m))
@@ -107,6 +153,7 @@ impl ServeArgs {
             engine.threads = t.clamp(1, 256);
         }
         Ok(ServeConfig {
+            pool,
             listen,
             socket: self.socket,
             exports: self.exports,
@@ -122,6 +169,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STREAMER_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -144,5 +192,9 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Image(c) => crate::manage::image(c),
+        Command::Volume(c) => crate::manage::volume(c),
+        Command::Status(c) => crate::manage::status(c),
+        Command::Check(c) => crate::manage::check(c),
     }
 }

@@ -15,8 +15,11 @@
 
 pub mod cli;
 pub mod engine;
+pub mod manage;
+pub mod mgmt;
 pub mod names;
 pub mod nbd;
+pub mod node;
 pub mod pool;
 pub mod server;
 pub mod target;

@@ -265,7 +265,10 @@ impl Conn {
             }
         }
         let export = match &self.phase {
-            Phase::Transmission { export, .. } => export.as_str(),
+            Phase::Transmission { export, target, .. } => {
+                target.detach();
+                export.as_str()
+            }
             Phase::Handshake(_) => "-",
         };
         tracing::info!(
@@ -288,9 +291,16 @@ impl Conn {
         let _ = nix::sys::socket::shutdown(self.raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 
+    /// Called on every tick: ends a handshake that took too long, and a connection whose export
+    /// was withdrawn (its volume deleted with `--force`).
     pub fn check_deadline(&mut self, now: Instant) {
         if self.deadline.is_some_and(|d| now >= d) {
             self.close("handshake timed out".into());
+        }
+        if let Phase::Transmission { target, .. } = &self.phase
+            && target.revoked()
+        {
+            self.close("export withdrawn".into());
         }
     }
 
@@ -429,6 +439,7 @@ impl Conn {
                         "connection opened"
                     );
                     self.deadline = None;
+                    neg.export.attach();
                     self.phase = Phase::Transmission {
                         session,
                         target: neg.export,
@@ -604,8 +615,25 @@ impl Conn {
         slot.pending = n;
         slot.results = [0; MAX_PLAN_IOS];
         let linked = slot.plan.linked;
+        // Zero fills need no kernel: done here, before anything is handed to the ring.
+        for i in 0..n {
+            if let Some(&FileIo::Zero { buf_start, len }) = slot.plan.get_mut(i).map(|f| &*f) {
+                if let Some(b) = slot.buf.as_mut() {
+                    b.slice_mut(buf_start as usize, len as usize).fill(0);
+                }
+                slot.results[i] = len as i32;
+                slot.pending -= 1;
+            }
+        }
+        if slot.pending == 0 {
+            self.phase_done(io, sid);
+            return;
+        }
         let buf = slot.buf_ptr();
         for (i, file_io) in slot.plan.ios().enumerate() {
+            if matches!(file_io, FileIo::Zero { .. }) {
+                continue;
+            }
             let ud = user_data(Tag::Io, self.cid, sid, i as u16);
             // SAFETY: the slot owns `buf` and stays `Running` (its buffer untouched and not
             // released) until every I/O of the plan has completed; the target, which owns the file
@@ -645,7 +673,7 @@ impl Conn {
         match target.complete(&slot.op, &mut slot.plan, &results[..n]) {
             Ok(Progress::Done) => self.reply_ok(io, sid),
             Ok(Progress::Again) => {
-                slot.plan.phase += 1;
+                slot.plan.phase = slot.plan.phase.wrapping_add(1);
                 self.submit_plan(io, sid)
             }
             Err(e) => self.reply_target_error(io, sid, &e),

@@ -164,6 +164,8 @@ impl Io {
             } => opcode::Fadvise::new(types::Fd(fd), len as libc::off_t, advice)
                 .offset(offset)
                 .build(),
+            FileIo::Wait { fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build(),
+            FileIo::Zero { .. } => unreachable!("the connection fills zeroes itself"),
         };
         let mut flags = squeue::Flags::empty();
         if link {

@@ -91,6 +91,8 @@ struct Catalog {
 pub struct Pool {
     dir: PathBuf,
     catalog: Mutex<Catalog>,
+    /// An exclusive lock on `DIR/.lock`: one process owns a pool at a time.
+    _lock: nix::fcntl::Flock<File>,
 }
 
 /// What `Pool::check` found, per volume.
@@ -108,6 +110,20 @@ impl Pool {
             fs::create_dir_all(dir.join(sub))
                 .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
         }
+        let lock_path = dir.join(".lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(format!("opening {}", lock_path.display())))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                PoolError::InUse(format!(
+                    "the pool in {} is in use by another streamer process ({e})",
+                    dir.display()
+                ))
+            })?;
         for sub in [".staging", ".trash"] {
             for e in fs::read_dir(dir.join(sub)).map_err(io_err(format!("reading {sub}")))? {
                 let p = e.map_err(io_err(format!("reading {sub}")))?.path();
@@ -169,6 +185,7 @@ impl Pool {
                 volumes,
                 reserved: BTreeSet::new(),
             }),
+            _lock: lock,
         })
     }
 
@@ -247,6 +264,19 @@ impl Pool {
             kind,
             name: name.to_owned(),
         })
+    }
+
+    /// A scratch directory inside the pool (on its file system), removed when the returned
+    /// guard drops, or by the sweep at the next open after a crash.
+    pub fn scratch(&self) -> Result<Scratch, PoolError> {
+        Ok(Scratch(Cleanup(self.staging()?)))
+    }
+
+    /// Records a volume's new size after it was grown while open (served).
+    pub fn note_resized(&self, name: &str, size: u64) {
+        if let Some(e) = self.catalog.lock().volumes.get_mut(name) {
+            e.size = size;
+        }
     }
 
     fn staging(&self) -> Result<PathBuf, PoolError> {
@@ -541,20 +571,23 @@ impl Pool {
     pub fn check(&self, repair: bool) -> Result<PoolCheck, PoolError> {
         let mut out = Vec::new();
         for v in self.volumes() {
-            let (meta, data) = self.volume_paths(&v.name);
-            let mut meta = if repair {
-                open_rw(&meta)?
-            } else {
-                open_ro(&meta)?
-            };
-            let mut data = if repair {
-                open_rw(&data)?
-            } else {
-                open_ro(&data)?
-            };
-            out.push((v.name.clone(), check(&mut meta, &mut data, repair)));
+            out.push((v.name.clone(), self.check_volume(&v.name, repair)?));
         }
         Ok(PoolCheck { volumes: out })
+    }
+
+    /// Runs the checker over one closed volume.
+    pub fn check_volume(
+        &self,
+        name: &str,
+        repair: bool,
+    ) -> Result<volume_format::CheckReport, PoolError> {
+        self.volume(name)?;
+        let (meta, data) = self.volume_paths(name);
+        let open = if repair { open_rw } else { open_ro };
+        let mut meta = open(&meta)?;
+        let mut data = open(&data)?;
+        Ok(check(&mut meta, &mut data, repair))
     }
 }
 
@@ -576,6 +609,15 @@ impl Drop for Reservation<'_> {
 
 /// Removes a staging directory unless the object was published.
 struct Cleanup(PathBuf);
+
+/// A scratch directory of the pool, removed on drop.
+pub struct Scratch(Cleanup);
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        &self.0.0
+    }
+}
 
 impl Cleanup {
     fn disarm(self) {

@@ -6,7 +6,7 @@ mod export_spec;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,11 +19,23 @@ use nix::sys::signal::{SigSet, Signal};
 pub use export_spec::{ExportSpec, validate_export_name};
 
 use crate::engine::{Engine, EngineConfig, Incoming};
-use crate::target::{CacheMode, Export, Exports, FileTarget};
+use crate::mgmt::server::{Access, MgmtServer};
+use crate::node::Node;
+use crate::target::{CacheMode, Committers, Export, Exports, FileTarget};
+
+/// The node's pool and management socket.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub dir: PathBuf,
+    pub mgmt_socket: PathBuf,
+    pub admin_gid: Option<u32>,
+}
 
 /// Everything `streamer serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// `None`: raw --export files only, no pool and no management socket.
+    pub pool: Option<PoolConfig>,
     pub listen: Vec<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub exports: Vec<ExportSpec>,
@@ -48,6 +60,8 @@ pub enum ServeError {
     StartingEngine(io::Error),
     #[error("setting up signals: {0}")]
     Signals(nix::Error),
+    #[error("opening the pool in {dir}: {message}")]
+    Pool { dir: PathBuf, message: String },
 }
 
 enum Listener {
@@ -81,9 +95,9 @@ impl Listener {
 }
 
 fn open_exports(cfg: &ServeConfig) -> Result<Exports, ServeError> {
-    let mut exports = Exports::default();
+    let exports = Exports::default();
     for spec in &cfg.exports {
-        if exports.list.iter().any(|e| e.name == spec.name) {
+        if exports.contains(&spec.name) {
             return Err(ServeError::DuplicateExport(spec.name.clone()));
         }
         let target = FileTarget::open(&spec.path, spec.read_only, cfg.cache).map_err(|source| {
@@ -93,14 +107,57 @@ fn open_exports(cfg: &ServeConfig) -> Result<Exports, ServeError> {
                 source,
             }
         })?;
-        exports.list.push(Export {
+        let added = exports.add(Export {
             name: spec.name.clone(),
             description: format!("raw file {}", spec.path.display()),
             target: Arc::new(target),
             max_payload_bytes: cfg.engine.max_payload_bytes,
         });
+        if added.is_err() {
+            return Err(ServeError::DuplicateExport(spec.name.clone()));
+        }
     }
     Ok(exports)
+}
+
+/// Committer threads shared by every volume (each runs one volume's commit at a time).
+const COMMIT_THREADS: usize = 4;
+
+/// Opens the pool, exports its volumes and images, and starts the management socket.
+fn start_node(
+    p: &PoolConfig,
+    exports: &Arc<Exports>,
+    committers: &Arc<Committers>,
+    max_payload_bytes: u32,
+) -> Result<(Arc<Node>, MgmtServer), ServeError> {
+    let pool_err = |e: String| ServeError::Pool {
+        dir: p.dir.clone(),
+        message: e,
+    };
+    std::fs::create_dir_all(&p.dir).map_err(|e| pool_err(e.to_string()))?;
+    let owner_uid = std::fs::metadata(&p.dir)
+        .map_err(|e| pool_err(e.to_string()))?
+        .uid();
+    let node = Arc::new(
+        Node::open(
+            &p.dir,
+            exports.clone(),
+            committers.clone(),
+            max_payload_bytes,
+        )
+        .map_err(|e| pool_err(e.to_string()))?,
+    );
+    let access = Access {
+        owner_uid,
+        admin_gid: p.admin_gid,
+    };
+    let mgmt = MgmtServer::start(node.clone(), &p.mgmt_socket, access).map_err(|source| {
+        ServeError::Listening {
+            addr: p.mgmt_socket.display().to_string(),
+            source,
+        }
+    })?;
+    Ok((node, mgmt))
 }
 
 fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
@@ -146,6 +203,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     stop_signals.thread_block().map_err(ServeError::Signals)?;
 
     let exports = Arc::new(open_exports(&cfg)?);
+    let committers = Committers::start(COMMIT_THREADS).map_err(ServeError::StartingEngine)?;
+    let (node, mgmt) = match &cfg.pool {
+        None => (None, None),
+        Some(p) => {
+            let (node, mgmt) = start_node(p, &exports, &committers, cfg.engine.max_payload_bytes)?;
+            (Some(node), Some(mgmt))
+        }
+    };
     let listeners = bind(&cfg)?;
     let engine = Arc::new(
         Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?,
@@ -178,13 +243,16 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .map_err(ServeError::StartingEngine)?
     };
 
+    if let Some(m) = &mgmt {
+        let _ = writeln!(banner, "management unix {}", m.path().display());
+    }
     let mut out = io::stdout().lock();
     let _ = out.write_all(&banner);
     let _ = writeln!(out, "ready");
     let _ = out.flush();
     drop(out);
     tracing::info!(
-        exports = exports.list.len(),
+        exports = exports.len(),
         threads = cfg.engine.threads,
         "serving"
     );
@@ -193,14 +261,20 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(%signal, "stopping: no new connections; finishing requests in flight");
     let _ = nix::unistd::write(stop.as_fd(), &1u64.to_ne_bytes());
     let _ = acceptor.join();
+    if let Some(m) = mgmt {
+        m.stop();
+    }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.shutdown();
     }
-    for e in &exports.list {
-        if let Err(err) = e.target.sync() {
-            tracing::error!(export = %e.name, "final flush failed: {err}");
+    for (name, target) in exports.snapshot() {
+        if let Err(err) = target.sync() {
+            tracing::error!(export = %name, "final flush failed: {err}");
         }
     }
+    // Requests parked on a commit were answered while the engine drained; none wait now.
+    committers.stop();
+    drop(node);
     if let Some(path) = &cfg.socket {
         let _ = std::fs::remove_file(path);
     }

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
@@ -42,6 +42,8 @@ pub struct FileTarget {
     /// Set by the first failed write or flush: after it, nothing written since the last good flush
     /// can be trusted durable, so every request fails until the export is reopened.
     failed: AtomicBool,
+    clients: AtomicUsize,
+    revoked: AtomicBool,
 }
 
 impl FileTarget {
@@ -77,6 +79,8 @@ impl FileTarget {
             read_only,
             zero_range: AtomicBool::new(true),
             failed: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            revoked: AtomicBool::new(false),
         })
     }
 
@@ -91,6 +95,16 @@ impl FileTarget {
             }
             _ => self.buffered.as_raw_fd(),
         }
+    }
+
+    /// Connections using the file now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// Withdraws the export: requests fail and the engine closes its connections.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
     }
 
     fn latch(&self) {
@@ -155,6 +169,9 @@ impl BlockTarget for FileTarget {
     }
 
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        if self.revoked.load(Ordering::Acquire) {
+            return Err(TargetError::Withdrawn);
+        }
         if self.failed.load(Ordering::Acquire) {
             return Err(TargetError::Latched);
         }
@@ -332,6 +349,18 @@ impl BlockTarget for FileTarget {
         self.buffered
             .sync_data()
             .map_err(|source| TargetError::Syncing { source })
+    }
+
+    fn attach(&self) {
+        self.clients.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn detach(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 }
 

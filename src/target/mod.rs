@@ -4,12 +4,14 @@
 //! mirrored volumes plug in behind the same trait, so the protocol code never knows which it serves.
 
 mod file;
+mod volume;
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use file::{CacheMode, FileTarget};
+pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
 
@@ -94,10 +96,20 @@ pub enum FileIo {
         len: u32,
         advice: i32,
     },
+    /// Waits until `fd` (an eventfd or pipe another thread signals) is readable; completes with
+    /// the poll mask. How a request parks until work done elsewhere (a group commit) finishes.
+    Wait {
+        fd: RawFd,
+    },
+    /// Fills part of the request buffer with zeroes; done by the engine itself, no kernel I/O.
+    Zero {
+        buf_start: u32,
+        len: u32,
+    },
 }
 
 /// Most I/Os one phase of an operation may issue.
-pub const MAX_PLAN_IOS: usize = 4;
+pub const MAX_PLAN_IOS: usize = 8;
 
 /// One phase of an operation: I/Os issued together. `linked` runs them in order, each starting only
 /// after the previous one succeeded (a later one fails with `ECANCELED` if an earlier one fails).
@@ -107,13 +119,18 @@ pub struct Plan {
     len: usize,
     pub linked: bool,
     /// Which phase this is; targets with several phases keep their place here.
-    pub phase: u8,
+    pub phase: u32,
+    /// Where the next phase resumes (a target's own bookkeeping, e.g. a read's next offset).
+    pub cursor: u64,
 }
 
 impl Plan {
     pub fn clear(&mut self) {
         self.len = 0;
         self.linked = false;
+    }
+    pub fn is_full(&self) -> bool {
+        self.len == MAX_PLAN_IOS
     }
     pub fn push(&mut self, io: FileIo) {
         assert!(
@@ -164,6 +181,15 @@ pub enum TargetError {
     FastZeroUnsupported,
     #[error("an earlier write or flush failed; the export refuses I/O until it is reopened")]
     Latched,
+    #[error("the export was withdrawn (its volume is being deleted or taken offline)")]
+    Withdrawn,
+    /// A volume operation failed; `errno` is what a block device would report.
+    #[error("{what}: {message}")]
+    Volume {
+        what: &'static str,
+        errno: i32,
+        message: String,
+    },
 }
 
 impl TargetError {
@@ -177,7 +203,8 @@ impl TargetError {
             | TargetError::Zeroing { source, .. }
             | TargetError::QueryingAllocation { source, .. } => errno_of(source),
             TargetError::FastZeroUnsupported => NbdErrno::NotSup,
-            TargetError::Latched => NbdErrno::Io,
+            TargetError::Latched | TargetError::Withdrawn => NbdErrno::Io,
+            TargetError::Volume { errno, .. } => errno_of(&io::Error::from_raw_os_error(*errno)),
         }
     }
 }
@@ -219,6 +246,13 @@ pub trait BlockTarget: Send + Sync {
     ) -> Result<(), TargetError>;
     /// Makes everything written durable (blocking; used at shutdown).
     fn sync(&self) -> Result<(), TargetError>;
+    /// A connection started using the target (entered transmission); `detach` when it closed.
+    fn attach(&self) {}
+    fn detach(&self) {}
+    /// The export was withdrawn: connections using it are closed (checked about once a second).
+    fn revoked(&self) -> bool {
+        false
+    }
 }
 
 /// A named export and the target behind it.
@@ -249,24 +283,66 @@ impl Export {
     }
 }
 
-/// The exports a server offers. The default export "" is the only export when there is one.
+/// The exports a server offers; volumes come and go while it runs. The default export "" is the
+/// only export when there is one. Looked up only at negotiation, never on the I/O path.
 #[derive(Default)]
 pub struct Exports {
-    pub list: Vec<Export>,
+    list: parking_lot::RwLock<Vec<Export>>,
+}
+
+impl Exports {
+    /// Adds an export; refused (and handed back) when the name is taken.
+    pub fn add(&self, export: Export) -> Result<(), Export> {
+        let mut list = self.list.write();
+        if list.iter().any(|e| e.name == export.name) {
+            return Err(export);
+        }
+        list.push(export);
+        Ok(())
+    }
+
+    /// Withdraws an export from new negotiations; connections already using it are untouched.
+    pub fn remove(&self, name: &str) -> Option<Export> {
+        let mut list = self.list.write();
+        let i = list.iter().position(|e| e.name == name)?;
+        Some(list.remove(i))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.list.read().iter().any(|e| e.name == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(name, target)` of every export, at this moment.
+    pub fn snapshot(&self) -> Vec<(String, Arc<dyn BlockTarget>)> {
+        self.list
+            .read()
+            .iter()
+            .map(|e| (e.name.clone(), e.target.clone()))
+            .collect()
+    }
 }
 
 impl ExportLookup for Exports {
     type Export = Arc<dyn BlockTarget>;
     fn lookup(&self, name: &str) -> Option<(Self::Export, ExportInfo)> {
-        let export = if name.is_empty() && self.list.len() == 1 {
-            self.list.first()
+        let list = self.list.read();
+        let export = if name.is_empty() && list.len() == 1 {
+            list.first()
         } else {
-            self.list.iter().find(|e| e.name == name)
+            list.iter().find(|e| e.name == name)
         }?;
         Some((export.target.clone(), export.info()))
     }
     fn for_each(&self, f: &mut dyn FnMut(&str, &str)) {
-        for e in &self.list {
+        for e in self.list.read().iter() {
             f(&e.name, &e.description);
         }
     }

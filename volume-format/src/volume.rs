@@ -192,6 +192,11 @@ impl<S: Storage> Volume<S> {
         (&mut self.meta, &mut self.data)
     }
 
+    /// The metadata, data and backing image files.
+    pub fn files(&self) -> (&S, &S, Option<&S>) {
+        (&self.meta, &self.data, self.image.as_ref())
+    }
+
     pub fn into_parts(self) -> (S, S, Option<S>) {
         (self.meta, self.data, self.image)
     }
@@ -311,6 +316,77 @@ impl<S: Storage> Volume<S> {
         })
     }
 
+    // ---- the asynchronous data path (the io_uring engine) -------------------------------------
+    //
+    // The engine writes whole ranges to the data file through its ring. It calls `begin_write`
+    // first (under the volume's lock), which copies up the partial INHERITED blocks at either
+    // edge synchronously, so the ring write never leaves part of a block without its image
+    // bytes; then `end_write` once the write completed, which flips the range's bits. A commit
+    // is split the same way: `begin_commit` under the lock, then `write_commit` and the data
+    // sync without it, then `end_commit`. The caller allows one commit at a time.
+
+    /// The reason the volume latched failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Latches the volume failed (an I/O the engine did for it failed).
+    pub fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            self.failed = Some(why);
+        }
+    }
+
+    /// The first write after `begin_epoch` must commit the new generation first (a synchronous
+    /// commit inside `begin_write`); the caller takes its commit lock when this says so.
+    pub fn generation_armed(&self) -> bool {
+        self.st.superblock().flags & FLAG_GENERATION_ARMED != 0
+    }
+
+    /// Checks a write of `[offset, offset+len)` and copies up its partial INHERITED edge blocks.
+    pub fn begin_write(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.range(offset, len)?;
+        if len == 0 {
+            return self.live();
+        }
+        self.latching(|v| {
+            v.before_write()?;
+            let end = offset + len;
+            let head = offset / BLOCK_BYTES;
+            let tail = (end - 1) / BLOCK_BYTES;
+            for b in [head, tail] {
+                let b_start = b * BLOCK_BYTES;
+                let whole = offset <= b_start && end >= b_start + BLOCK_BYTES;
+                if !whole && v.st.state(b) == BlockState::Inherited {
+                    let block = v.read_block(b)?;
+                    v.data.write_at(b_start, &block)?;
+                    v.st.mark_own(b, 1);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The engine's write of `[offset, offset+len)` to the data file completed.
+    pub fn end_write(&mut self, offset: u64, len: u64) {
+        if len > 0 && self.failed.is_none() {
+            let first = offset / BLOCK_BYTES;
+            let last = (offset + len - 1) / BLOCK_BYTES;
+            self.st.mark_own(first, last - first + 1);
+        }
+    }
+
+    /// The first half of a commit: what to write, or `None` when only the data needs a sync.
+    pub fn begin_commit(&mut self) -> Result<Option<Commit>, VolumeError> {
+        self.live()?;
+        Ok(self.st.plan_commit())
+    }
+
+    /// The last half of a commit: `c` is durable.
+    pub fn end_commit(&mut self, c: Commit) {
+        self.st.commit_done(c);
+    }
+
     /// Makes `[offset, offset+len)` read as zeroes and frees the whole blocks it covers
     /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -370,17 +446,7 @@ impl<S: Storage> Volume<S> {
     }
 
     fn write_commit(&mut self, c: &Commit) -> Result<(), VolumeError> {
-        for (off, bytes) in &c.pages {
-            self.meta.write_at(*off, &bytes[..])?;
-        }
-        if let Some(prev) = &c.previous {
-            self.meta.write_at(SUPERBLOCK_B_OFFSET, &prev[..])?;
-        }
-        self.meta.sync()?;
-        self.meta.write_at(SUPERBLOCK_A_OFFSET, &c.superblock[..])?;
-        self.meta.sync()?;
-        self.meta.write_at(SUPERBLOCK_B_OFFSET, &c.superblock[..])?;
-        Ok(())
+        write_commit(&mut self.meta, c)
     }
 
     /// Makes the lazily written superblock copy B durable (on close); flushes nothing else.
@@ -564,4 +630,21 @@ pub(crate) fn load_state<S: Storage>(meta: &mut S) -> Result<VolumeState, Volume
         st.load_page(p, [&slots[0], &slots[1]])?;
     }
     Ok(st.finish_load()?)
+}
+
+/// Writes a planned commit to the metadata file in the order SPEC.md §6 requires: pages (and a
+/// lagging copy B), sync, superblock copy A, sync, then copy B lazily. The data file must have
+/// been synced after the commit was planned and before this is called.
+pub fn write_commit<S: Storage>(meta: &mut S, c: &Commit) -> Result<(), VolumeError> {
+    for (off, bytes) in &c.pages {
+        meta.write_at(*off, &bytes[..])?;
+    }
+    if let Some(prev) = &c.previous {
+        meta.write_at(SUPERBLOCK_B_OFFSET, &prev[..])?;
+    }
+    meta.sync()?;
+    meta.write_at(SUPERBLOCK_A_OFFSET, &c.superblock[..])?;
+    meta.sync()?;
+    meta.write_at(SUPERBLOCK_B_OFFSET, &c.superblock[..])?;
+    Ok(())
 }

@@ -1,0 +1,508 @@
+//! The management subcommands (`streamer image|volume|status|check`): parse, send to the node's
+//! management socket, print a table (or `--json`), exit non-zero with a one-line reason.
+
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+use crate::mgmt::client::{ClientError, call};
+use crate::mgmt::protocol::{
+    CheckInfo, ImageInfo, Request, Response, StatusInfo, VerifyInfo, VolumeInfo,
+};
+
+/// The management socket's file name inside the data directory.
+pub const SOCKET_NAME: &str = "streamer.sock";
+
+/// How to reach the node and how to print.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// The node's management socket (default: $STREAMER_DATA_DIR/streamer.sock, else
+    /// ./streamer-data/streamer.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the result as JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Conn {
+    fn path(&self) -> PathBuf {
+        if let Some(p) = &self.socket {
+            return p.clone();
+        }
+        let dir = std::env::var_os("STREAMER_DATA_DIR").map_or_else(
+            || PathBuf::from(crate::cli::DEFAULT_DATA_DIR),
+            PathBuf::from,
+        );
+        dir.join(SOCKET_NAME)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImageCmd {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: ImageSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageSub {
+    /// Import a golden image from FILE (raw, or any format qemu-img reads; `-`: raw from stdin).
+    Import {
+        name: String,
+        file: PathBuf,
+        /// The file's format (default: what `qemu-img info` detects; stdin is raw).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// List golden images.
+    List,
+    /// Size, digest and the volumes cloned from an image.
+    Show { name: String },
+    /// Re-read an image and check it against its digest.
+    Verify { name: String },
+    /// Delete an image (refused while volumes are cloned from it).
+    Delete { name: String },
+    /// Capture a volume as a new golden image (flattened; refused while it has clients).
+    Capture {
+        name: String,
+        #[arg(long, value_name = "VOLUME")]
+        from: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeCmd {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: VolumeSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeSub {
+    /// Create a volume: a thin clone of --image (default size: the image's), or blank (--size).
+    Create {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        /// Size (10G, 512M, bytes); at least the image's.
+        #[arg(long, value_parser = crate::cli::parse_bytes)]
+        size: Option<u64>,
+    },
+    /// List volumes: size, disk use, image, clients.
+    List,
+    /// A volume's details and I/O counters.
+    Show { name: String },
+    /// Grow a volume (new connections see the new size).
+    Resize {
+        name: String,
+        #[arg(value_parser = crate::cli::parse_bytes)]
+        size: u64,
+    },
+    /// Delete a volume (refused while clients are connected, unless --force disconnects them).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusCmd {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckCmd {
+    #[command(flatten)]
+    conn: Conn,
+    /// Repair what can be repaired (leaked data blocks are freed).
+    #[arg(long)]
+    repair: bool,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("streamer: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Sends a request, with a progress bar on a terminal for the long ones.
+fn request(
+    conn: &Conn,
+    req: Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Response, ClientError> {
+    let bar = (std::io::stderr().is_terminal() && !conn.json).then(|| {
+        let b = ProgressBar::hidden();
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let r = call(&conn.path(), req, fd, |done, total| {
+        if let Some(b) = &bar {
+            if b.is_hidden() {
+                b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            match total {
+                Some(t) => b.set_length(t),
+                None => b.set_style(
+                    ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
+                        .expect("valid template"),
+                ),
+            }
+            b.set_position(done);
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    r
+}
+
+fn run(conn: &Conn, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> ExitCode {
+    match request(conn, req, fd) {
+        Ok(resp) => {
+            if conn.json {
+                println!("{}", json(&resp));
+            } else {
+                print!("{}", render(&resp));
+            }
+            match &resp {
+                Response::Verify(v) if !v.ok => ExitCode::FAILURE,
+                Response::Check(c) if c.volumes.iter().any(|v| !v.ok) => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn image(c: ImageCmd) -> ExitCode {
+    let req = match c.cmd {
+        ImageSub::Import { name, file, format } => return import(&c.conn, name, &file, format),
+        ImageSub::List => Request::ImageList,
+        ImageSub::Show { name } => Request::ImageShow { name },
+        ImageSub::Verify { name } => Request::ImageVerify { name },
+        ImageSub::Delete { name } => Request::ImageDelete { name },
+        ImageSub::Capture { name, from } => Request::ImageCapture { name, from },
+    };
+    run(&c.conn, req, None)
+}
+
+/// Opens the import source here, with the user's own permissions, and passes the open file to
+/// the node: the node reads only what the user could read.
+fn import(conn: &Conn, name: String, file: &Path, format: Option<String>) -> ExitCode {
+    if file == Path::new("-") {
+        if format.as_deref().is_some_and(|f| f != "raw") {
+            return fail("stdin can only carry a raw image (other formats need random access)");
+        }
+        let stdin = std::io::stdin();
+        return run(
+            conn,
+            Request::ImageImport { name, format: None },
+            Some(stdin.as_fd()),
+        );
+    }
+    let f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+    };
+    match f.metadata() {
+        Ok(m) if m.is_dir() => return fail(format!("{} is a directory", file.display())),
+        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+        Ok(_) => {}
+    }
+    let format = match format {
+        Some(f) => f,
+        None => match probe_format(file) {
+            Ok(f) => f,
+            Err(e) => return fail(e),
+        },
+    };
+    let format = (format != "raw").then_some(format);
+    run(conn, Request::ImageImport { name, format }, Some(f.as_fd()))
+}
+
+/// The image format `qemu-img info` detects.
+fn probe_format(file: &Path) -> Result<String, String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(file)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run qemu-img to detect the format ({e}); give --format raw for a raw image"
+            )
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img cannot read {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("unexpected qemu-img output: {e}"))?;
+    v.get("format")
+        .and_then(|f| f.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| "qemu-img did not report a format".to_owned())
+}
+
+pub fn volume(c: VolumeCmd) -> ExitCode {
+    let req = match c.cmd {
+        VolumeSub::Create { name, image, size } => {
+            if image.is_none() && size.is_none() {
+                return fail("a blank volume needs --size (or give --image to clone one)");
+            }
+            Request::VolumeCreate { name, image, size }
+        }
+        VolumeSub::List => Request::VolumeList,
+        VolumeSub::Show { name } => Request::VolumeShow { name },
+        VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
+        VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
+    };
+    run(&c.conn, req, None)
+}
+
+pub fn status(c: StatusCmd) -> ExitCode {
+    run(&c.conn, Request::Status, None)
+}
+
+pub fn check(c: CheckCmd) -> ExitCode {
+    run(&c.conn, Request::Check { repair: c.repair }, None)
+}
+
+// ---- output ----------------------------------------------------------------------------------
+
+fn json(r: &Response) -> String {
+    let v = match r {
+        Response::Status(x) => serde_json::to_value(x),
+        Response::Image(x) => serde_json::to_value(x),
+        Response::Images(x) => serde_json::to_value(x),
+        Response::Volume(x) => serde_json::to_value(x),
+        Response::Volumes(x) => serde_json::to_value(x),
+        Response::Verify(x) => serde_json::to_value(x),
+        Response::Check(x) => serde_json::to_value(x),
+        Response::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
+    };
+    serde_json::to_string_pretty(&v.unwrap_or_default()).unwrap_or_default()
+}
+
+fn render(r: &Response) -> String {
+    match r {
+        Response::Status(s) => render_status(s),
+        Response::Image(i) => render_image(i),
+        Response::Images(list) => table(
+            &["NAME", "SIZE", "DISK", "SHA256", "VOLUMES", "CLIENTS"],
+            list.iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        HumanBytes(i.size).to_string(),
+                        HumanBytes(i.allocated_bytes).to_string(),
+                        i.sha256.chars().take(16).collect(),
+                        i.volumes.len().to_string(),
+                        i.clients.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        Response::Volume(v) => render_volume(v),
+        Response::Volumes(list) => table(
+            &["NAME", "SIZE", "DISK", "IMAGE", "CLIENTS", "STATE"],
+            list.iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        HumanBytes(v.size).to_string(),
+                        HumanBytes(v.allocated_bytes).to_string(),
+                        v.image.clone().unwrap_or_else(|| "-".into()),
+                        v.clients.to_string(),
+                        volume_state(v).into(),
+                    ]
+                })
+                .collect(),
+        ),
+        Response::Verify(v) => render_verify(v),
+        Response::Check(c) => render_check(c),
+        Response::Deleted { name } => format!("deleted {name}\n"),
+    }
+}
+
+fn volume_state(v: &VolumeInfo) -> &'static str {
+    match (&v.failed, v.served) {
+        (Some(_), _) => "failed",
+        (None, true) => "served",
+        (None, false) => "offline",
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(head.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn fields(rows: &[(&str, String)]) -> String {
+    let w = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:")))
+        .collect()
+}
+
+fn render_image(i: &ImageInfo) -> String {
+    fields(&[
+        ("name", i.name.clone()),
+        ("size", format!("{} ({} bytes)", HumanBytes(i.size), i.size)),
+        ("disk", HumanBytes(i.allocated_bytes).to_string()),
+        ("sha256", i.sha256.clone()),
+        ("export", format!("image/{}", i.name)),
+        (
+            "volumes",
+            if i.volumes.is_empty() {
+                "-".into()
+            } else {
+                i.volumes.join(", ")
+            },
+        ),
+        ("clients", i.clients.to_string()),
+    ])
+}
+
+fn render_volume(v: &VolumeInfo) -> String {
+    let c = &v.counters;
+    fields(&[
+        ("name", v.name.clone()),
+        ("size", format!("{} ({} bytes)", HumanBytes(v.size), v.size)),
+        ("disk", HumanBytes(v.allocated_bytes).to_string()),
+        (
+            "image",
+            v.image.clone().unwrap_or_else(|| "- (blank)".into()),
+        ),
+        ("state", volume_state(v).into()),
+        ("failure", v.failed.clone().unwrap_or_else(|| "-".into())),
+        ("clients", v.clients.to_string()),
+        (
+            "reads",
+            format!("{} ({})", c.reads, HumanBytes(c.read_bytes)),
+        ),
+        (
+            "writes",
+            format!("{} ({})", c.writes, HumanBytes(c.written_bytes)),
+        ),
+        ("flushes", c.flushes.to_string()),
+        ("zeroes", c.zeroes.to_string()),
+        ("errors", c.errors.to_string()),
+        ("commit", v.commit.to_string()),
+        ("generation", v.generation.clone()),
+    ])
+}
+
+fn render_verify(v: &VerifyInfo) -> String {
+    format!(
+        "{}: {}{}\n",
+        v.name,
+        if v.ok { "ok, " } else { "" },
+        v.message
+    )
+}
+
+fn render_check(c: &CheckInfo) -> String {
+    let mut out = String::new();
+    for v in &c.volumes {
+        if let Some(why) = &v.skipped {
+            out.push_str(&format!("{}: skipped: {why}\n", v.name));
+            continue;
+        }
+        let mut line = format!("{}: {}", v.name, if v.ok { "ok" } else { "CORRUPT" });
+        if v.leaks > 0 {
+            line.push_str(&format!(
+                ", {} leaked range(s) ({}){}",
+                v.leaks,
+                HumanBytes(v.leaked_bytes),
+                if v.repaired { ", freed" } else { "" }
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+        for e in &v.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        for n in &v.notes {
+            out.push_str(&format!("  note: {n}\n"));
+        }
+    }
+    if c.volumes.is_empty() {
+        out.push_str("no volumes\n");
+    }
+    out
+}
+
+fn render_status(s: &StatusInfo) -> String {
+    let used_fs = s.pool.capacity_bytes.saturating_sub(s.pool.free_bytes);
+    let mut out = fields(&[
+        ("node", format!("streamer {} (pid {})", s.version, s.pid)),
+        ("data dir", s.data_dir.clone()),
+        ("uptime", format!("{}s", s.uptime_seconds)),
+        (
+            "pool",
+            format!(
+                "{} used by images and volumes; file system {} of {} used, {} free",
+                HumanBytes(s.pool.used_bytes),
+                HumanBytes(used_fs),
+                HumanBytes(s.pool.capacity_bytes),
+                HumanBytes(s.pool.free_bytes)
+            ),
+        ),
+        ("images", s.images.to_string()),
+        ("volumes", s.volumes.to_string()),
+        ("exports", s.exports.len().to_string()),
+        ("connections", s.connections.to_string()),
+        (
+            "alerts",
+            if s.alerts.is_empty() {
+                "none".into()
+            } else {
+                s.alerts.len().to_string()
+            },
+        ),
+    ]);
+    for a in &s.alerts {
+        out.push_str(&format!("  alert: {a}\n"));
+    }
+    out
+}

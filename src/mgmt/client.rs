@@ -1,0 +1,100 @@
+//! The client side of the management socket, used by the `streamer` subcommands.
+
+use std::io::{self, BufRead, BufReader, IoSlice, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+
+use super::protocol::{
+    Envelope, ErrorKind, MAX_REPLY_BYTES, PROTOCOL_VERSION, Reply, Request, Response,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the streamer node at {path}: {source} (is `streamer serve` running?)")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("talking to the node: {0}")]
+    Io(#[from] io::Error),
+    #[error("the node sent a reply this client does not understand: {0}")]
+    Protocol(String),
+    /// The node refused or failed the command.
+    #[error("{message}")]
+    Node { kind: ErrorKind, message: String },
+}
+
+/// Sends `request` (with `fd` attached, for an import) and returns the final response; progress
+/// lines are handed to `progress` as they arrive.
+pub fn call(
+    socket: &Path,
+    request: Request,
+    fd: Option<BorrowedFd<'_>>,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<Response, ClientError> {
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let mut line = serde_json::to_vec(&Envelope {
+        version: PROTOCOL_VERSION,
+        request,
+    })
+    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let mut sent = 0;
+    while sent < line.len() {
+        // The descriptor rides on the first sendmsg only.
+        let n = if sent == 0 {
+            sendmsg(
+                &stream,
+                &[IoSlice::new(&line)],
+                &mut control,
+                SendFlags::empty(),
+            )
+        } else {
+            sendmsg(
+                &stream,
+                &[IoSlice::new(&line[sent..])],
+                &mut SendAncillaryBuffer::default(),
+                SendFlags::empty(),
+            )
+        };
+        match n {
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(ClientError::Io(e.into())),
+        }
+    }
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut buf = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_REPLY_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            return Err(ClientError::Protocol(
+                "the node closed the connection without a reply".into(),
+            ));
+        }
+        if buf.len() > MAX_REPLY_BYTES {
+            return Err(ClientError::Protocol(format!(
+                "a reply longer than {MAX_REPLY_BYTES} bytes"
+            )));
+        }
+        let reply: Reply =
+            serde_json::from_slice(&buf).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match reply {
+            Reply::Progress { done, total } => progress(done, total),
+            Reply::Ok { result } => return Ok(result),
+            Reply::Error { kind, message } => return Err(ClientError::Node { kind, message }),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The management protocol: typed messages on a Unix socket, one JSON document per line.
+//! `docs/management.md` is its description for people; this file is the authority.
+//!
+//! A client connects, sends one [`Envelope`] line (for `image_import`, with the source file's
+//! descriptor attached as `SCM_RIGHTS`), and reads [`Reply`] lines: any number of `progress`
+//! lines, then exactly one `ok` or `error` line, after which the server closes the connection.
+
+use serde::{Deserialize, Serialize};
+
+use crate::target::VolumeCounters;
+
+/// The protocol version this build speaks. A server refuses other versions with an error that
+/// names both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line the server reads; longer ones are refused and the connection closed.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Longest reply line a client accepts (a `volume list` of thousands of volumes fits).
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub version: u32,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    /// The raw (or `format`) image bytes come from the descriptor passed with the message.
+    ImageImport {
+        name: String,
+        /// A format `qemu-img` reads (`qcow2`, `vmdk`, ...); `None` or `raw`: taken as it is.
+        format: Option<String>,
+    },
+    ImageList,
+    ImageShow {
+        name: String,
+    },
+    ImageVerify {
+        name: String,
+    },
+    ImageDelete {
+        name: String,
+    },
+    ImageCapture {
+        name: String,
+        from: String,
+    },
+    VolumeCreate {
+        name: String,
+        image: Option<String>,
+        size: Option<u64>,
+    },
+    VolumeList,
+    VolumeShow {
+        name: String,
+    },
+    VolumeResize {
+        name: String,
+        size: u64,
+    },
+    VolumeDelete {
+        name: String,
+        force: bool,
+    },
+    Check {
+        repair: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Work under way: `done` bytes of `total` (when known).
+    Progress {
+        done: u64,
+        total: Option<u64>,
+    },
+    Ok {
+        result: Response,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// What kind of failure, for scripts; `message` says it for people.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed, or a name or size is not acceptable.
+    Invalid,
+    NotFound,
+    Exists,
+    /// Something depends on the object (clients, volumes) or another command is working on it.
+    InUse,
+    /// The peer may not manage this node.
+    Denied,
+    /// A disk or volume error.
+    Io,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Response {
+    Status(StatusInfo),
+    Image(ImageInfo),
+    Images(Vec<ImageInfo>),
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Verify(VerifyInfo),
+    Check(CheckInfo),
+    Deleted { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    pub name: String,
+    pub size: u64,
+    /// SHA-256 of the image bytes (what `sha256sum` prints for the raw file).
+    pub sha256: String,
+    pub id: String,
+    /// Disk space the image file takes (it is sparse).
+    pub allocated_bytes: u64,
+    /// Volumes cloned from it.
+    pub volumes: Vec<String>,
+    /// Connections reading its `image/NAME` export.
+    pub clients: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size: u64,
+    /// Disk space of its data and metadata files (what it costs beyond its image).
+    pub allocated_bytes: u64,
+    pub image: Option<String>,
+    pub clients: usize,
+    /// Whether it is exported now (a volume is unexported while a command works on it, or when
+    /// it failed to open).
+    pub served: bool,
+    /// Set when the volume latched failed after an I/O error.
+    pub failed: Option<String>,
+    pub counters: VolumeCounters,
+    pub generation: String,
+    pub epoch: u64,
+    pub commit: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyInfo {
+    pub name: String,
+    pub ok: bool,
+    pub sha256: String,
+    pub bad_chunks: Vec<u64>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckInfo {
+    pub volumes: Vec<VolumeCheck>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeCheck {
+    pub name: String,
+    pub ok: bool,
+    pub skipped: Option<String>,
+    pub errors: Vec<String>,
+    pub notes: Vec<String>,
+    pub leaks: u64,
+    pub leaked_bytes: u64,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusInfo {
+    pub version: String,
+    pub data_dir: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub pool: PoolSpace,
+    pub images: usize,
+    pub volumes: usize,
+    pub exports: Vec<String>,
+    pub connections: usize,
+    pub alerts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PoolSpace {
+    /// Size and free space of the file system holding the pool.
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Disk space taken by images and volumes.
+    pub used_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let e = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::VolumeCreate {
+                name: "web-1".into(),
+                image: Some("debian".into()),
+                size: Some(10 << 30),
+            },
+        };
+        let line = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"request":{"op":"volume_create","name":"web-1","image":"debian","size":10737418240}}"#
+        );
+        assert_eq!(serde_json::from_str::<Envelope>(&line).unwrap(), e);
+        let extra = r#"{"version":1,"request":{"op":"image_show","name":"a","x":1}}"#;
+        assert!(serde_json::from_str::<Envelope>(extra).is_err());
+        let unknown = r#"{"version":1,"request":{"op":"format_disk"}}"#;
+        assert!(serde_json::from_str::<Envelope>(unknown).is_err());
+    }
+}

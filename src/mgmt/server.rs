@@ -1,0 +1,415 @@
+//! The management socket: who may connect, how a request is read, how a command runs.
+//!
+//! Every limit is explicit: a request is one line of at most `MAX_REQUEST_BYTES`, it must arrive
+//! within `REQUEST_TIMEOUT`, at most `MAX_CLIENTS` commands run at once, and the peer's uid is
+//! checked with `SO_PEERCRED` before a byte is read: root, the owner of the data directory, or a
+//! member of the admin group. Commands run on their own threads, never on the I/O engine's.
+
+use std::fs::File;
+use std::io::{self, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+
+use super::protocol::{
+    Envelope, ErrorKind, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, Response,
+};
+use crate::node::{Node, NodeError};
+
+/// Time a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a reply may take to be read by the client before the server gives up on it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commands running at once; more connections are refused with a message.
+const MAX_CLIENTS: usize = 32;
+/// Least time between two progress lines.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Who may manage the node.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// The owner of the data directory.
+    pub owner_uid: u32,
+    /// Members of this group (primary or supplementary) may manage it too.
+    pub admin_gid: Option<u32>,
+}
+
+pub struct MgmtServer {
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MgmtServer {
+    /// Binds `path` (mode 0600, or 0660 owned by the admin group) and starts accepting.
+    pub fn start(node: Arc<Node>, path: &Path, access: Access) -> io::Result<MgmtServer> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            // Left by a server that did not stop cleanly; a live one would hold the pool lock.
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
+        let mode = match access.admin_gid {
+            Some(gid) => {
+                std::os::unix::fs::chown(path, None, Some(gid))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("streamer-mgmt".into())
+                .spawn(move || accept_loop(&listener, &stop, &node, access))?
+        };
+        Ok(MgmtServer {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting; commands already running finish on their own threads.
+    pub fn stop(mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: &UnixListener, stop: &EventFd, node: &Arc<Node>, access: Access) {
+    let running = Arc::new(AtomicUsize::new(0));
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!("management socket poll failed: {e}");
+                return;
+            }
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        loop {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("management accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            };
+            let _ = stream.set_nonblocking(false);
+            if running.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                running.fetch_sub(1, Ordering::AcqRel);
+                let mut s = stream;
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let refusal = error(
+                    ErrorKind::InUse,
+                    format!("too many management commands at once (limit {MAX_CLIENTS})"),
+                );
+                let _ = send(&mut s, &refusal.into());
+                continue;
+            }
+            let (node, running) = (node.clone(), running.clone());
+            let spawned = std::thread::Builder::new()
+                .name("streamer-mgmt-cmd".into())
+                .spawn(move || {
+                    serve_client(stream, &node, access);
+                    running.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a management command thread: {e}");
+            }
+        }
+    }
+}
+
+/// A command refused before it ran (kept small: it travels in `Result`s).
+#[derive(Debug)]
+struct Refusal(Box<(ErrorKind, String)>);
+
+impl From<Refusal> for Reply {
+    fn from(r: Refusal) -> Reply {
+        let (kind, message) = *r.0;
+        Reply::Error { kind, message }
+    }
+}
+
+fn error(kind: ErrorKind, message: String) -> Refusal {
+    Refusal(Box::new((kind, message)))
+}
+
+fn send(s: &mut UnixStream, r: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// Checks the peer's credentials; `Err` holds the refusal.
+fn authorize(s: &UnixStream, access: Access) -> Result<u32, String> {
+    let cred = rustix::net::sockopt::socket_peercred(s)
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let uid = cred.uid.as_raw();
+    if uid == 0 || uid == access.owner_uid {
+        return Ok(uid);
+    }
+    if let Some(gid) = access.admin_gid
+        && (cred.gid.as_raw() == gid || supplementary_groups(cred.pid.as_raw_pid()).contains(&gid))
+    {
+        return Ok(uid);
+    }
+    Err(format!(
+        "permission denied: uid {uid} is not root, the owner of the data directory (uid {}){}",
+        access.owner_uid,
+        match access.admin_gid {
+            Some(g) => format!(", or in the admin group (gid {g})"),
+            None => String::new(),
+        }
+    ))
+}
+
+/// The supplementary groups of process `pid` (from /proc; empty if it cannot be read).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads the request line and any descriptors sent with it.
+fn read_request(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Refusal> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::with_capacity(512);
+    let mut fds = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(error(
+                ErrorKind::Invalid,
+                format!("no request within {}s", REQUEST_TIMEOUT.as_secs()),
+            ));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(
+            s,
+            &mut [IoSliceMut::new(&mut chunk)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        );
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(passed) = msg {
+                fds.extend(passed);
+            }
+        }
+        let n = match got {
+            Ok(m) => m.bytes,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(error(
+                    ErrorKind::Invalid,
+                    format!("no request within {}s", REQUEST_TIMEOUT.as_secs()),
+                ));
+            }
+            Err(e) => {
+                return Err(error(
+                    ErrorKind::Invalid,
+                    format!("reading the request: {e}"),
+                ));
+            }
+        };
+        if n == 0 {
+            return Err(error(
+                ErrorKind::Invalid,
+                "the connection ended before a whole request line arrived".into(),
+            ));
+        }
+        if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&chunk[..end]);
+            if line.len() > MAX_REQUEST_BYTES {
+                break;
+            }
+            return Ok((line, fds));
+        }
+        line.extend_from_slice(&chunk[..n]);
+        if line.len() > MAX_REQUEST_BYTES {
+            break;
+        }
+    }
+    Err(error(
+        ErrorKind::Invalid,
+        format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+    ))
+}
+
+/// Parses a request line: the version first, so a client of another version is told so.
+fn parse(line: &[u8]) -> Result<Request, Refusal> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| error(ErrorKind::Invalid, format!("malformed request: {e}")))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(v) => {
+            return Err(error(
+                ErrorKind::Invalid,
+                format!(
+                    "protocol version {v} is not supported; this server speaks {PROTOCOL_VERSION}"
+                ),
+            ));
+        }
+        None => {
+            return Err(error(
+                ErrorKind::Invalid,
+                "malformed request: no \"version\" number".into(),
+            ));
+        }
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| error(ErrorKind::Invalid, format!("malformed request: {e}")))
+}
+
+fn serve_client(mut s: UnixStream, node: &Node, access: Access) {
+    let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
+    let uid = match authorize(&s, access) {
+        Ok(uid) => uid,
+        Err(why) => {
+            tracing::warn!("management connection refused: {why}");
+            let _ = send(&mut s, &error(ErrorKind::Denied, why).into());
+            return;
+        }
+    };
+    let request = match read_request(&s).and_then(|(line, fds)| Ok((parse(&line)?, fds))) {
+        Ok(r) => r,
+        Err(refusal) => {
+            let _ = send(&mut s, &refusal.into());
+            return;
+        }
+    };
+    let (request, fds) = request;
+    tracing::info!(uid, ?request, "management command");
+    let mut last = Instant::now();
+    let mut out = s.try_clone();
+    let mut progress = |done: u64, total: Option<u64>| {
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = Instant::now();
+            if let Ok(o) = out.as_mut() {
+                let _ = send(o, &Reply::Progress { done, total });
+            }
+        }
+    };
+    let reply = match run(node, request, fds, &mut progress) {
+        Ok(result) => Reply::Ok { result },
+        Err(e) => {
+            tracing::info!("management command failed: {e}");
+            Reply::Error {
+                kind: e.kind(),
+                message: e.to_string(),
+            }
+        }
+    };
+    let _ = send(&mut s, &reply);
+}
+
+/// Runs one command on the node.
+fn run(
+    node: &Node,
+    request: Request,
+    mut fds: Vec<OwnedFd>,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<Response, NodeError> {
+    match request {
+        Request::Status => Ok(Response::Status(node.status())),
+        Request::ImageImport { name, format } => {
+            if fds.len() != 1 {
+                return Err(NodeError::Invalid(format!(
+                    "image_import needs exactly one file descriptor with the request, got {}",
+                    fds.len()
+                )));
+            }
+            let src = File::from(fds.remove(0));
+            node.import_image(&name, src, format.as_deref(), progress)
+                .map(Response::Image)
+        }
+        Request::ImageList => node.images().map(Response::Images),
+        Request::ImageShow { name } => node.image_info(&name).map(Response::Image),
+        Request::ImageVerify { name } => node.verify_image(&name, progress).map(Response::Verify),
+        Request::ImageDelete { name } => node
+            .delete_image(&name)
+            .map(|()| Response::Deleted { name }),
+        Request::ImageCapture { name, from } => {
+            node.capture(&name, &from, progress).map(Response::Image)
+        }
+        Request::VolumeCreate { name, image, size } => node
+            .create_volume(&name, image.as_deref(), size)
+            .map(Response::Volume),
+        Request::VolumeList => node.volumes().map(Response::Volumes),
+        Request::VolumeShow { name } => node.volume_info(&name).map(Response::Volume),
+        Request::VolumeResize { name, size } => {
+            node.resize_volume(&name, size).map(Response::Volume)
+        }
+        Request::VolumeDelete { name, force } => node
+            .delete_volume(&name, force)
+            .map(|()| Response::Deleted { name }),
+        Request::Check { repair } => node.check(repair).map(Response::Check),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_names_the_problem() {
+        let msg = |r: Refusal| r.0.1;
+        assert!(msg(parse(b"{not json").unwrap_err()).contains("malformed request"));
+        assert!(
+            msg(parse(br#"{"version":7,"request":{"op":"status"}}"#).unwrap_err())
+                .contains("version 7 is not supported")
+        );
+        assert!(
+            msg(parse(br#"{"request":{"op":"status"}}"#).unwrap_err()).contains("no \"version\"")
+        );
+        assert!(
+            msg(parse(br#"{"version":1,"request":{"op":"volume_create"}}"#).unwrap_err())
+                .contains("missing field `name`")
+        );
+        assert_eq!(
+            parse(br#"{"version":1,"request":{"op":"status"}}"#).unwrap(),
+            Request::Status
+        );
+    }
+}

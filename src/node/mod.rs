@@ -1,0 +1,655 @@
+//! A node: the pool, the exports it serves, and every management operation on them.
+//!
+//! The node keeps the pool's objects and the NBD exports in step: every volume is exported under
+//! its name and every golden image read-only as `image/NAME`. An operation that needs a volume
+//! closed (delete, capture, check) takes it offline first: the export is withdrawn, the open
+//! volume commits and closes, the pool does its work on the closed files, and the volume is
+//! opened and exported again (unless it was deleted). Two commands on one object exclude each
+//! other (the second is told the object is busy); commands on different objects run at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use volume_format::VolumeError;
+
+use crate::mgmt::protocol::{
+    CheckInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
+};
+use crate::names::validate_name;
+use crate::pool::{Pool, PoolError};
+use crate::target::{
+    BlockTarget, CacheMode, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
+};
+
+/// Export name prefix of golden images.
+pub const IMAGE_EXPORT_PREFIX: &str = "image/";
+
+/// How long a withdrawn export's clients get to be disconnected.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl NodeError {
+    /// The one place a node error becomes a protocol error kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            NodeError::Pool(p) => match p {
+                PoolError::Invalid(_) => ErrorKind::Invalid,
+                PoolError::NotFound { .. } => ErrorKind::NotFound,
+                PoolError::Exists { .. } => ErrorKind::Exists,
+                PoolError::InUse(_) => ErrorKind::InUse,
+                PoolError::Io { .. } | PoolError::Volume { .. } => ErrorKind::Io,
+            },
+            NodeError::InUse(_) => ErrorKind::InUse,
+            NodeError::Invalid(_) => ErrorKind::Invalid,
+            NodeError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Served {
+    volumes: BTreeMap<String, Arc<VolumeTarget>>,
+    images: BTreeMap<String, Arc<FileTarget>>,
+    /// Volumes that could not be opened, with the reason (shown as alerts).
+    broken: BTreeMap<String, String>,
+}
+
+pub struct Node {
+    pool: Pool,
+    exports: Arc<Exports>,
+    committers: Arc<Committers>,
+    served: Mutex<Served>,
+    busy: Mutex<BTreeSet<String>>,
+    max_payload_bytes: u32,
+    started: Instant,
+}
+
+/// Marks an object busy for the life of one command.
+struct Busy<'a> {
+    node: &'a Node,
+    key: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.node.busy.lock().remove(&self.key);
+    }
+}
+
+impl Node {
+    /// Opens the pool in `dir` and exports every volume and image in it. A volume that fails to
+    /// open is left unexported and reported as an alert; the rest are served.
+    pub fn open(
+        dir: &Path,
+        exports: Arc<Exports>,
+        committers: Arc<Committers>,
+        max_payload_bytes: u32,
+    ) -> Result<Node, NodeError> {
+        let pool = Pool::open(dir)?;
+        let node = Node {
+            pool,
+            exports,
+            committers,
+            served: Mutex::new(Served::default()),
+            busy: Mutex::new(BTreeSet::new()),
+            max_payload_bytes,
+            started: Instant::now(),
+        };
+        for i in node.pool.images() {
+            node.serve_image(&i.name)?;
+        }
+        for v in node.pool.volumes() {
+            if let Err(e) = node.serve_volume(&v.name) {
+                tracing::error!(volume = %v.name, "not served: {e}");
+                node.served
+                    .lock()
+                    .broken
+                    .insert(v.name.clone(), e.to_string());
+            }
+        }
+        Ok(node)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.pool.dir()
+    }
+
+    fn busy(&self, kind: &str, name: &str) -> Result<Busy<'_>, NodeError> {
+        let key = format!("{kind}/{name}");
+        if !self.busy.lock().insert(key.clone()) {
+            return Err(NodeError::InUse(format!(
+                "{kind} {name:?} is busy: another command is working on it"
+            )));
+        }
+        Ok(Busy { node: self, key })
+    }
+
+    fn serve_volume(&self, name: &str) -> Result<(), NodeError> {
+        let vol = self.pool.open_volume(name)?;
+        let target = Arc::new(
+            VolumeTarget::new(name, vol, &self.committers)
+                .map_err(|e| NodeError::Io(format!("serving volume {name:?}: {e}")))?,
+        );
+        let entry = self.pool.volume(name)?;
+        let description = match &entry.image {
+            Some(i) => format!("volume {name} (clone of {i})"),
+            None => format!("volume {name}"),
+        };
+        self.exports
+            .add(Export {
+                name: name.to_owned(),
+                description,
+                target: target.clone() as Arc<dyn BlockTarget>,
+                max_payload_bytes: self.max_payload_bytes,
+            })
+            .map_err(|_| NodeError::InUse(format!("an export named {name:?} already exists")))?;
+        let mut s = self.served.lock();
+        s.broken.remove(name);
+        s.volumes.insert(name.to_owned(), target);
+        Ok(())
+    }
+
+    fn serve_image(&self, name: &str) -> Result<(), NodeError> {
+        let (raw, _) = self.pool.image_paths(name);
+        let target = Arc::new(
+            FileTarget::open(&raw, true, CacheMode::Buffered)
+                .map_err(|e| NodeError::Io(format!("serving image {name:?}: {e}")))?,
+        );
+        let export = format!("{IMAGE_EXPORT_PREFIX}{name}");
+        self.exports
+            .add(Export {
+                name: export.clone(),
+                description: format!("golden image {name} (read-only)"),
+                target: target.clone() as Arc<dyn BlockTarget>,
+                max_payload_bytes: self.max_payload_bytes,
+            })
+            .map_err(|_| NodeError::InUse(format!("an export named {export:?} already exists")))?;
+        self.served.lock().images.insert(name.to_owned(), target);
+        Ok(())
+    }
+
+    /// Withdraws volume `name` and closes it. Without `force`, refused while clients are
+    /// connected; with it, they are disconnected first.
+    fn offline_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+        let Some(t) = self.served.lock().volumes.get(name).cloned() else {
+            return Ok(()); // not open (it failed to open): nothing to close
+        };
+        let n = t.clients();
+        if n > 0 && !force {
+            return Err(NodeError::InUse(format!(
+                "volume {name:?} has {n} connected client(s); disconnect them first{}",
+                " (or use --force)"
+            )));
+        }
+        self.exports.remove(name);
+        t.revoke();
+        wait_disconnected(|| t.clients(), name)?;
+        self.served.lock().volumes.remove(name);
+        if let Err(e) = t.close() {
+            tracing::error!(volume = %name, "closing: {e}");
+        }
+        Ok(())
+    }
+
+    /// Withdraws image `name`'s export; refused while clients read it.
+    fn offline_image(&self, name: &str) -> Result<Option<Arc<FileTarget>>, NodeError> {
+        let Some(t) = self.served.lock().images.get(name).cloned() else {
+            return Ok(None);
+        };
+        let n = t.clients();
+        if n > 0 {
+            return Err(NodeError::InUse(format!(
+                "image {name:?} has {n} client(s) reading its export {IMAGE_EXPORT_PREFIX}{name}"
+            )));
+        }
+        self.exports.remove(&format!("{IMAGE_EXPORT_PREFIX}{name}"));
+        t.revoke();
+        self.served.lock().images.remove(name);
+        Ok(Some(t))
+    }
+
+    // ---- images --------------------------------------------------------------------------
+
+    /// Imports a golden image from `src` (raw, or `format` converted with qemu-img).
+    pub fn import_image(
+        &self,
+        name: &str,
+        src: File,
+        format: Option<&str>,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<ImageInfo, NodeError> {
+        validate_name(name).map_err(NodeError::Invalid)?;
+        if self.pool.image(name).is_ok() {
+            return Err(PoolError::Exists {
+                kind: "image",
+                name: name.into(),
+            }
+            .into());
+        }
+        let _busy = self.busy("image", name)?;
+        let total = src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        let entry = match format {
+            None | Some("raw") => {
+                let mut src = io::BufReader::with_capacity(1 << 20, src);
+                self.pool
+                    .import_image(name, &mut src, |done| progress(done, total))?
+            }
+            Some(fmt) => {
+                let scratch = self.pool.scratch()?;
+                let raw = scratch.path().join("converted.raw");
+                convert_with_qemu_img(&src, fmt, &raw)?;
+                let f = File::open(&raw)
+                    .map_err(|e| NodeError::Io(format!("reading the converted image: {e}")))?;
+                let total = f.metadata().ok().map(|m| m.len());
+                let mut f = io::BufReader::with_capacity(1 << 20, f);
+                self.pool
+                    .import_image(name, &mut f, |done| progress(done, total))?
+            }
+        };
+        self.serve_image(&entry.name)?;
+        self.image_info(name)
+    }
+
+    pub fn image_info(&self, name: &str) -> Result<ImageInfo, NodeError> {
+        let e = self.pool.image(name)?;
+        let (raw, meta) = self.pool.image_paths(name);
+        let clients = self
+            .served
+            .lock()
+            .images
+            .get(name)
+            .map_or(0, |t| t.clients());
+        Ok(ImageInfo {
+            name: e.name.clone(),
+            size: e.info.size,
+            sha256: volume_format::image::hex(&e.info.digest),
+            id: volume_format::image::hex(&e.info.id),
+            allocated_bytes: allocated(&raw) + allocated(&meta),
+            volumes: self.pool.dependents(name),
+            clients,
+        })
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageInfo>, NodeError> {
+        self.pool
+            .images()
+            .iter()
+            .map(|i| self.image_info(&i.name))
+            .collect()
+    }
+
+    pub fn verify_image(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<VerifyInfo, NodeError> {
+        let e = self.pool.image(name)?;
+        let total = Some(e.info.size);
+        let r = self.pool.verify_image(name, |d| progress(d, total))?;
+        let message = if r.ok() {
+            "the image matches its digest".to_owned()
+        } else {
+            let mut why = Vec::new();
+            if !r.size_matches {
+                why.push("its size changed".to_owned());
+            }
+            if !r.digest_matches {
+                why.push("its SHA-256 differs".to_owned());
+            }
+            if !r.bad_chunks.is_empty() {
+                why.push(format!(
+                    "{} damaged 1 MiB chunk(s), first at {} MiB",
+                    r.bad_chunks.len(),
+                    r.bad_chunks[0]
+                ));
+            }
+            format!("the image is damaged: {}", why.join(", "))
+        };
+        Ok(VerifyInfo {
+            name: name.to_owned(),
+            ok: r.ok(),
+            sha256: volume_format::image::hex(&e.info.digest),
+            bad_chunks: r.bad_chunks.clone(),
+            message,
+        })
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<(), NodeError> {
+        self.pool.image(name)?;
+        let _busy = self.busy("image", name)?;
+        let users = self.pool.dependents(name);
+        if !users.is_empty() {
+            return Err(PoolError::InUse(format!(
+                "image {name:?} has {} volume(s) cloned from it: {}",
+                users.len(),
+                users.join(", ")
+            ))
+            .into());
+        }
+        let was_served = self.offline_image(name)?;
+        if let Err(e) = self.pool.delete_image(name) {
+            if was_served.is_some() {
+                let _ = self.serve_image(name);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Captures volume `from` as a new golden image `name` (refused while it has clients).
+    pub fn capture(
+        &self,
+        name: &str,
+        from: &str,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<ImageInfo, NodeError> {
+        validate_name(name).map_err(NodeError::Invalid)?;
+        let v = self.pool.volume(from)?;
+        if self.pool.image(name).is_ok() {
+            return Err(PoolError::Exists {
+                kind: "image",
+                name: name.into(),
+            }
+            .into());
+        }
+        let _busy_img = self.busy("image", name)?;
+        let _busy_vol = self.busy("volume", from)?;
+        self.offline_volume(from, false)?;
+        let total = Some(v.size);
+        let captured = self.pool.capture(name, from, |d| progress(d, total));
+        let reopened = self.serve_volume(from);
+        let entry = captured?;
+        reopened?;
+        self.serve_image(&entry.name)?;
+        self.image_info(name)
+    }
+
+    // ---- volumes -------------------------------------------------------------------------
+
+    pub fn create_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+    ) -> Result<VolumeInfo, NodeError> {
+        let _busy = self.busy("volume", name)?;
+        if self.exports.contains(name) {
+            return Err(NodeError::InUse(format!(
+                "an export named {name:?} already exists (a --export raw file)"
+            )));
+        }
+        self.pool.create_volume(name, image, size)?;
+        self.serve_volume(name)?;
+        self.volume_info(name)
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, NodeError> {
+        let e = self.pool.volume(name)?;
+        let t = self.served.lock().volumes.get(name).cloned();
+        let broken = self.served.lock().broken.get(name).cloned();
+        let (allocated_bytes, generation, epoch, commit) = match &t {
+            Some(t) => match t.stat() {
+                Ok(s) => (
+                    s.allocated_bytes,
+                    volume_format::image::hex(&s.generation),
+                    s.epoch,
+                    s.commit,
+                ),
+                Err(_) => (0, String::new(), 0, 0),
+            },
+            None => {
+                let (meta, data) = self.pool.volume_paths(name);
+                (allocated(&meta) + allocated(&data), String::new(), 0, 0)
+            }
+        };
+        Ok(VolumeInfo {
+            name: e.name,
+            size: e.size,
+            allocated_bytes,
+            image: e.image,
+            clients: t.as_ref().map_or(0, |t| t.clients()),
+            served: t.is_some(),
+            failed: t.as_ref().and_then(|t| t.failure()).or(broken),
+            counters: t.as_ref().map(|t| t.counters()).unwrap_or_default(),
+            generation,
+            epoch,
+            commit,
+        })
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>, NodeError> {
+        self.pool
+            .volumes()
+            .iter()
+            .map(|v| self.volume_info(&v.name))
+            .collect()
+    }
+
+    /// Grows a volume; connected clients keep the old size, new connections see the new one.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let t = self.served.lock().volumes.get(name).cloned();
+        match t {
+            Some(t) => {
+                t.grow(size).map_err(|e| match e {
+                    VolumeError::Invalid(m) => NodeError::Invalid(m),
+                    e => NodeError::Io(format!("resizing volume {name:?}: {e}")),
+                })?;
+                self.pool.note_resized(name, size);
+            }
+            None => {
+                self.pool.resize_volume(name, size)?;
+            }
+        }
+        self.volume_info(name)
+    }
+
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+        self.pool.volume(name)?;
+        let _busy = self.busy("volume", name)?;
+        self.offline_volume(name, force)?;
+        if let Err(e) = self.pool.delete_volume(name) {
+            let _ = self.serve_volume(name);
+            return Err(e.into());
+        }
+        self.served.lock().broken.remove(name);
+        Ok(())
+    }
+
+    /// Runs the checker over every volume, each taken offline for its check. Volumes with
+    /// clients are skipped (a check of a volume being written would see its writes in flight
+    /// as leaks).
+    pub fn check(&self, repair: bool) -> Result<CheckInfo, NodeError> {
+        let mut out = Vec::new();
+        for v in self.pool.volumes() {
+            let name = v.name;
+            let skip = |why: String| VolumeCheck {
+                name: name.clone(),
+                ok: true,
+                skipped: Some(why),
+                errors: vec![],
+                notes: vec![],
+                leaks: 0,
+                leaked_bytes: 0,
+                repaired: false,
+            };
+            let Ok(_busy) = self.busy("volume", &name) else {
+                out.push(skip("busy: another command is working on it".into()));
+                continue;
+            };
+            if let Err(e) = self.offline_volume(&name, false) {
+                out.push(skip(e.to_string()));
+                continue;
+            }
+            let r = self.pool.check_volume(&name, repair);
+            let reopened = self.serve_volume(&name);
+            let r = r?;
+            let mut errors = r.errors.clone();
+            if let Err(e) = reopened {
+                errors.push(format!("could not be served again: {e}"));
+                self.served
+                    .lock()
+                    .broken
+                    .insert(name.clone(), e.to_string());
+            }
+            out.push(VolumeCheck {
+                name: name.clone(),
+                ok: errors.is_empty(),
+                skipped: None,
+                errors,
+                notes: r.notes.clone(),
+                leaks: r.leaks.len() as u64,
+                leaked_bytes: r.leaked_bytes,
+                repaired: r.repaired,
+            });
+        }
+        Ok(CheckInfo { volumes: out })
+    }
+
+    pub fn status(&self) -> StatusInfo {
+        let dir = self.pool.dir();
+        let (capacity_bytes, free_bytes) = match nix::sys::statvfs::statvfs(dir) {
+            Ok(s) => (
+                s.blocks() * s.fragment_size(),
+                s.blocks_available() * s.fragment_size(),
+            ),
+            Err(_) => (0, 0),
+        };
+        let images = self.pool.images();
+        let volumes = self.pool.volumes();
+        let mut used_bytes = 0;
+        for i in &images {
+            let (raw, meta) = self.pool.image_paths(&i.name);
+            used_bytes += allocated(&raw) + allocated(&meta);
+        }
+        for v in &volumes {
+            let (meta, data) = self.pool.volume_paths(&v.name);
+            used_bytes += allocated(&meta) + allocated(&data);
+        }
+        let mut alerts = Vec::new();
+        let s = self.served.lock();
+        for (name, why) in &s.broken {
+            alerts.push(format!(
+                "volume {name:?} is not served: {why} (try `streamer check --repair`)"
+            ));
+        }
+        for (name, t) in &s.volumes {
+            if let Some(why) = t.failure() {
+                alerts.push(format!("volume {name:?} failed: {why}"));
+            }
+        }
+        if capacity_bytes > 0 && free_bytes * 10 < capacity_bytes {
+            alerts.push(format!(
+                "pool file system is {}% full",
+                100 - free_bytes * 100 / capacity_bytes
+            ));
+        }
+        let connections = s.volumes.values().map(|t| t.clients()).sum::<usize>()
+            + s.images.values().map(|t| t.clients()).sum::<usize>();
+        drop(s);
+        let mut exports: Vec<String> = self
+            .exports
+            .snapshot()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        exports.sort();
+        StatusInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            data_dir: dir.display().to_string(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            pool: PoolSpace {
+                capacity_bytes,
+                free_bytes,
+                used_bytes,
+            },
+            images: images.len(),
+            volumes: volumes.len(),
+            exports,
+            connections,
+            alerts,
+        }
+    }
+
+    /// I/O counters of a served volume (zero when it is not served).
+    pub fn counters(&self, name: &str) -> VolumeCounters {
+        self.served
+            .lock()
+            .volumes
+            .get(name)
+            .map(|t| t.counters())
+            .unwrap_or_default()
+    }
+}
+
+fn wait_disconnected(clients: impl Fn() -> usize, name: &str) -> Result<(), NodeError> {
+    let deadline = Instant::now() + DISCONNECT_WAIT;
+    while clients() > 0 {
+        if Instant::now() >= deadline {
+            return Err(NodeError::InUse(format!(
+                "{name:?}: {} client(s) did not disconnect within {}s",
+                clients(),
+                DISCONNECT_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Disk space a file takes (0 when it cannot be read).
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Converts `src` (a descriptor this process holds) from `format` to a raw file at `out` with
+/// qemu-img, which reads every format qemu knows; nothing here parses them.
+fn convert_with_qemu_img(src: &File, format: &str, out: &PathBuf) -> Result<(), NodeError> {
+    use std::os::fd::AsRawFd;
+    if !format
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || format.is_empty()
+        || format.len() > 32
+    {
+        return Err(NodeError::Invalid(format!(
+            "{format:?} is not an image format name"
+        )));
+    }
+    // The child reopens the file through this process's descriptor table: the client's open
+    // file is what is read, whatever path it came from.
+    let input = format!("/proc/{}/fd/{}", std::process::id(), src.as_raw_fd());
+    let output = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", format, "-O", "raw", "-t", "none"])
+        .arg(&input)
+        .arg(out)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| NodeError::Io(format!("running qemu-img (is qemu-utils installed?): {e}")))?;
+    if !output.status.success() {
+        let msg = String::from_utf8_lossy(&output.stderr);
+        let msg = msg.trim().replace(&input, "the import file");
+        return Err(NodeError::Invalid(format!(
+            "qemu-img could not convert the {format} image: {msg}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,672 @@
+//! A pool volume (a thin clone of a golden image, or a blank volume) served as a block target.
+//!
+//! The data path runs on the engine's rings: a read is planned from the volume's map as reads of
+//! the image file and the data file at the same offsets (both are identity-mapped) and zero
+//! fills; a write goes to the data file, and the blocks it covered become the volume's own once
+//! it completed. Only the rare partial write to a block still inherited from the image is done
+//! synchronously (a 4 KiB copy-up, under the volume's lock), so the ring write never leaves part
+//! of a block without its image bytes.
+//!
+//! `FLUSH` (and `FUA`) is a group commit: the request parks on an eventfd (a `Wait` I/O on the
+//! ring) while a committer thread runs one commit for every flush that arrived before it
+//! started: plan the map pages, sync the data file, write the pages and superblock copy A with
+//! syncs between (volume-format SPEC.md §6). At most one commit per volume is in flight; flushes
+//! that arrive meanwhile share the next one. A handful of committer threads serve every volume.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use parking_lot::{Condvar, Mutex};
+use volume_format::state::Source;
+use volume_format::{FileStorage, Storage, Volume, VolumeError, write_commit};
+
+use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp};
+use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
+
+const PREFERRED_BLOCK_BYTES: u32 = 4096;
+/// Most bytes one BLOCK_STATUS reply describes (the client asks again for the rest).
+const BLOCK_STATUS_MAX_BYTES: u64 = 1 << 30;
+
+/// Committer threads shared by every volume of a node.
+pub struct Committers {
+    queue: Arc<CommitQueue>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct CommitQueue {
+    state: Mutex<QueueState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Volumes with flushes waiting; each is here at most once (`Flushes::scheduled`).
+    ready: VecDeque<Arc<Shared>>,
+    stop: bool,
+}
+
+impl Committers {
+    pub fn start(threads: usize) -> io::Result<Arc<Committers>> {
+        let queue = Arc::new(CommitQueue {
+            state: Mutex::new(QueueState::default()),
+            cv: Condvar::new(),
+        });
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let q = queue.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("streamer-commit-{i}"))
+                    .spawn(move || q.run())?,
+            );
+        }
+        Ok(Arc::new(Committers {
+            queue,
+            threads: Mutex::new(handles),
+        }))
+    }
+
+    /// Stops the threads once the queue is empty (after the engine stopped: nothing waits).
+    pub fn stop(&self) {
+        self.queue.state.lock().stop = true;
+        self.queue.cv.notify_all();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Committers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl CommitQueue {
+    fn schedule(&self, v: Arc<Shared>) {
+        self.state.lock().ready.push_back(v);
+        self.cv.notify_one();
+    }
+
+    fn run(&self) {
+        loop {
+            let v = {
+                let mut st = self.state.lock();
+                loop {
+                    if let Some(v) = st.ready.pop_front() {
+                        break v;
+                    }
+                    if st.stop {
+                        return;
+                    }
+                    self.cv.wait(&mut st);
+                }
+            };
+            v.run_commits();
+        }
+    }
+}
+
+/// A request parked until a commit finishes.
+struct Waiter {
+    efd: EventFd,
+    result: Mutex<Option<Result<(), CommitFailed>>>,
+}
+
+#[derive(Debug, Clone)]
+struct CommitFailed {
+    errno: i32,
+    message: String,
+}
+
+#[derive(Default)]
+struct Flushes {
+    waiting: Vec<Arc<Waiter>>,
+    /// The volume is in the committers' queue or being committed.
+    scheduled: bool,
+}
+
+/// I/O counters of a served volume.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub flushes: u64,
+    pub zeroes: u64,
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    flushes: AtomicU64,
+    zeroes: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    name: String,
+    vol: Mutex<Volume<FileStorage>>,
+    /// The metadata file, written only by commits; its lock is the commit lock (taken before
+    /// `vol` when both are held).
+    meta: Mutex<FileStorage>,
+    /// The data file (a second handle: commits sync it without holding `vol`).
+    data: File,
+    image: Option<File>,
+    size: AtomicU64,
+    flushes: Mutex<Flushes>,
+    waiters: Mutex<HashMap<RawFd, Arc<Waiter>>>,
+    committers: Arc<CommitQueue>,
+    clients: AtomicUsize,
+    revoked: AtomicBool,
+    counters: Counters,
+}
+
+/// A served volume. Dropping the last handle closes its files.
+pub struct VolumeTarget {
+    shared: Arc<Shared>,
+}
+
+fn volume_error(what: &'static str, e: &VolumeError) -> TargetError {
+    TargetError::Volume {
+        what,
+        errno: e.errno(),
+        message: e.to_string(),
+    }
+}
+
+impl VolumeTarget {
+    pub fn new(
+        name: &str,
+        vol: Volume<FileStorage>,
+        committers: &Committers,
+    ) -> io::Result<VolumeTarget> {
+        let (meta, data, image) = vol.files();
+        let meta = FileStorage::new(meta.file().try_clone()?)?;
+        let data = data.file().try_clone()?;
+        let image = image.map(|i| i.file().try_clone()).transpose()?;
+        Ok(VolumeTarget {
+            shared: Arc::new(Shared {
+                name: name.to_owned(),
+                size: AtomicU64::new(vol.size()),
+                vol: Mutex::new(vol),
+                meta: Mutex::new(meta),
+                data,
+                image,
+                flushes: Mutex::new(Flushes::default()),
+                waiters: Mutex::new(HashMap::new()),
+                committers: committers.queue.clone(),
+                clients: AtomicUsize::new(0),
+                revoked: AtomicBool::new(false),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Connections using the volume now.
+    pub fn clients(&self) -> usize {
+        self.shared.clients.load(Ordering::Acquire)
+    }
+
+    /// Withdraws the volume: every request fails from now on, and the engine closes the
+    /// connections using it within a tick. Used before the volume is deleted or taken offline.
+    pub fn revoke(&self) {
+        self.shared.revoked.store(true, Ordering::Release);
+    }
+
+    pub fn counters(&self) -> VolumeCounters {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VolumeCounters {
+            reads: l(&c.reads),
+            writes: l(&c.writes),
+            read_bytes: l(&c.read_bytes),
+            written_bytes: l(&c.written_bytes),
+            flushes: l(&c.flushes),
+            zeroes: l(&c.zeroes),
+            errors: l(&c.errors),
+        }
+    }
+
+    /// Space the volume takes on disk (data and metadata files).
+    pub fn stat(&self) -> Result<volume_format::VolumeStat, VolumeError> {
+        self.shared.vol.lock().stat()
+    }
+
+    /// Why the volume latched failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.vol.lock().failure().map(str::to_owned)
+    }
+
+    /// Grows the volume to `size` (committed before it returns; new connections see it).
+    pub fn grow(&self, size: u64) -> Result<(), VolumeError> {
+        let _commit = self.shared.meta.lock();
+        let mut vol = self.shared.vol.lock();
+        vol.grow(size)?;
+        self.shared.size.store(vol.size(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Commits everything and makes the superblock's second copy durable (before the volume is
+    /// closed or taken offline).
+    pub fn close(&self) -> Result<(), TargetError> {
+        self.shared.commit().map_err(|f| f.into_error("closing"))?;
+        self.shared
+            .meta
+            .lock()
+            .sync()
+            .map_err(|source| TargetError::Syncing { source })
+    }
+
+    fn data_fd(&self) -> RawFd {
+        self.shared.data.as_raw_fd()
+    }
+
+    fn live(&self) -> Result<(), TargetError> {
+        if self.shared.revoked.load(Ordering::Acquire) {
+            return Err(TargetError::Withdrawn);
+        }
+        Ok(())
+    }
+
+    /// Plans read pieces of `[from, offset+len)` into `plan` until it is full; `plan.cursor`
+    /// says where the next phase resumes.
+    fn plan_read(
+        &self,
+        offset: u64,
+        len: u32,
+        from: u64,
+        plan: &mut Plan,
+    ) -> Result<(), TargetError> {
+        let vol = self.shared.vol.lock();
+        if vol.failure().is_some() {
+            return Err(TargetError::Latched);
+        }
+        let end = offset + u64::from(len);
+        let data_fd = self.data_fd();
+        let image_fd = self.shared.image.as_ref().map(AsRawFd::as_raw_fd);
+        let mut next = None;
+        vol.state().pieces(from, end - from, |p| {
+            if next.is_some() {
+                return;
+            }
+            if plan.is_full() {
+                next = Some(p.offset);
+                return;
+            }
+            // Pieces lie inside the request, whose length fits in u32.
+            let buf_start = (p.offset - offset) as u32;
+            let len = p.len as u32;
+            plan.push(match (p.source, image_fd) {
+                (Source::Data, _) => FileIo::Read {
+                    fd: data_fd,
+                    offset: p.offset,
+                    buf_start,
+                    len,
+                },
+                (Source::Image, Some(fd)) => FileIo::Read {
+                    fd,
+                    offset: p.offset,
+                    buf_start,
+                    len,
+                },
+                // An image piece without an image cannot happen (the volume was opened with
+                // its image); zeroes are the safe answer if it ever did.
+                (Source::Zero, _) | (Source::Image, None) => FileIo::Zero { buf_start, len },
+            });
+        });
+        plan.cursor = next.unwrap_or(end);
+        Ok(())
+    }
+
+    /// Parks the request until a commit that started after this call finished.
+    fn plan_wait(&self, plan: &mut Plan) -> Result<(), TargetError> {
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| TargetError::Syncing { source: e.into() })?;
+        let fd = efd.as_fd().as_raw_fd();
+        let w = Arc::new(Waiter {
+            efd,
+            result: Mutex::new(None),
+        });
+        self.shared.waiters.lock().insert(fd, w.clone());
+        let schedule = {
+            let mut f = self.shared.flushes.lock();
+            f.waiting.push(w);
+            !std::mem::replace(&mut f.scheduled, true)
+        };
+        if schedule {
+            self.shared.committers.schedule(self.shared.clone());
+        }
+        plan.push(FileIo::Wait { fd });
+        Ok(())
+    }
+
+    /// The outcome of the commit a `Wait` I/O of `plan` waited for.
+    fn wait_result(&self, plan: &mut Plan, what: &'static str) -> Result<Progress, TargetError> {
+        let Some(&FileIo::Wait { fd }) = plan.get_mut(0).map(|f| &*f) else {
+            unreachable!("a wait phase holds one Wait I/O");
+        };
+        let w = self
+            .shared
+            .waiters
+            .lock()
+            .remove(&fd)
+            .expect("every Wait I/O has a waiter");
+        let r = w.result.lock().take();
+        match r {
+            Some(Ok(())) => Ok(Progress::Done),
+            Some(Err(f)) => Err(f.into_error(what)),
+            None => unreachable!("a waiter is signalled only after its result is set"),
+        }
+    }
+
+    fn is_wait(plan: &mut Plan) -> bool {
+        matches!(plan.get_mut(0), Some(FileIo::Wait { .. }))
+    }
+
+    /// Runs the synchronous part of WRITE_ZEROES/TRIM under the volume's lock.
+    fn zero_now(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        let _commit = self.commit_lock_if_armed();
+        self.shared
+            .vol
+            .lock()
+            .write_zeroes(offset, len)
+            .map_err(|e| volume_error("zeroing", &e))
+    }
+
+    /// The first write of a new epoch commits the new generation first: that commit needs the
+    /// commit lock, which is taken before the volume's.
+    fn commit_lock_if_armed(&self) -> Option<parking_lot::MutexGuard<'_, FileStorage>> {
+        self.shared
+            .vol
+            .lock()
+            .generation_armed()
+            .then(|| self.shared.meta.lock())
+    }
+
+    fn count_error(&self) {
+        self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl CommitFailed {
+    fn into_error(self, what: &'static str) -> TargetError {
+        TargetError::Volume {
+            what,
+            errno: self.errno,
+            message: self.message,
+        }
+    }
+}
+
+impl Shared {
+    /// Commits for every waiting flush, batch after batch, until none wait.
+    fn run_commits(&self) {
+        loop {
+            let batch = {
+                let mut f = self.flushes.lock();
+                if f.waiting.is_empty() {
+                    f.scheduled = false;
+                    return;
+                }
+                std::mem::take(&mut f.waiting)
+            };
+            let r = self.commit();
+            for w in batch {
+                *w.result.lock() = Some(r.clone());
+                // The eventfd counter cannot overflow with one write per waiter.
+                let _ = w.efd.write(1);
+            }
+        }
+    }
+
+    /// One commit: every write completed before it started becomes durable. The map is
+    /// snapshotted before the data sync, so a bit never claims data the sync did not cover.
+    fn commit(&self) -> Result<(), CommitFailed> {
+        let mut meta = self.meta.lock();
+        let failed = |what: &str, e: &VolumeError| CommitFailed {
+            errno: e.errno(),
+            message: format!("{what}: {e}"),
+        };
+        let planned = self
+            .vol
+            .lock()
+            .begin_commit()
+            .map_err(|e| failed("commit", &e))?;
+        let synced = self.data.sync_data().map_err(VolumeError::from);
+        let written = synced.and_then(|()| match &planned {
+            Some(c) => write_commit(&mut *meta, c),
+            None => Ok(()),
+        });
+        let mut vol = self.vol.lock();
+        match written {
+            Ok(()) => {
+                if let Some(c) = planned {
+                    vol.end_commit(c);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.name, "commit failed, volume latched failed: {e}");
+                vol.fail(format!("commit failed: {e}"));
+                Err(failed("commit", &e))
+            }
+        }
+    }
+}
+
+impl BlockTarget for VolumeTarget {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size_bytes: self.shared.size.load(Ordering::Acquire),
+            read_only: false,
+            can_trim: true,
+            can_zero: true,
+            can_fast_zero: true,
+            can_cache: false,
+            // A commit covers every write completed before it, on any connection.
+            can_multi_conn: true,
+            block_min: 1,
+            block_preferred: PREFERRED_BLOCK_BYTES,
+        }
+    }
+
+    fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        self.live()?;
+        match *op {
+            TargetOp::Read { offset, len } => self.plan_read(offset, len, offset, plan),
+            TargetOp::Write { offset, len, fua } => {
+                {
+                    let _commit = self.commit_lock_if_armed();
+                    self.shared
+                        .vol
+                        .lock()
+                        .begin_write(offset, u64::from(len))
+                        .map_err(|e| volume_error("writing", &e))?;
+                }
+                if len > 0 {
+                    plan.push(FileIo::Write {
+                        fd: self.data_fd(),
+                        offset,
+                        buf_start: 0,
+                        len,
+                        dsync: false,
+                    });
+                } else if fua {
+                    self.plan_wait(plan)?;
+                }
+                Ok(())
+            }
+            TargetOp::Flush => self.plan_wait(plan),
+            TargetOp::Trim { offset, len, fua } => {
+                self.zero_now(offset, len)?;
+                if fua {
+                    self.plan_wait(plan)?;
+                }
+                Ok(())
+            }
+            TargetOp::Zero {
+                offset,
+                len,
+                fua,
+                may_trim,
+                ..
+            } => {
+                self.zero_now(offset, len)?;
+                // NO_HOLE: the whole blocks were punched; provision them again (they still read
+                // as zeroes: fallocate allocates unwritten extents).
+                let first = offset.div_ceil(4096) * 4096;
+                let last = (offset + len) / 4096 * 4096;
+                if !may_trim && last > first {
+                    plan.push(FileIo::Fallocate {
+                        fd: self.data_fd(),
+                        offset: first,
+                        len: last - first,
+                        mode: libc::FALLOC_FL_KEEP_SIZE,
+                    });
+                } else if fua {
+                    self.plan_wait(plan)?;
+                }
+                Ok(())
+            }
+            TargetOp::Cache { .. } => Ok(()),
+        }
+    }
+
+    fn complete(
+        &self,
+        op: &TargetOp,
+        plan: &mut Plan,
+        results: &[i32],
+    ) -> Result<Progress, TargetError> {
+        let c = &self.shared.counters;
+        if Self::is_wait(plan) {
+            let what = if matches!(op, TargetOp::Flush) {
+                "flushing"
+            } else {
+                "making a FUA write durable"
+            };
+            c.flushes.fetch_add(1, Ordering::Relaxed);
+            return self
+                .wait_result(plan, what)
+                .inspect_err(|_| self.count_error());
+        }
+        let failed = results
+            .iter()
+            .find(|r| **r < 0)
+            .map(|r| io::Error::from_raw_os_error(-r));
+        match *op {
+            TargetOp::Read { offset, len } => {
+                if let Some(source) = failed {
+                    self.count_error();
+                    return Err(TargetError::Reading { offset, source });
+                }
+                let end = offset + u64::from(len);
+                if plan.cursor < end {
+                    let from = plan.cursor;
+                    plan.clear();
+                    self.plan_read(offset, len, from, plan)?;
+                    return Ok(Progress::Again);
+                }
+                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                Ok(Progress::Done)
+            }
+            TargetOp::Write { offset, len, fua } => {
+                if let Some(source) = failed {
+                    self.count_error();
+                    self.shared
+                        .vol
+                        .lock()
+                        .fail(format!("write at {offset} failed: {source}"));
+                    return Err(TargetError::Writing { offset, source });
+                }
+                self.shared.vol.lock().end_write(offset, u64::from(len));
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                c.written_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                if fua {
+                    plan.clear();
+                    self.plan_wait(plan)?;
+                    return Ok(Progress::Again);
+                }
+                Ok(Progress::Done)
+            }
+            TargetOp::Zero { offset, fua, .. } | TargetOp::Trim { offset, fua, .. } => {
+                if let Some(source) = failed {
+                    self.count_error();
+                    return Err(TargetError::Zeroing { offset, source });
+                }
+                c.zeroes.fetch_add(1, Ordering::Relaxed);
+                if fua && !plan.is_empty() {
+                    // The NO_HOLE provisioning ran first; now the commit.
+                    plan.clear();
+                    self.plan_wait(plan)?;
+                    return Ok(Progress::Again);
+                }
+                Ok(Progress::Done)
+            }
+            TargetOp::Flush | TargetOp::Cache { .. } => Ok(Progress::Done),
+        }
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<(), TargetError> {
+        self.live()?;
+        let mut vol = self.shared.vol.lock();
+        let end = offset
+            .saturating_add(len.min(BLOCK_STATUS_MAX_BYTES))
+            .min(vol.size());
+        if end <= offset {
+            return Ok(());
+        }
+        let extents = vol
+            .block_status(offset, end - offset)
+            .map_err(|e| volume_error("querying allocation", &e))?;
+        for e in extents {
+            let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
+            let n = out.len();
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += e.len,
+                _ if n == max_extents => break,
+                _ => out.push((e.len, flags)),
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), TargetError> {
+        self.close()
+    }
+
+    fn attach(&self) {
+        self.shared.clients.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn detach(&self) {
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn revoked(&self) -> bool {
+        self.shared.revoked.load(Ordering::Acquire)
+    }
+}
