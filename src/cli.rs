@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// Trades a little CPU for much lower latency at low queue depth.
     #[arg(long, default_value_t = 50, value_name = "MICROSECONDS")]
     pub poll_us: u64,
-    /// Seconds a client has to finish negotiation.
+    /// Seconds a negotiating client may go without sending a whole option.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub handshake_timeout: u64,
 }

@@ -154,6 +154,8 @@ pub(super) struct Conn {
     peer: String,
     phase: Phase,
     deadline: Option<Instant>,
+    /// Time a negotiating client gets between options (the deadline moves on with each one).
+    handshake_timeout: std::time::Duration,
     max_payload_bytes: u32,
     max_buffer_bytes: u64,
 
@@ -204,6 +206,7 @@ impl Conn {
             peer: incoming.peer,
             phase: Phase::Handshake(Handshake::new()),
             deadline: Some(Instant::now() + cfg.handshake_timeout),
+            handshake_timeout: cfg.handshake_timeout,
             max_payload_bytes: cfg.max_payload_bytes,
             max_buffer_bytes: cfg.max_conn_buffer_bytes,
             rbuf: vec![0; RECV_BUFFER_BYTES],
@@ -417,6 +420,12 @@ impl Conn {
                 &mut self.out_next,
             );
             self.rpos += used;
+            // An idle timeout, not a total one: a client listing many exports one option at a
+            // time (nbdinfo --list) keeps going as long as each option arrives in time. The
+            // number of options is bounded by the handshake itself (MAX_OPTIONS).
+            if used > 0 {
+                self.deadline = Some(Instant::now() + self.handshake_timeout);
+            }
             match step {
                 Step::NeedMore => {}
                 Step::Close(reason) => {

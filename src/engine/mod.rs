@@ -34,7 +34,7 @@ pub struct EngineConfig {
     pub max_inflight: u16,
     /// Buffer bytes a connection may hold in flight; reading stops while above.
     pub max_conn_buffer_bytes: u64,
-    /// Time a client has to finish negotiation.
+    /// Time a negotiating client may go without sending a whole option.
     pub handshake_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown before connections are cut.
     pub shutdown_grace: Duration,

@@ -434,6 +434,8 @@ impl Pool {
             VolumeError::Invalid(m) => PoolError::Invalid(m),
             e => vol_err(format!("creating volume {name:?}"))(e),
         })?;
+        volume_format::file::reserve_metadata(v.files().0.file(), size)
+            .map_err(io_err(format!("creating volume {name:?}")))?;
         v.close()
             .map_err(vol_err(format!("creating volume {name:?}")))?;
         self.publish(&staged, "volumes", name)?;
@@ -540,6 +542,8 @@ impl Pool {
     /// Grows a volume (new connections see the new size).
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeEntry, PoolError> {
         let mut v = self.open_volume(name)?;
+        volume_format::file::reserve_metadata(v.files().0.file(), size)
+            .map_err(io_err(format!("resizing volume {name:?}")))?;
         v.grow(size).map_err(|e| match e {
             VolumeError::Invalid(m) => PoolError::Invalid(m),
             e => vol_err(format!("resizing volume {name:?}"))(e),

@@ -257,6 +257,9 @@ impl VolumeTarget {
     pub fn grow(&self, size: u64) -> Result<(), VolumeError> {
         let _commit = self.shared.meta.lock();
         let mut vol = self.shared.vol.lock();
+        if size > vol.size() {
+            volume_format::file::reserve_metadata(vol.files().0.file(), size)?;
+        }
         vol.grow(size)?;
         self.shared.size.store(vol.size(), Ordering::Release);
         Ok(())
@@ -590,10 +593,14 @@ impl BlockTarget for VolumeTarget {
             TargetOp::Write { offset, len, fua } => {
                 if let Some(source) = failed {
                     self.count_error();
-                    self.shared
-                        .vol
-                        .lock()
-                        .fail(format!("write at {offset} failed: {source}"));
+                    // Out of space changed no map bit: the write fails alone (volume-format
+                    // `latching_data`). Anything else may have lost page-cache data: latch.
+                    if !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                        self.shared
+                            .vol
+                            .lock()
+                            .fail(format!("write at {offset} failed: {source}"));
+                    }
                     return Err(TargetError::Writing { offset, source });
                 }
                 self.shared.vol.lock().end_write(offset, u64::from(len));

@@ -120,3 +120,17 @@ impl Storage for FileStorage {
         Ok(self.file.metadata()?.blocks() * 512)
     }
 }
+
+/// Allocates the metadata file's map slots for a volume of `size` bytes (without changing the
+/// file's length), so a commit on a full file system still finds its slots: a full pool fails
+/// data writes with ENOSPC but never a commit.
+pub fn reserve_metadata(meta: &File, size: u64) -> io::Result<()> {
+    let len = crate::layout::meta_file_bytes(size);
+    nix::fcntl::fallocate(
+        meta,
+        nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(27))?,
+    )
+    .map_err(io::Error::from)
+}

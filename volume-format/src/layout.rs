@@ -23,6 +23,14 @@ pub const MAP_PAGE_WORDS: usize = MAP_BITS_BYTES / 8;
 pub const BLOCKS_PER_MAP_PAGE: u64 = MAP_BITS_BYTES as u64 * 8;
 pub const BYTES_PER_MAP_PAGE: u64 = BLOCKS_PER_MAP_PAGE * BLOCK_BYTES;
 
+/// The metadata file's size once every map page of a `size_bytes` volume has both slots
+/// written: what a pool reserves up front so a commit never runs out of space.
+pub const fn meta_file_bytes(size_bytes: u64) -> u64 {
+    let blocks = size_bytes.div_ceil(BLOCK_BYTES);
+    let pages = blocks.div_ceil(BLOCKS_PER_MAP_PAGE);
+    MAP_OFFSET + pages * 2 * MAP_SLOT_BYTES as u64
+}
+
 pub const MAGIC: [u8; 8] = *b"STRMVOL1";
 pub const MAP_MAGIC: [u8; 8] = *b"STRMMAP1";
 pub const FORMAT_VERSION: u32 = 1;

@@ -29,6 +29,13 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
+    /// The file system is full (or the quota reached).
+    pub fn is_out_of_space(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        matches!(self, VolumeError::Io(e) if matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT)))
+    }
+
     /// The errno a block device would report for this error.
     pub fn errno(&self) -> i32 {
         const EIO: i32 = 5;
@@ -230,6 +237,25 @@ impl<S: Storage> Volume<S> {
         }
     }
 
+    /// Runs `op`, a data-file update (a write, a zeroing): an error latches the volume failed,
+    /// except running out of space. A write that found no space changed no map bit and loses
+    /// nothing already written (its own range reads as undefined, as a failed write may), so the
+    /// volume stays usable and writes succeed again once space is freed.
+    fn latching_data<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
+        self.live()?;
+        self.writable()?;
+        let r = op(self);
+        if let Err(e) = &r
+            && !e.is_out_of_space()
+        {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
     /// Runs `op`; an error latches the volume failed.
     fn latching<T>(
         &mut self,
@@ -284,8 +310,8 @@ impl<S: Storage> Volume<S> {
     /// block. Bits flip once the data is written, and become durable at the next flush.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         self.range(offset, data.len() as u64)?;
-        self.latching(|v| {
-            v.before_write()?;
+        self.latching(|v| v.before_write())?;
+        self.latching_data(|v| {
             let end = offset + data.len() as u64;
             let mut pos = offset;
             while pos < end {
@@ -349,8 +375,8 @@ impl<S: Storage> Volume<S> {
         if len == 0 {
             return self.live();
         }
-        self.latching(|v| {
-            v.before_write()?;
+        self.latching(|v| v.before_write())?;
+        self.latching_data(|v| {
             let end = offset + len;
             let head = offset / BLOCK_BYTES;
             let tail = (end - 1) / BLOCK_BYTES;
@@ -391,8 +417,8 @@ impl<S: Storage> Volume<S> {
     /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.range(offset, len)?;
-        self.latching(|v| {
-            v.before_write()?;
+        self.latching(|v| v.before_write())?;
+        self.latching_data(|v| {
             let end = offset + len;
             let image_blocks = v.st.image_blocks();
             let mut pos = offset;

@@ -34,7 +34,9 @@ fn every_failing_operation_latches_and_loses_nothing_flushed() {
                 }
                 // A workload until the fault hits.
                 let mut first_error = None;
+                let mut failed_op = 0;
                 for i in 0..40u64 {
+                    failed_op = i % 4;
                     let r = match i % 4 {
                         0 => m.vol.write((100 + i) * BLOCK + 17, &[0xcc; 5000]),
                         1 => m.vol.write_zeroes((50_000 + i) * BLOCK, 3 * BLOCK),
@@ -49,6 +51,12 @@ fn every_failing_operation_latches_and_loses_nothing_flushed() {
                 let ctx = format!("errno {errno} meta {in_meta} op {n}");
                 let e = first_error.unwrap_or_else(|| panic!("{ctx}: the fault never surfaced"));
                 assert_eq!(e.errno(), errno, "{ctx}: {e}");
+                if errno == ENOSPC && !in_meta && failed_op != 3 {
+                    // A data write without space fails alone and latches nothing; the flush
+                    // after it hits the still-failing disk and latches.
+                    assert!(!matches!(e, VolumeError::Failed(_)), "{ctx}");
+                    assert!(m.vol.flush().is_err(), "{ctx}");
+                }
                 // Latched: nothing pretends to succeed, reads included only if they need no I/O.
                 assert!(
                     matches!(m.vol.flush(), Err(VolumeError::Failed(_))),
@@ -102,4 +110,40 @@ fn a_failed_image_read_fails_the_request_but_not_the_volume() {
     // A whole-block write needs no image read and still works; flush too.
     vol.write(8 * BLOCK, &[1; 4096]).unwrap();
     vol.flush().unwrap();
+}
+
+#[test]
+fn running_out_of_space_fails_the_write_only_and_writes_work_once_space_is_back() {
+    let mut rng = Rng::new(33);
+    let g = Golden::new(&mut rng, 1 << 20);
+    let mut m = Modelled::clone_of(&mut rng, Some(&g), 4 << 20);
+    m.vol.write(3 * BLOCK, &[7; 4096]).unwrap();
+    m.vol.flush().unwrap();
+    {
+        let (_, data) = m.vol.files_mut();
+        data.fail_from(data.ops() + 1, ENOSPC);
+    }
+    // A partial write into an inherited block (copy-up) and a whole-block write both fail.
+    assert_eq!(
+        m.vol.write(10 * BLOCK + 5, &[1; 100]).unwrap_err().errno(),
+        ENOSPC
+    );
+    assert_eq!(
+        m.vol.write(11 * BLOCK, &[1; 4096]).unwrap_err().errno(),
+        ENOSPC
+    );
+    // Space is freed: the volume was never latched.
+    {
+        let (_, data) = m.vol.files_mut();
+        data.fail_from(u64::MAX, ENOSPC);
+    }
+    let mut got = [0u8; 4096];
+    m.vol.read(10 * BLOCK, &mut got).unwrap();
+    assert_eq!(&got[..], &g.bytes[10 * BLOCK as usize..11 * BLOCK as usize]);
+    m.vol.write(10 * BLOCK + 5, &[1; 100]).unwrap();
+    m.vol.flush().unwrap();
+    m.vol.read(3 * BLOCK, &mut got).unwrap();
+    assert_eq!(got, [7; 4096]);
+    m.vol.read(10 * BLOCK, &mut got).unwrap();
+    assert_eq!(&got[5..105], &[1; 100]);
 }
