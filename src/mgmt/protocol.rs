@@ -201,6 +201,25 @@ pub struct PoolSpace {
     pub used_bytes: u64,
 }
 
+/// Parses a request line: the version first, so a client of another version is told so.
+/// Input from outside: any bytes give a request or a message naming the problem.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "protocol version {v} is not supported; this server speaks {PROTOCOL_VERSION}"
+            ));
+        }
+        None => return Err("malformed request: no \"version\" number".into()),
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| format!("malformed request: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,9 +21,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
 
-use super::protocol::{
-    Envelope, ErrorKind, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, Response,
-};
+use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::node::{Node, NodeError};
 
 /// Time a client has to send its request line.
@@ -276,30 +274,9 @@ fn read_request(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Refusal> {
     ))
 }
 
-/// Parses a request line: the version first, so a client of another version is told so.
+/// Parses a request line (`protocol::parse_request`) into a refusal on error.
 fn parse(line: &[u8]) -> Result<Request, Refusal> {
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| error(ErrorKind::Invalid, format!("malformed request: {e}")))?;
-    match value.get("version").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return Err(error(
-                ErrorKind::Invalid,
-                format!(
-                    "protocol version {v} is not supported; this server speaks {PROTOCOL_VERSION}"
-                ),
-            ));
-        }
-        None => {
-            return Err(error(
-                ErrorKind::Invalid,
-                "malformed request: no \"version\" number".into(),
-            ));
-        }
-    }
-    serde_json::from_value::<Envelope>(value)
-        .map(|e| e.request)
-        .map_err(|e| error(ErrorKind::Invalid, format!("malformed request: {e}")))
+    super::protocol::parse_request(line).map_err(|m| error(ErrorKind::Invalid, m))
 }
 
 fn serve_client(mut s: UnixStream, node: &Node, access: Access) {
