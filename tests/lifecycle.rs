@@ -57,8 +57,9 @@ fn sigint_also_stops_cleanly() {
 }
 
 fn serve_fails(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("serve")
+    // Bounded: a command line that unexpectedly starts a server is killed, and fails the test.
+    let out = Command::new("timeout")
+        .args(["-k", "2", "20", BIN, "serve"])
         .args(args)
         .stdout(Stdio::null())
         .output()
@@ -70,7 +71,11 @@ fn serve_fails(args: &[&str]) -> String {
 #[test]
 fn bad_command_lines_name_the_problem() {
     let dir = Scratch::new("badcli");
-    assert!(serve_fails(&[]).contains("--export"));
+    // Without --export, serve runs the pool; bad pool options fail before anything is created.
+    let err = serve_fails(&["--admin-group", "no-such-group-xyz"]);
+    assert!(err.contains("no such group"), "{err}");
+    let err = serve_fails(&["--data-dir", "/dev/null/pool", "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("opening the pool in /dev/null/pool"), "{err}");
     assert!(serve_fails(&["--export", "noequals"]).contains("NAME=PATH"));
     assert!(serve_fails(&["--export", "a/b=/x"]).contains("'/'"));
     let missing = dir.path("missing.raw");

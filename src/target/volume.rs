@@ -359,8 +359,13 @@ impl VolumeTarget {
         Ok(())
     }
 
-    /// The outcome of the commit a `Wait` I/O of `plan` waited for.
-    fn wait_result(&self, plan: &mut Plan, what: &'static str) -> Result<Progress, TargetError> {
+    /// The outcome of the commit a `Wait` I/O of `plan` waited for (`res`: the poll's result).
+    fn wait_result(
+        &self,
+        plan: &mut Plan,
+        res: i32,
+        what: &'static str,
+    ) -> Result<Progress, TargetError> {
         let Some(&FileIo::Wait { fd }) = plan.get_mut(0).map(|f| &*f) else {
             unreachable!("a wait phase holds one Wait I/O");
         };
@@ -374,7 +379,11 @@ impl VolumeTarget {
         match r {
             Some(Ok(())) => Ok(Progress::Done),
             Some(Err(f)) => Err(f.into_error(what)),
-            None => unreachable!("a waiter is signalled only after its result is set"),
+            // The poll ended without the commit (the ring failed it): the request fails; the
+            // committer still holds the waiter and signals it harmlessly later.
+            None => Err(TargetError::Syncing {
+                source: io::Error::from_raw_os_error(if res < 0 { -res } else { libc::EIO }),
+            }),
         }
     }
 
@@ -565,8 +574,9 @@ impl BlockTarget for VolumeTarget {
                 "making a FUA write durable"
             };
             c.flushes.fetch_add(1, Ordering::Relaxed);
+            let res = results.first().copied().unwrap_or(-libc::EIO);
             return self
-                .wait_result(plan, what)
+                .wait_result(plan, res, what)
                 .inspect_err(|_| self.count_error());
         }
         let failed = results
