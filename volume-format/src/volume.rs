@@ -245,15 +245,7 @@ impl<S: Storage> Volume<S> {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
     ) -> Result<T, VolumeError> {
-        self.live()?;
-        self.writable()?;
-        let r = op(self);
-        if let Err(e) = &r
-            && !e.is_out_of_space()
-        {
-            self.failed = Some(e.to_string());
-        }
-        r
+        self.latching_unless(VolumeError::is_out_of_space, op)
     }
 
     /// Runs `op`; an error latches the volume failed.
@@ -261,10 +253,21 @@ impl<S: Storage> Volume<S> {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
     ) -> Result<T, VolumeError> {
+        self.latching_unless(|_| false, op)
+    }
+
+    /// Runs `op` on a live, writable volume; an error latches it failed unless `harmless`.
+    fn latching_unless<T>(
+        &mut self,
+        harmless: impl Fn(&VolumeError) -> bool,
+        op: impl FnOnce(&mut Self) -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
         self.live()?;
         self.writable()?;
         let r = op(self);
-        if let Err(e) = &r {
+        if let Err(e) = &r
+            && !harmless(e)
+        {
             self.failed = Some(e.to_string());
         }
         r
