@@ -92,15 +92,23 @@ fn py(script: &str, args: &[&str]) -> String {
     String::from_utf8(run("/usr/bin/python3", &a).stdout).unwrap()
 }
 
-/// A libnbd client that connects to `uri` and stays connected for a minute.
-fn hold_connection(uri: &str) -> Command {
-    let mut c = Command::new("/usr/bin/python3");
-    c.args([
-        "-c",
-        "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); time.sleep(60)",
-        uri,
-    ]);
-    c
+/// A libnbd client connected to volume `name` (for a minute, or until killed), returned once
+/// the node counts it.
+fn attach_client(dir: &Scratch, server: &Server, name: &str) -> std::process::Child {
+    let child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); time.sleep(60)",
+            &server.uri(name),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the client to attach", || {
+        json(dir, &["volume", "show", name])["clients"] == 1
+    });
+    child
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -267,14 +275,7 @@ fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x42 1M 64k", &server.uri("v")],
     );
-    let mut holder = hold_connection(&server.uri("v"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the client to attach", || {
-        json(&dir, &["volume", "show", "v"])["clients"] == 1
-    });
+    let mut holder = attach_client(&dir, &server, "v");
     let err = cli_err(&dir, &["image", "capture", "snap", "--from", "v"]);
     assert!(err.contains("1 connected client"), "{err}");
     let err = cli_err(&dir, &["volume", "delete", "v"]);
@@ -313,14 +314,7 @@ fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
     );
 
     // --force disconnects a client, then deletes.
-    let mut holder = hold_connection(&server.uri("blank"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the client to attach", || {
-        json(&dir, &["volume", "show", "blank"])["clients"] == 1
-    });
+    let mut holder = attach_client(&dir, &server, "blank");
     cli_ok(&dir, &["volume", "delete", "blank", "--force"]);
     let _ = holder.kill();
     let _ = holder.wait();

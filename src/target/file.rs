@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp};
+use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, push_extent};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 use nix::unistd::Whence;
 
@@ -303,10 +303,6 @@ impl BlockTarget for FileTarget {
         let file = &self.buffered;
         let end = offset.saturating_add(len).min(self.size_bytes);
         let mut pos = offset;
-        let push = |out: &mut Vec<(u64, u32)>, len: u64, flags: u32| match out.last_mut() {
-            Some((l, f)) if *f == flags => *l += len,
-            _ => out.push((len, flags)),
-        };
         let hole = STATE_HOLE | STATE_ZERO;
         while pos < end && out.len() < max_extents {
             let data = match seek(file, pos, Whence::SeekData) {
@@ -321,7 +317,9 @@ impl BlockTarget for FileTarget {
                 }
             };
             if data > pos {
-                push(out, data - pos, hole);
+                if !push_extent(out, max_extents, data - pos, hole) {
+                    break;
+                }
                 pos = data;
                 continue;
             }
@@ -336,7 +334,9 @@ impl BlockTarget for FileTarget {
             };
             // SEEK_HOLE never returns pos itself here (pos is in data), but guard against a loop.
             let next_hole = next_hole.max(pos + 1);
-            push(out, next_hole - pos, 0);
+            if !push_extent(out, max_extents, next_hole - pos, 0) {
+                break;
+            }
             pos = next_hole;
         }
         Ok(())

@@ -220,6 +220,19 @@ fn errno_of(e: &io::Error) -> NbdErrno {
     }
 }
 
+/// Appends a `(length, flags)` extent to a block-status answer, merged into the last one when
+/// the flags match (adjacent extents must differ). False when `out` already holds `max` extents
+/// and this one could not be merged: the answer is complete.
+pub(crate) fn push_extent(out: &mut Vec<(u64, u32)>, max: usize, len: u64, flags: u32) -> bool {
+    let full = out.len() >= max;
+    match out.last_mut() {
+        Some((l, f)) if *f == flags => *l += len,
+        _ if full => return false,
+        _ => out.push((len, flags)),
+    }
+    true
+}
+
 /// A block device as the engine sees it. Implementations are shared by every worker thread.
 pub trait BlockTarget: Send + Sync {
     fn geometry(&self) -> Geometry;

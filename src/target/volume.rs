@@ -26,7 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use volume_format::state::Source;
 use volume_format::{FileStorage, Storage, Volume, VolumeError, write_commit};
 
-use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp};
+use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, push_extent};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 
 const PREFERRED_BLOCK_BYTES: u32 = 4096;
@@ -393,22 +393,21 @@ impl VolumeTarget {
 
     /// Runs the synchronous part of WRITE_ZEROES/TRIM under the volume's lock.
     fn zero_now(&self, offset: u64, len: u64) -> Result<(), TargetError> {
-        let _commit = self.commit_lock_if_armed();
-        self.shared
-            .vol
-            .lock()
-            .write_zeroes(offset, len)
+        self.with_write_locks(|v| v.write_zeroes(offset, len))
             .map_err(|e| volume_error("zeroing", &e))
     }
 
-    /// The first write of a new epoch commits the new generation first: that commit needs the
-    /// commit lock, which is taken before the volume's.
-    fn commit_lock_if_armed(&self) -> Option<parking_lot::MutexGuard<'_, FileStorage>> {
-        self.shared
-            .vol
-            .lock()
-            .generation_armed()
-            .then(|| self.shared.meta.lock())
+    /// Runs `f` (the start of a write) under the volume's lock: one lock on the hot path. The
+    /// first write of a new epoch commits the new generation first, which needs the commit lock,
+    /// taken before the volume's; only then are both taken.
+    fn with_write_locks<T>(&self, f: impl FnOnce(&mut Volume<FileStorage>) -> T) -> T {
+        let mut vol = self.shared.vol.lock();
+        if !vol.generation_armed() {
+            return f(&mut vol);
+        }
+        drop(vol);
+        let _commit = self.shared.meta.lock();
+        f(&mut self.shared.vol.lock())
     }
 
     fn count_error(&self) {
@@ -503,14 +502,8 @@ impl BlockTarget for VolumeTarget {
         match *op {
             TargetOp::Read { offset, len } => self.plan_read(offset, len, offset, plan),
             TargetOp::Write { offset, len, fua } => {
-                {
-                    let _commit = self.commit_lock_if_armed();
-                    self.shared
-                        .vol
-                        .lock()
-                        .begin_write(offset, u64::from(len))
-                        .map_err(|e| volume_error("writing", &e))?;
-                }
+                self.with_write_locks(|v| v.begin_write(offset, u64::from(len)))
+                    .map_err(|e| volume_error("writing", &e))?;
                 if len > 0 {
                     plan.push(FileIo::Write {
                         fd: self.data_fd(),
@@ -661,11 +654,8 @@ impl BlockTarget for VolumeTarget {
             .map_err(|e| volume_error("querying allocation", &e))?;
         for e in extents {
             let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
-            let n = out.len();
-            match out.last_mut() {
-                Some((l, f)) if *f == flags => *l += e.len,
-                _ if n == max_extents => break,
-                _ => out.push((e.len, flags)),
+            if !push_extent(out, max_extents, e.len, flags) {
+                break;
             }
         }
         Ok(())
