@@ -21,8 +21,8 @@
 #          [--size SIZE] [--streamer PATH] [--out FILE] [--image FILE]
 #          [--servers LIST] [--rows LIST] [--transports LIST] [--dir DIR]
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 
-PY=/usr/bin/python3
 CACHE=buffered
 ROUNDS=3
 RUNTIME=5
@@ -35,10 +35,14 @@ ROWS="rr1,rr32,rw32,sr8,sw8,rr2c"
 TRANSPORTS="tcp,unix"
 WORKDIR=
 EXPORT=bench
+TITLES="rr1=4k randread QD1|rr32=4k randread QD32|rw32=4k randwrite QD32|sr8=1MiB seq read QD8|sw8=1MiB seq write QD8|rr2c=4k randread 2 conns x QD16"
+
 
 usage() {
     cat <<EOF
-usage: $0 [options]
+usage: $0 [--mode nbd|clone|storm|mgmt] [options]
+  --mode MODE              nbd (default): raw-file exports, options below;
+                           clone, storm, mgmt: see scripts/bench-clone.sh --help
   --cache direct|buffered  server cache mode (default $CACHE)
   --rounds N               rounds, cells alternate servers (default $ROUNDS)
   --runtime SECS           fio runtime per cell (default $RUNTIME)
@@ -55,9 +59,6 @@ rows: rr1 4k randread QD1, rr32 4k randread QD32, rw32 4k randwrite QD32,
       rr2c 4k randread, 2 connections x QD16
 EOF
 }
-
-die() { echo "bench.sh: $*" >&2; exit 1; }
-log() { echo "# $*" >&2; }
 
 parse_args() {
     while [ $# -gt 0 ]; do
@@ -106,10 +107,6 @@ check_tools() {
         esac
     done
     fio --enghelp=nbd >/dev/null 2>&1 || die "fio has no nbd engine"
-}
-
-free_port() {
-    $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 setup_workdir() {
@@ -204,40 +201,23 @@ server_uri() {
 
 SERVER_PID=
 start_server() {
-    local srv=$1 tr=$2 uri i
+    local srv=$1 tr=$2 ready=
     local -a cmd
     mapfile -t cmd < <(server_cmd "$srv" "$tr")
     rm -f "$(sock_path "$srv")"
     SERVER_LOG=$WORKDIR/$srv-$tr.log
     "${cmd[@]}" > "$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
-    uri=$(server_uri "$srv" "$tr")
     # Ready when it answers an NBD handshake (streamer also prints "ready").
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$SERVER_LOG" >&2; die "$srv ($tr) exited during startup"; }
-        if [ "$srv" != streamer ] || grep -qx ready "$SERVER_LOG"; then
-            timeout 2 nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
-        fi
-        sleep 0.1
-    done
-    cat "$SERVER_LOG" >&2
-    die "$srv ($tr) not ready after 10 s"
+    [ "$srv" != streamer ] || ready=ready
+    wait_nbd "$SERVER_PID" "$SERVER_LOG" "$(server_uri "$srv" "$tr")" $ready
 }
 
 stop_server() {
     [ -n "$SERVER_PID" ] || return 0
-    local pid=$SERVER_PID i rc=0
+    local rc
+    stop_pid "$SERVER_PID"; rc=$STOP_RC
     SERVER_PID=
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "warning: pid $pid did not exit on SIGTERM, killing"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || rc=$?
     # streamer must exit 0 on SIGTERM (qemu-nbd/nbdkit exit non-zero or 0).
     if [ "${1:-}" = streamer ] && [ "$rc" != 0 ]; then
         log "warning: streamer exited with status $rc after SIGTERM"
@@ -250,28 +230,13 @@ cleanup() {
     if [ "${CLEAN_WORKDIR:-0}" = 1 ]; then rm -rf "$WORKDIR"; fi
 }
 
-# Server CPU time in clock ticks (utime+stime, fields 14 and 15).  The
-# command name may contain spaces, so split after the last ')'.
-cpu_ticks() {
-    local stat
-    stat=$(< "/proc/$1/stat")
-    stat=${stat##*) }
-    # fields after ')' start at field 3, so utime/stime are words 12 and 13
-    awk '{ print $12 + $13 }' <<< "$stat"
-}
-
 # ---------------------------------------------------------------- fio
 
 row_title() {
-    case $1 in
-        rr1) echo "4k randread QD1" ;;
-        rr32) echo "4k randread QD32" ;;
-        rw32) echo "4k randwrite QD32" ;;
-        sr8) echo "1MiB seq read QD8" ;;
-        sw8) echo "1MiB seq write QD8" ;;
-        rr2c) echo "4k randread 2 conns x QD16" ;;
-        *) die "unknown row $1" ;;
-    esac
+    local t
+    t=$(tr '|' '\n' <<< "$TITLES" | sed -n "s/^$1=//p")
+    [ -n "$t" ] || die "unknown row $1"
+    echo "$t"
 }
 
 row_fio_args() {
@@ -283,26 +248,6 @@ row_fio_args() {
         sw8) echo --rw=write --bs=1M --iodepth=8 --numjobs=1 ;;
         rr2c) echo --rw=randread --bs=4k --iodepth=16 --numjobs=2 ;;  # one NBD connection per job
     esac
-}
-
-# Extract metrics from fio JSON: iops MB/s lat_mean_us lat_median_us ios
-parse_fio() {
-    $PY - "$1" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-j = d["jobs"][0]           # --group_reporting: one aggregated job
-if j.get("error"):
-    sys.exit("fio job error %s" % j["error"])
-r, w = j["read"], j["write"]
-io = r if r["total_ios"] >= w["total_ios"] else w
-ios = r["total_ios"] + w["total_ios"]
-if ios == 0:
-    sys.exit("fio did no I/O")
-lat = io["lat_ns"]
-p50 = lat.get("percentile", {}).get("50.000000", float("nan"))
-print("%.1f %.1f %.2f %.2f %d" % (r["iops"] + w["iops"],
-      (r["bw_bytes"] + w["bw_bytes"]) / 1e6, lat["mean"] / 1e3, p50 / 1e3, ios))
-EOF
 }
 
 run_cell() {
@@ -330,9 +275,9 @@ run_cell() {
         log "warning: round $round $row $tr $srv: $m"
         return 0
     fi
-    read -r iops mbps latm lat50 ios <<< "$m"
+    read -r iops mbps latm lat50 ios _ <<< "$m"
     # CPU microseconds per I/O = ticks * 1e6 / CLK_TCK / ios
-    cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$ios" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }')
+    cpu=$(us_per_io $((t1 - t0)) "$ios")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$tr" "$srv" \
         "$iops" "$mbps" "$latm" "$lat50" "$cpu" "$ios" >> "$RESULTS"
     log "round $round $(row_title "$row") $tr $srv: iops=$iops MB/s=$mbps lat=${latm}us p50=${lat50}us cpu/io=${cpu}us"
@@ -362,56 +307,17 @@ print_header() {
     echo
 }
 
-print_table() {
-    $PY - "$RESULTS" "$SERVERS" "$ROWS" "$TRANSPORTS" <<'EOF'
-import sys, statistics
-from collections import defaultdict
-path, servers, rows, transports = sys.argv[1], *(a.split() for a in sys.argv[2:])
-titles = {"rr1": "4k randread QD1", "rr32": "4k randread QD32",
-          "rw32": "4k randwrite QD32", "sr8": "1MiB seq read QD8",
-          "sw8": "1MiB seq write QD8", "rr2c": "4k randread 2 conns x QD16"}
-cols = {"iops": 0, "MB/s": 1, "lat mean us": 2, "lat median us": 3, "CPU us/IO": 4}
-vals = defaultdict(list)
-for line in open(path):
-    rnd, row, tr, srv, *m = line.rstrip("\n").split("\t")
-    for name, i in cols.items():
-        vals[(row, tr, srv, name)].append(float(m[i]))
-
-def med(k):
-    v = [x for x in vals.get(k, []) if x == x]
-    return statistics.median(v) if v else None
-
-def fmt(x):
-    if x is None:
-        return "n/a"
-    return "%.0f" % x if x >= 1000 else "%.3g" % x
-
-refs = [s for s in ("qemu-nbd", "nbdkit") if s in servers] if "streamer" in servers else []
-hdr = ["test", "transport", "metric"] + servers + ["streamer/%s" % r for r in refs]
-print("| " + " | ".join(hdr) + " |")
-print("|" + "---|" * len(hdr))
-for row in rows:
-    metrics = ["MB/s" if row in ("sr8", "sw8") else "iops"]
-    if row == "rr1":
-        metrics += ["lat mean us", "lat median us"]
-    metrics.append("CPU us/IO")
-    for tr in transports:
-        for name in metrics:
-            m = {s: med((row, tr, s, name)) for s in servers}
-            cells = [fmt(m[s]) for s in servers]
-            for r in refs:
-                a, b = m["streamer"], m[r]
-                cells.append("%.2f" % (a / b) if a is not None and b else "n/a")
-            print("| " + " | ".join([titles[row], tr, name] + cells) + " |")
-print()
-print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
-      " per I/O): lower is better. Ratios are streamer / other.")
-EOF
-}
-
 # ---------------------------------------------------------------- main
 
 main() {
+    # The pool modes live in their own script; this one is the raw-file mode.
+    if [ "${1:-}" = --mode ]; then
+        case "${2:-}" in
+            nbd) shift 2 ;;
+            clone|storm|mgmt) exec "$(dirname "$0")/bench-clone.sh" "$@" ;;
+            *) die "--mode must be nbd, clone, storm or mgmt" ;;
+        esac
+    fi
     parse_args "$@"
     check_tools
     CLK_TCK=$(getconf CLK_TCK)
@@ -440,7 +346,7 @@ main() {
     done
 
     local report
-    report=$(printf '%s\n\n%s\n' "$header" "$(print_table)")
+    report=$(printf '%s\n\n%s\n' "$header" "$(print_table "$RESULTS" "$SERVERS" "$ROWS" "$TRANSPORTS" "$TITLES" "sr8 sw8" "rr1")")
     echo "$report"
     if [ -n "$OUT" ]; then echo "$report" > "$OUT"; fi
 }

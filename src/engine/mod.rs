@@ -8,6 +8,7 @@
 
 mod bufpool;
 mod conn;
+pub mod sched;
 mod worker;
 
 use std::io;

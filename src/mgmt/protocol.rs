@@ -72,6 +72,27 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Commands that stream whole images or volumes (run in the background, at low priority).
+    pub fn is_bulk(&self) -> bool {
+        match self {
+            Request::ImageImport { .. }
+            | Request::ImageVerify { .. }
+            | Request::ImageCapture { .. }
+            | Request::Check { .. } => true,
+            Request::Status
+            | Request::ImageList
+            | Request::ImageShow { .. }
+            | Request::ImageDelete { .. }
+            | Request::VolumeCreate { .. }
+            | Request::VolumeList
+            | Request::VolumeShow { .. }
+            | Request::VolumeResize { .. }
+            | Request::VolumeDelete { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {

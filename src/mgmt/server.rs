@@ -328,6 +328,10 @@ fn run(
     mut fds: Vec<OwnedFd>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Response, NodeError> {
+    if request.is_bulk() {
+        // Each command has a thread of its own, so this lasts exactly as long as the command.
+        crate::engine::sched::background_thread();
+    }
     match request {
         Request::Status => Ok(Response::Status(node.status())),
         Request::ImageImport { name, format } => {

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,9 +245,9 @@ impl Node {
         let total = src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
         let entry = match format {
             None | Some("raw") => {
-                let mut src = io::BufReader::with_capacity(1 << 20, src);
+                // Unbuffered: the pool reads in its own (bounded) pieces.
                 self.pool
-                    .import_image(name, &mut src, |done| progress(done, total))?
+                    .import_image(name, &mut &src, |done| progress(done, total))?
             }
             Some(fmt) => {
                 let scratch = self.pool.scratch()?;
@@ -257,9 +256,8 @@ impl Node {
                 let f = File::open(&raw)
                     .map_err(|e| NodeError::Io(format!("reading the converted image: {e}")))?;
                 let total = f.metadata().ok().map(|m| m.len());
-                let mut f = io::BufReader::with_capacity(1 << 20, f);
                 self.pool
-                    .import_image(name, &mut f, |done| progress(done, total))?
+                    .import_image(name, &mut &f, |done| progress(done, total))?
             }
         };
         self.serve_image(&entry.name)?;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use parking_lot::Mutex;
-use volume_format::image::{self, ImageInfo, Sealer};
+use volume_format::image::{self, ImageInfo, ImageWriter};
 use volume_format::{FileStorage, ImageRef, Storage, Volume, VolumeError, check};
 
 use crate::names::validate_name;
@@ -54,9 +54,12 @@ pub enum PoolError {
     },
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PoolError {
+fn io_err(what: impl Into<String>) -> impl Fn(io::Error) -> PoolError {
     let what = what.into();
-    move |source| PoolError::Io { what, source }
+    move |source| PoolError::Io {
+        what: what.clone(),
+        source,
+    }
 }
 
 fn vol_err(what: impl Into<String>) -> impl FnOnce(VolumeError) -> PoolError {
@@ -335,11 +338,11 @@ impl Pool {
         let staged = self.staging()?;
         let cleanup = Cleanup(staged.clone());
         let mut raw = create(&staged.join(IMAGE_RAW))?;
-        let mut sealer = Sealer::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0u64;
+        let write_err = io_err(format!("writing image {name:?}"));
+        let mut out = ImageWriter::new(&mut raw).map_err(&write_err)?;
+        let mut buf = vec![0u8; image::STREAM_IO_BYTES];
         loop {
-            // Fill whole buffers so zero blocks can be left as holes.
+            // Whole buffers: fewer writes.
             let mut n = 0;
             while n < buf.len() {
                 match src.read(&mut buf[n..]) {
@@ -352,26 +355,17 @@ impl Pool {
             if n == 0 {
                 break;
             }
-            sealer.update(&buf[..n]);
-            for (i, block) in buf[..n].chunks(4096).enumerate() {
-                if block.iter().any(|&b| b != 0) {
-                    raw.write_at(pos + i as u64 * 4096, block)
-                        .map_err(io_err(format!("writing image {name:?}")))?;
-                }
-            }
-            pos += n as u64;
-            progress(pos);
+            out.write(&buf[..n]).map_err(&write_err)?;
+            progress(out.written());
         }
-        if pos == 0 {
+        if out.written() == 0 {
             return Err(PoolError::Invalid(format!(
                 "the import of {name:?} is empty"
             )));
         }
-        raw.set_len(pos)
-            .map_err(io_err(format!("writing image {name:?}")))?;
-        raw.sync()
+        let info = out
+            .finish(random_id())
             .map_err(io_err(format!("syncing image {name:?}")))?;
-        let info = sealer.finish(random_id());
         let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use nix::errno::Errno;
-use nix::fcntl::{FallocateFlags, fallocate};
+use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::unistd::{Whence, lseek};
 
 use crate::storage::Storage;
@@ -92,6 +92,19 @@ impl Storage for FileStorage {
         self.file.set_len(len)?;
         self.len = len;
         Ok(())
+    }
+
+    fn write_behind(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        // On Linux, DONTNEED starts writeback of the range's dirty pages (WB_SYNC_NONE, submitted
+        // from this thread, so a lowered priority applies) and drops its clean pages. The block
+        // queue throttles the submission when the disk falls behind.
+        posix_fadvise(
+            &self.file,
+            off(offset)?,
+            off(len)?,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(to_io)
     }
 
     fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>> {

@@ -237,6 +237,100 @@ impl Sealer {
     }
 }
 
+/// Streams an image into its raw file, sealing it on the way: zero blocks stay holes, each run
+/// of non-zero blocks is one write, and the file is written behind in windows of
+/// `WRITE_BEHIND_BYTES` (`Storage::write_behind` on the window just filled starts its writeback;
+/// once more on the window before drops its pages, clean by then), so a many-GiB import neither
+/// piles up dirty pages nor pushes the served images and volumes out of the page cache.
+/// Import and capture both write through it.
+pub struct ImageWriter<'a, S: Storage> {
+    raw: &'a mut S,
+    sealer: Sealer,
+    /// Bytes appended so far (the image's size once finished).
+    pos: u64,
+    /// Start of the window being filled; the window before it, from `behind`, is in writeback.
+    window: u64,
+    behind: u64,
+}
+
+/// Write-behind window: big enough for sequential disk writes, small beside the page cache.
+pub const WRITE_BEHIND_BYTES: u64 = 8 << 20;
+
+/// Largest single read or write of the streaming work (import, capture, verify). A kernel built
+/// without preemption (PREEMPT_NONE, common on servers) cannot take the CPU from a thread inside
+/// one `read`/`write` system call: a 1 MiB copy holds a core for 100 µs or more however low the
+/// thread's priority, and a data-path thread waking behind it waits that long. 128 KiB keeps each
+/// such span short and the system calls still few.
+pub const STREAM_IO_BYTES: usize = 128 << 10;
+
+impl<'a, S: Storage> ImageWriter<'a, S> {
+    /// Starts writing at offset 0 of `raw`, truncated to empty first.
+    pub fn new(raw: &'a mut S) -> io::Result<ImageWriter<'a, S>> {
+        raw.set_len(0)?;
+        Ok(ImageWriter {
+            raw,
+            sealer: Sealer::new(),
+            pos: 0,
+            window: 0,
+            behind: 0,
+        })
+    }
+
+    /// Appends `bytes`, of any length.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sealer.update(bytes);
+        let block = BLOCK_BYTES as usize;
+        let mut i = 0;
+        while i < bytes.len() {
+            // Blocks are counted from the image's start, so a write that begins mid-block
+            // still leaves holes only where whole blocks are zero.
+            let skip = block - (self.pos as usize + i) % block;
+            let first = (i + skip).min(bytes.len());
+            if bytes[i..first].iter().all(|&b| b == 0) {
+                i = first;
+                continue;
+            }
+            let mut end = first;
+            while end < bytes.len() {
+                let next = (end + block).min(bytes.len());
+                if bytes[end..next].iter().all(|&b| b == 0) {
+                    break;
+                }
+                end = next;
+            }
+            for piece in bytes[i..end].chunks(STREAM_IO_BYTES) {
+                self.raw.write_at(self.pos + i as u64, piece)?;
+                i += piece.len();
+            }
+        }
+        self.pos += bytes.len() as u64;
+        if self.pos - self.window >= WRITE_BEHIND_BYTES {
+            self.raw.write_behind(self.window, self.pos - self.window)?;
+            if self.window > self.behind {
+                self.raw
+                    .write_behind(self.behind, self.window - self.behind)?;
+            }
+            self.behind = self.window;
+            self.window = self.pos;
+        }
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.pos
+    }
+
+    /// Sets the file's length (trailing zeroes stay a hole), makes it durable and seals it.
+    pub fn finish(self, id: [u8; 16]) -> io::Result<ImageInfo> {
+        self.raw.set_len(self.pos)?;
+        self.raw.sync()?;
+        if self.pos > self.behind {
+            self.raw.write_behind(self.behind, self.pos - self.behind)?;
+        }
+        Ok(self.sealer.finish(id))
+    }
+}
+
 /// Reads a whole raw image and seals it. `progress` gets the bytes done so far.
 pub fn seal<S: Storage>(
     raw: &mut S,
@@ -245,10 +339,10 @@ pub fn seal<S: Storage>(
 ) -> io::Result<ImageInfo> {
     let size = raw.len();
     let mut sealer = Sealer::new();
-    let mut buf = vec![0u8; IMAGE_CHUNK_BYTES as usize];
+    let mut buf = vec![0u8; STREAM_IO_BYTES];
     let mut pos = 0;
     while pos < size {
-        let n = (size - pos).min(IMAGE_CHUNK_BYTES) as usize;
+        let n = (size - pos).min(STREAM_IO_BYTES as u64) as usize;
         raw.read_at(pos, &mut buf[..n])?;
         sealer.update(&buf[..n]);
         pos += n as u64;
@@ -344,6 +438,107 @@ mod tests {
             s.update(piece);
         }
         assert_eq!(s.finish([1; 16]), whole);
+    }
+
+    /// Records what an `ImageWriter` does to its file.
+    struct Recorder {
+        file: MemFile,
+        writes: Vec<(u64, usize)>,
+        behind: Vec<(u64, u64)>,
+    }
+
+    impl Storage for Recorder {
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.file.read_at(offset, buf)
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.writes.push((offset, data.len()));
+            self.file.write_at(offset, data)
+        }
+        fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.file.punch_hole(offset, len)
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.file.sync()
+        }
+        fn len(&self) -> u64 {
+            self.file.len()
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>> {
+            self.file.seek_data(offset)
+        }
+        fn seek_hole(&mut self, offset: u64) -> io::Result<u64> {
+            self.file.seek_hole(offset)
+        }
+        fn allocated_bytes(&self) -> io::Result<u64> {
+            self.file.allocated_bytes()
+        }
+        fn write_behind(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.behind.push((offset, len));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn image_writer_keeps_holes_bounds_writes_and_writes_behind() {
+        // 20 MiB + a tail: a zero block at 8 KiB, a zero MiB at 5 MiB, zeroes at the very end.
+        let size = (20 << 20) + 6000;
+        let mut bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+        bytes[8192..12288].fill(0);
+        bytes[5 << 20..6 << 20].fill(0);
+        bytes[size - 3000..].fill(0);
+        let mut rec = Recorder {
+            file: MemFile::new(),
+            writes: Vec::new(),
+            behind: Vec::new(),
+        };
+        let mut w = ImageWriter::new(&mut rec).unwrap();
+        // Odd pieces, so blocks straddle the calls.
+        for piece in bytes.chunks(300_001) {
+            w.write(piece).unwrap();
+        }
+        let info = w.finish([3; 16]).unwrap();
+
+        let mut s = Sealer::new();
+        s.update(&bytes);
+        assert_eq!(
+            info,
+            s.finish([3; 16]),
+            "the seal covers every byte, zeroes too"
+        );
+        let mut back = vec![0; size];
+        rec.file.read_at(0, &mut back).unwrap();
+        assert_eq!(back, bytes);
+        assert_eq!(rec.file.len(), size as u64);
+        // No write touches a whole zero block, none is longer than STREAM_IO_BYTES.
+        for &(off, len) in &rec.writes {
+            assert!(len <= STREAM_IO_BYTES, "write of {len} bytes");
+            let end = off + len as u64;
+            assert!(
+                end <= 8192 || off >= 12288,
+                "wrote into the zero block: {off}+{len}"
+            );
+            assert!(
+                end <= 5 << 20 || off >= 6 << 20,
+                "wrote into the zero MiB: {off}+{len}"
+            );
+        }
+        let written: u64 = rec.writes.iter().map(|w| w.1 as u64).sum();
+        assert!(
+            written < size as u64 - (1 << 20),
+            "zero runs were written: {written}"
+        );
+        // Write-behind: every window is started, then passed again; together they cover the file.
+        let mut covered = 0;
+        for &(off, len) in &rec.behind {
+            assert!(off <= covered, "a gap before {off}");
+            covered = covered.max(off + len);
+        }
+        assert_eq!(covered, size as u64);
+        assert!(rec.behind.len() >= 2 * (size as u64 / WRITE_BEHIND_BYTES) as usize);
     }
 
     #[test]

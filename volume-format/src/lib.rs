@@ -21,7 +21,7 @@ pub mod volume;
 pub use check::{CheckReport, check};
 pub use error::FormatError;
 pub use file::FileStorage;
-pub use image::{ImageInfo, ImageRef, Sealer};
+pub use image::{ImageInfo, ImageRef, ImageWriter, Sealer};
 pub use map::{BlockMap, BlockState};
 pub use state::{Commit, Piece, VolumeState};
 pub use storage::{Fate, MemFile, Storage};

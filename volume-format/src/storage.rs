@@ -29,6 +29,15 @@ pub trait Storage {
     fn seek_hole(&mut self, offset: u64) -> io::Result<u64>;
     /// Bytes of disk space the file holds.
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// Write-behind for streaming writers (image import and capture): starts writing
+    /// `offset..offset + len` back to the disk without waiting, and lets the page cache drop
+    /// what of it is already clean. Called on each window as it fills and once more on the
+    /// window before, so that a stream of many GiB neither piles up dirty pages (one long stall
+    /// at `sync`) nor evicts the pages the data path serves. A hint about pacing, never about
+    /// durability: only `sync` makes anything durable. Default: nothing.
+    fn write_behind(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Sector size at which a simulated power cut may tear a write.

@@ -6,7 +6,7 @@
 use std::io;
 
 use crate::error::FormatError;
-use crate::image::{ImageInfo, ImageRef, Sealer};
+use crate::image::{ImageInfo, ImageRef, ImageWriter, STREAM_IO_BYTES};
 use crate::layout::*;
 use crate::map::BlockState;
 use crate::state::{Commit, Source, VolumeState};
@@ -594,7 +594,7 @@ impl<S: Storage> Volume<S> {
 
     /// Flattens the volume into `raw` (an empty file) and seals it as a new golden image with
     /// `id`: every byte is copied once, zero runs stay holes, and the digest is computed on the
-    /// way. The volume should be quiesced (no writers) by the caller.
+    /// way (through `ImageWriter`, which also paces the writeback). The volume should be quiesced (no writers) by the caller.
     pub fn capture<T: Storage>(
         &mut self,
         raw: &mut T,
@@ -603,26 +603,17 @@ impl<S: Storage> Volume<S> {
     ) -> Result<ImageInfo, VolumeError> {
         self.live()?;
         let size = self.size();
-        let mut sealer = Sealer::new();
-        let mut buf = vec![0u8; IMAGE_CHUNK_BYTES as usize];
-        raw.set_len(0)?;
+        let mut out = ImageWriter::new(raw)?;
+        let mut buf = vec![0u8; STREAM_IO_BYTES];
         let mut pos = 0;
         while pos < size {
-            let n = (size - pos).min(IMAGE_CHUNK_BYTES) as usize;
+            let n = (size - pos).min(STREAM_IO_BYTES as u64) as usize;
             self.read(pos, &mut buf[..n])?;
-            sealer.update(&buf[..n]);
-            // Keep the image sparse: skip all-zero blocks.
-            for (i, block) in buf[..n].chunks(BLOCK_BYTES as usize).enumerate() {
-                if block.iter().any(|&b| b != 0) {
-                    raw.write_at(pos + (i as u64) * BLOCK_BYTES, block)?;
-                }
-            }
+            out.write(&buf[..n])?;
             pos += n as u64;
             progress(pos);
         }
-        raw.set_len(size)?;
-        raw.sync()?;
-        Ok(sealer.finish(id))
+        Ok(out.finish(id)?)
     }
 }
 

@@ -1,0 +1,139 @@
+# Helpers shared by scripts/bench.sh (raw-file mode) and scripts/bench-clone.sh (clone, storm and
+# mgmt modes). Sourced, not run.
+
+PY=/usr/bin/python3
+
+die() { echo "bench: $*" >&2; exit 1; }
+log() { echo "# $*" >&2; }
+
+free_port() {
+    $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Server CPU time in clock ticks (utime+stime of all threads, io_uring workers included). The
+# command name may contain spaces, so split after the last ')': fields after it start at field 3,
+# so utime/stime (fields 14 and 15) are words 12 and 13.
+cpu_ticks() {
+    local stat
+    stat=$(< "/proc/$1/stat")
+    stat=${stat##*) }
+    awk '{ print $12 + $13 }' <<< "$stat"
+}
+
+# Sum of cpu_ticks over several PIDs.
+cpu_ticks_sum() {
+    local p t=0
+    for p in "$@"; do t=$((t + $(cpu_ticks "$p"))); done
+    echo "$t"
+}
+
+# Ticks spent over N I/Os, as microseconds per I/O.
+us_per_io() {
+    awk -v d="$1" -v hz="$(getconf CLK_TCK)" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? d * 1e6 / hz / n : 0) }'
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL after 5 s; reaps it and leaves its exit status in STOP_RC.
+# Not to be called in $(...): a subshell cannot reap its parent's children.
+stop_pid() {
+    local pid=$1 i rc=0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "warning: pid $pid did not exit on SIGTERM, killing"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    STOP_RC=$rc
+}
+
+# wait_nbd PID LOG URI [READY_LINE]: until URI answers an NBD handshake (and, for streamer, LOG
+# has the line "ready"); fails if PID exits or 10 s pass.
+wait_nbd() {
+    local pid=$1 logf=$2 uri=$3 ready=${4:-} i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; die "server $pid exited during startup"; }
+        if [ -z "$ready" ] || grep -qx "$ready" "$logf"; then
+            timeout 2 nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+        fi
+        sleep 0.1
+    done
+    cat "$logf" >&2
+    die "server $pid not ready after 10 s ($uri)"
+}
+
+# Extract metrics from fio JSON: iops MB/s lat_mean_us lat_median_us ios bytes
+parse_fio() {
+    $PY - "$1" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+jobs = d["jobs"]
+for j in jobs:
+    if j.get("error"):
+        sys.exit("fio job error %s" % j["error"])
+r = {k: sum(j["read"][k] for j in jobs) for k in ("iops", "bw_bytes", "total_ios", "io_bytes")}
+w = {k: sum(j["write"][k] for j in jobs) for k in ("iops", "bw_bytes", "total_ios", "io_bytes")}
+ios = r["total_ios"] + w["total_ios"]
+if ios == 0:
+    sys.exit("fio did no I/O")
+j = jobs[0]                 # latency: first job (one aggregated job with --group_reporting)
+lat = (j["read"] if j["read"]["total_ios"] >= j["write"]["total_ios"] else j["write"])["lat_ns"]
+p50 = lat.get("percentile", {}).get("50.000000", float("nan"))
+print("%.1f %.1f %.2f %.2f %d %d" % (r["iops"] + w["iops"],
+      (r["bw_bytes"] + w["bw_bytes"]) / 1e6, lat["mean"] / 1e3, p50 / 1e3, ios,
+      r["io_bytes"] + w["io_bytes"]))
+PYEOF
+}
+
+# print_table RESULTS "SERVERS" "ROWS" "TRANSPORTS" TITLES MB_ROWS LAT_ROWS
+# RESULTS lines: round row transport server iops MB/s lat_mean lat_p50 cpu_us_per_io ios.
+# TITLES is "row=title|row=title"; MB_ROWS and LAT_ROWS are space-separated rows reported in MB/s
+# and with latency. Prints a markdown table of medians and streamer's ratios to the others.
+print_table() {
+    $PY - "$@" <<'PYEOF'
+import sys, statistics
+from collections import defaultdict
+path, servers, rows, transports, titles, mb_rows, lat_rows = sys.argv[1:8]
+servers, rows, transports = servers.split(), rows.split(), transports.split()
+titles = dict(t.split("=", 1) for t in titles.split("|"))
+mb_rows, lat_rows = set(mb_rows.split()), set(lat_rows.split())
+cols = {"iops": 0, "MB/s": 1, "lat mean us": 2, "lat median us": 3, "CPU us/IO": 4}
+vals = defaultdict(list)
+for line in open(path):
+    rnd, row, tr, srv, *m = line.rstrip("\n").split("\t")
+    for name, i in cols.items():
+        vals[(row, tr, srv, name)].append(float(m[i]))
+
+def med(k):
+    v = [x for x in vals.get(k, []) if x == x]
+    return statistics.median(v) if v else None
+
+def fmt(x):
+    if x is None:
+        return "n/a"
+    return "%.0f" % x if x >= 1000 else "%.3g" % x
+
+refs = [s for s in servers if s != "streamer"] if "streamer" in servers else []
+hdr = ["test", "transport", "metric"] + servers + ["streamer/%s" % r for r in refs]
+print("| " + " | ".join(hdr) + " |")
+print("|" + "---|" * len(hdr))
+for row in rows:
+    metrics = ["MB/s" if row in mb_rows else "iops"]
+    if row in lat_rows:
+        metrics += ["lat mean us", "lat median us"]
+    metrics.append("CPU us/IO")
+    for tr in transports:
+        for name in metrics:
+            m = {s: med((row, tr, s, name)) for s in servers}
+            cells = [fmt(m[s]) for s in servers]
+            for r in refs:
+                a, b = m["streamer"], m[r]
+                cells.append("%.2f" % (a / b) if a is not None and b else "n/a")
+            print("| " + " | ".join([titles[row], tr, name] + cells) + " |")
+print()
+print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
+      " per I/O): lower is better. Ratios are streamer / other.")
+PYEOF
+}
