@@ -37,6 +37,7 @@ SERVERS="streamer,qemu-nbd,nbdkit"
 ROWS=
 CLONES=50
 IMPORT_SIZE=2G
+BULK_RATE=        # mgmt: the node's --bulk-rate (default: the node's default)
 TRANSPORT=tcp
 WORKDIR=
 
@@ -52,6 +53,7 @@ usage: $0 --mode clone|storm|mgmt [options]
   --size SIZE              golden image size (clone, mgmt: 1G; storm: 512M)
   --clones N               storm: clones read at once (default $CLONES)
   --import-size SIZE       mgmt: size of the image imported under load (default $IMPORT_SIZE)
+  --bulk-rate RATE         mgmt: the node's --bulk-rate (0: unpaced; default: the node's)
   --servers LIST           clone, storm: subset of $SERVERS
   --rows LIST              clone: subset of $CLONE_ROWS; mgmt: subset of $MGMT_ROWS
   --transport tcp|unix     clone, mgmt (default $TRANSPORT; storm always uses Unix sockets)
@@ -70,6 +72,7 @@ parse_args() {
             --size) SIZE=$2; shift ;;
             --clones) CLONES=$2; shift ;;
             --import-size) IMPORT_SIZE=$2; shift ;;
+            --bulk-rate) BULK_RATE=$2; shift ;;
             --servers) SERVERS=$2; shift ;;
             --rows) ROWS=$2; shift ;;
             --transport) TRANSPORT=$2; shift ;;
@@ -129,11 +132,13 @@ NODE_PID=
 POOL=
 node_start() {
     local logf=$WORKDIR/node.log
+    local -a extra=()
+    [ -z "$BULK_RATE" ] || extra=(--bulk-rate "$BULK_RATE")
     rm -f "$POOL/streamer.sock"
     if [ "$TRANSPORT" = tcp ] && [ "$MODE" != storm ]; then
-        "$STREAMER" serve --data-dir "$POOL" --listen "127.0.0.1:$PORT" > "$logf" 2>&1 &
+        "$STREAMER" serve --data-dir "$POOL" --listen "127.0.0.1:$PORT" "${extra[@]}" > "$logf" 2>&1 &
     else
-        "$STREAMER" serve --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" > "$logf" 2>&1 &
+        "$STREAMER" serve --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" "${extra[@]}" > "$logf" 2>&1 &
     fi
     NODE_PID=$!
     wait_nbd "$NODE_PID" "$logf" "$(node_uri "image/golden")" ready
@@ -529,7 +534,7 @@ print_header() {
     esac
     case $MODE in
         storm) echo "- storm: $CLONES clones read whole at once (fio rw=read bs=256k iodepth=2, one connection each), cold page cache" ;;
-        mgmt) echo "- mgmt: import of a $IMPORT_SIZE raw file (cold cache) and capture of a written $SIZE clone, each starting 3 s into the fio run" ;;
+        mgmt) echo "- mgmt: import of a $IMPORT_SIZE raw file (cold cache) and capture of a written $SIZE clone, each starting 3 s into the fio run; node --bulk-rate ${BULK_RATE:-default}" ;;
     esac
 }
 

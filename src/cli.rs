@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Members of this group may use the management socket too (it becomes mode 0660).
     #[arg(long, value_name = "GROUP")]
     pub admin_group: Option<String>,
+    /// Bytes per second that bulk commands (image import, capture, verify) may stream while
+    /// clients are doing I/O; they run at full speed while the volumes are idle. 0: no limit.
+    #[arg(long, default_value = "128M", value_parser = parse_bytes, value_name = "RATE")]
+    pub bulk_rate: u64,
     /// TCP address to listen on (repeatable; IPv6 as [::1]:10809). Default 127.0.0.1:10809 unless
     /// only --socket is given.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -129,6 +133,7 @@ impl ServeArgs {
                         .unwrap_or_else(|| dir.join(crate::manage::SOCKET_NAME)),
                     dir,
                     admin_gid,
+                    bulk_rate: self.bulk_rate,
                 })
             }
         };

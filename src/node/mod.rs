@@ -20,10 +20,13 @@ use crate::mgmt::protocol::{
     CheckInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 use crate::names::validate_name;
-use crate::pool::{Pool, PoolError};
+use crate::pool::{ImportSource, Pool, PoolError};
+
+mod pace;
 use crate::target::{
     BlockTarget, CacheMode, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
+use pace::Pacer;
 
 /// Export name prefix of golden images.
 pub const IMAGE_EXPORT_PREFIX: &str = "image/";
@@ -76,6 +79,8 @@ pub struct Node {
     served: Mutex<Served>,
     busy: Mutex<BTreeSet<String>>,
     max_payload_bytes: u32,
+    /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
+    bulk_rate: u64,
     started: Instant,
 }
 
@@ -99,6 +104,7 @@ impl Node {
         exports: Arc<Exports>,
         committers: Arc<Committers>,
         max_payload_bytes: u32,
+        bulk_rate: u64,
     ) -> Result<Node, NodeError> {
         let pool = Pool::open(dir)?;
         let node = Node {
@@ -108,6 +114,7 @@ impl Node {
             served: Mutex::new(Served::default()),
             busy: Mutex::new(BTreeSet::new()),
             max_payload_bytes,
+            bulk_rate,
             started: Instant::now(),
         };
         for i in node.pool.images() {
@@ -223,6 +230,23 @@ impl Node {
         Ok(Some(t))
     }
 
+    /// Requests the volumes have served so far: what a bulk command's pacer watches.
+    fn data_path_ops(&self) -> u64 {
+        self.served
+            .lock()
+            .volumes
+            .values()
+            .map(|v| {
+                let c = v.counters();
+                c.reads + c.writes + c.flushes + c.zeroes
+            })
+            .sum()
+    }
+
+    fn pacer(&self) -> Pacer<impl FnMut() -> u64 + '_> {
+        Pacer::new(self.bulk_rate, || self.data_path_ops())
+    }
+
     // ---- images --------------------------------------------------------------------------
 
     /// Imports a golden image from `src` (raw, or `format` converted with qemu-img).
@@ -243,11 +267,14 @@ impl Node {
         }
         let _busy = self.busy("image", name)?;
         let total = src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        let mut pacer = self.pacer();
         let entry = match format {
             None | Some("raw") => {
-                // Unbuffered: the pool reads in its own (bounded) pieces.
-                self.pool
-                    .import_image(name, &mut &src, |done| progress(done, total))?
+                let mut src = ImportSource::new(src);
+                self.pool.import_image(name, &mut src, |done| {
+                    pacer.pace(done);
+                    progress(done, total)
+                })?
             }
             Some(fmt) => {
                 let scratch = self.pool.scratch()?;
@@ -256,8 +283,11 @@ impl Node {
                 let f = File::open(&raw)
                     .map_err(|e| NodeError::Io(format!("reading the converted image: {e}")))?;
                 let total = f.metadata().ok().map(|m| m.len());
-                self.pool
-                    .import_image(name, &mut &f, |done| progress(done, total))?
+                let mut f = ImportSource::new(f);
+                self.pool.import_image(name, &mut f, |done| {
+                    pacer.pace(done);
+                    progress(done, total)
+                })?
             }
         };
         self.serve_image(&entry.name)?;
@@ -299,7 +329,11 @@ impl Node {
     ) -> Result<VerifyInfo, NodeError> {
         let e = self.pool.image(name)?;
         let total = Some(e.info.size);
-        let r = self.pool.verify_image(name, |d| progress(d, total))?;
+        let mut pacer = self.pacer();
+        let r = self.pool.verify_image(name, |d| {
+            pacer.pace(d);
+            progress(d, total)
+        })?;
         let message = if r.ok() {
             "the image matches its digest".to_owned()
         } else {
@@ -370,7 +404,11 @@ impl Node {
         let _busy_vol = self.busy("volume", from)?;
         self.offline_volume(from, false)?;
         let total = Some(v.size);
-        let captured = self.pool.capture(name, from, |d| progress(d, total));
+        let mut pacer = self.pacer();
+        let captured = self.pool.capture(name, from, |d| {
+            pacer.pace(d);
+            progress(d, total)
+        });
         let reopened = self.serve_volume(from);
         let entry = captured?;
         reopened?;

@@ -25,6 +25,9 @@ use volume_format::{FileStorage, ImageRef, Storage, Volume, VolumeError, check};
 
 use crate::names::validate_name;
 
+mod source;
+pub use source::ImportSource;
+
 const IMAGE_RAW: &str = "image.raw";
 const IMAGE_META: &str = "image.meta";
 const VOLUME_META: &str = "volume.meta";

@@ -29,6 +29,8 @@ pub struct PoolConfig {
     pub dir: PathBuf,
     pub mgmt_socket: PathBuf,
     pub admin_gid: Option<u32>,
+    /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
+    pub bulk_rate: u64,
 }
 
 /// Everything `streamer serve` needs.
@@ -144,6 +146,7 @@ fn start_node(
             exports.clone(),
             committers.clone(),
             max_payload_bytes,
+            p.bulk_rate,
         )
         .map_err(|e| pool_err(e.to_string()))?,
     );
