@@ -109,13 +109,6 @@ parse_args() {
     fio --enghelp=nbd >/dev/null 2>&1 || die "fio has no nbd engine"
 }
 
-row_title() {
-    local t
-    t=$(tr '|' '\n' <<< "$TITLES" | sed -n "s/^$1=//p")
-    [ -n "$t" ] || die "unknown row $1"
-    echo "$t"
-}
-
 row_fio_args() {
     case $1 in
         frr32|wrr32|rr32) echo --rw=randread --bs=4k --iodepth=32 ;;
@@ -242,8 +235,7 @@ cell_stop() {
 warm_golden() { cat "$GOLDEN" > /dev/null; }
 
 run_clone_cell() {
-    local round=$1 row=$2 srv=$3 json t0 t1 m iops mbps latm lat50 ios
-    json=$WORKDIR/fio-$round-$row-$srv.json
+    local round=$1 row=$2 srv=$3
     warm_golden
     cell_start "$srv"
     if [ "${row:0:1}" = w ]; then
@@ -252,25 +244,7 @@ run_clone_cell() {
             --iodepth=8 --size="$SIZE" --end_fsync=1 --output=/dev/null \
             || { cell_stop "$srv"; log "warning: prefill failed for $srv"; return 0; }
     fi
-    t0=$(cpu_ticks "$SERVER_PID")
-    # shellcheck disable=SC2046
-    if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=nbd --uri="$URI" \
-            $(row_fio_args "$row") --size="$SIZE" --time_based --runtime="$RUNTIME" \
-            --lat_percentiles=1 --output-format=json --output="$json" > "$json.stdout" 2>&1; then
-        cell_stop "$srv"
-        log "warning: fio failed for round $round $row $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
-        return 0
-    fi
-    t1=$(cpu_ticks "$SERVER_PID")
-    cell_stop "$srv"
-    if ! m=$(parse_fio "$json" 2>&1); then
-        log "warning: round $round $row $srv: $m"
-        return 0
-    fi
-    read -r iops mbps latm lat50 ios _ <<< "$m"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$TRANSPORT" "$srv" \
-        "$iops" "$mbps" "$latm" "$lat50" "$(us_per_io $((t1 - t0)) "$ios")" "$ios" >> "$RESULTS"
-    log "round $round $(row_title "$row") $srv: iops=$iops MB/s=$mbps lat=${latm}us cpu/io=$(us_per_io $((t1 - t0)) "$ios")us"
+    fio_cell "$round" "$row" "$TRANSPORT" "$srv" "$URI" "$SERVER_PID" cell_stop --size="$SIZE"
 }
 
 clone_mode() {
@@ -552,13 +526,7 @@ main() {
     parse_args "$@"
     trap cleanup EXIT
     trap 'exit 130' INT TERM
-    if [ -z "$WORKDIR" ]; then
-        WORKDIR=$(mktemp -d /var/tmp/streamer-bench.XXXXXX)
-        CLEAN_WORKDIR=1
-    fi
-    mkdir -p "$WORKDIR"
-    RESULTS=$WORKDIR/results.tsv
-    : > "$RESULTS"
+    make_workdir
     PORT=$(free_port)
     make_pool
     local header

@@ -6,6 +6,18 @@ PY=/usr/bin/python3
 die() { echo "bench: $*" >&2; exit 1; }
 log() { echo "# $*" >&2; }
 
+# make_workdir: WORKDIR (a fresh one under /var/tmp unless --dir gave one; CLEAN_WORKDIR=1 then,
+# for the cleanup to remove) and an empty RESULTS file in it.
+make_workdir() {
+    if [ -z "$WORKDIR" ]; then
+        WORKDIR=$(mktemp -d /var/tmp/streamer-bench.XXXXXX)
+        CLEAN_WORKDIR=1
+    fi
+    mkdir -p "$WORKDIR"
+    RESULTS=$WORKDIR/results.tsv
+    : > "$RESULTS"
+}
+
 free_port() {
     $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -64,6 +76,14 @@ wait_nbd() {
     die "server $pid not ready after 10 s ($uri)"
 }
 
+# row_title ROW: the row's title from TITLES ("row=title|row=title").
+row_title() {
+    local t
+    t=$(tr '|' '\n' <<< "$TITLES" | sed -n "s/^$1=//p")
+    [ -n "$t" ] || die "unknown row $1"
+    echo "$t"
+}
+
 # Extract metrics from fio JSON: iops MB/s lat_mean_us lat_median_us ios bytes
 parse_fio() {
     $PY - "$1" <<'PYEOF'
@@ -85,6 +105,41 @@ print("%.1f %.1f %.2f %.2f %d %d" % (r["iops"] + w["iops"],
       (r["bw_bytes"] + w["bw_bytes"]) / 1e6, lat["mean"] / 1e3, p50 / 1e3, ios,
       r["io_bytes"] + w["io_bytes"]))
 PYEOF
+}
+
+# fio_cell ROUND ROW TRANSPORT SERVER URI PID STOP [FIO_ARGS...]: runs fio on URI for $RUNTIME
+# seconds with the row's arguments (row_fio_args, from the calling script) and FIO_ARGS, samples
+# the CPU time of PID around it, calls `STOP SERVER`, and appends the cell to $RESULTS (see
+# print_table). A failed cell is logged and left out.
+fio_cell() {
+    local round=$1 row=$2 tr=$3 srv=$4 uri=$5 pid=$6 stop=$7 json t0 t1 m iops mbps latm lat50 ios cpu
+    shift 7
+    json=$WORKDIR/fio-$round-$row-$tr-$srv.json
+    t0=$(cpu_ticks "$pid")
+    # shellcheck disable=SC2046
+    if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=nbd --uri="$uri" \
+            $(row_fio_args "$row") "$@" --group_reporting --time_based --runtime="$RUNTIME" \
+            --lat_percentiles=1 --output-format=json --output="$json" \
+            > "$json.stdout" 2>&1; then
+        "$stop" "$srv"
+        log "warning: fio failed for round $round $row $tr $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
+        return 0
+    fi
+    t1=$(cpu_ticks "$pid" 2>/dev/null) || t1=
+    "$stop" "$srv"
+    if [ -z "$t1" ]; then
+        log "warning: round $round $row $tr $srv: server died during the run"
+        return 0
+    fi
+    if ! m=$(parse_fio "$json" 2>&1); then
+        log "warning: round $round $row $tr $srv: $m"
+        return 0
+    fi
+    read -r iops mbps latm lat50 ios _ <<< "$m"
+    cpu=$(us_per_io $((t1 - t0)) "$ios")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$tr" "$srv" \
+        "$iops" "$mbps" "$latm" "$lat50" "$cpu" "$ios" >> "$RESULTS"
+    log "round $round $(row_title "$row") $tr $srv: iops=$iops MB/s=$mbps lat=${latm}us p50=${lat50}us cpu/io=${cpu}us"
 }
 
 # print_table RESULTS "SERVERS" "ROWS" "TRANSPORTS" TITLES MB_ROWS LAT_ROWS

@@ -110,13 +110,7 @@ check_tools() {
 }
 
 setup_workdir() {
-    if [ -z "$WORKDIR" ]; then
-        WORKDIR=$(mktemp -d /var/tmp/streamer-bench.XXXXXX)
-        CLEAN_WORKDIR=1
-    fi
-    mkdir -p "$WORKDIR"
-    RESULTS=$WORKDIR/results.tsv
-    : > "$RESULTS"
+    make_workdir
     PORT_streamer=$(free_port); PORT_qemu_nbd=$(free_port); PORT_nbdkit=$(free_port)
 }
 
@@ -232,13 +226,6 @@ cleanup() {
 
 # ---------------------------------------------------------------- fio
 
-row_title() {
-    local t
-    t=$(tr '|' '\n' <<< "$TITLES" | sed -n "s/^$1=//p")
-    [ -n "$t" ] || die "unknown row $1"
-    echo "$t"
-}
-
 row_fio_args() {
     case $1 in
         rr1) echo --rw=randread --bs=4k --iodepth=1 --numjobs=1 ;;
@@ -251,36 +238,9 @@ row_fio_args() {
 }
 
 run_cell() {
-    local round=$1 row=$2 tr=$3 srv=$4 uri json t0 t1 m iops mbps latm lat50 ios cpu
-    uri=$(server_uri "$srv" "$tr")
-    json=$WORKDIR/fio-$round-$row-$tr-$srv.json
+    local round=$1 row=$2 tr=$3 srv=$4
     start_server "$srv" "$tr"
-    t0=$(cpu_ticks "$SERVER_PID")
-    # shellcheck disable=SC2046
-    if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=nbd --uri="$uri" \
-            $(row_fio_args "$row") --group_reporting --time_based --runtime="$RUNTIME" \
-            --lat_percentiles=1 --output-format=json --output="$json" \
-            > "$json.stdout" 2>&1; then
-        stop_server "$srv"
-        log "warning: fio failed for round $round $row $tr $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
-        return 0
-    fi
-    t1=$(cpu_ticks "$SERVER_PID" 2>/dev/null) || t1=
-    stop_server "$srv"
-    if [ -z "$t1" ]; then
-        log "warning: round $round $row $tr $srv: server died during the run"
-        return 0
-    fi
-    if ! m=$(parse_fio "$json" 2>&1); then
-        log "warning: round $round $row $tr $srv: $m"
-        return 0
-    fi
-    read -r iops mbps latm lat50 ios _ <<< "$m"
-    # CPU microseconds per I/O = ticks * 1e6 / CLK_TCK / ios
-    cpu=$(us_per_io $((t1 - t0)) "$ios")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$tr" "$srv" \
-        "$iops" "$mbps" "$latm" "$lat50" "$cpu" "$ios" >> "$RESULTS"
-    log "round $round $(row_title "$row") $tr $srv: iops=$iops MB/s=$mbps lat=${latm}us p50=${lat50}us cpu/io=${cpu}us"
+    fio_cell "$round" "$row" "$tr" "$srv" "$(server_uri "$srv" "$tr")" "$SERVER_PID" stop_server
 }
 
 # ---------------------------------------------------------------- report
