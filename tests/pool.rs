@@ -649,3 +649,68 @@ fn kill_9_in_the_middle_of_commands_leaves_every_object_whole_or_absent() {
         server.stop();
     }
 }
+
+/// Flips one byte of a file in place.
+fn flip(p: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_at(&mut b, offset).unwrap();
+    f.write_at(&[b[0] ^ 0x5a], offset).unwrap();
+}
+
+#[test]
+fn damaged_metadata_is_set_aside_and_the_rest_of_the_pool_is_served() {
+    let dir = Scratch::new("damaged");
+    let g = golden(&dir, "g.raw", 1 << 20);
+    let server = start_node(&dir);
+    cli_ok(&dir, &["image", "import", "g", g.to_str().unwrap()]);
+    cli_ok(&dir, &["image", "import", "g2", g.to_str().unwrap()]);
+    for (v, img) in [("good", "g"), ("bad", "g"), ("orphan", "g2")] {
+        cli_ok(&dir, &["volume", "create", v, "--image", img]);
+    }
+    server.stop();
+
+    // Both superblocks of one volume, and the sealed metadata of one image, corrupted at rest.
+    let pool = pool_dir(&dir);
+    flip(&pool.join("volumes/bad/volume.meta"), 100);
+    flip(&pool.join("volumes/bad/volume.meta"), 4096 + 100);
+    flip(&pool.join("images/g2/image.meta"), 20);
+
+    // The node still starts, serves what is sound and names what is not.
+    let server = start_node(&dir);
+    let status = json(&dir, &["status"]);
+    let alerts = status["alerts"].to_string();
+    for want in [
+        "volume \\\"bad\\\" is damaged",
+        "image \\\"g2\\\" is damaged",
+        "volume \\\"orphan\\\" is damaged",
+        "golden image",
+    ] {
+        assert!(alerts.contains(want), "{want} in {alerts}");
+    }
+    let list = cli_ok(&dir, &["volume", "list"]);
+    assert!(list.contains("good") && !list.contains("bad"), "{list}");
+    let size = run("nbdinfo", &["--size", &server.uri("good")]);
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "1048576");
+    let refused = Command::new("nbdinfo")
+        .args(["--size", &server.uri("bad")])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a damaged volume is never served"
+    );
+    // Its name stays taken until it is deleted; then it can be made anew.
+    assert!(cli_err(&dir, &["volume", "create", "bad", "--image", "g"]).contains("exists"));
+    cli_ok(&dir, &["volume", "delete", "bad"]);
+    cli_ok(&dir, &["volume", "delete", "orphan"]);
+    cli_ok(&dir, &["image", "delete", "g2"]);
+    cli_ok(&dir, &["volume", "create", "bad", "--image", "g"]);
+    assert_eq!(json(&dir, &["status"])["alerts"], serde_json::json!([]));
+    server.stop();
+}

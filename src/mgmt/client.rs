@@ -50,6 +50,9 @@ pub fn call(
         control.push(SendAncillaryMessage::ScmRights(&fds));
     }
     let mut sent = 0;
+    // A node that refuses the caller (SO_PEERCRED) answers and hangs up without reading: the
+    // send then fails with EPIPE, but the refusal is waiting to be read, and it is the answer.
+    let mut send_failed = None;
     while sent < line.len() {
         // The descriptor rides on the first sendmsg only.
         let n = if sent == 0 {
@@ -70,19 +73,28 @@ pub fn call(
         match n {
             Ok(n) => sent += n,
             Err(rustix::io::Errno::INTR) => {}
+            Err(e @ (rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET)) => {
+                send_failed = Some(io::Error::from(e));
+                break;
+            }
             Err(e) => return Err(ClientError::Io(e.into())),
         }
     }
     let mut reader = BufReader::new(stream);
     loop {
         let mut buf = Vec::new();
-        let n = (&mut reader)
+        let read = (&mut reader)
             .take(MAX_REPLY_BYTES as u64 + 1)
-            .read_until(b'\n', &mut buf)?;
-        if n == 0 {
-            return Err(ClientError::Protocol(
-                "the node closed the connection without a reply".into(),
-            ));
+            .read_until(b'\n', &mut buf);
+        match (read, send_failed.take()) {
+            (Ok(n), _) if n > 0 => {}
+            (_, Some(e)) => return Err(ClientError::Io(e)),
+            (Ok(_), None) => {
+                return Err(ClientError::Protocol(
+                    "the node closed the connection without a reply".into(),
+                ));
+            }
+            (Err(e), None) => return Err(ClientError::Io(e)),
         }
         if buf.len() > MAX_REPLY_BYTES {
             return Err(ClientError::Protocol(format!(

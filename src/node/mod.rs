@@ -363,6 +363,9 @@ impl Node {
     }
 
     pub fn delete_image(&self, name: &str) -> Result<(), NodeError> {
+        if let Some(r) = self.pool.delete_damaged("image", name) {
+            return Ok(r?);
+        }
         self.pool.image(name)?;
         let _busy = self.busy("image", name)?;
         let users = self.pool.dependents(name);
@@ -497,6 +500,9 @@ impl Node {
     }
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+        if let Some(r) = self.pool.delete_damaged("volume", name) {
+            return Ok(r?);
+        }
         self.pool.volume(name)?;
         let _busy = self.busy("volume", name)?;
         self.offline_volume(name, force)?;
@@ -579,6 +585,11 @@ impl Node {
             used_bytes += allocated(&meta) + allocated(&data);
         }
         let mut alerts = Vec::new();
+        for (kind, name, why) in self.pool.damaged() {
+            alerts.push(format!(
+                "{kind} {name:?} is damaged and not served: {why} (`streamer {kind} delete {name}` removes it)"
+            ));
+        }
         let s = self.served.lock();
         for (name, why) in &s.broken {
             alerts.push(format!(

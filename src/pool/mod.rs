@@ -92,6 +92,9 @@ struct Catalog {
     volumes: BTreeMap<String, VolumeEntry>,
     /// Names being created right now (long imports run without the lock held).
     reserved: BTreeSet<(&'static str, String)>,
+    /// Images and volumes found unloadable at open (kind, name) with the reason: left on disk,
+    /// never served, their names kept; deleting them is the way out.
+    damaged: BTreeMap<(&'static str, String), String>,
 }
 
 pub struct Pool {
@@ -136,53 +139,32 @@ impl Pool {
                 fs::remove_dir_all(&p).map_err(io_err(format!("removing {}", p.display())))?;
             }
         }
+        // One damaged object must not take the node down with it: it is set aside (and
+        // reported), and the pool opens with everything else.
+        let mut damaged = BTreeMap::new();
         let mut images = BTreeMap::new();
         for name in list_dir(&dir.join("images"))? {
-            let mut meta = open_ro(&dir.join("images").join(&name).join(IMAGE_META))?;
-            let info = ImageInfo::load(&mut meta).map_err(vol_err(format!("image {name:?}")))?;
-            images.insert(name.clone(), ImageEntry { name, info });
+            match load_image(dir, &name) {
+                Ok(info) => {
+                    images.insert(name.clone(), ImageEntry { name, info });
+                }
+                Err(e) => {
+                    tracing::error!(image = %name, "damaged, not served: {e}");
+                    damaged.insert(("image", name), e.to_string());
+                }
+            }
         }
         let mut volumes = BTreeMap::new();
         for name in list_dir(&dir.join("volumes"))? {
-            let vdir = dir.join("volumes").join(&name);
-            let mut meta = open_ro(&vdir.join(VOLUME_META))?;
-            let mut a = [0u8; 4096];
-            let mut b = [0u8; 4096];
-            meta.read_at(0, &mut a)
-                .map_err(io_err(format!("volume {name:?}")))?;
-            meta.read_at(4096, &mut b)
-                .map_err(io_err(format!("volume {name:?}")))?;
-            let sb = volume_format::Superblock::choose(&a, &b)
-                .map_err(|e| vol_err(format!("volume {name:?}"))(e.into()))?;
-            let backing = (sb.backing_id != [0; 16]).then_some(ImageRef {
-                id: sb.backing_id,
-                size: sb.backing_size_bytes,
-                digest: sb.backing_digest,
-            });
-            let image = match &backing {
-                None => None,
-                Some(r) => Some(
-                    images
-                        .values()
-                        .find(|i: &&ImageEntry| i.info.image_ref() == *r)
-                        .map(|i| i.name.clone())
-                        .ok_or_else(|| {
-                            PoolError::Invalid(format!(
-                                "volume {name:?}: its golden image {} is missing from the pool",
-                                image::hex(&r.id)
-                            ))
-                        })?,
-                ),
-            };
-            volumes.insert(
-                name.clone(),
-                VolumeEntry {
-                    name,
-                    size: sb.size_bytes,
-                    image,
-                    backing,
-                },
-            );
+            match load_volume(dir, &name, &images) {
+                Ok(entry) => {
+                    volumes.insert(name, entry);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %name, "damaged, not served: {e}");
+                    damaged.insert(("volume", name), e.to_string());
+                }
+            }
         }
         Ok(Pool {
             dir: dir.to_owned(),
@@ -190,9 +172,33 @@ impl Pool {
                 images,
                 volumes,
                 reserved: BTreeSet::new(),
+                damaged,
             }),
             _lock: lock,
         })
+    }
+
+    /// Images and volumes set aside at open: (kind, name, why).
+    pub fn damaged(&self) -> Vec<(&'static str, String, String)> {
+        let c = self.catalog.lock();
+        c.damaged
+            .iter()
+            .map(|((k, n), why)| (*k, n.clone(), why.clone()))
+            .collect()
+    }
+
+    /// Removes a damaged image or volume (moved to the trash like any delete). `None` when
+    /// `name` is not a damaged object of that kind.
+    pub fn delete_damaged(&self, kind: &'static str, name: &str) -> Option<Result<(), PoolError>> {
+        let mut c = self.catalog.lock();
+        let key = (kind, name.to_owned());
+        if !c.damaged.contains_key(&key) {
+            return None;
+        }
+        let dir = if kind == "image" { "images" } else { "volumes" };
+        Some(self.trash(dir, name).map(|()| {
+            c.damaged.remove(&key);
+        }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -258,7 +264,7 @@ impl Pool {
         let taken = match kind {
             "image" => c.images.contains_key(name),
             _ => c.volumes.contains_key(name),
-        };
+        } || c.damaged.contains_key(&(kind, name.to_owned()));
         if taken || !c.reserved.insert((kind, name.to_owned())) {
             return Err(PoolError::Exists {
                 kind,
@@ -659,6 +665,56 @@ fn open_ro(p: &Path) -> Result<FileStorage, PoolError> {
 
 fn open_rw(p: &Path) -> Result<FileStorage, PoolError> {
     storage(p, OpenOptions::new().read(true).write(true), "opening")
+}
+
+/// An image's sealed metadata, checked.
+fn load_image(dir: &Path, name: &str) -> Result<ImageInfo, PoolError> {
+    let mut meta = open_ro(&dir.join("images").join(name).join(IMAGE_META))?;
+    ImageInfo::load(&mut meta).map_err(vol_err(format!("image {name:?}")))
+}
+
+/// A volume's catalog entry from its superblocks (the block map is loaded when it is opened).
+fn load_volume(
+    dir: &Path,
+    name: &str,
+    images: &BTreeMap<String, ImageEntry>,
+) -> Result<VolumeEntry, PoolError> {
+    let vdir = dir.join("volumes").join(name);
+    let mut meta = open_ro(&vdir.join(VOLUME_META))?;
+    let mut a = [0u8; 4096];
+    let mut b = [0u8; 4096];
+    meta.read_at(0, &mut a)
+        .map_err(io_err(format!("volume {name:?}")))?;
+    meta.read_at(4096, &mut b)
+        .map_err(io_err(format!("volume {name:?}")))?;
+    let sb = volume_format::Superblock::choose(&a, &b)
+        .map_err(|e| vol_err(format!("volume {name:?}"))(e.into()))?;
+    let backing = (sb.backing_id != [0; 16]).then_some(ImageRef {
+        id: sb.backing_id,
+        size: sb.backing_size_bytes,
+        digest: sb.backing_digest,
+    });
+    let image = match &backing {
+        None => None,
+        Some(r) => Some(
+            images
+                .values()
+                .find(|i| i.info.image_ref() == *r)
+                .map(|i| i.name.clone())
+                .ok_or_else(|| {
+                    PoolError::Invalid(format!(
+                        "volume {name:?}: its golden image {} is missing from the pool",
+                        image::hex(&r.id)
+                    ))
+                })?,
+        ),
+    };
+    Ok(VolumeEntry {
+        name: name.to_owned(),
+        size: sb.size_bytes,
+        image,
+        backing,
+    })
 }
 
 fn create(p: &Path) -> Result<FileStorage, PoolError> {
