@@ -80,6 +80,28 @@ fn golden(dir: &Scratch, name: &str, size: usize) -> PathBuf {
     p
 }
 
+/// A node on a fresh pool that holds golden image "g" (`size` bytes from `golden`); returns the
+/// server and the raw file imported.
+fn node_with_image(dir: &Scratch, size: usize) -> (Server, PathBuf) {
+    let raw = golden(dir, "g.raw", size);
+    let server = start_node(dir);
+    cli_ok(dir, &["image", "import", "g", raw.to_str().unwrap()]);
+    (server, raw)
+}
+
+/// Flips one byte of a file in place.
+fn flip(p: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_at(&mut b, offset).unwrap();
+    f.write_at(&[b[0] ^ 0x5a], offset).unwrap();
+}
+
 fn sha256sum(p: &Path) -> String {
     let out = run("sha256sum", &[p.to_str().unwrap()]);
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
@@ -242,13 +264,7 @@ fn images_import_from_qcow2_and_stdin_and_verify_catches_damage() {
     assert!(list.contains("fromq") && list.contains("piped"), "{list}");
     assert!(cli_ok(&dir, &["image", "verify", "piped"]).contains("ok"));
     // Damage one byte of the stored image: verify says so and exits non-zero.
-    let stored = pool_dir(&dir).join("images/piped/image.raw");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&stored)
-        .unwrap();
-    std::os::unix::fs::FileExt::write_at(&f, b"X", 3 << 20).unwrap();
-    drop(f);
+    flip(&pool_dir(&dir).join("images/piped/image.raw"), 3 << 20);
     let out = cli(&dir, &["image", "verify", "piped"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -262,9 +278,7 @@ fn images_import_from_qcow2_and_stdin_and_verify_catches_damage() {
 #[test]
 fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
     let dir = Scratch::new("rules");
-    let raw = golden(&dir, "g.raw", 4 << 20);
-    let server = start_node(&dir);
-    cli_ok(&dir, &["image", "import", "g", raw.to_str().unwrap()]);
+    let (server, _) = node_with_image(&dir, 4 << 20);
     cli_ok(&dir, &["volume", "create", "v", "--image", "g"]);
     cli_ok(&dir, &["volume", "create", "blank", "--size", "1M"]);
     let err = cli_err(&dir, &["image", "delete", "g"]);
@@ -333,9 +347,7 @@ fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let dir = Scratch::new("bad");
-    let raw = golden(&dir, "g.raw", 1 << 20);
-    let server = start_node(&dir);
-    cli_ok(&dir, &["image", "import", "g", raw.to_str().unwrap()]);
+    let (server, raw) = node_with_image(&dir, 1 << 20);
     cli_ok(&dir, &["volume", "create", "ok", "--image", "g"]);
     let long = "x".repeat(129);
     for (args, needle) in [
@@ -650,25 +662,10 @@ fn kill_9_in_the_middle_of_commands_leaves_every_object_whole_or_absent() {
     }
 }
 
-/// Flips one byte of a file in place.
-fn flip(p: &Path, offset: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_at(&mut b, offset).unwrap();
-    f.write_at(&[b[0] ^ 0x5a], offset).unwrap();
-}
-
 #[test]
 fn damaged_metadata_is_set_aside_and_the_rest_of_the_pool_is_served() {
     let dir = Scratch::new("damaged");
-    let g = golden(&dir, "g.raw", 1 << 20);
-    let server = start_node(&dir);
-    cli_ok(&dir, &["image", "import", "g", g.to_str().unwrap()]);
+    let (server, g) = node_with_image(&dir, 1 << 20);
     cli_ok(&dir, &["image", "import", "g2", g.to_str().unwrap()]);
     for (v, img) in [("good", "g"), ("bad", "g"), ("orphan", "g2")] {
         cli_ok(&dir, &["volume", "create", v, "--image", img]);
