@@ -102,6 +102,11 @@ fn flip(p: &Path, offset: u64) {
     f.write_at(&[b[0] ^ 0x5a], offset).unwrap();
 }
 
+/// `qemu-img compare`: raw `a` (an export) holds the same bytes as `b` in format `b_format`.
+fn same_content(a: &str, b: &str, b_format: &str) {
+    run("qemu-img", &["compare", "-f", "raw", "-F", b_format, a, b]);
+}
+
 fn sha256sum(p: &Path) -> String {
     let out = run("sha256sum", &[p.to_str().unwrap()]);
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
@@ -167,18 +172,7 @@ fn a_hundred_clones_read_their_own_writes_across_a_restart_and_stay_thin() {
     let out = py("clones.py", &["write", &prefix, "100", g]);
     assert!(out.contains("write ok: 100 clones"), "{out}");
     // The golden image export is untouched.
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &server.uri("image/golden"),
-            g,
-        ],
-    );
+    same_content(&server.uri("image/golden"), g, "raw");
     let list = json(&dir, &["volume", "list"]);
     let vols = list.as_array().unwrap();
     assert_eq!(vols.len(), 100);
@@ -238,18 +232,7 @@ fn images_import_from_qcow2_and_stdin_and_verify_catches_damage() {
         sha256sum(&raw),
         "qcow2 converted on the way in"
     );
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            &server.uri("image/fromq"),
-            q.to_str().unwrap(),
-        ],
-    );
+    same_content(&server.uri("image/fromq"), q.to_str().unwrap(), "qcow2");
     // Raw from stdin.
     let out = Command::new(BIN)
         .args(["image", "import", "piped", "-", "--json", "--socket"])
@@ -309,18 +292,7 @@ fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
     // Capture: a flattened copy of the volume, served as image/snap.
     let img = json(&dir, &["image", "capture", "snap", "--from", "v"]);
     assert_eq!(img["size"], 8 << 20);
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &server.uri("image/snap"),
-            &server.uri("v"),
-        ],
-    );
+    same_content(&server.uri("image/snap"), &server.uri("v"), "raw");
     // The volume is served again after the capture.
     run(
         "qemu-io",
