@@ -23,6 +23,8 @@ const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const FUA: u16 = 1;
 const EINVAL: u32 = 22;
 const EOVERFLOW: u32 = 75;
 const ENOSPC: u32 = 28;
@@ -245,8 +247,8 @@ fn bad_requests_get_errors_and_the_connection_keeps_working() {
 
     c.request(0, 99, 1, 0, 512); // unknown command
     assert_eq!(c.simple_reply(), (EINVAL, 1));
-    c.request(0, CMD_READ, 2, 0, u32::MAX); // over the maximum
-    assert_eq!(c.simple_reply(), (EOVERFLOW, 2));
+    c.request(0, CMD_READ, 2, 0, u32::MAX); // over the maximum (EOVERFLOW needs structured replies)
+    assert_eq!(c.simple_reply(), (EINVAL, 2));
     c.request(0, CMD_READ, 3, EXPORT_BYTES - 100, 4096); // past the end
     assert_eq!(c.simple_reply(), (EINVAL, 3));
     c.request(0, CMD_WRITE, 4, EXPORT_BYTES, 8); // past the end, payload drained
@@ -264,15 +266,73 @@ fn bad_requests_get_errors_and_the_connection_keeps_working() {
     assert_eq!(c.simple_reply(), (0, 7));
     assert_eq!(c.recv(4), b"abcd");
 
-    // An oversized write is refused with EOVERFLOW at once; its payload is drained as it comes.
+    // An oversized write is refused at once (EINVAL: the spec keeps EOVERFLOW for reads); its
+    // payload is drained as it comes.
     c.request(0, CMD_WRITE, 8, 0, u32::MAX);
-    assert_eq!(c.simple_reply(), (EOVERFLOW, 8));
+    assert_eq!(c.simple_reply(), (EINVAL, 8));
+    drop(c);
+
+    // With structured replies an oversized read is EOVERFLOW.
+    let mut c = Raw::negotiate(&srv, true);
+    c.request(0, CMD_READ, 10, 0, u32::MAX);
+    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
+    let (_flags, _kind, cookie, len) = (c.u16(), c.u16(), c.u64(), c.u32());
+    assert_eq!(cookie, 10);
+    let payload = c.recv(len as usize);
+    assert_eq!(
+        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        EOVERFLOW
+    );
     drop(c);
 
     // Bad request magic in transmission: disconnect.
     let mut c = Raw::negotiate(&srv, true);
     c.send(&[0x55; 28]);
     assert!(c.closed_by_server());
+    still_serves(&srv);
+    srv.stop();
+}
+
+/// Requests the spec allows though they look odd: zero lengths, FUA on any command, flags on DISC,
+/// and a client that does not set the fixed-newstyle flag.
+#[test]
+fn zero_lengths_fua_everywhere_and_flagged_disc_are_served() {
+    let dir = Scratch::new("hostile-edges");
+    let srv = server(&dir, &[]);
+    let mut c = Raw::negotiate(&srv, false);
+    c.request(0, CMD_WRITE, 1, 4096, 0);
+    assert_eq!(c.simple_reply(), (0, 1), "zero-length write");
+    c.request(FUA, CMD_WRITE, 2, 4096, 0);
+    assert_eq!(c.simple_reply(), (0, 2), "zero-length FUA write");
+    c.request(0, CMD_READ, 3, 4096, 0);
+    assert_eq!(c.simple_reply(), (0, 3), "zero-length read");
+    c.request(FUA, CMD_READ, 4, 0, 4);
+    assert_eq!(c.simple_reply(), (0, 4), "FUA on a read is accepted");
+    c.recv(4);
+    c.request(FUA, CMD_FLUSH, 5, 0, 0);
+    assert_eq!(c.simple_reply(), (0, 5), "FUA on a flush is accepted");
+    c.request(0, CMD_WRITE, 6, 8192, 4);
+    c.send(b"wxyz");
+    assert_eq!(c.simple_reply(), (0, 6));
+    // DISC carrying a flag is still a disconnect: no reply, the connection ends.
+    c.request(FUA, CMD_DISC, 7, 0, 0);
+    assert!(c.closed_by_server(), "DISC with a flag must close");
+
+    // No fixed-newstyle flag: served as fixed newstyle (the spec lets the server honour it).
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&0u32.to_be_bytes());
+    c.option(4242, b"");
+    assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    c.option(OPT_GO, &go);
+    while c.option_reply().1 != REP_ACK {}
+    c.request(0, CMD_READ, 8, 8192, 4);
+    assert_eq!(c.simple_reply(), (0, 8));
+    assert_eq!(c.recv(4), b"wxyz");
+    drop(c);
     still_serves(&srv);
     srv.stop();
 }

@@ -96,6 +96,17 @@ impl Slot {
         let Some(file_io) = self.plan.get_mut(i) else {
             return After::Final(res);
         };
+        if let FileIo::WriteZeroes { offset, len, .. } = file_io {
+            if res < 0 || res as u32 >= *len {
+                return After::Final(res);
+            }
+            if res == 0 {
+                return After::Final(-libc::EIO);
+            }
+            *offset += res as u64;
+            *len -= res as u32;
+            return After::Resubmit(*file_io);
+        }
         let (is_read, offset, buf_start, len) = match file_io {
             FileIo::Read {
                 offset,
@@ -576,7 +587,11 @@ impl Conn {
                 }
                 Command::Disc => unreachable!("handled above"),
             };
-            if let Command::Write { len, .. } = cmd {
+            // A zero-length write has no payload and no buffer: it goes straight to the target
+            // (which does nothing, or only the flush a FUA asks for).
+            if let Command::Write { len, .. } = cmd
+                && len > 0
+            {
                 let avail = (self.rlen - self.rpos).min(len as usize);
                 let buf = slot.buf.as_mut().expect("write has a buffer");
                 buf.slice_mut(0, avail)
@@ -691,7 +706,10 @@ impl Conn {
 
     fn block_status(&mut self, io: &mut Io, sid: u16, offset: u64, len: u64, req_one: bool) {
         let target = self.target();
-        let max = if req_one { 1 } else { MAX_EXTENTS };
+        // A chunk's variable part must fit the advertised maximum payload: at most 16 bytes per
+        // descriptor (extended), after an 8-byte context id and count.
+        let fit = (self.max_payload_bytes.saturating_sub(8) / 16).max(1) as usize;
+        let max = if req_one { 1 } else { MAX_EXTENTS.min(fit) };
         let mut extents = std::mem::take(&mut self.extents);
         extents.clear();
         let result = target.block_status(offset, len.max(1), max, &mut extents);

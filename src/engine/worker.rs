@@ -13,7 +13,7 @@ use nix::sys::eventfd::EventFd;
 use super::bufpool::BufPool;
 use super::conn::Conn;
 use super::{EngineConfig, Incoming};
-use crate::target::{Exports, FileIo};
+use crate::target::{Exports, FileIo, ZERO_WRITE_BYTES};
 
 /// What a completion belongs to, packed into the 64-bit `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,12 @@ const RING_ENTRIES: u32 = 1024;
 /// Transfers at least this large are handed to io-wq workers (see `file_io`).
 const ASYNC_MIN_BYTES: u32 = 256 * 1024;
 const TICK: Duration = Duration::from_secs(1);
+
+/// The zeroes `FileIo::WriteZeroes` writes from. Never written, so any number of writes may read
+/// it at once; page-aligned so an `O_DIRECT` descriptor accepts it.
+#[repr(C, align(4096))]
+struct ZeroBuf([u8; ZERO_WRITE_BYTES as usize]);
+static ZEROES: ZeroBuf = ZeroBuf([0; ZERO_WRITE_BYTES as usize]);
 
 /// The ring and the buffers of one worker. Every submission goes through here.
 pub(super) struct Io {
@@ -142,6 +148,13 @@ impl Io {
                 opcode::Write::new(types::Fd(fd), ptr, len)
                     .offset(offset)
                     .rw_flags(flags)
+                    .build()
+            }
+            FileIo::WriteZeroes { fd, offset, len } => {
+                let len = len.min(ZERO_WRITE_BYTES);
+                // The kernel only reads the static zero buffer, which lives forever.
+                opcode::Write::new(types::Fd(fd), ZEROES.0.as_ptr(), len)
+                    .offset(offset)
                     .build()
             }
             FileIo::Fallocate {

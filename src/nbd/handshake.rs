@@ -4,7 +4,8 @@
 
 use super::wire::*;
 
-/// Longest option payload read into memory. Longer options are answered `NBD_REP_ERR_TOO_BIG` and
+/// Longest option payload read into memory. Longer known options are answered `NBD_REP_ERR_TOO_BIG`
+/// (unknown ones `NBD_REP_ERR_UNSUP`, ABORT its ACK) and
 /// their payload is discarded as it arrives, so a client claiming 1 GiB costs no memory.
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 /// Options accepted on one connection before the server gives up on the client.
@@ -65,8 +66,6 @@ pub struct Negotiated<E> {
 pub enum CloseReason {
     #[error("client sent bad option magic {0:#x}")]
     BadMagic(u64),
-    #[error("client does not speak fixed newstyle")]
-    NotFixedNewstyle,
     #[error("client sent unknown client flags {0:#x}")]
     UnknownClientFlags(u32),
     #[error("client aborted negotiation")]
@@ -161,9 +160,10 @@ impl Handshake {
                             Step::Close(CloseReason::UnknownClientFlags(flags)),
                         );
                     }
-                    if flags & CLIENT_FIXED_NEWSTYLE == 0 {
-                        return (consumed, Step::Close(CloseReason::NotFixedNewstyle));
-                    }
+                    // A client without CLIENT_FIXED_NEWSTYLE is served as if it had set it, as
+                    // the spec allows ("servers MAY choose to honour fixed newstyle"): its side of
+                    // the protocol is the same, and hanging up on it would be a hard disconnect
+                    // the spec does not provide for.
                     self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
                     self.state = State::OptionHeader;
                 }
@@ -198,7 +198,20 @@ impl Handshake {
                             // EXPORT_NAME has no error reply: the only answer is to hang up.
                             return (consumed, Step::Close(CloseReason::BadExportName));
                         }
-                        option_reply_msg(out, option, REP_ERR_TOO_BIG, "option payload too long");
+                        if option == OPT_ABORT {
+                            // ABORT is acknowledged whatever data it carries (the spec asks the
+                            // server to ignore it).
+                            option_reply(out, option, REP_ACK, &[]);
+                            return (consumed, Step::Close(CloseReason::Aborted));
+                        }
+                        // An option the server does not know is unsupported whatever its size;
+                        // only a known option is refused for being too big.
+                        let (reply, msg) = if is_known_option(option) {
+                            (REP_ERR_TOO_BIG, "option payload too long")
+                        } else {
+                            (REP_ERR_UNSUP, "unknown option")
+                        };
+                        option_reply_msg(out, option, reply, msg);
                         self.state = State::Skip {
                             remaining_bytes: u64::from(length),
                         };
@@ -500,6 +513,23 @@ pub fn transmission_flags(info: &ExportInfo, mode: ReplyMode) -> u16 {
     flags
 }
 
+/// Options this server implements (an answer other than `NBD_REP_ERR_UNSUP` is possible).
+fn is_known_option(option: u32) -> bool {
+    matches!(
+        option,
+        OPT_EXPORT_NAME
+            | OPT_ABORT
+            | OPT_LIST
+            | OPT_STARTTLS
+            | OPT_INFO
+            | OPT_GO
+            | OPT_STRUCTURED_REPLY
+            | OPT_LIST_META_CONTEXT
+            | OPT_SET_META_CONTEXT
+            | OPT_EXTENDED_HEADERS
+    )
+}
+
 fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
@@ -653,8 +683,17 @@ mod tests {
             step,
             Step::Close(CloseReason::UnknownClientFlags(_))
         ));
-        let (_, step, _) = run(&flags(0));
-        assert!(matches!(step, Step::Close(CloseReason::NotFixedNewstyle)));
+    }
+
+    #[test]
+    fn a_client_without_the_fixed_newstyle_flag_is_served_as_fixed_newstyle() {
+        let mut input = flags(0);
+        input.extend(opt(4242, b"x"));
+        input.extend(opt(OPT_GO, &go_payload("disk", &[])));
+        let (n, step, out) = run(&input);
+        assert_eq!(n, input.len());
+        assert!(matches!(step, Step::Transmission(_)), "{step:?}");
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
     }
 
     #[test]
@@ -781,6 +820,28 @@ mod tests {
                 remaining_bytes: (1 << 30) - 100
             }
         );
+    }
+
+    #[test]
+    fn huge_unknown_option_is_unsupported_and_huge_abort_is_acknowledged() {
+        let mut h = Handshake::new();
+        let mut out = Vec::new();
+        let mut input = flags(3);
+        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        input.extend_from_slice(&4242u32.to_be_bytes());
+        input.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        input.extend_from_slice(&vec![0u8; 1 << 20]);
+        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        input.extend_from_slice(&OPT_ABORT.to_be_bytes());
+        input.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        let (_, step) = h.advance(&input, &Fixed, &mut out);
+        assert!(
+            matches!(step, Step::Close(CloseReason::Aborted)),
+            "{step:?}"
+        );
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (4242, REP_ERR_UNSUP));
+        assert_eq!((r[1].0, r[1].1), (OPT_ABORT, REP_ACK));
     }
 
     #[test]

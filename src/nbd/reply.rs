@@ -169,8 +169,8 @@ impl ReplyBuilder<'_> {
 
     /// A block status reply for `base:allocation`: `(length, flags)` extents.
     pub fn block_status(&mut self, context_id: u32, extents: &[(u64, u32)]) {
-        let n = extents.len() as u64;
         if self.mode == ReplyMode::Extended {
+            let n = extents.len() as u64;
             self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * n);
             self.push_header(&context_id.to_be_bytes());
             self.push_header(&(n as u32).to_be_bytes());
@@ -179,11 +179,18 @@ impl ReplyBuilder<'_> {
                 self.push_header(&u64::from(flags).to_be_bytes());
             }
         } else {
-            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+            // Without extended headers an extent is at most 4 GiB - 4 KiB (kept aligned). A longer
+            // one is cut there and ends the reply: an extent after it would describe the wrong
+            // offset, as descriptors are consecutive from the request's offset.
+            const MAX_COMPACT_EXTENT: u64 = u32::MAX as u64 & !4095;
+            let n = extents
+                .iter()
+                .position(|&(len, _)| len > MAX_COMPACT_EXTENT)
+                .map_or(extents.len(), |i| i + 1);
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n as u64);
             self.push_header(&context_id.to_be_bytes());
-            for &(len, flags) in extents {
-                // Without extended headers an extent is at most 4 GiB - 4 KiB (kept aligned).
-                self.push_header(&(len.min(u64::from(u32::MAX) & !4095) as u32).to_be_bytes());
+            for &(len, flags) in &extents[..n] {
+                self.push_header(&(len.min(MAX_COMPACT_EXTENT) as u32).to_be_bytes());
                 self.push_header(&flags.to_be_bytes());
             }
         }
@@ -346,6 +353,18 @@ mod tests {
         );
         assert_eq!(u64::from_be_bytes(h[24..32].try_into().unwrap()), 24);
         assert_eq!(u64::from_be_bytes(h[40..48].try_into().unwrap()), 1 << 33);
+    }
+
+    #[test]
+    fn a_compact_extent_over_4_gib_is_cut_and_ends_the_reply() {
+        let (h, _) = build(ReplyMode::Structured, 0, |b| {
+            b.block_status(1, &[(4096, 0), (5 << 30, 3), (4096, 0)])
+        });
+        // Chunk header (20) + context id (4) + two descriptors of 8 bytes.
+        assert_eq!(u32::from_be_bytes(h[16..20].try_into().unwrap()), 4 + 16);
+        assert_eq!(h.len(), 20 + 4 + 16);
+        let second = u32::from_be_bytes(h[32..36].try_into().unwrap());
+        assert_eq!(u64::from(second), u64::from(u32::MAX) & !4095);
     }
 
     #[test]

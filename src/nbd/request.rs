@@ -157,20 +157,22 @@ fn allowed_flags(kind: u16, s: &Session) -> u16 {
     } else {
         0
     };
+    // FUA is valid on every command once SEND_FUA is advertised: the spec says the server MUST
+    // accept it everywhere, even if it means nothing (READ, CACHE, BLOCK_STATUS).
+    let fua = if s.has(TF_SEND_FUA) { CMD_FLAG_FUA } else { 0 };
     match kind {
-        CMD_READ if s.mode != ReplyMode::Simple => CMD_FLAG_DF,
-        CMD_WRITE => CMD_FLAG_FUA | payload,
-        CMD_TRIM => CMD_FLAG_FUA,
+        CMD_READ if s.mode != ReplyMode::Simple => CMD_FLAG_DF | fua,
+        CMD_WRITE => fua | payload,
         CMD_WRITE_ZEROES => {
             let fast = if s.has(TF_SEND_FAST_ZERO) {
                 CMD_FLAG_FAST_ZERO
             } else {
                 0
             };
-            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | fast
+            fua | CMD_FLAG_NO_HOLE | fast
         }
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        _ => 0,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE | fua,
+        _ => fua,
     }
 }
 
@@ -215,6 +217,11 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
     if !known {
         return reject(Inval, "unknown command");
     }
+    if h.kind == CMD_DISC {
+        // DISC has no reply, so nothing about it can be refused: whatever its flags, the client
+        // is done and the connection ends once everything before it is answered.
+        return Ok(Command::Disc);
+    }
     if h.flags & !allowed_flags(h.kind, s) != 0 {
         return reject(Inval, "flag not valid for this command");
     }
@@ -230,12 +237,19 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
         return reject(Perm, "export is read-only");
     }
     match h.kind {
-        CMD_DISC => Ok(Command::Disc),
+        CMD_DISC => unreachable!("handled above"),
         // Offset and length of FLUSH are reserved; a client that fills them in is not harmed.
         CMD_FLUSH => Ok(Command::Flush),
         CMD_READ => {
             if len > u64::from(s.max_payload_bytes) {
-                return reject(Overflow, "read longer than the maximum block size");
+                // EOVERFLOW is for reads whose reply the server could not send unfragmented
+                // (structured replies, DF supported); for simple replies the spec keeps it out.
+                let errno = if s.mode == ReplyMode::Simple {
+                    Inval
+                } else {
+                    Overflow
+                };
+                return reject(errno, "read longer than the maximum block size");
             }
             if !in_range {
                 return reject(Inval, "read beyond the end of the export");
@@ -248,7 +262,10 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
         }
         CMD_WRITE => {
             if len > u64::from(s.max_payload_bytes) {
-                return reject(Overflow, "write longer than the maximum block size");
+                // The spec: "SHOULD NOT return NBD_EOVERFLOW except" for reads with DF support and
+                // for commands without payload, so an oversized write is EINVAL (its payload is
+                // drained by the caller).
+                return reject(Inval, "write longer than the maximum block size");
             }
             if !in_range {
                 return reject(NoSpc, "write beyond the end of the export");
@@ -390,9 +407,17 @@ mod tests {
             NbdErrno::Inval
         );
         assert_eq!(errno(&compact(0, 42, 0, 0), &s), NbdErrno::Inval);
+        // Too long: EOVERFLOW where DF exists, EINVAL with simple replies.
         assert_eq!(
             errno(&compact(0, CMD_READ, 0, u32::MAX), &s),
             NbdErrno::Overflow
+        );
+        assert_eq!(
+            errno(
+                &compact(0, CMD_READ, 0, u32::MAX),
+                &session(ReplyMode::Simple)
+            ),
+            NbdErrno::Inval
         );
     }
 
@@ -401,7 +426,7 @@ mod tests {
         let s = session(ReplyMode::Simple);
         let r = decode_bytes(&compact(0, CMD_WRITE, 0, u32::MAX), &s).unwrap();
         assert_eq!(r.payload_bytes, u64::from(u32::MAX));
-        assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Overflow);
+        assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Inval);
     }
 
     #[test]
@@ -419,10 +444,21 @@ mod tests {
                 .outcome
                 .is_ok()
         );
+        // FUA is accepted on every command (SEND_FUA is advertised), and ignored where it means
+        // nothing.
+        for kind in [CMD_READ, CMD_FLUSH, CMD_CACHE, CMD_BLOCK_STATUS, CMD_TRIM] {
+            let r = decode_bytes(&compact(CMD_FLAG_FUA, kind, 0, 512), &s).unwrap();
+            assert!(r.outcome.is_ok(), "FUA on command {kind}");
+        }
+        let mut no_fua = s;
+        no_fua.transmission_flags &= !TF_SEND_FUA;
         assert_eq!(
-            errno(&compact(CMD_FLAG_FUA, CMD_READ, 0, 512), &s),
+            errno(&compact(CMD_FLAG_FUA, CMD_READ, 0, 512), &no_fua),
             NbdErrno::Inval
         );
+        // DISC is never refused: it has no reply.
+        let disc = decode_bytes(&compact(0xffff, CMD_DISC, 7, 9), &s).unwrap();
+        assert_eq!(disc.outcome, Ok(Command::Disc));
         assert_eq!(
             errno(&compact(1 << 9, CMD_WRITE, 0, 512), &s),
             NbdErrno::Inval

@@ -13,7 +13,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, push_extent};
+use super::{
+    BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, ZERO_WRITE_BYTES,
+    push_extent,
+};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 use nix::unistd::Whence;
 
@@ -151,6 +154,22 @@ impl FileTarget {
             plan.push(FileIo::Fdatasync { fd });
         }
     }
+
+    /// Plans writes of zeroes from `from` on, up to `end` or a full plan; `plan.cursor` says
+    /// where the next phase resumes.
+    fn plan_zero_writes(&self, from: u64, end: u64, plan: &mut Plan) {
+        let mut pos = from;
+        while pos < end && !plan.is_full() {
+            let len = (end - pos).min(u64::from(ZERO_WRITE_BYTES)) as u32;
+            plan.push(FileIo::WriteZeroes {
+                fd: self.fd_for(pos, len),
+                offset: pos,
+                len,
+            });
+            pos += u64::from(len);
+        }
+        plan.cursor = pos;
+    }
 }
 
 impl BlockTarget for FileTarget {
@@ -253,11 +272,36 @@ impl BlockTarget for FileTarget {
         results: &[i32],
     ) -> Result<Progress, TargetError> {
         // The first failure is the cause; linked I/Os after it only report ECANCELED.
-        let Some(&res) = results.iter().find(|r| **r < 0) else {
+        let failure = results.iter().position(|r| *r < 0);
+        let Some(i) = failure else {
+            // A zeroing by writes goes on until its range is covered, then syncs for FUA.
+            if let TargetOp::Zero {
+                offset, len, fua, ..
+            } = *op
+                && let Some(FileIo::WriteZeroes { .. }) = plan.get_mut(0).map(|f| *f)
+            {
+                plan.clear();
+                if plan.cursor < offset + len {
+                    self.plan_zero_writes(plan.cursor, offset + len, plan);
+                } else if fua {
+                    plan.push(FileIo::Fdatasync {
+                        fd: self.buffered.as_raw_fd(),
+                    });
+                } else {
+                    return Ok(Progress::Done);
+                }
+                return Ok(Progress::Again);
+            }
             return Ok(Progress::Done);
         };
+        let res = results[i];
         let source = io::Error::from_raw_os_error(-res);
         let unsupported = res == -libc::EOPNOTSUPP;
+        // What fallocate says when the file or device cannot do this mode (a block device also
+        // answers EINVAL to an unaligned range).
+        let cannot_fallocate =
+            matches!(plan.get_mut(i).map(|f| *f), Some(FileIo::Fallocate { .. }))
+                && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL);
         match *op {
             TargetOp::Read { offset, .. } => Err(TargetError::Reading { offset, source }),
             TargetOp::Cache { offset, .. } => Err(TargetError::Reading { offset, source }),
@@ -269,6 +313,18 @@ impl BlockTarget for FileTarget {
                 self.latch();
                 Err(TargetError::Syncing { source })
             }
+            TargetOp::Trim { fua, .. } if cannot_fallocate => {
+                // TRIM is advisory: where holes cannot be punched the data simply stays. The
+                // flush a FUA asks for still runs (it was cancelled with the punch).
+                plan.clear();
+                if !fua {
+                    return Ok(Progress::Done);
+                }
+                plan.push(FileIo::Fdatasync {
+                    fd: self.buffered.as_raw_fd(),
+                });
+                Ok(Progress::Again)
+            }
             TargetOp::Trim { offset, .. } => Err(TargetError::Discarding { offset, source }),
             TargetOp::Zero {
                 offset,
@@ -277,7 +333,7 @@ impl BlockTarget for FileTarget {
                 may_trim,
                 fast,
             } => {
-                if unsupported && fast {
+                if cannot_fallocate && fast {
                     return Err(TargetError::FastZeroUnsupported);
                 }
                 if unsupported && !may_trim && self.zero_range.swap(false, Ordering::Relaxed) {
@@ -286,6 +342,13 @@ impl BlockTarget for FileTarget {
                     );
                     plan.clear();
                     self.plan_zero(offset, len, fua, may_trim, plan);
+                    return Ok(Progress::Again);
+                }
+                if cannot_fallocate {
+                    // Without FAST_ZERO the spec does not let WRITE_ZEROES fail for want of a
+                    // fast way: write the zeroes.
+                    plan.clear();
+                    self.plan_zero_writes(offset, offset + len, plan);
                     return Ok(Progress::Again);
                 }
                 Err(TargetError::Zeroing { offset, source })
@@ -414,5 +477,102 @@ impl AlignedBuf {
     fn as_mut(&mut self) -> &mut [u8] {
         let start = self.1;
         &mut self.0[start..start + 4096]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(dir: &Path) -> FileTarget {
+        let path = dir.join("disk.raw");
+        let f = File::create(&path).unwrap();
+        f.set_len(16 << 20).unwrap();
+        FileTarget::open(&path, false, CacheMode::Buffered).unwrap()
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("streamer-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Where fallocate cannot zero (EOPNOTSUPP, or EINVAL from a block device), WRITE_ZEROES
+    /// without FAST_ZERO writes zeroes over the whole range, phase by phase, then syncs for FUA.
+    #[test]
+    fn write_zeroes_falls_back_to_writing_zeroes() {
+        let dir = scratch("zero-fallback");
+        let t = target(&dir);
+        let len = 20 * u64::from(ZERO_WRITE_BYTES) / 2 + 4096; // 10 MiB + 4 KiB: two phases
+        let op = TargetOp::Zero {
+            offset: 512,
+            len,
+            fua: true,
+            may_trim: true,
+            fast: false,
+        };
+        let mut plan = Plan::default();
+        t.plan(&op, &mut plan).unwrap();
+        let n = plan.len();
+        let failed = vec![-libc::EOPNOTSUPP; n];
+        assert_eq!(
+            t.complete(&op, &mut plan, &failed).unwrap(),
+            Progress::Again
+        );
+        let mut covered = 512;
+        let mut phases = 0;
+        loop {
+            let ios: Vec<FileIo> = plan.ios().copied().collect();
+            if let [FileIo::Fdatasync { .. }] = ios[..] {
+                break;
+            }
+            for io in &ios {
+                let FileIo::WriteZeroes { offset, len, .. } = *io else {
+                    panic!("expected zero writes, got {io:?}");
+                };
+                assert_eq!(offset, covered, "pieces are consecutive");
+                assert!(len <= ZERO_WRITE_BYTES);
+                covered += u64::from(len);
+            }
+            phases += 1;
+            let ok: Vec<i32> = ios.iter().map(|_| 1).collect();
+            assert_eq!(t.complete(&op, &mut plan, &ok).unwrap(), Progress::Again);
+        }
+        assert_eq!(covered, 512 + len);
+        assert_eq!(phases, 2);
+        assert_eq!(t.complete(&op, &mut plan, &[0]).unwrap(), Progress::Done);
+
+        // With FAST_ZERO the answer is "not fast", not a slow zeroing.
+        let fast = TargetOp::Zero {
+            offset: 0,
+            len: 4096,
+            fua: false,
+            may_trim: true,
+            fast: true,
+        };
+        plan.clear();
+        t.plan(&fast, &mut plan).unwrap();
+        let err = t
+            .complete(&fast, &mut plan, &[-libc::EOPNOTSUPP])
+            .unwrap_err();
+        assert!(matches!(err, TargetError::FastZeroUnsupported));
+
+        // TRIM where holes cannot be punched succeeds (advisory), syncing for FUA.
+        let trim = TargetOp::Trim {
+            offset: 0,
+            len: 4096,
+            fua: true,
+        };
+        plan.clear();
+        t.plan(&trim, &mut plan).unwrap();
+        let r = [-libc::EOPNOTSUPP, -libc::ECANCELED];
+        assert_eq!(t.complete(&trim, &mut plan, &r).unwrap(), Progress::Again);
+        assert!(matches!(
+            plan.ios().collect::<Vec<_>>()[..],
+            [FileIo::Fdatasync { .. }]
+        ));
+        assert_eq!(t.complete(&trim, &mut plan, &[0]).unwrap(), Progress::Done);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -101,12 +101,23 @@ pub enum FileIo {
     Wait {
         fd: RawFd,
     },
+    /// Writes `len` zero bytes (at most [`ZERO_WRITE_BYTES`]) from a zeroed buffer the engine
+    /// owns: how WRITE_ZEROES zeroes a range where the file (or device) cannot fallocate.
+    WriteZeroes {
+        fd: RawFd,
+        offset: u64,
+        len: u32,
+    },
     /// Fills part of the request buffer with zeroes; done by the engine itself, no kernel I/O.
     Zero {
         buf_start: u32,
         len: u32,
     },
 }
+
+/// Largest [`FileIo::WriteZeroes`]; the engine's zero buffer has this size (aligned for
+/// `O_DIRECT`).
+pub const ZERO_WRITE_BYTES: u32 = 1 << 20;
 
 /// Most I/Os one phase of an operation may issue.
 pub const MAX_PLAN_IOS: usize = 8;
@@ -215,7 +226,8 @@ fn errno_of(e: &io::Error) -> NbdErrno {
         Some(libc::EPERM | libc::EROFS | libc::EACCES) => NbdErrno::Perm,
         Some(libc::ENOMEM) => NbdErrno::NoMem,
         Some(libc::EINVAL) => NbdErrno::Inval,
-        Some(libc::EOPNOTSUPP) => NbdErrno::NotSup,
+        // Not ENOTSUP: the spec keeps that for WRITE_ZEROES with FAST_ZERO
+        // (`FastZeroUnsupported`); a file system that cannot do what was asked is an I/O error.
         _ => NbdErrno::Io,
     }
 }
