@@ -337,6 +337,64 @@ fn zero_lengths_fua_everywhere_and_flagged_disc_are_served() {
     srv.stop();
 }
 
+/// On SIGTERM a negotiating client gets NBD_REP_ERR_SHUTDOWN for its next option. A connection
+/// with a request in flight (here a write whose payload is half sent) finishes it, answers
+/// requests that arrive from then on with NBD_ESHUTDOWN, and closes once nothing is in flight
+/// (an idle one closes at once). The server then exits 0.
+#[test]
+fn shutdown_answers_new_options_and_requests_with_shutdown_errors() {
+    const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+    const OPT_LIST: u32 = 3;
+    const ESHUTDOWN: u32 = 108;
+    let dir = Scratch::new("hostile-shutdown");
+    let mut srv = server(&dir, &[]);
+    let mut serving = Raw::negotiate(&srv, false);
+    serving.request(0, CMD_WRITE, 1, 0, 8);
+    serving.send(b"abcd");
+    let mut negotiating = Raw::connect(&srv);
+    negotiating.greeting();
+    negotiating.send(&3u32.to_be_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+
+    let pid = nix::unistd::Pid::from_raw(srv.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    negotiating.option(OPT_LIST, &[]);
+    let (opt, kind, _) = negotiating.option_reply();
+    assert_eq!((opt, kind), (OPT_LIST, REP_ERR_SHUTDOWN));
+    // The rest of the payload and a new request, in one segment.
+    let mut b = b"efgh".to_vec();
+    b.extend(request_bytes(0, CMD_READ, 2, 0, 8));
+    serving.send(&b);
+    let mut replies = [serving.simple_reply(), serving.simple_reply()];
+    replies.sort_by_key(|r| r.1);
+    assert_eq!(
+        replies,
+        [(0, 1), (ESHUTDOWN, 2)],
+        "write done, read refused"
+    );
+    assert!(serving.closed_by_server());
+    drop(negotiating);
+
+    let mut child = srv.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", srv.log());
+    let disk = std::fs::read(dir.path("disk.raw")).unwrap();
+    assert_eq!(
+        &disk[..8],
+        b"abcdefgh",
+        "the write in flight at SIGTERM is done"
+    );
+}
+
 #[test]
 fn structured_error_chunks_carry_a_message() {
     let dir = Scratch::new("hostile-structured");

@@ -19,7 +19,7 @@ use super::worker::{Io, Tag, user_data};
 use super::{EngineConfig, Incoming};
 use crate::nbd::handshake::{Handshake, Step};
 use crate::nbd::reply::{ReplyBuilder, Segment};
-use crate::nbd::request::{self, Command, Parse, Session};
+use crate::nbd::request::{self, Command, Parse, Rejection, Session};
 use crate::nbd::wire::META_BASE_ALLOCATION_ID;
 use crate::nbd::{NbdErrno, ReplyMode};
 use crate::target::{
@@ -30,6 +30,9 @@ use crate::target::{
 const RECV_BUFFER_BYTES: usize = 128 * 1024;
 /// Most replies gathered into one `sendmsg`, and most iovecs in it.
 const MAX_SEND_IOVECS: usize = 256;
+/// How long a client still negotiating when the server starts shutting down may go on (its
+/// options are answered `NBD_REP_ERR_SHUTDOWN`) before it is disconnected.
+const SHUTDOWN_NEGOTIATION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most extents in one block status reply (the spec asks for at most 2^20).
 const MAX_EXTENTS: usize = 16 * 1024;
 
@@ -309,7 +312,11 @@ impl Conn {
     /// was withdrawn (its volume deleted with `--force`).
     pub fn check_deadline(&mut self, now: Instant) {
         if self.deadline.is_some_and(|d| now >= d) {
-            self.close("handshake timed out".into());
+            let reason = match &self.phase {
+                Phase::Handshake(hs) if hs.shutting_down() => "server shutting down",
+                _ => "handshake timed out",
+            };
+            self.close(reason.into());
         }
         if let Phase::Transmission { target, .. } = &self.phase
             && target.revoked()
@@ -318,13 +325,19 @@ impl Conn {
         }
     }
 
+    /// The server is shutting down. A negotiating client gets `NBD_REP_ERR_SHUTDOWN` for its
+    /// options and a short while to leave. In transmission, requests already received run to
+    /// their replies; requests that arrive from now on are answered `NBD_ESHUTDOWN` (the spec's
+    /// hint to disconnect); the connection closes once nothing is in flight.
     pub fn drain_for_shutdown(&mut self) {
-        match self.phase {
-            Phase::Handshake(_) => self.close("server shutting down".into()),
+        match &mut self.phase {
+            Phase::Handshake(hs) => {
+                hs.shut_down();
+                let cap = Instant::now() + SHUTDOWN_NEGOTIATION_GRACE;
+                self.deadline = Some(self.deadline.map_or(cap, |d| d.min(cap)));
+            }
             Phase::Transmission { .. } => {
                 self.draining = true;
-                // Stop reading: a pending receive completes (with 0) and is not re-armed.
-                let _ = nix::sys::socket::shutdown(self.raw_fd(), nix::sys::socket::Shutdown::Read);
                 self.maybe_done();
             }
         }
@@ -337,7 +350,7 @@ impl Conn {
     // ---- receiving -------------------------------------------------------------------------
 
     fn arm_recv(&mut self, io: &mut Io) {
-        if self.recv_armed || self.closing.is_some() || self.disc || self.draining || self.stalled {
+        if self.recv_armed || self.closing.is_some() || self.disc || self.stalled {
             return;
         }
         if self.close_after_send.is_some() {
@@ -393,14 +406,6 @@ impl Conn {
             return;
         }
         if res == 0 {
-            if self.draining {
-                // Our own shutdown(SHUT_RD): drop a half-received write, finish the rest.
-                if let Some(sid) = self.payload_slot.take() {
-                    self.release(io, sid);
-                }
-                self.maybe_done();
-                return;
-            }
             let reason = match (&self.phase, self.payload_slot.is_some()) {
                 (Phase::Handshake(_), _) => "client disconnected during negotiation",
                 (_, true) => "client disconnected in the middle of a write payload",
@@ -434,7 +439,7 @@ impl Conn {
             // An idle timeout, not a total one: a client listing many exports one option at a
             // time (nbdinfo --list) keeps going as long as each option arrives in time. The
             // number of options is bounded by the handshake itself (MAX_OPTIONS).
-            if used > 0 {
+            if used > 0 && !hs.shutting_down() {
                 self.deadline = Some(Instant::now() + self.handshake_timeout);
             }
             match step {
@@ -485,8 +490,7 @@ impl Conn {
             return;
         };
         let session = *session;
-        while self.closing.is_none() && !self.disc && !self.draining && self.payload_slot.is_none()
-        {
+        while self.closing.is_none() && !self.disc && self.payload_slot.is_none() {
             if self.skip_bytes > 0 {
                 let take = self.skip_bytes.min((self.rlen - self.rpos) as u64);
                 self.rpos += take as usize;
@@ -505,13 +509,19 @@ impl Conn {
                 Parse::Header(h, n) => (h, n),
             };
             let (h, n) = header;
-            let req = match request::decode(&h, &session) {
+            let mut req = match request::decode(&h, &session) {
                 Ok(r) => r,
                 Err(v) => {
                     self.close(format!("protocol violation: {v}"));
                     return;
                 }
             };
+            if self.draining && req.outcome != Ok(Command::Disc) {
+                req.outcome = Err(Rejection {
+                    errno: NbdErrno::Shutdown,
+                    why: "server shutting down",
+                });
+            }
             if let Ok(Command::Disc) = req.outcome {
                 self.rpos += n;
                 self.disc = true;

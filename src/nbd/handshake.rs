@@ -70,6 +70,8 @@ pub enum CloseReason {
     UnknownClientFlags(u32),
     #[error("client aborted negotiation")]
     Aborted,
+    #[error("server shutting down")]
+    ShuttingDown,
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
     #[error("NBD_OPT_EXPORT_NAME with an invalid or oversized name")]
@@ -110,6 +112,8 @@ pub struct Handshake {
     /// Export name and selection of the last `NBD_OPT_SET_META_CONTEXT`.
     meta: Option<(String, bool)>,
     options_seen: u32,
+    /// The server is shutting down: options are answered `NBD_REP_ERR_SHUTDOWN`.
+    shutting_down: bool,
 }
 
 impl Default for Handshake {
@@ -126,7 +130,19 @@ impl Handshake {
             mode: ReplyMode::Simple,
             meta: None,
             options_seen: 0,
+            shutting_down: false,
         }
+    }
+
+    /// The server is shutting down: from now on every option but `NBD_OPT_ABORT` is answered
+    /// `NBD_REP_ERR_SHUTDOWN` (the spec's hint to the client to go away), and `NBD_OPT_EXPORT_NAME`,
+    /// which has no error reply, ends the connection.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
     }
 
     /// The server's greeting, sent as soon as a client connects.
@@ -238,6 +254,19 @@ impl Handshake {
         exports: &L,
         out: &mut Vec<u8>,
     ) -> Option<Step<L::Export>> {
+        if self.shutting_down {
+            return match option {
+                OPT_ABORT => {
+                    option_reply(out, option, REP_ACK, &[]);
+                    Some(Step::Close(CloseReason::Aborted))
+                }
+                OPT_EXPORT_NAME => Some(Step::Close(CloseReason::ShuttingDown)),
+                _ => {
+                    option_reply_msg(out, option, REP_ERR_SHUTDOWN, "server shutting down");
+                    None
+                }
+            };
+        }
         match option {
             OPT_EXPORT_NAME => Some(self.export_name(data, exports, out)),
             OPT_ABORT => {
@@ -842,6 +871,25 @@ mod tests {
         let r = replies(&out);
         assert_eq!((r[0].0, r[0].1), (4242, REP_ERR_UNSUP));
         assert_eq!((r[1].0, r[1].1), (OPT_ABORT, REP_ACK));
+    }
+
+    #[test]
+    fn shutting_down_answers_options_with_err_shutdown() {
+        let mut h = Handshake::new();
+        let mut out = Vec::new();
+        let (_, step) = h.advance(&flags(3), &Fixed, &mut out);
+        assert!(matches!(step, Step::NeedMore));
+        h.shut_down();
+        let mut input = opt(OPT_GO, &go_payload("disk", &[]));
+        input.extend(opt(OPT_LIST, &[]));
+        input.extend(opt(OPT_ABORT, &[]));
+        let (_, step) = h.advance(&input, &Fixed, &mut out);
+        assert!(
+            matches!(step, Step::Close(CloseReason::Aborted)),
+            "{step:?}"
+        );
+        let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(types, [REP_ERR_SHUTDOWN, REP_ERR_SHUTDOWN, REP_ACK]);
     }
 
     #[test]
