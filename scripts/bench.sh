@@ -35,6 +35,7 @@ ROWS="rr1,rr32,rw32,sr8,sw8,rr2c"
 TRANSPORTS="tcp,unix"
 WORKDIR=
 EXPORT=bench
+DEVICE=1          # direct mode: also measure the device itself (--no-device: skip)
 TITLES="rr1=4k randread QD1|rr32=4k randread QD32|rw32=4k randwrite QD32|sr8=1MiB seq read QD8|sw8=1MiB seq write QD8|rr2c=4k randread 2 conns x QD16"
 
 
@@ -54,6 +55,8 @@ usage: $0 [--mode nbd|clone|storm|mgmt] [options]
   --rows LIST              subset of $ROWS
   --transports LIST        subset of $TRANSPORTS
   --dir DIR                work directory (default: mktemp -d under /var/tmp)
+  --no-device              direct mode: skip the device ceiling cells (fio io_uring
+                           O_DIRECT on the image itself, interleaved with the servers)
 rows: rr1 4k randread QD1, rr32 4k randread QD32, rw32 4k randwrite QD32,
       sr8 1MiB seq read QD8, sw8 1MiB seq write QD8,
       rr2c 4k randread, 2 connections x QD16
@@ -74,6 +77,7 @@ parse_args() {
             --rows) ROWS=$2; shift ;;
             --transports) TRANSPORTS=$2; shift ;;
             --dir) WORKDIR=$2; shift ;;
+            --no-device) DEVICE=0 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown option $1" ;;
         esac
@@ -237,6 +241,61 @@ row_fio_args() {
     esac
 }
 
+# Direct mode: the same row run by fio on the image itself (io_uring, O_DIRECT, no server and
+# no network), interleaved with the server cells. It is the device's ceiling for that access
+# pattern at that moment: no server can serve more than the disk delivers.
+device_cell() {
+    local round=$1 row=$2 json m iops mbps latm lat50 ios
+    json=$WORKDIR/fio-$round-$row-device.json
+    # shellcheck disable=SC2046
+    if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=io_uring --direct=1 \
+            --filename="$IMG" $(row_fio_args "$row") --group_reporting --time_based \
+            --runtime="$RUNTIME" --lat_percentiles=1 --output-format=json --output="$json" \
+            > "$json.stdout" 2>&1; then
+        log "warning: device fio failed for round $round $row: $(tail -3 "$json.stdout" | tr '\n' ' ')"
+        return 0
+    fi
+    if ! m=$(parse_fio "$json" 2>&1); then
+        log "warning: round $round $row device: $m"
+        return 0
+    fi
+    read -r iops mbps latm lat50 ios _ <<< "$m"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" local device \
+        "$iops" "$mbps" "$latm" "$lat50" nan "$ios" >> "$RESULTS"
+    log "round $round $(row_title "$row") device (local fio io_uring O_DIRECT): iops=$iops MB/s=$mbps lat=${latm}us"
+}
+
+# The device table: each server's median as a share of the device's median for the row.
+print_device_table() {
+    $PY - "$RESULTS" "$SERVERS" "$ROWS" "$TRANSPORTS" "$TITLES" "sr8 sw8" <<'PYEOF'
+import sys, statistics
+from collections import defaultdict
+path, servers, rows, transports, titles, mb_rows = sys.argv[1:7]
+servers, rows, transports = servers.split(), rows.split(), transports.split()
+titles = dict(t.split("=", 1) for t in titles.split("|"))
+vals = defaultdict(list)
+for line in open(path):
+    rnd, row, tr, srv, iops, mbps, *_ = line.rstrip("\n").split("\t")
+    vals[(row, tr, srv)].append(float(mbps if row in mb_rows.split() else iops))
+med = lambda k: statistics.median(vals[k]) if vals.get(k) else None
+cols = [(s, t) for s in servers for t in transports]
+hdr = ["test", "metric", "device"] + ["%s %s" % c for c in cols]
+print("| " + " | ".join(hdr) + " |")
+print("|" + "---|" * len(hdr))
+for row in rows:
+    dev = med((row, "local", "device"))
+    cells = []
+    for s, t in cols:
+        v = med((row, t, s))
+        cells.append("%.0f%%" % (100 * v / dev) if v is not None and dev else "n/a")
+    metric = "MB/s" if row in mb_rows.split() else "iops"
+    print("| " + " | ".join([titles[row], metric, "%.0f" % dev if dev else "n/a"] + cells) + " |")
+print()
+print("device: fio io_uring O_DIRECT on the image itself, same pattern, no server; the other"
+      " columns are each server's median as a share of it.")
+PYEOF
+}
+
 run_cell() {
     local round=$1 row=$2 tr=$3 srv=$4
     start_server "$srv" "$tr"
@@ -297,6 +356,7 @@ main() {
     echo "$header" >&2
     for ((round = 1; round <= ROUNDS; round++)); do
         for row in $ROWS; do
+            [ "$CACHE" != direct ] || [ "$DEVICE" = 0 ] || device_cell "$round" "$row"
             for tr in $TRANSPORTS; do
                 for srv in $SERVERS; do
                     run_cell "$round" "$row" "$tr" "$srv"
@@ -307,6 +367,9 @@ main() {
 
     local report
     report=$(printf '%s\n\n%s\n' "$header" "$(print_table "$RESULTS" "$SERVERS" "$ROWS" "$TRANSPORTS" "$TITLES" "sr8 sw8" "rr1")")
+    if [ "$CACHE" = direct ] && [ "$DEVICE" != 0 ]; then
+        report=$(printf '%s\n\nDevice ceiling (direct mode):\n\n%s\n' "$report" "$(print_device_table)")
+    fi
     echo "$report"
     if [ -n "$OUT" ]; then echo "$report" > "$OUT"; fi
 }
