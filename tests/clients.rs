@@ -276,6 +276,8 @@ fn fio_random_writes_verify_crc32c() {
                     "--verify=crc32c",
                     "--verify_fatal=1",
                     "--do_verify=1",
+                    // No verify-state file in the working directory (the checkout).
+                    "--verify_state_save=0",
                     "--output-format=terse",
                 ],
             ));
