@@ -99,41 +99,33 @@ impl Slot {
         let Some(file_io) = self.plan.get_mut(i) else {
             return After::Final(res);
         };
-        if let FileIo::WriteZeroes { offset, len, .. } = file_io {
-            if res < 0 || res as u32 >= *len {
-                return After::Final(res);
-            }
-            if res == 0 {
-                return After::Final(-libc::EIO);
-            }
-            *offset += res as u64;
-            *len -= res as u32;
-            return After::Resubmit(*file_io);
-        }
+        // Reads and writes resume a short transfer where it stopped; a zero write has no
+        // request-buffer position to move.
         let (is_read, offset, buf_start, len) = match file_io {
             FileIo::Read {
                 offset,
                 buf_start,
                 len,
                 ..
-            } => (true, offset, buf_start, len),
+            } => (true, offset, Some(buf_start), len),
             FileIo::Write {
                 offset,
                 buf_start,
                 len,
                 ..
-            } => (false, offset, buf_start, len),
+            } => (false, offset, Some(buf_start), len),
+            FileIo::WriteZeroes { offset, len, .. } => (false, offset, None, len),
             _ => return After::Final(res),
         };
         if res < 0 || res as u32 >= *len {
             return After::Final(res);
         }
         if res == 0 {
-            if !is_read {
+            let Some(start) = buf_start.filter(|_| is_read) else {
                 return After::Final(-libc::EIO); // a write that makes no progress
-            }
+            };
             // End of file inside the export (the file shrank): the rest reads as zeroes.
-            let (start, n) = (*buf_start as usize, *len as usize);
+            let (start, n) = (*start as usize, *len as usize);
             if let Some(b) = self.buf.as_mut() {
                 b.slice_mut(start, n).fill(0);
             }
@@ -141,7 +133,9 @@ impl Slot {
         }
         let done = res as u32;
         *offset += u64::from(done);
-        *buf_start += done;
+        if let Some(b) = buf_start {
+            *b += done;
+        }
         *len -= done;
         After::Resubmit(*file_io)
     }
@@ -651,7 +645,7 @@ impl Conn {
         let linked = slot.plan.linked;
         // Zero fills need no kernel: done here, before anything is handed to the ring.
         for i in 0..n {
-            if let Some(&FileIo::Zero { buf_start, len }) = slot.plan.get_mut(i).map(|f| &*f) {
+            if let Some(&FileIo::Zero { buf_start, len }) = slot.plan.get(i) {
                 if let Some(b) = slot.buf.as_mut() {
                     b.slice_mut(buf_start as usize, len as usize).fill(0);
                 }

@@ -278,7 +278,7 @@ impl BlockTarget for FileTarget {
             if let TargetOp::Zero {
                 offset, len, fua, ..
             } = *op
-                && let Some(FileIo::WriteZeroes { .. }) = plan.get_mut(0).map(|f| *f)
+                && let Some(FileIo::WriteZeroes { .. }) = plan.get(0)
             {
                 plan.clear();
                 if plan.cursor < offset + len {
@@ -299,9 +299,8 @@ impl BlockTarget for FileTarget {
         let unsupported = res == -libc::EOPNOTSUPP;
         // What fallocate says when the file or device cannot do this mode (a block device also
         // answers EINVAL to an unaligned range).
-        let cannot_fallocate =
-            matches!(plan.get_mut(i).map(|f| *f), Some(FileIo::Fallocate { .. }))
-                && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL);
+        let cannot_fallocate = matches!(plan.get(i), Some(FileIo::Fallocate { .. }))
+            && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL);
         match *op {
             TargetOp::Read { offset, .. } => Err(TargetError::Reading { offset, source }),
             TargetOp::Cache { offset, .. } => Err(TargetError::Reading { offset, source }),

@@ -154,6 +154,9 @@ impl Plan {
     pub fn ios(&self) -> impl Iterator<Item = &FileIo> {
         self.ios[..self.len].iter().flatten()
     }
+    pub fn get(&self, i: usize) -> Option<&FileIo> {
+        self.ios[..self.len].get(i).and_then(Option::as_ref)
+    }
     pub fn get_mut(&mut self, i: usize) -> Option<&mut FileIo> {
         self.ios[..self.len].get_mut(i).and_then(Option::as_mut)
     }

@@ -366,7 +366,7 @@ impl VolumeTarget {
         res: i32,
         what: &'static str,
     ) -> Result<Progress, TargetError> {
-        let Some(&FileIo::Wait { fd }) = plan.get_mut(0).map(|f| &*f) else {
+        let Some(&FileIo::Wait { fd }) = plan.get(0) else {
             unreachable!("a wait phase holds one Wait I/O");
         };
         let w = self
