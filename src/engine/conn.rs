@@ -35,6 +35,9 @@ const MAX_SEND_IOVECS: usize = 256;
 const SHUTDOWN_NEGOTIATION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most extents in one block status reply (the spec asks for at most 2^20).
 const MAX_EXTENTS: usize = 16 * 1024;
+/// A write payload at least this large that was received straight into its buffer makes the next
+/// receive into `rbuf` take one request header only (see `Conn::header_only`).
+const LARGE_PAYLOAD_BYTES: u32 = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -177,6 +180,12 @@ pub(super) struct Conn {
     skip_bytes: u64,
     /// Reading paused: no free slot or too many buffer bytes in flight.
     stalled: bool,
+    /// The last request was a large write whose payload went straight into its buffer. Large
+    /// writes come in runs (a sequential copy), so the next receive into `rbuf` asks for one
+    /// header only: the payload behind it then also lands in its own buffer instead of filling
+    /// `rbuf` and being copied out of it (up to 128 KiB of each 1 MiB write, measured 2% of the
+    /// server's CPU on 1 MiB buffered writes).
+    header_only: bool,
 
     /// Raw bytes being sent before any reply (handshake output). Never modified while a send is
     /// armed: new output is staged in `out_next` and swapped in when the kernel is done.
@@ -224,6 +233,7 @@ impl Conn {
             payload_slot: None,
             skip_bytes: 0,
             stalled: false,
+            header_only: false,
             out: Vec::with_capacity(256),
             out_sent: 0,
             out_next: Vec::with_capacity(256),
@@ -370,11 +380,17 @@ impl Conn {
                 self.rlen -= self.rpos;
                 self.rpos = 0;
             }
-            let free = self.rbuf.len() - self.rlen;
+            let mut free = self.rbuf.len() - self.rlen;
             debug_assert!(
                 free > 0,
                 "the receive buffer always has room for a header or option"
             );
+            if self.header_only
+                && self.rlen == 0
+                && let Phase::Transmission { session, .. } = &self.phase
+            {
+                free = request::header_bytes(session.mode);
+            }
             let ptr = self.rbuf[self.rlen..].as_mut_ptr();
             // SAFETY: `rbuf` is a heap buffer never resized; nothing touches `rbuf[rlen..]` until
             // the receive completes (`recv_armed` guards re-arming and compaction).
@@ -413,11 +429,13 @@ impl Conn {
             let slot = &mut self.slots[sid as usize];
             slot.payload_have += n as u32;
             if slot.payload_have == slot.data_len {
+                self.header_only = slot.data_len >= LARGE_PAYLOAD_BYTES;
                 self.payload_slot = None;
                 self.start(io, sid);
             }
         } else {
             self.rlen += n;
+            self.header_only = false;
         }
         self.process(io, exports);
     }

@@ -41,14 +41,19 @@ pub enum Parse {
     BadMagic(u32),
 }
 
-/// Parses the header at the front of `buf`. Extended sessions use 32-byte headers.
-pub fn parse_header(buf: &[u8], mode: ReplyMode) -> Parse {
-    let extended = mode == ReplyMode::Extended;
-    let need = if extended {
+/// Bytes of one request header: extended sessions use 32-byte headers.
+pub fn header_bytes(mode: ReplyMode) -> usize {
+    if mode == ReplyMode::Extended {
         EXTENDED_REQUEST_BYTES
     } else {
         COMPACT_REQUEST_BYTES
-    };
+    }
+}
+
+/// Parses the header at the front of `buf`.
+pub fn parse_header(buf: &[u8], mode: ReplyMode) -> Parse {
+    let extended = mode == ReplyMode::Extended;
+    let need = header_bytes(mode);
     let Some(b) = buf.get(..need) else {
         return Parse::Incomplete;
     };

@@ -10,6 +10,10 @@ usage: /usr/bin/python3 tests/py/inflight.py URI [--count N]   (default 256)
 3. Unaligned writes to disjoint byte ranges *inside the same 4 KiB
    blocks*, all in flight at once: every one must land (catches racy
    read-modify-write in servers using O_DIRECT).
+4. Runs of large writes (1 MiB, 256 KiB + 3) back to back with small
+   writes, flushes and reads between them, all in flight: the server
+   receives large payloads straight into their buffers and must find
+   every request header after them.
 The export must be writable and >= 64 MiB; it is overwritten.
 """
 
@@ -98,6 +102,33 @@ def main(argv):
     wait_all(h, cookies, "sub-block writes")
     check_data(h.pread(len(model), base3), bytes(model),
                "disjoint sub-block writes in flight together (lost update?)")
+    # Step 4: large payloads in runs, with small requests between them.
+    log("runs of large writes with small requests between, in flight")
+    base4 = 52 * MiB
+    plan, off = [], base4
+    for i in range(24):
+        ln = [MiB, MiB, 256 * KiB + 3, 4096, MiB, 7][i % 6]
+        plan.append((off, ln))
+        off += ln + 512
+    check(off < size, "export too small for the large-write test")
+    bufs = [nbd.Buffer.from_bytearray(pattern(50000 + i, ln)) for i, (_, ln) in enumerate(plan)]
+    cookies, small = [], []
+    for i, (b, (o, _)) in enumerate(zip(bufs, plan)):
+        cookies.append(h.aio_pwrite(b, o))
+        if i % 5 == 4 and h.can_flush():
+            cookies.append(h.aio_flush())
+        if i % 4 == 3:
+            small.append((i, nbd.Buffer(4096)))
+            cookies.append(h.aio_pread(small[-1][1], blocks[i]))
+    wait_all(h, cookies, "large-write runs")
+    for i, b in small:
+        check_data(b.to_bytearray(), pattern(10000 + i, 4096),
+                   "large-write runs: read of block %d between them" % i)
+    rbufs, cookies = submit_reads(h, plan)
+    wait_all(h, cookies, "read back large writes")
+    for i, b in enumerate(rbufs):
+        check_data(b.to_bytearray(), pattern(50000 + i, plan[i][1]),
+                   "large-write run: write %d (%d bytes @ %d)" % (i, plan[i][1], plan[i][0]))
     if h.can_flush():
         h.flush()
     h.shutdown()
