@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Buffer memory in flight per connection before the server stops reading from it, e.g. 64M.
     #[arg(long, default_value = "64M", value_parser = parse_bytes)]
     pub max_connection_memory: u64,
+    /// Direct mode: most bytes read ahead of a client reading sequentially in pieces of 128 KiB or
+    /// more (within half of --max-connection-memory), e.g. 24M; 0 turns read-ahead off.
+    #[arg(long, default_value = "24M", value_parser = parse_bytes)]
+    pub read_ahead: u64,
     /// Connections served at once; more are accepted and closed at once.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
@@ -150,6 +154,7 @@ impl ServeArgs {
             max_payload_bytes: max_payload,
             max_inflight: self.max_inflight,
             max_conn_buffer_bytes: self.max_connection_memory.max(u64::from(max_payload)),
+            read_ahead_bytes: self.read_ahead,
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
             poll: Duration::from_micros(self.poll_us.min(10_000)),
             ..EngineConfig::default()

@@ -83,6 +83,19 @@ fn libnbd_multi_conn_flush_is_visible_everywhere() {
 }
 
 #[test]
+fn read_ahead_never_serves_data_older_than_a_completed_write() {
+    // Direct mode reads ahead of sequential readers; buffered mode must behave the same without.
+    for cache in ["direct", "buffered"] {
+        let dir = Scratch::new("readahead");
+        let srv = serve_disk(&dir, 128 * MIB, &["--cache", cache]);
+        let out = py("readahead.py", &[&srv.unix_uri("disk")]);
+        assert!(out.contains("PASS"), "{out}");
+        let log = srv.stop();
+        assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+    }
+}
+
+#[test]
 fn libnbd_256_requests_in_flight() {
     for cache in ["buffered", "direct"] {
         let dir = Scratch::new("inflight");

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::bufpool::Buf;
@@ -38,6 +39,8 @@ const MAX_EXTENTS: usize = 16 * 1024;
 /// A write payload at least this large that was received straight into its buffer makes the next
 /// receive into `rbuf` take one request header only (see `Conn::header_only`).
 const LARGE_PAYLOAD_BYTES: u32 = 64 * 1024;
+/// Reads at least this large that follow each other start read-ahead (see `Conn::read_ahead`).
+const AHEAD_MIN_BYTES: u32 = 128 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -48,6 +51,21 @@ enum SlotState {
     Running,
     /// Reply encoded, waiting for or in the send queue.
     Replying,
+    /// A read-ahead that completed before the client asked for its range: the data waits here.
+    Parked,
+}
+
+/// A slot reading ahead of a sequential reader (see `Conn::read_ahead`).
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    /// The target's change count when the read was issued: the data may be served only while
+    /// the count is unchanged.
+    changes: u64,
+    /// The connection's read-ahead epoch when issued; an older epoch means the window was dropped
+    /// and the slot is released when its read completes.
+    epoch: u64,
+    /// The client's READ of this range has arrived and owns the slot (its cookie is set).
+    claimed: bool,
 }
 
 /// One request in flight.
@@ -57,6 +75,8 @@ struct Slot {
     offset: u64,
     op: TargetOp,
     read_df: Option<bool>,
+    /// Set while the slot is a read-ahead (no request of its own until claimed).
+    ahead: Option<Ahead>,
     buf: Option<Buf>,
     /// Data bytes of the request (read length or write payload).
     data_len: u32,
@@ -78,6 +98,7 @@ impl Slot {
             offset: 0,
             op: TargetOp::Flush,
             read_df: None,
+            ahead: None,
             buf: None,
             data_len: 0,
             payload_have: 0,
@@ -169,6 +190,8 @@ pub(super) struct Conn {
     handshake_timeout: std::time::Duration,
     max_payload_bytes: u32,
     max_buffer_bytes: u64,
+    /// Most bytes read ahead and not yet asked for (`EngineConfig::read_ahead_bytes`).
+    ahead_window: u64,
 
     rbuf: Vec<u8>,
     rpos: usize,
@@ -186,6 +209,16 @@ pub(super) struct Conn {
     /// `rbuf` and being copied out of it (up to 128 KiB of each 1 MiB write, measured 2% of the
     /// server's CPU on 1 MiB buffered writes).
     header_only: bool,
+
+    /// Read-ahead (only where the target offers a change count): where the next READ of a
+    /// sequential reader starts, where the read-ahead issued so far ends, and the unclaimed
+    /// read-aheads of the current epoch (slots and bytes) and how many of them are parked.
+    seq_next: u64,
+    ahead_end: u64,
+    ahead_epoch: u64,
+    ahead_slots: usize,
+    ahead_bytes: u64,
+    parked: usize,
 
     /// Raw bytes being sent before any reply (handshake output). Never modified while a send is
     /// armed: new output is staged in `out_next` and swapped in when the kernel is done.
@@ -226,6 +259,7 @@ impl Conn {
             handshake_timeout: cfg.handshake_timeout,
             max_payload_bytes: cfg.max_payload_bytes,
             max_buffer_bytes: cfg.max_conn_buffer_bytes,
+            ahead_window: cfg.read_ahead_bytes,
             rbuf: vec![0; RECV_BUFFER_BYTES],
             rpos: 0,
             rlen: 0,
@@ -234,6 +268,12 @@ impl Conn {
             skip_bytes: 0,
             stalled: false,
             header_only: false,
+            seq_next: 0,
+            ahead_end: 0,
+            ahead_epoch: 0,
+            ahead_slots: 0,
+            ahead_bytes: 0,
+            parked: 0,
             out: Vec::with_capacity(256),
             out_sent: 0,
             out_next: Vec::with_capacity(256),
@@ -347,8 +387,9 @@ impl Conn {
         }
     }
 
+    /// Slots with work in flight or a reply to send; parked read-aheads hold only a buffer.
     fn busy_slots(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() - self.parked
     }
 
     // ---- receiving -------------------------------------------------------------------------
@@ -540,6 +581,27 @@ impl Conn {
                 self.maybe_done();
                 return;
             }
+            let mut sequential = false;
+            if let Ok(Command::Read { offset, len, df }) = req.outcome {
+                if let Some(sid) = self.claim_ahead(offset, len) {
+                    self.rpos += n;
+                    self.requests += 1;
+                    self.seq_next = offset + u64::from(len);
+                    let slot = &mut self.slots[sid as usize];
+                    slot.cookie = req.cookie;
+                    slot.read_df = Some(df);
+                    if slot.state == SlotState::Parked {
+                        slot.state = SlotState::Running;
+                        self.serve_ahead(io, sid);
+                    }
+                    self.read_ahead(io, offset + u64::from(len), len);
+                    continue;
+                }
+                // Not the range read ahead: the reader moved elsewhere or changed its size.
+                self.drop_ahead(io);
+                sequential = offset == self.seq_next && len >= AHEAD_MIN_BYTES;
+                self.seq_next = offset + u64::from(len);
+            }
             let data_len = match req.outcome {
                 Ok(Command::Read { len, .. } | Command::Write { len, .. }) => len,
                 _ => 0,
@@ -547,6 +609,11 @@ impl Conn {
             let over_budget = self.buffer_bytes > 0
                 && self.buffer_bytes + u64::from(data_len) > self.max_buffer_bytes;
             if self.free.is_empty() || over_budget {
+                // Read-ahead never keeps a request waiting: parked data is let go at once, and
+                // read-aheads in flight are released when they complete (which resumes reading).
+                if self.drop_ahead(io) {
+                    continue;
+                }
                 self.stalled = true;
                 break;
             }
@@ -558,6 +625,7 @@ impl Conn {
             slot.cookie = req.cookie;
             slot.offset = req.offset;
             slot.read_df = None;
+            slot.ahead = None;
             slot.data_len = data_len;
             slot.payload_have = 0;
             slot.header.clear();
@@ -627,6 +695,164 @@ impl Conn {
                 }
             }
             self.start(io, sid);
+            if sequential && let Command::Read { offset, len, .. } = cmd {
+                self.read_ahead(io, offset + u64::from(len), len);
+            }
+        }
+    }
+
+    // ---- read-ahead --------------------------------------------------------------------------
+    //
+    // In direct mode nothing reads ahead of a sequential reader (the page cache is bypassed), and
+    // a client at a fixed depth leaves the disk idle while replies travel and new requests come
+    // back. When READs of at least `AHEAD_MIN_BYTES` follow each other, the connection reads the
+    // next ranges of the same size into slots of their own, up to `--read-ahead` bytes ahead,
+    // within half of its slots and half of its buffer budget. A READ of exactly such a range
+    // claims the slot and is answered from it (at once if the data is in, or when it arrives);
+    // any other READ drops the window. Data is served only if the target's change count has not
+    // moved since the read was issued; otherwise the range is read again, so a write that
+    // completed (on any connection) before a READ is always seen by it.
+
+    /// Reads ahead of a sequential reader whose next READ starts at `from`, in pieces of `len`.
+    fn read_ahead(&mut self, io: &mut Io, from: u64, len: u32) {
+        let (target, size) = match &self.phase {
+            Phase::Transmission {
+                target, session, ..
+            } => (target.clone(), session.size_bytes),
+            Phase::Handshake(_) => return,
+        };
+        let Some(changes) = target.change_count() else {
+            return;
+        };
+        if self.draining || self.disc || self.closing.is_some() {
+            return;
+        }
+        let changes = changes.load(Ordering::Acquire);
+        let step = u64::from(len);
+        let mut pos = from.max(self.ahead_end);
+        while self.ahead_bytes + step <= self.ahead_window
+            && pos + step <= size
+            && self.free.len() > self.slots.len() / 2
+            && self.buffer_bytes + step <= self.max_buffer_bytes / 2
+        {
+            let sid = self
+                .free
+                .pop()
+                .expect("more than half of the slots are free");
+            let buf = io.pool.get(len as usize);
+            self.buffer_bytes += buf.capacity() as u64;
+            let slot = &mut self.slots[sid as usize];
+            debug_assert_eq!(slot.state, SlotState::Free);
+            slot.cookie = 0;
+            slot.offset = pos;
+            slot.read_df = None;
+            slot.ahead = Some(Ahead {
+                changes,
+                epoch: self.ahead_epoch,
+                claimed: false,
+            });
+            slot.data_len = len;
+            slot.payload_have = 0;
+            slot.header.clear();
+            slot.segments.clear();
+            slot.sent = 0;
+            slot.buf = Some(buf);
+            slot.op = TargetOp::Read { offset: pos, len };
+            self.ahead_slots += 1;
+            self.ahead_bytes += step;
+            pos += step;
+            self.ahead_end = pos;
+            self.start(io, sid);
+        }
+    }
+
+    /// The unclaimed read-ahead of exactly this range, now claimed by the client's READ.
+    fn claim_ahead(&mut self, offset: u64, len: u32) -> Option<u16> {
+        if self.ahead_slots == 0 {
+            return None;
+        }
+        let epoch = self.ahead_epoch;
+        let sid = self.slots.iter().position(|s| {
+            s.offset == offset
+                && s.data_len == len
+                && s.ahead.is_some_and(|a| !a.claimed && a.epoch == epoch)
+        })?;
+        let slot = &mut self.slots[sid];
+        if let Some(a) = slot.ahead.as_mut() {
+            a.claimed = true;
+        }
+        if slot.state == SlotState::Parked {
+            self.parked -= 1;
+        }
+        self.ahead_slots -= 1;
+        self.ahead_bytes -= u64::from(len);
+        Some(sid as u16)
+    }
+
+    /// Drops the read-ahead window: parked data is released now, reads in flight when they
+    /// complete. Returns whether a slot was freed.
+    fn drop_ahead(&mut self, io: &mut Io) -> bool {
+        if self.ahead_slots == 0 {
+            return false;
+        }
+        self.ahead_epoch += 1;
+        self.ahead_slots = 0;
+        self.ahead_bytes = 0;
+        self.ahead_end = 0;
+        let mut freed = false;
+        for sid in 0..self.slots.len() {
+            if self.slots[sid].state == SlotState::Parked {
+                self.slots[sid].ahead = None;
+                self.parked -= 1;
+                self.release(io, sid as u16);
+                freed = true;
+            }
+        }
+        freed
+    }
+
+    /// A read-ahead's read completed (`ok`: without error).
+    fn ahead_done(&mut self, io: &mut Io, sid: u16, ok: bool) {
+        let a = self.slots[sid as usize].ahead.expect("a read-ahead slot");
+        if a.claimed {
+            if ok {
+                self.serve_ahead(io, sid);
+            } else {
+                // The client's READ gets the real error: read the range again as its own.
+                self.slots[sid as usize].ahead = None;
+                self.start(io, sid);
+            }
+            return;
+        }
+        let current = a.epoch == self.ahead_epoch;
+        if ok && current && !self.disc && !self.draining && self.closing.is_none() {
+            self.slots[sid as usize].state = SlotState::Parked;
+            self.parked += 1;
+            return;
+        }
+        if current {
+            self.ahead_slots -= 1;
+            self.ahead_bytes -= u64::from(self.slots[sid as usize].data_len);
+        }
+        self.slots[sid as usize].ahead = None;
+        self.release(io, sid);
+        if self.stalled && self.closing.is_none() {
+            self.stalled = false;
+            self.process_requests(io);
+            self.arm_recv(io);
+        }
+    }
+
+    /// Answers a claimed read-ahead whose data is in, if nothing changed since it was read.
+    fn serve_ahead(&mut self, io: &mut Io, sid: u16) {
+        let target = self.target();
+        let slot = &mut self.slots[sid as usize];
+        let issued = slot.ahead.take().map(|a| a.changes);
+        let now = target.change_count().map(|c| c.load(Ordering::Acquire));
+        if issued.is_some() && issued == now {
+            self.reply_ok(io, sid);
+        } else {
+            self.start(io, sid);
         }
     }
 
@@ -647,6 +873,9 @@ impl Conn {
         slot.plan.phase = 0;
         match target.plan(&slot.op, &mut slot.plan) {
             Ok(()) => self.submit_plan(io, sid),
+            // A read-ahead has no request to answer (unless claimed, and then it is retried as
+            // the client's own READ, which answers the error).
+            Err(_) if slot.ahead.is_some() => self.ahead_done(io, sid, false),
             Err(e) => self.reply_target_error(io, sid, &e),
         }
     }
@@ -716,7 +945,26 @@ impl Conn {
         let slot = &mut self.slots[sid as usize];
         let n = slot.plan.len();
         let results = slot.results;
-        match target.complete(&slot.op, &mut slot.plan, &results[..n]) {
+        let outcome = target.complete(&slot.op, &mut slot.plan, &results[..n]);
+        if !matches!(outcome, Ok(Progress::Again))
+            && matches!(
+                slot.op,
+                TargetOp::Write { .. } | TargetOp::Trim { .. } | TargetOp::Zero { .. }
+            )
+            && let Some(changes) = target.change_count()
+        {
+            // Counted before the reply leaves (even for a failure, which may have changed part
+            // of the range): a read-ahead issued before this point is not served after it.
+            changes.fetch_add(1, Ordering::AcqRel);
+        }
+        if slot.ahead.is_some() {
+            let ok = matches!(outcome, Ok(Progress::Done));
+            if ok || outcome.is_err() {
+                self.ahead_done(io, sid, ok);
+                return;
+            }
+        }
+        match outcome {
             Ok(Progress::Done) => self.reply_ok(io, sid),
             Ok(Progress::Again) => {
                 slot.plan.phase = slot.plan.phase.wrapping_add(1);

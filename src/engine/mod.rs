@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub max_inflight: u16,
     /// Buffer bytes a connection may hold in flight; reading stops while above.
     pub max_conn_buffer_bytes: u64,
+    /// Most bytes read ahead of a sequential reader, on targets that allow it (zero: none).
+    pub read_ahead_bytes: u64,
     /// Time a negotiating client may go without sending a whole option.
     pub handshake_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown before connections are cut.
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             max_payload_bytes: 32 << 20,
             max_inflight: 128,
             max_conn_buffer_bytes: 64 << 20,
+            read_ahead_bytes: 24 << 20,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             pool_cache_bytes: 256 << 20,

@@ -9,6 +9,7 @@ mod volume;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 pub use file::{CacheMode, FileTarget};
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
@@ -280,6 +281,14 @@ pub trait BlockTarget: Send + Sync {
     /// The export was withdrawn: connections using it are closed (checked about once a second).
     fn revoked(&self) -> bool {
         false
+    }
+    /// Counts completed data changes (writes, trims, zeroings) from every connection, if the
+    /// engine should read ahead of sequential readers on this target. A read-ahead buffer is only
+    /// served while the count has not moved since its read was issued, so no read ever returns
+    /// data older than a write that completed before it. `None`: no read-ahead (the page cache
+    /// already reads ahead, or data can change by paths the engine does not see).
+    fn change_count(&self) -> Option<&AtomicU64> {
+        None
     }
 }
 

@@ -104,7 +104,7 @@ def main(argv):
                "disjoint sub-block writes in flight together (lost update?)")
     # Step 4: large payloads in runs, with small requests between them.
     log("runs of large writes with small requests between, in flight")
-    base4 = 52 * MiB
+    base4 = 49 * MiB  # after step 3 (48 MiB + 32 KiB); ends near 62 MiB
     plan, off = [], base4
     for i in range(24):
         ln = [MiB, MiB, 256 * KiB + 3, 4096, MiB, 7][i % 6]
