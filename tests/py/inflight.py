@@ -30,6 +30,15 @@ def submit_reads(h, reqs):
     return bufs, cookies
 
 
+def read_back(h, writes, seed, what):
+    """Reads back writes [(offset, length)] whose data was pattern(seed + i)."""
+    rbufs, cookies = submit_reads(h, writes)
+    wait_all(h, cookies, "read back " + what)
+    for i, b in enumerate(rbufs):
+        check_data(b.to_bytearray(), pattern(seed + i, writes[i][1]),
+                   "%s: write %d (%d bytes @ %d)" % (what, i, writes[i][1], writes[i][0]))
+
+
 def main(argv):
     usage(argv, "[--count N]")
     uri = argv[0]
@@ -75,11 +84,7 @@ def main(argv):
     for i in range(n // 2):
         check_data(rb[i].to_bytearray(), pattern(10000 + i, 4096),
                    "mixed: read of block %d" % i)
-    rbufs, cookies = submit_reads(h, writes)
-    wait_all(h, cookies, "read back mixed writes")
-    for i, b in enumerate(rbufs):
-        check_data(b.to_bytearray(), pattern(20000 + i, writes[i][1]),
-                   "mixed: write %d (%d bytes @ %d)" % (i, writes[i][1], writes[i][0]))
+    read_back(h, writes, 20000, "mixed writes")
 
     # Step 3: disjoint sub-block writes into the same blocks, concurrently.
     log("%d disjoint unaligned writes sharing 4 KiB blocks in flight" % n)
@@ -124,11 +129,7 @@ def main(argv):
     for i, b in small:
         check_data(b.to_bytearray(), pattern(10000 + i, 4096),
                    "large-write runs: read of block %d between them" % i)
-    rbufs, cookies = submit_reads(h, plan)
-    wait_all(h, cookies, "read back large writes")
-    for i, b in enumerate(rbufs):
-        check_data(b.to_bytearray(), pattern(50000 + i, plan[i][1]),
-                   "large-write run: write %d (%d bytes @ %d)" % (i, plan[i][1], plan[i][0]))
+    read_back(h, plan, 50000, "large-write runs")
     if h.can_flush():
         h.flush()
     h.shutdown()
