@@ -619,23 +619,8 @@ impl Conn {
             }
             self.rpos += n;
             self.requests += 1;
-            let sid = self.free.pop().expect("checked non-empty");
+            let sid = self.take_slot(io, req.cookie, req.offset, data_len);
             let slot = &mut self.slots[sid as usize];
-            debug_assert_eq!(slot.state, SlotState::Free);
-            slot.cookie = req.cookie;
-            slot.offset = req.offset;
-            slot.read_df = None;
-            slot.ahead = None;
-            slot.data_len = data_len;
-            slot.payload_have = 0;
-            slot.header.clear();
-            slot.segments.clear();
-            slot.sent = 0;
-            if data_len > 0 {
-                let buf = io.pool.get(data_len as usize);
-                self.buffer_bytes += buf.capacity() as u64;
-                slot.buf = Some(buf);
-            }
             let cmd = match req.outcome {
                 Ok(cmd) => cmd,
                 Err(rejection) => {
@@ -701,6 +686,29 @@ impl Conn {
         }
     }
 
+    /// Takes a free slot (the caller checked there is one) for a request or a read-ahead: its
+    /// fields reset, with a buffer for `data_len` bytes counted against the connection's budget.
+    fn take_slot(&mut self, io: &mut Io, cookie: u64, offset: u64, data_len: u32) -> u16 {
+        let sid = self.free.pop().expect("the caller checked for a free slot");
+        let slot = &mut self.slots[sid as usize];
+        debug_assert_eq!(slot.state, SlotState::Free);
+        slot.cookie = cookie;
+        slot.offset = offset;
+        slot.read_df = None;
+        slot.ahead = None;
+        slot.data_len = data_len;
+        slot.payload_have = 0;
+        slot.header.clear();
+        slot.segments.clear();
+        slot.sent = 0;
+        if data_len > 0 {
+            let buf = io.pool.get(data_len as usize);
+            self.buffer_bytes += buf.capacity() as u64;
+            slot.buf = Some(buf);
+        }
+        sid
+    }
+
     // ---- read-ahead --------------------------------------------------------------------------
     //
     // In direct mode nothing reads ahead of a sequential reader (the page cache is bypassed), and
@@ -735,28 +743,13 @@ impl Conn {
             && self.free.len() > self.slots.len() / 2
             && self.buffer_bytes + step <= self.max_buffer_bytes / 2
         {
-            let sid = self
-                .free
-                .pop()
-                .expect("more than half of the slots are free");
-            let buf = io.pool.get(len as usize);
-            self.buffer_bytes += buf.capacity() as u64;
+            let sid = self.take_slot(io, 0, pos, len);
             let slot = &mut self.slots[sid as usize];
-            debug_assert_eq!(slot.state, SlotState::Free);
-            slot.cookie = 0;
-            slot.offset = pos;
-            slot.read_df = None;
             slot.ahead = Some(Ahead {
                 changes,
                 epoch: self.ahead_epoch,
                 claimed: false,
             });
-            slot.data_len = len;
-            slot.payload_have = 0;
-            slot.header.clear();
-            slot.segments.clear();
-            slot.sent = 0;
-            slot.buf = Some(buf);
             slot.op = TargetOp::Read { offset: pos, len };
             self.ahead_slots += 1;
             self.ahead_bytes += step;
