@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
         size_bytes: u64::from(u32::from_be_bytes(data[3..7].try_into().unwrap())) << (data[7] % 24),
         max_payload_bytes: 4096u32 << (data[8] % 14),
         base_allocation: data[9] & 1 == 1,
+        block_min: 1 << (data[10] % 13),
     };
     let mut rest = &data[12..];
     let mut header = Vec::new();
@@ -42,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
         match req.outcome {
             Ok(Command::Read { offset, len, df }) => {
                 assert!(offset + u64::from(len) <= session.size_bytes);
+                assert!(offset.is_multiple_of(u64::from(session.block_min)));
                 assert!(len <= session.max_payload_bytes);
                 // Encode a read reply over (a prefix of) the remaining fuzz bytes.
                 let len = (len as usize).min(rest.len());
@@ -60,6 +62,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Command::Write { offset, len, .. }) => {
                 assert!(offset + u64::from(len) <= session.size_bytes);
+                assert!(offset.is_multiple_of(u64::from(session.block_min)));
                 assert_eq!(req.payload_bytes, u64::from(len));
                 b.ok();
             }

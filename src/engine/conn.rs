@@ -507,6 +507,7 @@ impl Conn {
                         size_bytes: neg.info.size_bytes,
                         max_payload_bytes: self.max_payload_bytes,
                         base_allocation: neg.base_allocation,
+                        block_min: neg.block_min,
                     };
                     tracing::info!(
                         conn = self.serial,

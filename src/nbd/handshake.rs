@@ -59,6 +59,9 @@ pub struct Negotiated<E> {
     pub mode: ReplyMode,
     /// `base:allocation` was selected for this export with `NBD_OPT_SET_META_CONTEXT`.
     pub base_allocation: bool,
+    /// The minimum block size the client agreed to: the export's own when the client asked for
+    /// block sizes in `NBD_OPT_GO` (and so MUST abide by them), else 1 (any alignment is served).
+    pub block_min: u32,
 }
 
 /// Why the server ends a connection during negotiation.
@@ -358,7 +361,8 @@ impl Handshake {
         if !self.no_zeroes {
             out.extend_from_slice(&[0u8; 124]);
         }
-        Step::Transmission(self.finish(name, export, info, flags))
+        // EXPORT_NAME carries no block sizes, so nothing was agreed: any alignment is served.
+        Step::Transmission(self.finish(name, export, info, flags, 1))
     }
 
     fn info_or_go<L: ExportLookup>(
@@ -414,16 +418,25 @@ impl Handshake {
             payload.extend_from_slice(info.description.as_bytes());
             option_reply(out, option, REP_INFO, &payload);
         }
+        // The spec binds a client to the block sizes only when its GO asked for them. To a client
+        // that did not ask, the minimum is 1 (the target serves any alignment, slower), so
+        // whatever it sends is within what it was told; one that asked gets the real minimum and
+        // an EINVAL for requests that break it. NBD_OPT_INFO commits nobody, so it shows the real
+        // one. This is also what qemu-nbd advertises, though qemu-nbd only traces the EINVAL case.
+        let agreed = option == OPT_INFO || requested.contains(&INFO_BLOCK_SIZE);
+        let block_min = if agreed { info.block_min } else { 1 };
         payload.clear();
         payload.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        payload.extend_from_slice(&info.block_min.to_be_bytes());
+        payload.extend_from_slice(&block_min.to_be_bytes());
         payload.extend_from_slice(&info.block_preferred.to_be_bytes());
         payload.extend_from_slice(&info.block_max.to_be_bytes());
         option_reply(out, option, REP_INFO, &payload);
         option_reply(out, option, REP_ACK, &[]);
         if option == OPT_GO {
             let name = name.to_owned();
-            return Some(Step::Transmission(self.finish(&name, export, info, flags)));
+            return Some(Step::Transmission(
+                self.finish(&name, export, info, flags, block_min),
+            ));
         }
         None
     }
@@ -499,7 +512,14 @@ impl Handshake {
         }
     }
 
-    fn finish<E>(&self, name: &str, export: E, info: ExportInfo, flags: u16) -> Negotiated<E> {
+    fn finish<E>(
+        &self,
+        name: &str,
+        export: E,
+        info: ExportInfo,
+        flags: u16,
+        block_min: u32,
+    ) -> Negotiated<E> {
         // Block status is only valid for the export the contexts were selected on.
         let base_allocation = self.mode != ReplyMode::Simple
             && matches!(&self.meta, Some((meta_name, true)) if meta_name == name);
@@ -510,6 +530,7 @@ impl Handshake {
             transmission_flags: flags,
             mode: self.mode,
             base_allocation,
+            block_min,
         }
     }
 }
@@ -635,6 +656,13 @@ mod tests {
     impl ExportLookup for Fixed {
         type Export = u32;
         fn lookup(&self, name: &str) -> Option<(u32, ExportInfo)> {
+            if name == "direct" {
+                // Served with O_DIRECT on a 4 KiB-sector disk.
+                let mut i = info();
+                i.name = name.into();
+                i.block_min = 4096;
+                return Some((8, i));
+            }
             (name == "disk" || name.is_empty()).then(|| (7, info()))
         }
         fn for_each(&self, f: &mut dyn FnMut(&str, &str)) {
@@ -785,6 +813,42 @@ mod tests {
         assert_ne!(tf & TF_SEND_DF, 0);
         assert_ne!(tf & TF_CAN_MULTI_CONN, 0);
         assert_eq!(tf & TF_READ_ONLY, 0);
+    }
+
+    /// The minimum block size in the `NBD_INFO_BLOCK_SIZE` reply, and the one the client is
+    /// held to, for one option on the "direct" export.
+    fn block_sizes(option: u32, infos: &[u16]) -> (u32, Option<u32>) {
+        let mut input = flags(3);
+        input.extend(opt(option, &go_payload("direct", infos)));
+        let (_, step, out) = run(&input);
+        let advertised = replies(&out)
+            .into_iter()
+            .find(|r| r.1 == REP_INFO && r.2[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+            .map(|r| u32::from_be_bytes(r.2[2..6].try_into().unwrap()))
+            .unwrap();
+        let held = match step {
+            Step::Transmission(neg) => Some(neg.block_min),
+            _ => None,
+        };
+        (advertised, held)
+    }
+
+    #[test]
+    fn only_a_client_that_asked_for_block_sizes_is_held_to_the_real_minimum() {
+        // GO asking for them: the client MUST abide by them, so requests are checked.
+        assert_eq!(block_sizes(OPT_GO, &[INFO_BLOCK_SIZE]), (4096, Some(4096)));
+        // GO without asking: the client is not bound; it is told 1 and any alignment is served.
+        assert_eq!(block_sizes(OPT_GO, &[]), (1, Some(1)));
+        assert_eq!(block_sizes(OPT_GO, &[INFO_NAME]), (1, Some(1)));
+        // INFO binds nobody, so it shows the real constraint.
+        assert_eq!(block_sizes(OPT_INFO, &[]), (4096, None));
+        // EXPORT_NAME carries no block sizes at all.
+        let mut input = flags(3);
+        input.extend(opt(OPT_EXPORT_NAME, b"direct"));
+        let Step::Transmission(neg) = run(&input).1 else {
+            panic!("EXPORT_NAME did not start transmission")
+        };
+        assert_eq!(neg.block_min, 1);
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub struct Session {
     /// Largest payload accepted (advertised as the maximum block size).
     pub max_payload_bytes: u32,
     pub base_allocation: bool,
+    /// Offsets and lengths must be multiples of this (1: anything goes); see
+    /// `Negotiated::block_min`.
+    pub block_min: u32,
 }
 
 impl Session {
@@ -241,6 +244,16 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
     if writes && s.has(TF_READ_ONLY) {
         return reject(Perm, "export is read-only");
     }
+    // The spec: the server SHOULD answer EINVAL to a request not aligned to the minimum block
+    // size. Only clients that agreed to one have a minimum above 1 here. The tail of an export
+    // whose size is not a multiple stays reachable. Block status is a query the spec lets be
+    // unaligned, and FLUSH has no range.
+    let aligned = s.block_min <= 1
+        || (offset.is_multiple_of(u64::from(s.block_min))
+            && (len.is_multiple_of(u64::from(s.block_min)) || end == Some(s.size_bytes)));
+    if !aligned && !matches!(h.kind, CMD_FLUSH | CMD_BLOCK_STATUS) {
+        return reject(Inval, "request not aligned to the minimum block size");
+    }
     match h.kind {
         CMD_DISC => unreachable!("handled above"),
         // Offset and length of FLUSH are reserved; a client that fills them in is not harmed.
@@ -349,6 +362,7 @@ mod tests {
             size_bytes: 1 << 20,
             max_payload_bytes: 64 * 1024,
             base_allocation: true,
+            block_min: 1,
         }
     }
     fn compact(flags: u16, kind: u16, offset: u64, len: u32) -> Vec<u8> {
@@ -424,6 +438,45 @@ mod tests {
             ),
             NbdErrno::Inval
         );
+    }
+
+    #[test]
+    fn unaligned_requests_are_einval_only_under_an_agreed_minimum() {
+        let mut s = session(ReplyMode::Structured);
+        s.size_bytes = (1 << 20) + 512;
+        let unaligned = [
+            compact(0, CMD_READ, 512, 4096),
+            compact(0, CMD_READ, 4096, 100),
+            compact(0, CMD_WRITE, 1, 4096),
+            compact(0, CMD_TRIM, 0, 4097),
+            compact(0, CMD_WRITE_ZEROES, 2048, 4096),
+        ];
+        // Anything goes when no minimum was agreed.
+        for r in &unaligned {
+            assert!(decode_bytes(r, &s).unwrap().outcome.is_ok());
+        }
+        s.block_min = 4096;
+        for r in &unaligned {
+            let req = decode_bytes(r, &s).unwrap();
+            assert_eq!(req.outcome.unwrap_err().errno, NbdErrno::Inval);
+        }
+        // A refused write still declares its payload, so the caller drains it.
+        assert_eq!(
+            decode_bytes(&compact(0, CMD_WRITE, 1, 4096), &s)
+                .unwrap()
+                .payload_bytes,
+            4096
+        );
+        // Aligned requests, the unaligned tail of the export, block status and flush pass.
+        for r in [
+            compact(0, CMD_READ, 8192, 4096),
+            compact(0, CMD_READ, 1 << 20, 512),
+            compact(0, CMD_WRITE, (1 << 20) - 4096, 4608),
+            compact(0, CMD_BLOCK_STATUS, 100, 1000),
+            compact(0, CMD_FLUSH, 0, 0),
+        ] {
+            assert!(decode_bytes(&r, &s).unwrap().outcome.is_ok(), "{r:?}");
+        }
     }
 
     #[test]

@@ -38,16 +38,22 @@ def log(msg):
 UNALIGNED_OK = nbd.STRICT_MASK & ~nbd.STRICT_ALIGN if hasattr(nbd, "STRICT_ALIGN") else None
 
 
-def connect(uri, meta=True, strict=UNALIGNED_OK):
+def connect(uri, meta=True, strict=UNALIGNED_OK, block_sizes=False):
     """Open a handle to `uri` (nbd://host:port/NAME or nbd+unix:///NAME?socket=P).
 
     strict: None keeps libnbd's default client-side checks; otherwise the
     value passed to set_strict_mode (use 0 so that bad requests reach the
-    server and the *server's* answer is tested)."""
+    server and the *server's* answer is tested).
+
+    block_sizes: whether NBD_OPT_GO asks for NBD_INFO_BLOCK_SIZE.  A client
+    that asks MUST then keep to the minimum block size, and the server refuses
+    unaligned requests from it with EINVAL; by default handles do not ask, like
+    clients that know nothing of block sizes, and may send any alignment."""
     h = nbd.NBD()
     h.set_handle_name("t")
     if meta:
         h.add_meta_context(BASE_ALLOCATION)
+    h.set_request_block_size(block_sizes)
     h.connect_uri(uri)
     if strict is not None:
         h.set_strict_mode(strict)

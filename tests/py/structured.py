@@ -251,6 +251,55 @@ def test_bounds(size, uri):
     h.shutdown()
 
 
+def test_block_sizes(size, uri):
+    log("block sizes: a client that asked is held to the minimum")
+    h = connect(uri, strict=0, block_sizes=True)  # asks, then breaks its word
+    minimum = h.get_block_size(nbd.SIZE_MINIMUM)
+    preferred = h.get_block_size(nbd.SIZE_PREFERRED)
+    maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
+    check(minimum & (minimum - 1) == 0 and 1 <= minimum <= 64 * KiB,
+          "minimum block size %d is not a power of 2 up to 64 KiB" % minimum)
+    check(preferred & (preferred - 1) == 0 and preferred >= max(minimum, 512),
+          "preferred block size %d is not a power of 2 >= max(minimum, 512)" % preferred)
+    check(maximum >= preferred, "maximum payload %d below preferred %d" % (maximum, preferred))
+    base = size // 4 // MiB * MiB
+    data = pattern(2029, max(4 * minimum, 16 * KiB))
+    h.pwrite(data, base)
+    if minimum > 1:
+        bad = [
+            ("read at an unaligned offset", lambda: h.pread(minimum, base + 1)),
+            ("read of an unaligned length", lambda: h.pread(minimum + 1, base)),
+            ("write at an unaligned offset", lambda: h.pwrite(b"\xee" * minimum, base + 1)),
+            ("write of an unaligned length", lambda: h.pwrite(b"\xee" * 3, base)),
+            ("trim of an unaligned length", lambda: h.trim(minimum + 1, base)),
+            ("zero at an unaligned offset", lambda: h.zero(minimum, base + minimum // 2)),
+        ]
+        for what, fn in bad:
+            try:
+                fn()
+                impl(False, what + " was served; the spec says SHOULD fail with EINVAL")
+            except nbd.Error as e:
+                check(e.errnum == errno.EINVAL,
+                      "%s: errno %s (%s), want EINVAL" % (what, e.errno, e.string))
+            check_data(h.pread(len(data), base), data, "data after refused " + what)
+        # A status query may be unaligned.
+        block_status_once(h, minimum, base + 1)
+    else:
+        log("  minimum block size is 1 here: nothing is unaligned")
+    h.shutdown()
+
+    log("block sizes: a client that did not ask may send any alignment")
+    h = connect(uri)
+    impl(h.get_block_size(nbd.SIZE_MINIMUM) == 1,
+         "a client that did not ask for block sizes is told a minimum of %d"
+         % h.get_block_size(nbd.SIZE_MINIMUM))
+    check_data(h.pread(minimum + 1, base + 1), data[1:minimum + 2], "unaligned read")
+    h.pwrite(b"\xdd" * 3, base + 5)
+    want = data[:5] + b"\xdd" * 3 + data[8:]
+    check_data(h.pread(len(data), base), want, "after an unaligned write")
+    h.shutdown()
+
+
 def main(argv):
     global SPEC_ONLY
     usage(argv, "[--spec-only]")
@@ -266,6 +315,7 @@ def main(argv):
     test_fua_flush(h, size)
     h.shutdown()
     test_bounds(size, uri)
+    test_block_sizes(size, uri)
 
 
 if __name__ == "__main__":
