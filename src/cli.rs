@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// more (within half of --max-connection-memory), e.g. 24M; 0 turns read-ahead off.
     #[arg(long, default_value = "24M", value_parser = parse_bytes)]
     pub read_ahead: u64,
+    /// Direct mode: most bytes read ahead for all connections together, shared out among the I/O
+    /// threads; many sequential readers at once (a boot storm) share it instead of each holding
+    /// a full --read-ahead.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    pub read_ahead_memory: u64,
     /// Connections served at once; more are accepted and closed at once.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
@@ -155,6 +160,7 @@ impl ServeArgs {
             max_inflight: self.max_inflight,
             max_conn_buffer_bytes: self.max_connection_memory.max(u64::from(max_payload)),
             read_ahead_bytes: self.read_ahead,
+            read_ahead_total_bytes: self.read_ahead_memory,
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
             poll: Duration::from_micros(self.poll_us.min(10_000)),
             ..EngineConfig::default()

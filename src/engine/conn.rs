@@ -320,6 +320,9 @@ impl Conn {
 
     /// Releases what the connection holds. Only called when `is_finished`.
     pub fn finish(mut self: Box<Self>, io: &mut Io) {
+        // Read-ahead still counted here (parked, or in flight when the connection closed) leaves
+        // the worker's account with the connection.
+        io.ahead_bytes -= self.ahead_bytes;
         for slot in &mut self.slots {
             if let Some(b) = slot.buf.take() {
                 io.pool.put(b);
@@ -584,7 +587,7 @@ impl Conn {
             }
             let mut sequential = false;
             if let Ok(Command::Read { offset, len, df }) = req.outcome {
-                if let Some(sid) = self.claim_ahead(offset, len) {
+                if let Some(sid) = self.claim_ahead(io, offset, len) {
                     self.rpos += n;
                     self.requests += 1;
                     self.seq_next = offset + u64::from(len);
@@ -716,7 +719,8 @@ impl Conn {
     // a client at a fixed depth leaves the disk idle while replies travel and new requests come
     // back. When READs of at least `AHEAD_MIN_BYTES` follow each other, the connection reads the
     // next ranges of the same size into slots of their own, up to `--read-ahead` bytes ahead,
-    // within half of its slots and half of its buffer budget. A READ of exactly such a range
+    // within half of its slots, half of its buffer budget and what is left of the worker's
+    // read-ahead memory (`Io::ahead_limit`, shared by all its connections). A READ of exactly such a range
     // claims the slot and is answered from it (at once if the data is in, or when it arrives);
     // any other READ drops the window. Data is served only if the target's change count has not
     // moved since the read was issued; otherwise the range is read again, so a write that
@@ -740,6 +744,7 @@ impl Conn {
         let step = u64::from(len);
         let mut pos = from.max(self.ahead_end);
         while self.ahead_bytes + step <= self.ahead_window
+            && io.ahead_bytes + step <= io.ahead_limit
             && pos + step <= size
             && self.free.len() > self.slots.len() / 2
             && self.buffer_bytes + step <= self.max_buffer_bytes / 2
@@ -754,6 +759,7 @@ impl Conn {
             slot.op = TargetOp::Read { offset: pos, len };
             self.ahead_slots += 1;
             self.ahead_bytes += step;
+            io.ahead_bytes += step;
             pos += step;
             self.ahead_end = pos;
             self.start(io, sid);
@@ -761,7 +767,7 @@ impl Conn {
     }
 
     /// The unclaimed read-ahead of exactly this range, now claimed by the client's READ.
-    fn claim_ahead(&mut self, offset: u64, len: u32) -> Option<u16> {
+    fn claim_ahead(&mut self, io: &mut Io, offset: u64, len: u32) -> Option<u16> {
         if self.ahead_slots == 0 {
             return None;
         }
@@ -780,6 +786,7 @@ impl Conn {
         }
         self.ahead_slots -= 1;
         self.ahead_bytes -= u64::from(len);
+        io.ahead_bytes -= u64::from(len);
         Some(sid as u16)
     }
 
@@ -791,6 +798,7 @@ impl Conn {
         }
         self.ahead_epoch += 1;
         self.ahead_slots = 0;
+        io.ahead_bytes -= self.ahead_bytes;
         self.ahead_bytes = 0;
         self.ahead_end = 0;
         let mut freed = false;
@@ -825,8 +833,10 @@ impl Conn {
             return;
         }
         if current {
+            let len = u64::from(self.slots[sid as usize].data_len);
             self.ahead_slots -= 1;
-            self.ahead_bytes -= u64::from(self.slots[sid as usize].data_len);
+            self.ahead_bytes -= len;
+            io.ahead_bytes -= len;
         }
         self.slots[sid as usize].ahead = None;
         self.release(io, sid);

@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub max_conn_buffer_bytes: u64,
     /// Most bytes read ahead of a sequential reader, on targets that allow it (zero: none).
     pub read_ahead_bytes: u64,
+    /// Most bytes read ahead by all connections together; each worker gets an equal share.
+    pub read_ahead_total_bytes: u64,
     /// Time a negotiating client may go without sending a whole option.
     pub handshake_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown before connections are cut.
@@ -55,6 +57,7 @@ impl Default for EngineConfig {
             max_inflight: 128,
             max_conn_buffer_bytes: 64 << 20,
             read_ahead_bytes: 24 << 20,
+            read_ahead_total_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             pool_cache_bytes: 256 << 20,

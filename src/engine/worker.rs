@@ -64,6 +64,10 @@ pub(super) struct Io {
     pub pool: BufPool,
     /// Target I/Os submitted and not yet completed.
     file_ios_in_flight: u32,
+    /// Bytes read ahead and not yet asked for, by all of this worker's connections, and the most
+    /// there may be (this worker's share of `EngineConfig::read_ahead_total_bytes`).
+    pub ahead_bytes: u64,
+    pub ahead_limit: u64,
 }
 
 impl Io {
@@ -246,6 +250,8 @@ impl Worker {
                 ring,
                 pool: BufPool::new(cfg.pool_cache_bytes),
                 file_ios_in_flight: 0,
+                ahead_bytes: 0,
+                ahead_limit: cfg.read_ahead_total_bytes / cfg.threads.max(1) as u64,
             },
             cfg,
             exports,

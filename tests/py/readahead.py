@@ -9,8 +9,8 @@ ahead of it has arrived.  Meanwhile B (another connection) or A itself
 changes ranges inside that window: write + flush, trim, write zeroes, a
 write still in flight when A's read is sent.  Every later read by A must
 see the change.  Reads then change size and jump around (the window is
-dropped), many sequential reads stay in flight at once, and A disconnects
-with read-ahead still in flight.  The export must be writable and
+dropped), many sequential reads stay in flight at once, four readers read
+at once, and A disconnects with read-ahead still in flight.  The export must be writable and
 >= 96 MiB; it is overwritten.
 """
 
@@ -104,7 +104,24 @@ def main(argv):
         off = (58 + i) * MiB
         check_data(buf.to_bytearray(), bytes(model[off:off + MiB]), "in-flight read @ %d" % off)
 
-    # 6. Disconnect with read-ahead in flight; B (and a new client) go on.
+    # 6. Several sequential readers at once share the worker's read-ahead
+    #    budget (--read-ahead-memory); B writes inside one reader's window.
+    log("4 sequential readers at once, B writes ahead of one of them")
+    readers = [connect(uri, meta=False) for _ in range(4)]
+    for step in range(12):
+        if step == 6:
+            time.sleep(0.2)
+            d = pattern(5, MiB)
+            b.pwrite(d, 2 * 20 * MiB + 7 * MiB)
+            model[2 * 20 * MiB + 7 * MiB:2 * 20 * MiB + 8 * MiB] = d
+        for k, r in enumerate(readers):
+            off = k * 20 * MiB + step * MiB
+            check_data(r.pread(MiB, off), bytes(model[off:off + MiB]),
+                       "reader %d: read @ %d" % (k, off))
+    for r in readers:
+        r.shutdown()
+
+    # 7. Disconnect with read-ahead in flight; B (and a new client) go on.
     log("A disconnects with read-ahead in flight")
     seq_read(a, 0, 3, model, "last stream")
     a.shutdown()
