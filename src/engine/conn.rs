@@ -720,9 +720,9 @@ impl Conn {
     // back. When READs of at least `AHEAD_MIN_BYTES` follow each other, the connection reads the
     // next ranges of the same size into slots of their own, up to `--read-ahead` bytes ahead,
     // within half of its slots, half of its buffer budget and what is left of the worker's
-    // read-ahead memory (`Io::ahead_limit`, shared by all its connections). A READ of exactly such a range
-    // claims the slot and is answered from it (at once if the data is in, or when it arrives);
-    // any other READ drops the window. Data is served only if the target's change count has not
+    // read-ahead memory (`Io::ahead_limit`, shared by all its connections). A READ of exactly
+    // such a range claims the slot and is answered from it (at once if the data is in, or when it
+    // arrives); any other READ drops the window. Data is served only if the target's change count has not
     // moved since the read was issued; otherwise the range is read again, so a write that
     // completed (on any connection) before a READ is always seen by it.
 
