@@ -757,9 +757,7 @@ impl Conn {
                 claimed: false,
             });
             slot.op = TargetOp::Read { offset: pos, len };
-            self.ahead_slots += 1;
-            self.ahead_bytes += step;
-            io.ahead_bytes += step;
+            self.count_ahead(io, step, true);
             pos += step;
             self.ahead_end = pos;
             self.start(io, sid);
@@ -784,10 +782,22 @@ impl Conn {
         if slot.state == SlotState::Parked {
             self.parked -= 1;
         }
-        self.ahead_slots -= 1;
-        self.ahead_bytes -= u64::from(len);
-        io.ahead_bytes -= u64::from(len);
+        self.count_ahead(io, u64::from(len), false);
         Some(sid as u16)
+    }
+
+    /// Counts one unclaimed read-ahead of `bytes` in or out, on the connection and on its worker
+    /// (whose total is the sum over its connections).
+    fn count_ahead(&mut self, io: &mut Io, bytes: u64, add: bool) {
+        if add {
+            self.ahead_slots += 1;
+            self.ahead_bytes += bytes;
+            io.ahead_bytes += bytes;
+        } else {
+            self.ahead_slots -= 1;
+            self.ahead_bytes -= bytes;
+            io.ahead_bytes -= bytes;
+        }
     }
 
     /// Drops the read-ahead window: parked data is released now, reads in flight when they
@@ -834,9 +844,7 @@ impl Conn {
         }
         if current {
             let len = u64::from(self.slots[sid as usize].data_len);
-            self.ahead_slots -= 1;
-            self.ahead_bytes -= len;
-            io.ahead_bytes -= len;
+            self.count_ahead(io, len, false);
         }
         self.slots[sid as usize].ahead = None;
         self.release(io, sid);

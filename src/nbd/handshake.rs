@@ -671,10 +671,15 @@ mod tests {
     }
 
     fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = opt_header(option, data.len() as u32);
+        v.extend_from_slice(data);
+        v
+    }
+    /// An option header that claims `claimed` payload bytes, none of them included.
+    fn opt_header(option: u32, claimed: u32) -> Vec<u8> {
         let mut v = IHAVEOPT.to_be_bytes().to_vec();
         v.extend_from_slice(&option.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
+        v.extend_from_slice(&claimed.to_be_bytes());
         v
     }
     fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
@@ -899,9 +904,7 @@ mod tests {
         let mut h = Handshake::new();
         let mut out = Vec::new();
         let mut input = flags(3);
-        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        input.extend_from_slice(&OPT_INFO.to_be_bytes());
-        input.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        input.extend(opt_header(OPT_INFO, 1 << 30));
         input.extend_from_slice(&[0u8; 100]);
         let (n, step) = h.advance(&input, &Fixed, &mut out);
         assert_eq!(n, input.len(), "payload bytes are discarded as they come");
@@ -920,13 +923,9 @@ mod tests {
         let mut h = Handshake::new();
         let mut out = Vec::new();
         let mut input = flags(3);
-        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        input.extend_from_slice(&4242u32.to_be_bytes());
-        input.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        input.extend(opt_header(4242, 1 << 20));
         input.extend_from_slice(&vec![0u8; 1 << 20]);
-        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        input.extend_from_slice(&OPT_ABORT.to_be_bytes());
-        input.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        input.extend(opt_header(OPT_ABORT, 1 << 20));
         let (_, step) = h.advance(&input, &Fixed, &mut out);
         assert!(
             matches!(step, Step::Close(CloseReason::Aborted)),
