@@ -148,10 +148,11 @@ impl ServeArgs {
         };
         let max_payload = u32::try_from(self.max_request)
             .ok()
-            .filter(|m| (4096..=crate::engine::BufPool::MAX_BYTES as u32).contains(m))
+            // The spec: a server MUST serve unfragmented (DF) reads of up to 64 KiB.
+            .filter(|m| (65536..=crate::engine::BufPool::MAX_BYTES as u32).contains(m))
             .ok_or_else(|| {
                 format!(
-                    "--max-request must be between 4K and {}M",
+                    "--max-request must be between 64K and {}M",
                     crate::engine::BufPool::MAX_BYTES >> 20
                 )
             })?;

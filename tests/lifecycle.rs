@@ -85,6 +85,9 @@ fn bad_command_lines_name_the_problem() {
     assert!(
         serve_fails(&["--export", "a=/dev/null", "--max-request", "12XB"]).contains("not a size")
     );
+    // The spec requires unfragmented reads of 64 KiB, so a smaller maximum is refused.
+    let err = serve_fails(&["--export", "a=/dev/null", "--max-request", "4K"]);
+    assert!(err.contains("between 64K"), "{err}");
     let disk = dir.sparse("d.raw", 4096);
     let (s1, s2) = (
         format!("d={}", disk.display()),

@@ -34,6 +34,8 @@ const MAX_SEND_IOVECS: usize = 256;
 /// How long a client still negotiating when the server starts shutting down may go on (its
 /// options are answered `NBD_REP_ERR_SHUTDOWN`) before it is disconnected.
 const SHUTDOWN_NEGOTIATION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a connection whose export was withdrawn may take to receive its last replies.
+const WITHDRAW_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most extents in one block status reply (the spec asks for at most 2^20).
 const MAX_EXTENTS: usize = 16 * 1024;
 /// A write payload at least this large that was received straight into its buffer makes the next
@@ -238,8 +240,9 @@ pub(super) struct Conn {
 
     /// Client sent `NBD_CMD_DISC`: finish what was received, then close.
     disc: bool,
-    /// Server shutting down: same, and read nothing more.
-    draining: bool,
+    /// Server shutting down or export withdrawn (the reason): finish what was received, answer
+    /// new requests `NBD_ESHUTDOWN`, close once nothing is in flight.
+    draining: Option<&'static str>,
     /// Close once `out` is sent (negotiation ended).
     close_after_send: Option<String>,
     closing: Option<String>,
@@ -288,7 +291,7 @@ impl Conn {
             kernel_ops: 0,
             extents: Vec::new(),
             disc: false,
-            draining: false,
+            draining: None,
             close_after_send: None,
             closing: None,
             requests: 0,
@@ -361,14 +364,23 @@ impl Conn {
         if self.deadline.is_some_and(|d| now >= d) {
             let reason = match &self.phase {
                 Phase::Handshake(hs) if hs.shutting_down() => "server shutting down",
-                _ => "handshake timed out",
+                Phase::Handshake(_) => "handshake timed out",
+                Phase::Transmission { .. } => "export withdrawn; requests still unanswered",
             };
             self.close(reason.into());
+            return;
         }
         if let Phase::Transmission { target, .. } = &self.phase
             && target.revoked()
+            && self.draining.is_none()
         {
-            self.close("export withdrawn".into());
+            // The spec asks a server that ends transmission to let requests in flight finish
+            // and to answer new ones NBD_ESHUTDOWN, as a shutdown does (the withdrawn target
+            // fails what reaches it with EIO). A client that stops reading is cut off after
+            // the grace.
+            self.draining = Some("export withdrawn");
+            self.deadline = Some(now + WITHDRAW_GRACE);
+            self.maybe_done();
         }
     }
 
@@ -384,7 +396,7 @@ impl Conn {
                 self.deadline = Some(self.deadline.map_or(cap, |d| d.min(cap)));
             }
             Phase::Transmission { .. } => {
-                self.draining = true;
+                self.draining = Some("server shutting down");
                 self.maybe_done();
             }
         }
@@ -573,10 +585,12 @@ impl Conn {
                     return;
                 }
             };
-            if self.draining && req.outcome != Ok(Command::Disc) {
+            if let Some(why) = self.draining
+                && req.outcome != Ok(Command::Disc)
+            {
                 req.outcome = Err(Rejection {
                     errno: NbdErrno::Shutdown,
-                    why: "server shutting down",
+                    why,
                 });
             }
             if let Ok(Command::Disc) = req.outcome {
@@ -737,7 +751,7 @@ impl Conn {
         let Some(changes) = target.change_count() else {
             return;
         };
-        if self.draining || self.disc || self.closing.is_some() {
+        if self.draining.is_some() || self.disc || self.closing.is_some() {
             return;
         }
         let changes = changes.load(Ordering::Acquire);
@@ -837,7 +851,7 @@ impl Conn {
             return;
         }
         let current = a.epoch == self.ahead_epoch;
-        if ok && current && !self.disc && !self.draining && self.closing.is_none() {
+        if ok && current && !self.disc && self.draining.is_none() && self.closing.is_none() {
             self.slots[sid as usize].state = SlotState::Parked;
             self.parked += 1;
             return;
@@ -994,12 +1008,12 @@ impl Conn {
         let max = if req_one { 1 } else { MAX_EXTENTS.min(fit) };
         let mut extents = std::mem::take(&mut self.extents);
         extents.clear();
-        let result = target.block_status(offset, len.max(1), max, &mut extents);
+        let result = target.block_status(offset, len, max, &mut extents);
         match result {
             Ok(()) if !extents.is_empty() => {
                 if req_one {
                     extents.truncate(1);
-                    extents[0].0 = extents[0].0.min(len.max(1));
+                    extents[0].0 = extents[0].0.min(len);
                 }
                 self.encode(sid, |b| b.block_status(META_BASE_ALLOCATION_ID, &extents));
                 self.enqueue(io, sid);
@@ -1223,11 +1237,11 @@ impl Conn {
             }
             return;
         }
-        if (self.disc || self.draining) && idle && self.busy_slots() == 0 {
-            let reason = if self.disc {
-                "client sent NBD_CMD_DISC"
-            } else {
-                "server shutting down"
+        if (self.disc || self.draining.is_some()) && idle && self.busy_slots() == 0 {
+            let reason = match self.draining {
+                _ if self.disc => "client sent NBD_CMD_DISC",
+                Some(why) => why,
+                None => unreachable!("checked above"),
             };
             self.close(reason.into());
         }

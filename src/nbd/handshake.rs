@@ -213,6 +213,10 @@ impl Handshake {
                     }
                     if length > MAX_OPTION_BYTES {
                         consumed += OPTION_HEADER_BYTES;
+                        if option == OPT_SET_META_CONTEXT {
+                            // Setting replaces the previous selection even when it fails.
+                            self.meta = None;
+                        }
                         if option == OPT_EXPORT_NAME {
                             // EXPORT_NAME has no error reply: the only answer is to hang up.
                             return (consumed, Step::Close(CloseReason::BadExportName));
@@ -224,8 +228,11 @@ impl Handshake {
                             return (consumed, Step::Close(CloseReason::Aborted));
                         }
                         // An option the server does not know is unsupported whatever its size;
-                        // only a known option is refused for being too big.
-                        let (reply, msg) = if is_known_option(option) {
+                        // only a known option is refused for being too big. While the server
+                        // shuts down every option gets ERR_SHUTDOWN, as in `option`.
+                        let (reply, msg) = if self.shutting_down {
+                            (REP_ERR_SHUTDOWN, "server shutting down")
+                        } else if is_known_option(option) {
                             (REP_ERR_TOO_BIG, "option payload too long")
                         } else {
                             (REP_ERR_UNSUP, "unknown option")
@@ -258,6 +265,9 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Option<Step<L::Export>> {
         if self.shutting_down {
+            if option == OPT_SET_META_CONTEXT {
+                self.meta = None;
+            }
             return match option {
                 OPT_ABORT => {
                     option_reply(out, option, REP_ACK, &[]);
@@ -421,9 +431,10 @@ impl Handshake {
         // The spec binds a client to the block sizes only when its GO asked for them. To a client
         // that did not ask, the minimum is 1 (the target serves any alignment, slower), so
         // whatever it sends is within what it was told; one that asked gets the real minimum and
-        // an EINVAL for requests that break it. NBD_OPT_INFO commits nobody, so it shows the real
-        // one. This is also what qemu-nbd advertises, though qemu-nbd only traces the EINVAL case.
-        let agreed = option == OPT_INFO || requested.contains(&INFO_BLOCK_SIZE);
+        // an EINVAL for requests that break it. INFO answers as GO would for the same request
+        // list: the spec says a GO right after a successful INFO with the same parameters MUST
+        // get the same information.
+        let agreed = requested.contains(&INFO_BLOCK_SIZE);
         let block_min = if agreed { info.block_min } else { 1 };
         payload.clear();
         payload.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
@@ -589,7 +600,10 @@ fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
 }
 
 /// An error reply carrying a human-readable message, as the spec allows for every error type.
+/// An error reply whose data is a message; the spec caps strings at 4096 bytes of UTF-8, so a
+/// message naming a long export name is cut at a character boundary.
 fn option_reply_msg(out: &mut Vec<u8>, option: u32, reply: u32, message: &str) {
+    let message = &message[..message.floor_char_boundary(MAX_STRING_BYTES)];
     option_reply(out, option, reply, message.as_bytes());
 }
 
@@ -845,8 +859,9 @@ mod tests {
         // GO without asking: the client is not bound; it is told 1 and any alignment is served.
         assert_eq!(block_sizes(OPT_GO, &[]), (1, Some(1)));
         assert_eq!(block_sizes(OPT_GO, &[INFO_NAME]), (1, Some(1)));
-        // INFO binds nobody, so it shows the real constraint.
-        assert_eq!(block_sizes(OPT_INFO, &[]), (4096, None));
+        // INFO tells what GO with the same requests would (a MUST of the spec).
+        assert_eq!(block_sizes(OPT_INFO, &[INFO_BLOCK_SIZE]), (4096, None));
+        assert_eq!(block_sizes(OPT_INFO, &[]), (1, None));
         // EXPORT_NAME carries no block sizes at all.
         let mut input = flags(3);
         input.extend(opt(OPT_EXPORT_NAME, b"direct"));
@@ -870,6 +885,41 @@ mod tests {
             panic!()
         };
         assert!(!neg.base_allocation);
+    }
+
+    #[test]
+    fn an_oversized_set_meta_context_still_clears_the_selection() {
+        // The spec: SET replaces the previous selection "including when this command fails".
+        let mut input = flags(3);
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(
+            OPT_SET_META_CONTEXT,
+            &meta_payload("disk", &["base:allocation"]),
+        ));
+        let big = MAX_OPTION_BYTES as usize + 1;
+        input.extend(opt_header(OPT_SET_META_CONTEXT, big as u32));
+        input.extend(vec![0u8; big]);
+        input.extend(opt(OPT_GO, &go_payload("disk", &[])));
+        let (_, step, out) = run(&input);
+        let Step::Transmission(neg) = step else {
+            panic!("GO did not start transmission")
+        };
+        assert!(replies(&out).iter().any(|r| r.1 == REP_ERR_TOO_BIG));
+        assert!(!neg.base_allocation);
+    }
+
+    #[test]
+    fn option_error_messages_keep_to_the_string_limit() {
+        // An unknown export name of the longest allowed length, in multibyte characters: the
+        // message naming it is cut to 4096 bytes at a character boundary.
+        let name = "é".repeat(MAX_STRING_BYTES / 2);
+        let mut input = flags(3);
+        input.extend(opt(OPT_INFO, &go_payload(&name, &[])));
+        let (_, _, out) = run(&input);
+        let r = replies(&out);
+        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
+        assert!(r[0].2.len() <= MAX_STRING_BYTES, "{}", r[0].2.len());
+        assert!(std::str::from_utf8(&r[0].2).is_ok());
     }
 
     #[test]
@@ -953,6 +1003,17 @@ mod tests {
         );
         let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
         assert_eq!(types, [REP_ERR_SHUTDOWN, REP_ERR_SHUTDOWN, REP_ACK]);
+    }
+
+    #[test]
+    fn shutting_down_answers_an_oversized_option_with_err_shutdown() {
+        let mut h = Handshake::new();
+        let mut out = Vec::new();
+        h.advance(&flags(3), &Fixed, &mut out);
+        h.shut_down();
+        let (_, step) = h.advance(&opt_header(OPT_GO, 1 << 20), &Fixed, &mut out);
+        assert!(matches!(step, Step::NeedMore));
+        assert_eq!(replies(&out)[0].1, REP_ERR_SHUTDOWN);
     }
 
     #[test]

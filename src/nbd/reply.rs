@@ -87,11 +87,12 @@ impl ReplyBuilder<'_> {
         match self.mode {
             ReplyMode::Simple => self.simple(errno.wire()),
             ReplyMode::Structured | ReplyMode::Extended => {
-                let message = &message.as_bytes()[..message.len().min(1024)];
+                // Error strings stay short and whole UTF-8 (the spec asks for UTF-8 text).
+                let message = &message[..message.floor_char_boundary(1024)];
                 self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + message.len() as u64);
                 self.push_header(&errno.wire().to_be_bytes());
                 self.push_header(&(message.len() as u16).to_be_bytes());
-                self.push_header(message);
+                self.push_header(message.as_bytes());
             }
         }
     }

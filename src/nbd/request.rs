@@ -245,13 +245,13 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
         return reject(Perm, "export is read-only");
     }
     // The spec: the server SHOULD answer EINVAL to a request not aligned to the minimum block
-    // size. Only clients that agreed to one have a minimum above 1 here. The tail of an export
-    // whose size is not a multiple stays reachable. Block status is a query the spec lets be
-    // unaligned, and FLUSH has no range.
+    // size (every request with an offset and a length, block status included). Only clients that
+    // agreed to one have a minimum above 1 here. The tail of an export whose size is not a
+    // multiple stays reachable. FLUSH has no range.
     let aligned = s.block_min <= 1
         || (offset.is_multiple_of(u64::from(s.block_min))
             && (len.is_multiple_of(u64::from(s.block_min)) || end == Some(s.size_bytes)));
-    if !aligned && !matches!(h.kind, CMD_FLUSH | CMD_BLOCK_STATUS) {
+    if !aligned && h.kind != CMD_FLUSH {
         return reject(Inval, "request not aligned to the minimum block size");
     }
     match h.kind {
@@ -334,6 +334,12 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
             }
             if !in_range {
                 return reject(Inval, "block status beyond the end of the export");
+            }
+            if len == 0 {
+                // The spec leaves a zero-length query unspecified; no descriptor could describe
+                // it (each is at least one byte and none may exceed the request), so it is
+                // refused, as qemu-nbd does.
+                return reject(Inval, "block status of zero length");
             }
             Ok(Command::BlockStatus {
                 offset,
@@ -450,6 +456,7 @@ mod tests {
             compact(0, CMD_WRITE, 1, 4096),
             compact(0, CMD_TRIM, 0, 4097),
             compact(0, CMD_WRITE_ZEROES, 2048, 4096),
+            compact(0, CMD_BLOCK_STATUS, 100, 1000),
         ];
         // Anything goes when no minimum was agreed.
         for r in &unaligned {
@@ -467,16 +474,23 @@ mod tests {
                 .payload_bytes,
             4096
         );
-        // Aligned requests, the unaligned tail of the export, block status and flush pass.
+        // Aligned requests, the unaligned tail of the export and flush pass.
         for r in [
             compact(0, CMD_READ, 8192, 4096),
             compact(0, CMD_READ, 1 << 20, 512),
             compact(0, CMD_WRITE, (1 << 20) - 4096, 4608),
-            compact(0, CMD_BLOCK_STATUS, 100, 1000),
-            compact(0, CMD_FLUSH, 0, 0),
+            compact(0, CMD_BLOCK_STATUS, 4096, 8192),
+            compact(0, CMD_FLUSH, 7, 3),
         ] {
             assert!(decode_bytes(&r, &s).unwrap().outcome.is_ok(), "{r:?}");
         }
+    }
+
+    #[test]
+    fn zero_length_block_status_is_einval() {
+        let s = session(ReplyMode::Structured);
+        let r = decode_bytes(&compact(0, CMD_BLOCK_STATUS, 4096, 0), &s).unwrap();
+        assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Inval);
     }
 
     #[test]
