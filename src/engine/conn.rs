@@ -637,6 +637,7 @@ impl Conn {
             }
             self.rpos += n;
             self.requests += 1;
+            io.note_request(data_len);
             let sid = self.take_slot(io, req.cookie, req.offset, data_len);
             let slot = &mut self.slots[sid as usize];
             let cmd = match req.outcome {
