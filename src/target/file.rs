@@ -42,6 +42,10 @@ pub struct FileTarget {
     read_only: bool,
     /// `FALLOC_FL_ZERO_RANGE` works on this file system (tmpfs, for one, lacks it).
     zero_range: AtomicBool,
+    /// `FALLOC_FL_ZERO_RANGE` is quick here, as `NBD_CMD_FLAG_FAST_ZERO` demands: always on a
+    /// regular file (it marks extents unwritten), on a block device only when the device offloads
+    /// WRITE ZEROES (otherwise the kernel quietly writes pages of zeroes).
+    zero_range_fast: bool,
     /// Set by the first failed write or flush: after it, nothing written since the last good flush
     /// can be trusted durable, so every request fails until the export is reopened.
     failed: AtomicBool,
@@ -63,6 +67,7 @@ impl FileTarget {
         };
         let buffered = open(false)?;
         let size_bytes = file_size(&buffered)?;
+        let zero_range_fast = zero_range_is_fast(&buffered);
         let (direct, direct_align) = match cache {
             CacheMode::Buffered => (None, 1),
             CacheMode::Direct => {
@@ -83,6 +88,7 @@ impl FileTarget {
             size_bytes,
             read_only,
             zero_range: AtomicBool::new(true),
+            zero_range_fast,
             failed: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             revoked: AtomicBool::new(false),
@@ -245,8 +251,11 @@ impl BlockTarget for FileTarget {
                 len,
                 fua,
                 may_trim,
-                ..
+                fast,
             } => {
+                if fast && !may_trim && !self.zero_range_fast {
+                    return Err(TargetError::FastZeroUnsupported);
+                }
                 if len > 0 {
                     self.plan_zero(offset, len, fua, may_trim, plan);
                 } else if fua {
@@ -458,6 +467,26 @@ fn file_size(f: &File) -> io::Result<u64> {
     Ok(end)
 }
 
+/// Whether `FALLOC_FL_ZERO_RANGE` on `f` is quick (see `FileTarget::zero_range_fast`). For a
+/// block device the answer is in sysfs: the device's `write_zeroes_max_bytes` (a partition's
+/// queue is its disk's).
+fn zero_range_is_fast(f: &File) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = f.metadata() else {
+        return false;
+    };
+    if !meta.file_type().is_block_device() {
+        return true;
+    }
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    let dev = format!("/sys/dev/block/{major}:{minor}");
+    [format!("{dev}/queue"), format!("{dev}/../queue")]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(format!("{q}/write_zeroes_max_bytes")).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|max| max > 0)
+}
+
 /// Smallest alignment `O_DIRECT` accepts on this file: 512 or 4096.
 fn probe_direct_alignment(f: &File) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -566,6 +595,28 @@ mod tests {
             .complete(&fast, &mut plan, &[-libc::EOPNOTSUPP])
             .unwrap_err();
         assert!(matches!(err, TargetError::FastZeroUnsupported));
+
+        // A regular file zeroes quickly in place; where ZERO_RANGE would write pages (a block
+        // device without WRITE ZEROES offload), FAST_ZERO with NO_HOLE is refused up front.
+        assert!(t.zero_range_fast);
+        let slow = FileTarget {
+            zero_range_fast: false,
+            ..target(&dir)
+        };
+        let no_hole = TargetOp::Zero {
+            offset: 0,
+            len: 4096,
+            fua: false,
+            may_trim: false,
+            fast: true,
+        };
+        plan.clear();
+        assert!(matches!(
+            slow.plan(&no_hole, &mut plan),
+            Err(TargetError::FastZeroUnsupported)
+        ));
+        plan.clear();
+        slow.plan(&fast, &mut plan).unwrap();
 
         // TRIM where holes cannot be punched succeeds (advisory), syncing for FUA.
         let trim = TargetOp::Trim {
