@@ -1238,12 +1238,15 @@ impl Conn {
             }
             return;
         }
-        if (self.disc || self.draining.is_some()) && idle && self.busy_slots() == 0 {
-            let reason = match self.draining {
-                _ if self.disc => "client sent NBD_CMD_DISC",
-                Some(why) => why,
-                None => unreachable!("checked above"),
-            };
+        let reason = if self.disc {
+            Some("client sent NBD_CMD_DISC")
+        } else {
+            self.draining
+        };
+        if let Some(reason) = reason
+            && idle
+            && self.busy_slots() == 0
+        {
             self.close(reason.into());
         }
     }

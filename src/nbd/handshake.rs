@@ -211,12 +211,14 @@ impl Handshake {
                     if self.options_seen > MAX_OPTIONS {
                         return (consumed, Step::Close(CloseReason::TooManyOptions));
                     }
+                    if option == OPT_SET_META_CONTEXT {
+                        // Setting replaces the previous selection "including when this command
+                        // fails": cleared here, before any way it can fail (too big, shutting
+                        // down, malformed, unknown export).
+                        self.meta = None;
+                    }
                     if length > MAX_OPTION_BYTES {
                         consumed += OPTION_HEADER_BYTES;
-                        if option == OPT_SET_META_CONTEXT {
-                            // Setting replaces the previous selection even when it fails.
-                            self.meta = None;
-                        }
                         if option == OPT_EXPORT_NAME {
                             // EXPORT_NAME has no error reply: the only answer is to hang up.
                             return (consumed, Step::Close(CloseReason::BadExportName));
@@ -265,9 +267,6 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Option<Step<L::Export>> {
         if self.shutting_down {
-            if option == OPT_SET_META_CONTEXT {
-                self.meta = None;
-            }
             return match option {
                 OPT_ABORT => {
                     option_reply(out, option, REP_ACK, &[]);
@@ -459,11 +458,8 @@ impl Handshake {
         exports: &L,
         out: &mut Vec<u8>,
     ) {
+        // A SET's previous selection was already cleared with its option header.
         let set = option == OPT_SET_META_CONTEXT;
-        if set {
-            // Setting replaces the previous selection, even when it fails.
-            self.meta = None;
-        }
         if self.mode == ReplyMode::Simple {
             option_reply_msg(
                 out,
