@@ -15,6 +15,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{setsockopt, sockopt};
 
 pub use export_spec::{ExportSpec, validate_export_name};
 
@@ -71,6 +72,10 @@ enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
+/// SO_SNDBUF asked for accepted Unix connections (the kernel doubles it for its bookkeeping):
+/// room for a few 1 MiB replies, the most TCP's autotuning gives a loopback connection.
+const UNIX_SEND_BUFFER_BYTES: usize = 2 << 20;
+
 impl Listener {
     fn accept(&self) -> io::Result<Incoming> {
         match self {
@@ -87,6 +92,14 @@ impl Listener {
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
+                // A Unix stream socket has no autotuning: a sender may queue only its
+                // SO_SNDBUF (208 KiB by default), so a 1 MiB read reply would leave in five
+                // partial sends, each a ring round trip and a wake-up of both sides. TCP grows
+                // to tcp_wmem's maximum (4 MiB) by itself; give Unix clients the same room.
+                // The kernel caps the value at net.core.wmem_max; failing is harmless.
+                if let Err(e) = setsockopt(&s, sockopt::SndBuf, &UNIX_SEND_BUFFER_BYTES) {
+                    tracing::debug!("SO_SNDBUF on a Unix connection: {e}");
+                }
                 Ok(Incoming {
                     fd: OwnedFd::from(s),
                     peer: format!("unix:{}", path.display()),
