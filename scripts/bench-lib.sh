@@ -39,6 +39,17 @@ cpu_ticks_sum() {
     echo "$t"
 }
 
+# Jiffies of all CPUs since boot, and of them the ones stolen by the hypervisor (/proc/stat).
+cpu_steal() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit }' /proc/stat
+}
+
+# Percentage of the machine's CPU time stolen between two cpu_steal samples.
+steal_pct() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        printf "%.1f", (y[1] > x[1] ? 100 * (y[2] - x[2]) / (y[1] - x[1]) : 0) }'
+}
+
 # Ticks spent over N I/Os, as microseconds per I/O.
 us_per_io() {
     awk -v d="$1" -v hz="$(getconf CLK_TCK)" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? d * 1e6 / hz / n : 0) }'
@@ -112,9 +123,10 @@ PYEOF
 # the CPU time of PID around it, calls `STOP SERVER`, and appends the cell to $RESULTS (see
 # print_table). A failed cell is logged and left out.
 fio_cell() {
-    local round=$1 row=$2 tr=$3 srv=$4 uri=$5 pid=$6 stop=$7 json t0 t1 m iops mbps latm lat50 ios cpu
+    local round=$1 row=$2 tr=$3 srv=$4 uri=$5 pid=$6 stop=$7 json t0 t1 s0 s1 m iops mbps latm lat50 ios cpu steal
     shift 7
     json=$WORKDIR/fio-$round-$row-$tr-$srv.json
+    s0=$(cpu_steal)
     t0=$(cpu_ticks "$pid")
     # shellcheck disable=SC2046
     if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=nbd --uri="$uri" \
@@ -126,6 +138,7 @@ fio_cell() {
         return 0
     fi
     t1=$(cpu_ticks "$pid" 2>/dev/null) || t1=
+    s1=$(cpu_steal)
     "$stop" "$srv"
     if [ -z "$t1" ]; then
         log "warning: round $round $row $tr $srv: server died during the run"
@@ -137,9 +150,10 @@ fio_cell() {
     fi
     read -r iops mbps latm lat50 ios _ <<< "$m"
     cpu=$(us_per_io $((t1 - t0)) "$ios")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$tr" "$srv" \
-        "$iops" "$mbps" "$latm" "$lat50" "$cpu" "$ios" >> "$RESULTS"
-    log "round $round $(row_title "$row") $tr $srv: iops=$iops MB/s=$mbps lat=${latm}us p50=${lat50}us cpu/io=${cpu}us"
+    steal=$(steal_pct "$s0" "$s1")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$tr" "$srv" \
+        "$iops" "$mbps" "$latm" "$lat50" "$cpu" "$ios" "$steal" >> "$RESULTS"
+    log "round $round $(row_title "$row") $tr $srv: iops=$iops MB/s=$mbps lat=${latm}us p50=${lat50}us cpu/io=${cpu}us steal=${steal}%"
 }
 
 # print_table RESULTS "SERVERS" "ROWS" "TRANSPORTS" TITLES MB_ROWS LAT_ROWS
@@ -190,5 +204,18 @@ for row in rows:
 print()
 print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
       " per I/O): lower is better. Ratios are streamer / other.")
+# On a virtual machine the host may take CPU time away in the middle of a cell ("steal" in
+# /proc/stat); such a cell measures the host, not the server. Say how much there was.
+steals = []
+for line in open(path):
+    f = line.rstrip("\n").split("\t")
+    if len(f) > 10 and f[10] not in ("", "nan"):
+        steals.append((float(f[10]), "round %s %s %s %s" % (f[0], f[1], f[2], f[3])))
+if steals:
+    worst = max(steals)
+    print()
+    print("CPU stolen by the hypervisor during the cells: median %.1f%%, highest %.1f%% (%s);"
+          " %d of %d cells above 5%%." % (statistics.median(s for s, _ in steals), worst[0],
+                                          worst[1], sum(s > 5 for s, _ in steals), len(steals)))
 PYEOF
 }
