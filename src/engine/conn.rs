@@ -427,13 +427,9 @@ impl Conn {
                 .as_mut()
                 .expect("write slot has a buffer")
                 .as_mut_ptr();
-            // Exactly the rest of the payload is owed, so waiting for all of it cannot wait for
-            // bytes the client never meant to send (a 1 MiB write over TCP loopback arrived in
-            // four or five pieces: 7.6 completions per write before, 3.6 after). A disconnect
-            // ends the receive with what came, as before.
             // SAFETY: `have + want <= data_len <= capacity`; the buffer is owned by the slot, which
             // stays in `ReceivingPayload` (untouched) until this receive completes.
-            unsafe { io.recv(ud, fd, ptr.add(have), want as u32, true) };
+            unsafe { io.recv(ud, fd, ptr.add(have), want as u32) };
         } else {
             if self.rpos > 0 {
                 self.rbuf.copy_within(self.rpos..self.rlen, 0);
@@ -454,7 +450,7 @@ impl Conn {
             let ptr = self.rbuf[self.rlen..].as_mut_ptr();
             // SAFETY: `rbuf` is a heap buffer never resized; nothing touches `rbuf[rlen..]` until
             // the receive completes (`recv_armed` guards re-arming and compaction).
-            unsafe { io.recv(ud, fd, ptr, free as u32, false) };
+            unsafe { io.recv(ud, fd, ptr, free as u32) };
         }
         self.recv_armed = true;
         self.kernel_ops += 1;

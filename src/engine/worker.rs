@@ -90,16 +90,10 @@ impl Io {
         }
     }
 
-    /// Receives up to `len` bytes; with `all`, the kernel keeps receiving (MSG_WAITALL) until it
-    /// has `len`, end of stream or an error, so a payload that arrives in pieces costs one
-    /// completion instead of one per piece.
-    ///
     /// # Safety
     /// `ptr..ptr+len` must stay valid and untouched by Rust until the completion is reaped.
-    pub unsafe fn recv(&mut self, ud: u64, fd: RawFd, ptr: *mut u8, len: u32, all: bool) {
-        let flags = if all { libc::MSG_WAITALL } else { 0 };
+    pub unsafe fn recv(&mut self, ud: u64, fd: RawFd, ptr: *mut u8, len: u32) {
         let e = opcode::Recv::new(types::Fd(fd), ptr, len)
-            .flags(flags)
             .build()
             .user_data(ud);
         // SAFETY: forwarded from the caller.
