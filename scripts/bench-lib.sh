@@ -170,10 +170,29 @@ titles = dict(t.split("=", 1) for t in titles.split("|"))
 mb_rows, lat_rows = set(mb_rows.split()), set(lat_rows.split())
 cols = {"iops": 0, "MB/s": 1, "lat mean us": 2, "lat median us": 3, "CPU us/IO": 4}
 vals = defaultdict(list)
+by_round = {}
 for line in open(path):
     rnd, row, tr, srv, *m = line.rstrip("\n").split("\t")
     for name, i in cols.items():
         vals[(row, tr, srv, name)].append(float(m[i]))
+        by_round[(rnd, row, tr, srv, name)] = float(m[i])
+rounds = sorted({k[0] for k in by_round}, key=int)
+
+# The cells of one round ran minutes apart at most, the rounds themselves up to an hour apart:
+# a ratio within a round compares the servers under the same conditions, a ratio of medians
+# may pair one server's fast round with another's slow one. So the ratio is the median of the
+# per-round ratios, with their range.
+def ratio(row, tr, name, a, b):
+    rs = []
+    for r in rounds:
+        x, y = by_round.get((r, row, tr, a, name)), by_round.get((r, row, tr, b, name))
+        if x is not None and y and x == x and y == y:
+            rs.append(x / y)
+    if not rs:
+        return "n/a"
+    if len(rs) == 1:
+        return "%.2f" % rs[0]
+    return "%.2f (%.2f-%.2f)" % (statistics.median(rs), min(rs), max(rs))
 
 def med(k):
     v = [x for x in vals.get(k, []) if x == x]
@@ -198,12 +217,12 @@ for row in rows:
             m = {s: med((row, tr, s, name)) for s in servers}
             cells = [fmt(m[s]) for s in servers]
             for r in refs:
-                a, b = m["streamer"], m[r]
-                cells.append("%.2f" % (a / b) if a is not None and b else "n/a")
+                cells.append(ratio(row, tr, name, "streamer", r))
             print("| " + " | ".join([titles[row], tr, name] + cells) + " |")
 print()
 print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
-      " per I/O): lower is better. Ratios are streamer / other.")
+      " per I/O): lower is better. Server columns are medians over the rounds; ratios are"
+      " streamer / other within each round, their median (and range over the rounds).")
 # On a virtual machine the host may take CPU time away in the middle of a cell ("steal" in
 # /proc/stat); such a cell measures the host, not the server. Say how much there was.
 steals = []
