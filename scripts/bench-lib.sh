@@ -171,11 +171,14 @@ mb_rows, lat_rows = set(mb_rows.split()), set(lat_rows.split())
 cols = {"iops": 0, "MB/s": 1, "lat mean us": 2, "lat median us": 3, "CPU us/IO": 4}
 vals = defaultdict(list)
 by_round = {}
+steals = []
 for line in open(path):
     rnd, row, tr, srv, *m = line.rstrip("\n").split("\t")
     for name, i in cols.items():
         vals[(row, tr, srv, name)].append(float(m[i]))
         by_round[(rnd, row, tr, srv, name)] = float(m[i])
+    if len(m) > 6 and m[6] not in ("", "nan"):
+        steals.append((float(m[6]), "round %s %s %s %s" % (rnd, row, tr, srv)))
 rounds = sorted({k[0] for k in by_round}, key=int)
 
 # The cells of one round ran minutes apart at most, the rounds themselves up to an hour apart:
@@ -225,11 +228,6 @@ print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
       " streamer / other within each round, their median (and range over the rounds).")
 # On a virtual machine the host may take CPU time away in the middle of a cell ("steal" in
 # /proc/stat); such a cell measures the host, not the server. Say how much there was.
-steals = []
-for line in open(path):
-    f = line.rstrip("\n").split("\t")
-    if len(f) > 10 and f[10] not in ("", "nan"):
-        steals.append((float(f[10]), "round %s %s %s %s" % (f[0], f[1], f[2], f[3])))
 if steals:
     worst = max(steals)
     print()
