@@ -105,7 +105,22 @@ fn libnbd_256_requests_in_flight() {
         let srv = serve_disk(&dir, 64 * MIB, &["--cache", cache]);
         let out = py("inflight.py", &[&srv.unix_uri("disk")]);
         assert!(out.contains("PASS"), "{out}");
-        srv.stop();
+        // Over TCP on a buffered file, large write payloads are spliced from the socket into
+        // the file, never passing through a buffer: the same data must land.
+        let out = py("inflight.py", &[&srv.uri("disk")]);
+        assert!(out.contains("PASS"), "{out}");
+        let log = srv.stop();
+        let spliced = log
+            .lines()
+            .filter(|l| l.contains("connection closed"))
+            .filter_map(|l| l.split("spliced_writes=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .max();
+        if cache == "buffered" {
+            assert!(spliced.is_some_and(|n| n >= 5), "{log}");
+        } else {
+            assert_eq!(spliced, Some(0), "{log}");
+        }
     }
 }
 

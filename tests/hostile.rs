@@ -465,6 +465,135 @@ fn disconnect_in_the_middle_of_a_write_payload() {
     assert!(log.contains("in the middle of a write payload"), "{log}");
 }
 
+/// Over TCP on a buffered file, a large write's payload is spliced from the socket into the file
+/// when its header arrives alone (as after another large write). Cut short, or never finished,
+/// it must cost the server nothing: a clean disconnect, and everyone else served.
+#[test]
+fn spliced_write_payload_cut_short_or_stalled() {
+    let dir = Scratch::new("hostile-splice");
+    let srv = server(&dir, &[]);
+    let one_mib_write = |c: &mut Raw, cookie: u64| {
+        c.request(0, CMD_WRITE, cookie, 0, 1 << 20);
+        c.send(&vec![cookie as u8; 1 << 20]);
+        assert_eq!(c.simple_reply(), (0, cookie));
+    };
+    // The header alone, then part of the payload or none of it, then gone.
+    for sent in [300_000usize, 0] {
+        let mut c = Raw::negotiate(&srv, false);
+        one_mib_write(&mut c, 1);
+        c.request(0, CMD_WRITE, 2, 1 << 20, 1 << 20);
+        std::thread::sleep(Duration::from_millis(50));
+        c.send(&vec![2u8; sent]);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(c);
+    }
+    // Half a payload, then silence, with the connection held open.
+    let mut stalled = Raw::negotiate(&srv, false);
+    one_mib_write(&mut stalled, 3);
+    stalled.request(FUA, CMD_WRITE, 4, 2 << 20, 1 << 20);
+    std::thread::sleep(Duration::from_millis(50));
+    stalled.send(&vec![4u8; 512 * 1024]);
+    still_serves(&srv);
+    // A whole spliced write still works next to it, and lands.
+    let mut good = Raw::negotiate(&srv, false);
+    one_mib_write(&mut good, 5);
+    good.request(FUA, CMD_WRITE, 6, 4 << 20, 1 << 20);
+    std::thread::sleep(Duration::from_millis(50));
+    good.send(&vec![6u8; 1 << 20]);
+    assert_eq!(good.simple_reply(), (0, 6));
+    drop(good);
+    // Shutdown waits its grace for the stalled request, then cuts it off and exits 0.
+    let log = srv.stop();
+    drop(stalled);
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection closed") && !l.contains("spliced_writes=0"))
+        .collect();
+    let cut = closed
+        .iter()
+        .filter(|l| l.contains("in the middle of a write payload"))
+        .count();
+    assert_eq!(cut, 2, "{log}");
+    assert!(
+        closed.iter().any(|l| l.contains("grace period expired")),
+        "{log}"
+    );
+    let disk = std::fs::read(dir.path("disk.raw")).unwrap();
+    assert!(
+        disk[4 << 20..5 << 20].iter().all(|&b| b == 6),
+        "spliced write lost"
+    );
+    assert!(
+        disk[..1 << 20].iter().all(|&b| b == 5),
+        "buffered write lost"
+    );
+}
+
+/// A spliced write that the file system cannot hold is answered ENOSPC, its unread payload is
+/// skipped, and the connection goes on (the export then refuses writes until reopened, as after
+/// any failed write).
+#[test]
+fn spliced_write_onto_a_full_file_system_gets_enospc() {
+    let dir = Scratch::new("hostile-splice-full");
+    let mnt = dir.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ],
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _mounted = Unmount(mnt.clone());
+    let disk = mnt.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(EXPORT_BYTES)
+        .unwrap();
+    let spec = format!("disk={}", disk.display());
+    let srv = Server::start(&dir, &["--export", &spec]);
+    let mut c = Raw::negotiate(&srv, false);
+    let mut first_error = None;
+    for i in 0..8u64 {
+        c.request(0, CMD_WRITE, i, i << 20, 1 << 20);
+        std::thread::sleep(Duration::from_millis(20));
+        c.send(&vec![0xa5; 1 << 20]);
+        let (err, cookie) = c.simple_reply();
+        assert_eq!(cookie, i);
+        if err != 0 {
+            first_error = Some(err);
+            break;
+        }
+    }
+    assert_eq!(first_error, Some(ENOSPC));
+    // The payload was consumed (or skipped): the next request is parsed and answered.
+    c.request(0, CMD_READ, 100, 0, 4096);
+    let (err, cookie) = c.simple_reply();
+    assert_eq!(cookie, 100);
+    if err == 0 {
+        c.recv(4096);
+    }
+    c.request(0, CMD_DISC, 101, 0, 0);
+    assert!(c.closed_by_server());
+    let log = srv.stop();
+    assert!(
+        log.lines().any(|l| l.contains("connection closed")
+            && l.contains("NBD_CMD_DISC")
+            && !l.contains("spliced_writes=0")),
+        "{log}"
+    );
+}
+
 #[test]
 fn silent_client_is_dropped_after_the_handshake_timeout() {
     let dir = Scratch::new("hostile-silent");

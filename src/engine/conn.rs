@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::bufpool::Buf;
-use super::worker::{Io, Tag, user_data};
-use super::{EngineConfig, Incoming};
+use super::worker::{Io, SpliceStep, Tag, user_data};
+use super::{EngineConfig, Incoming, Transport};
 use crate::nbd::handshake::{Handshake, Step};
 use crate::nbd::reply::{ReplyBuilder, Segment};
 use crate::nbd::request::{self, Command, Parse, Rejection, Session};
@@ -43,6 +43,20 @@ const MAX_EXTENTS: usize = 16 * 1024;
 const LARGE_PAYLOAD_BYTES: u32 = 64 * 1024;
 /// Reads at least this large that follow each other start read-ahead (see `Conn::read_ahead`).
 const AHEAD_MIN_BYTES: u32 = 128 * 1024;
+/// Write payloads at least this large go from the socket straight into the file, on targets that
+/// allow it (see `Conn::splice_step`). Smaller ones are copied inline on the worker's thread
+/// faster than a splice step's hand-off to io-wq would take (the size from which the worker
+/// hands buffered copies to io-wq anyway, `worker::ASYNC_MIN_BYTES`).
+const SPLICE_MIN_BYTES: u32 = 256 * 1024;
+/// Pipe capacity asked for splicing: a whole 1 MiB payload in one step. The kernel refuses more
+/// than `fs.pipe-max-size` (1 MiB by default) to unprivileged users; the default 64 KiB pipe
+/// then works in more steps.
+const SPLICE_PIPE_BYTES: i32 = 1 << 20;
+/// Sub-ids of a splice step's completions (`Tag::Splice`).
+const SPLICE_POLL: u16 = 0;
+const SPLICE_TAKE: u16 = 1;
+const SPLICE_PUT: u16 = 2;
+const SPLICE_SYNC: u16 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -84,6 +98,10 @@ struct Slot {
     data_len: u32,
     payload_have: u32,
     plan: Plan,
+    /// The plan was made before the payload arrived (a splice candidate): `start` submits it
+    /// as it is.
+    planned: bool,
+    splice: Option<Splice>,
     pending: usize,
     results: [i32; MAX_PLAN_IOS],
     header: Vec<u8>,
@@ -105,6 +123,8 @@ impl Slot {
             data_len: 0,
             payload_have: 0,
             plan: Plan::default(),
+            planned: false,
+            splice: None,
             pending: 0,
             results: [0; MAX_PLAN_IOS],
             header: Vec::with_capacity(64),
@@ -172,6 +192,46 @@ enum After {
     Resubmit(FileIo),
 }
 
+/// A write whose payload is being spliced from the socket into the file: the one `FileIo::Write`
+/// its target planned, carried out in steps. `took` bytes have left the socket, `wrote` of them
+/// have reached the file (the rest wait in the pipe).
+#[derive(Debug, Clone, Copy)]
+struct Splice {
+    fd: RawFd,
+    offset: u64,
+    len: u32,
+    dsync: bool,
+    took: u32,
+    wrote: u32,
+    /// Completions of the current step still to come, and their results.
+    pending: u8,
+    took_res: Option<i32>,
+    put_res: Option<i32>,
+    sync_res: Option<i32>,
+}
+
+/// What became of a write offered for splicing (`Conn::begin_splice`).
+enum Begin {
+    /// Its payload is being spliced.
+    Spliced,
+    /// The target refused it: answered, its payload to be skipped.
+    Refused,
+    /// Planned, but not as one spliceable write: its payload is received into its buffer.
+    Buffered,
+}
+
+/// The connection's pipe for splicing write payloads, made when first needed.
+enum SplicePipe {
+    Untried,
+    Ready {
+        r: OwnedFd,
+        w: OwnedFd,
+        /// Its capacity.
+        bytes: u32,
+    },
+    Unavailable,
+}
+
 enum Phase {
     Handshake(Handshake),
     Transmission {
@@ -186,6 +246,7 @@ pub(super) struct Conn {
     serial: u64,
     fd: OwnedFd,
     peer: String,
+    transport: Transport,
     phase: Phase,
     deadline: Option<Instant>,
     /// Time a negotiating client gets between options (the deadline moves on with each one).
@@ -201,6 +262,12 @@ pub(super) struct Conn {
     recv_armed: bool,
     /// Slot whose write payload is received directly into its buffer.
     payload_slot: Option<u16>,
+    /// Slot whose write payload is being spliced from the socket (nothing else is received until
+    /// all of it has left the socket).
+    splice_slot: Option<u16>,
+    pipe: SplicePipe,
+    /// Writes whose payload was spliced (reported when the connection closes).
+    spliced_writes: u64,
     /// Payload bytes of a refused request still to be discarded.
     skip_bytes: u64,
     /// Reading paused: no free slot or too many buffer bytes in flight.
@@ -257,6 +324,7 @@ impl Conn {
             serial,
             fd: incoming.fd,
             peer: incoming.peer,
+            transport: incoming.transport,
             phase: Phase::Handshake(Handshake::new()),
             deadline: Some(Instant::now() + cfg.handshake_timeout),
             handshake_timeout: cfg.handshake_timeout,
@@ -268,6 +336,9 @@ impl Conn {
             rlen: 0,
             recv_armed: false,
             payload_slot: None,
+            splice_slot: None,
+            pipe: SplicePipe::Untried,
+            spliced_writes: 0,
             skip_bytes: 0,
             stalled: false,
             header_only: false,
@@ -343,6 +414,7 @@ impl Conn {
             peer = %self.peer,
             export,
             requests = self.requests,
+            spliced_writes = self.spliced_writes,
             reason = self.closing.as_deref().unwrap_or("?"),
             "connection closed"
         );
@@ -410,7 +482,12 @@ impl Conn {
     // ---- receiving -------------------------------------------------------------------------
 
     fn arm_recv(&mut self, io: &mut Io) {
-        if self.recv_armed || self.closing.is_some() || self.disc || self.stalled {
+        if self.recv_armed
+            || self.closing.is_some()
+            || self.disc
+            || self.stalled
+            || self.splice_slot.is_some()
+        {
             return;
         }
         if self.close_after_send.is_some() {
@@ -559,7 +636,11 @@ impl Conn {
             return;
         };
         let session = *session;
-        while self.closing.is_none() && !self.disc && self.payload_slot.is_none() {
+        while self.closing.is_none()
+            && !self.disc
+            && self.payload_slot.is_none()
+            && self.splice_slot.is_none()
+        {
             if self.skip_bytes > 0 {
                 let take = self.skip_bytes.min((self.rlen - self.rpos) as u64);
                 self.rpos += take as usize;
@@ -624,8 +705,12 @@ impl Conn {
                 Ok(Command::Read { len, .. } | Command::Write { len, .. }) => len,
                 _ => 0,
             };
+            // A large write whose payload is all still in the socket may bypass the buffers.
+            let splice = matches!(req.outcome, Ok(Command::Write { len, .. })
+                if self.rlen - self.rpos == n && self.can_splice(len));
+            let buf_len = if splice { 0 } else { data_len };
             let over_budget = self.buffer_bytes > 0
-                && self.buffer_bytes + u64::from(data_len) > self.max_buffer_bytes;
+                && self.buffer_bytes + u64::from(buf_len) > self.max_buffer_bytes;
             if self.free.is_empty() || over_budget {
                 // Read-ahead never keeps a request waiting: parked data is let go at once, and
                 // read-aheads in flight are released when they complete (which resumes reading).
@@ -638,8 +723,9 @@ impl Conn {
             self.rpos += n;
             self.requests += 1;
             io.note_request(data_len);
-            let sid = self.take_slot(io, req.cookie, req.offset, data_len);
+            let sid = self.take_slot(io, req.cookie, req.offset, buf_len);
             let slot = &mut self.slots[sid as usize];
+            slot.data_len = data_len;
             let cmd = match req.outcome {
                 Ok(cmd) => cmd,
                 Err(rejection) => {
@@ -686,6 +772,15 @@ impl Conn {
             if let Command::Write { len, .. } = cmd
                 && len > 0
             {
+                if splice {
+                    match self.begin_splice(io, sid, len) {
+                        // Nothing more is received until the payload has left the socket.
+                        Begin::Spliced => break,
+                        Begin::Refused => continue,
+                        Begin::Buffered => {}
+                    }
+                }
+                let slot = &mut self.slots[sid as usize];
                 let avail = (self.rlen - self.rpos).min(len as usize);
                 let buf = slot.buf.as_mut().expect("write has a buffer");
                 buf.slice_mut(0, avail)
@@ -717,6 +812,8 @@ impl Conn {
         slot.ahead = None;
         slot.data_len = data_len;
         slot.payload_have = 0;
+        slot.planned = false;
+        slot.splice = None;
         slot.header.clear();
         slot.segments.clear();
         slot.sent = 0;
@@ -883,6 +980,237 @@ impl Conn {
         }
     }
 
+    // ---- spliced write payloads --------------------------------------------------------------
+    //
+    // On a buffered file, a received write payload is copied twice: socket to buffer, buffer to
+    // page cache. Large payloads over TCP skip the first copy: the socket's pages move into a
+    // pipe by reference and are copied once, into the page cache (`BlockTarget::splice_writes`).
+    // The write is planned as soon as its header is parsed, and its one planned `FileIo::Write`
+    // is carried out in steps (wait for data, move it into the pipe, write the pipe out), each
+    // step one hard-linked chain on the ring, until the whole payload is in the file. The wait
+    // is for the whole payload (SO_RCVLOWAT), so one step usually does it. Nothing else is
+    // received meanwhile; once the payload has left the socket, the next requests are parsed
+    // while its write and any FUA flush finish. The buffer path stays for everything else:
+    // small writes, payload bytes already received with the header, Unix sockets (see
+    // `Transport`), targets that must see the data. Measured on 1 MiB buffered writes at depth
+    // 8 over TCP: 10-25% less CPU per write than the buffer path, at the same or better rate.
+
+    /// Whether a write of `len` bytes may be spliced; makes the pipe on first use.
+    fn can_splice(&mut self, len: u32) -> bool {
+        if len < SPLICE_MIN_BYTES
+            || self.transport != Transport::Tcp
+            || self.recv_armed
+            || self.skip_bytes > 0
+        {
+            return false;
+        }
+        match &self.phase {
+            Phase::Transmission { target, .. } if target.splice_writes() => {}
+            _ => return false,
+        }
+        if matches!(self.pipe, SplicePipe::Untried) {
+            self.pipe = match make_pipe() {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    tracing::warn!(conn = self.serial, "no pipe to splice writes through: {e}");
+                    SplicePipe::Unavailable
+                }
+            };
+        }
+        matches!(self.pipe, SplicePipe::Ready { .. })
+    }
+
+    /// Plans a large write before its payload arrives and, when the target planned the one write
+    /// `splice_writes` promises, starts splicing the payload.
+    fn begin_splice(&mut self, io: &mut Io, sid: u16, len: u32) -> Begin {
+        let target = self.target();
+        let slot = &mut self.slots[sid as usize];
+        slot.state = SlotState::Running;
+        slot.plan.clear();
+        slot.plan.phase = 0;
+        if let Err(e) = target.plan(&slot.op, &mut slot.plan) {
+            self.skip_bytes = u64::from(len);
+            self.reply_target_error(io, sid, &e);
+            return Begin::Refused;
+        }
+        if let (
+            1,
+            Some(&FileIo::Write {
+                fd,
+                offset,
+                buf_start: 0,
+                len: l,
+                dsync,
+            }),
+        ) = (slot.plan.len(), slot.plan.get(0))
+            && l == len
+        {
+            slot.splice = Some(Splice {
+                fd,
+                offset,
+                len,
+                dsync,
+                took: 0,
+                wrote: 0,
+                pending: 0,
+                took_res: None,
+                put_res: None,
+                sync_res: None,
+            });
+            slot.pending = 1;
+            self.splice_slot = Some(sid);
+            self.spliced_writes += 1;
+            self.submit_splice(io, sid);
+            return Begin::Spliced;
+        }
+        debug_assert!(
+            false,
+            "a target that splices writes planned {:?}",
+            slot.plan
+        );
+        // Not what the target promised: the payload goes into a buffer, then this plan runs.
+        slot.planned = true;
+        let buf = io.pool.get(len as usize);
+        self.buffer_bytes += buf.capacity() as u64;
+        slot.buf = Some(buf);
+        Begin::Buffered
+    }
+
+    /// Submits the next step of a spliced write: the payload still in the socket through the pipe
+    /// into the file; or only what a short write left in the pipe; or, with everything written,
+    /// the flush a FUA asks for.
+    fn submit_splice(&mut self, io: &mut Io, sid: u16) {
+        let (cid, sock) = (self.cid, self.raw_fd());
+        let SplicePipe::Ready { r, w, bytes } = &self.pipe else {
+            self.close("internal error: splicing without a pipe".into());
+            return;
+        };
+        let (r, w, pipe_bytes) = (r.as_raw_fd(), w.as_raw_fd(), *bytes);
+        let Some(sp) = self.slots[sid as usize].splice.as_mut() else {
+            return;
+        };
+        let ud = |sub| user_data(Tag::Splice, cid, sid, sub);
+        let at = sp.offset + u64::from(sp.wrote);
+        if sp.wrote == sp.len {
+            sp.pending = 1;
+            let sync = FileIo::Fdatasync { fd: sp.fd };
+            // SAFETY: an fdatasync touches no memory; the target keeps `fd` open (`self.phase`).
+            unsafe { io.file_io(ud(SPLICE_SYNC), &sync, std::ptr::null_mut(), false) };
+        } else if sp.took > sp.wrote || sp.took == sp.len {
+            sp.pending = 1;
+            io.splice_put(ud(SPLICE_PUT), r, sp.fd, at, sp.took - sp.wrote);
+        } else {
+            sp.pending = 3;
+            // The poll fires only once the rest of the payload (as much as the pipe holds) has
+            // arrived, so one step usually moves all of it; a close, EOF or error fires it too.
+            let lowat = (sp.len - sp.took).min(pipe_bytes);
+            set_rcvlowat(sock, lowat);
+            let ids = [ud(SPLICE_POLL), ud(SPLICE_TAKE), ud(SPLICE_PUT)];
+            let step = SpliceStep {
+                sock,
+                pipe_r: r,
+                pipe_w: w,
+                take: sp.len - sp.took,
+                fd: sp.fd,
+                offset: at,
+                put: sp.len - sp.wrote,
+            };
+            io.splice_payload(ids, &step);
+        }
+        self.kernel_ops += u32::from(sp.pending);
+    }
+
+    pub fn on_splice(&mut self, io: &mut Io, sid: u16, sub: u16, res: i32) {
+        self.kernel_ops -= 1;
+        let Some(sp) = self.slots[sid as usize].splice.as_mut() else {
+            tracing::error!(conn = self.serial, sid, "splice completion for no splice");
+            return;
+        };
+        match sub {
+            SPLICE_TAKE => sp.took_res = Some(res),
+            SPLICE_PUT => sp.put_res = Some(res),
+            SPLICE_SYNC => sp.sync_res = Some(res),
+            // The poll's mask: the move that follows it tells all that matters.
+            _ => {}
+        }
+        sp.pending -= 1;
+        // A closing connection only waits for its completions; the write is never answered.
+        if sp.pending == 0 && self.closing.is_none() {
+            self.splice_step(io, sid);
+        }
+    }
+
+    /// A step of a spliced write completed: counts what moved, then takes the next step,
+    /// completes the write, or fails it.
+    fn splice_step(&mut self, io: &mut Io, sid: u16) {
+        let slot = &mut self.slots[sid as usize];
+        let Some(mut sp) = slot.splice else {
+            return;
+        };
+        let in_pipe = sp.took > sp.wrote;
+        match sp.took_res.take() {
+            None => {}
+            Some(n) if n > 0 => sp.took += n as u32,
+            Some(0) => {
+                self.close("client disconnected in the middle of a write payload".into());
+                return;
+            }
+            // The socket was readable but empty (or the poll failed): try again.
+            Some(e) if e == -libc::EAGAIN || e == -libc::EINTR => {}
+            Some(e) => {
+                let e = std::io::Error::from_raw_os_error(-e);
+                self.close(format!("receive failed: {e}"));
+                return;
+            }
+        }
+        let mut failed = None;
+        match sp.put_res.take() {
+            None => {}
+            Some(n) if n > 0 => sp.wrote += n as u32,
+            // The pipe was empty: the move brought nothing.
+            Some(r) if !in_pipe && sp.took == sp.wrote && (r == 0 || r == -libc::EAGAIN) => {}
+            // Data in the pipe that did not reach the file: a write that makes no progress.
+            Some(0) => failed = Some(-libc::EIO),
+            Some(e) => failed = Some(e),
+        }
+        match sp.sync_res.take() {
+            Some(e) if e < 0 => failed = Some(e),
+            Some(_) => sp.dsync = false,
+            None => {}
+        }
+        let resume = self.splice_slot == Some(sid) && (sp.took == sp.len || failed.is_some());
+        if resume {
+            self.splice_slot = None;
+            self.header_only = true;
+            set_rcvlowat(self.raw_fd(), 1);
+        }
+        let slot = &mut self.slots[sid as usize];
+        if let Some(e) = failed {
+            // What the pipe still holds is dropped with it, and what the client has yet to
+            // send is skipped; the target hears of the failure as of a failed write.
+            if sp.took > sp.wrote {
+                self.pipe = SplicePipe::Untried;
+            }
+            self.skip_bytes += u64::from(sp.len - sp.took);
+            slot.splice = None;
+            slot.results[0] = e;
+            slot.pending = 0;
+            self.phase_done(io, sid);
+        } else if sp.wrote == sp.len && !sp.dsync {
+            slot.splice = None;
+            slot.results[0] = sp.len as i32;
+            slot.pending = 0;
+            self.phase_done(io, sid);
+        } else {
+            slot.splice = Some(sp);
+            self.submit_splice(io, sid);
+        }
+        if resume {
+            self.process_requests(io);
+            self.arm_recv(io);
+        }
+    }
+
     // ---- running requests --------------------------------------------------------------------
 
     fn target(&self) -> Arc<dyn BlockTarget> {
@@ -896,6 +1224,10 @@ impl Conn {
         let target = self.target();
         let slot = &mut self.slots[sid as usize];
         slot.state = SlotState::Running;
+        if std::mem::take(&mut slot.planned) {
+            self.submit_plan(io, sid);
+            return;
+        }
         slot.plan.clear();
         slot.plan.phase = 0;
         match target.plan(&slot.op, &mut slot.plan) {
@@ -1250,6 +1582,43 @@ impl Conn {
             self.close(reason.into());
         }
     }
+}
+
+/// Sets the socket's SO_RCVLOWAT: readiness (poll) then needs this many bytes queued. Failure only
+/// costs more splice steps (nix has no wrapper for this option).
+fn set_rcvlowat(fd: RawFd, bytes: u32) {
+    let val = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: `val` is a live c_int and the length passed is its size; the kernel only reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!("SO_RCVLOWAT {bytes}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A pipe for splicing, non-blocking (a splice never waits on it), as large as allowed: its read
+/// end, write end and capacity in bytes.
+fn make_pipe() -> nix::Result<SplicePipe> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    if let Err(e) = fcntl(&w, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_BYTES)) {
+        tracing::debug!(
+            "pipe of {SPLICE_PIPE_BYTES} bytes refused ({e}); splicing in smaller steps"
+        );
+    }
+    let bytes = fcntl(&w, FcntlArg::F_GETPIPE_SZ)?;
+    Ok(SplicePipe::Ready {
+        r,
+        w,
+        bytes: bytes.max(1) as u32,
+    })
 }
 
 fn empty_msghdr() -> libc::msghdr {

@@ -23,6 +23,8 @@ pub(super) enum Tag {
     Recv = 3,
     Send = 4,
     Io = 5,
+    /// A step of a write payload spliced from the socket into the file (see `Conn::splice_step`).
+    Splice = 6,
 }
 
 pub(super) fn user_data(tag: Tag, conn: u32, slot: u16, sub: u16) -> u64 {
@@ -37,6 +39,7 @@ fn decode(ud: u64) -> (Option<Tag>, u32, u16, u16) {
         3 => Some(Tag::Recv),
         4 => Some(Tag::Send),
         5 => Some(Tag::Io),
+        6 => Some(Tag::Splice),
         _ => None,
     };
     (
@@ -57,6 +60,18 @@ const TICK: Duration = Duration::from_secs(1);
 #[repr(C, align(4096))]
 struct ZeroBuf([u8; ZERO_WRITE_BYTES as usize]);
 static ZEROES: ZeroBuf = ZeroBuf([0; ZERO_WRITE_BYTES as usize]);
+
+/// One step of splicing a write payload (see `Io::splice_payload`): socket, pipe ends, bytes to
+/// take from the socket, file, offset and bytes to put into it.
+pub(super) struct SpliceStep {
+    pub sock: RawFd,
+    pub pipe_r: RawFd,
+    pub pipe_w: RawFd,
+    pub take: u32,
+    pub fd: RawFd,
+    pub offset: u64,
+    pub put: u32,
+}
 
 /// The ring and the buffers of one worker. Every submission goes through here.
 pub(super) struct Io {
@@ -121,6 +136,51 @@ impl Io {
             .user_data(ud);
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&e) }
+    }
+
+    /// One step of moving a write payload from socket `sock` into file `fd` at `offset` through a
+    /// pipe, as three hard-linked entries: wait until the socket is readable (`ud[0]`), move up to
+    /// `take` bytes from it into the pipe (`ud[1]`), then write what the pipe holds, up to `put`
+    /// bytes, into the file (`ud[2]`). Hard links, because a short move (the usual case: it takes
+    /// what has arrived) would cancel a soft-linked write. Both moves are non-blocking on the pipe,
+    /// and the move from the socket only starts once it is readable, so no io-wq worker ever waits
+    /// on a slow client. The pipe must be empty (`put` then bounds what the move may bring).
+    pub fn splice_payload(&mut self, ud: [u64; 3], step: &SpliceStep) {
+        let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+        let sock = types::Fd(step.sock);
+        let poll = opcode::PollAdd::new(sock, libc::POLLIN as u32)
+            .build()
+            .flags(squeue::Flags::IO_HARDLINK)
+            .user_data(ud[0]);
+        let take = opcode::Splice::new(sock, -1, types::Fd(step.pipe_w), -1, step.take)
+            .flags(flags)
+            .build()
+            .flags(squeue::Flags::IO_HARDLINK)
+            .user_data(ud[1]);
+        let put = Self::splice_out(step.pipe_r, step.fd, step.offset, step.put).user_data(ud[2]);
+        self.file_ios_in_flight += 3;
+        for e in [poll, take, put] {
+            // SAFETY: these entries point at no memory; the caller keeps the descriptors open
+            // until their completions.
+            unsafe { self.push(&e) }
+        }
+    }
+
+    /// Writes up to `len` bytes that the pipe holds into `fd` at `offset` (what is left in the
+    /// pipe after a short write).
+    pub fn splice_put(&mut self, ud: u64, pipe_r: RawFd, fd: RawFd, offset: u64, len: u32) {
+        let e = Self::splice_out(pipe_r, fd, offset, len).user_data(ud);
+        self.file_ios_in_flight += 1;
+        // SAFETY: the entry points at no memory; the caller keeps the descriptors open.
+        unsafe { self.push(&e) }
+    }
+
+    fn splice_out(pipe_r: RawFd, fd: RawFd, offset: u64, len: u32) -> squeue::Entry {
+        let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+        // `offset` is below the export size, which fits an i64 (file sizes do).
+        opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(fd), offset as i64, len)
+            .flags(flags)
+            .build()
     }
 
     /// Counts a request of `bytes` data into the moving average that decides spinning.
@@ -339,7 +399,7 @@ impl Worker {
             touched.clear();
             touched.extend(completions.iter().filter_map(|&(ud, _)| {
                 let (tag, cid, _, _) = decode(ud);
-                matches!(tag, Some(Tag::Recv | Tag::Send | Tag::Io)).then_some(cid)
+                matches!(tag, Some(Tag::Recv | Tag::Send | Tag::Io | Tag::Splice)).then_some(cid)
             }));
             touched.sort_unstable();
             touched.dedup();
@@ -403,7 +463,7 @@ impl Worker {
                 self.on_tick();
                 self.arm_tick();
             }
-            Some(tag @ (Tag::Recv | Tag::Send | Tag::Io)) => {
+            Some(tag @ (Tag::Recv | Tag::Send | Tag::Io | Tag::Splice)) => {
                 let Some(conn) = self.conns.get_mut(cid as usize).and_then(Option::as_mut) else {
                     tracing::error!(
                         worker = self.id,
@@ -416,6 +476,10 @@ impl Worker {
                 match tag {
                     Tag::Recv => conn.on_recv(&mut self.io, &self.exports, res),
                     Tag::Send => conn.on_send(&mut self.io, &self.exports, res),
+                    Tag::Splice => {
+                        self.io.file_ios_in_flight -= 1;
+                        conn.on_splice(&mut self.io, slot, sub, res)
+                    }
                     _ => {
                         self.io.file_ios_in_flight -= 1;
                         conn.on_io(&mut self.io, slot, sub, res)

@@ -19,7 +19,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 pub use export_spec::{ExportSpec, validate_export_name};
 
-use crate::engine::{Engine, EngineConfig, Incoming};
+use crate::engine::{Engine, EngineConfig, Incoming, Transport};
 use crate::mgmt::server::{Access, MgmtServer};
 use crate::node::Node;
 use crate::target::{CacheMode, Committers, Export, Exports, FileTarget};
@@ -87,6 +87,7 @@ impl Listener {
                 Ok(Incoming {
                     fd: OwnedFd::from(s),
                     peer: peer.to_string(),
+                    transport: Transport::Tcp,
                 })
             }
             Listener::Unix(l, path) => {
@@ -103,6 +104,7 @@ impl Listener {
                 Ok(Incoming {
                     fd: OwnedFd::from(s),
                     peer: format!("unix:{}", path.display()),
+                    transport: Transport::Unix,
                 })
             }
         }

@@ -443,6 +443,13 @@ impl BlockTarget for FileTarget {
     fn change_count(&self) -> Option<&AtomicU64> {
         self.direct.as_ref().map(|_| &self.changes)
     }
+
+    /// In buffered mode a write is one page-cache write of the payload (see `plan`). In direct
+    /// mode aligned writes go to the `O_DIRECT` descriptor, which needs aligned memory that pipe
+    /// pages are not.
+    fn splice_writes(&self) -> bool {
+        self.direct.is_none()
+    }
 }
 
 fn seek(file: &File, pos: u64, whence: Whence) -> io::Result<u64> {
@@ -633,6 +640,38 @@ mod tests {
             [FileIo::Fdatasync { .. }]
         ));
         assert_eq!(t.complete(&trim, &mut plan, &[0]).unwrap(), Progress::Done);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `splice_writes` promises the engine that a write plans as one page-cache write of the
+    /// whole payload from buffer position 0; direct mode, whose aligned writes need aligned
+    /// memory, does not splice.
+    #[test]
+    fn buffered_writes_plan_as_one_spliceable_write() {
+        let dir = scratch("splice");
+        let t = target(&dir);
+        assert!(t.splice_writes());
+        for (offset, len, fua) in [(0, 1 << 20, false), (4097, 300_000, true)] {
+            let mut plan = Plan::default();
+            t.plan(&TargetOp::Write { offset, len, fua }, &mut plan)
+                .unwrap();
+            let ios: Vec<_> = plan.ios().copied().collect();
+            assert_eq!(
+                ios,
+                [FileIo::Write {
+                    fd: t.buffered.as_raw_fd(),
+                    offset,
+                    buf_start: 0,
+                    len,
+                    dsync: fua,
+                }]
+            );
+        }
+        let direct = FileTarget {
+            direct: Some(File::open(dir.join("disk.raw")).unwrap()),
+            ..target(&dir)
+        };
+        assert!(!direct.splice_writes());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

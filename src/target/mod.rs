@@ -290,6 +290,15 @@ pub trait BlockTarget: Send + Sync {
     fn change_count(&self) -> Option<&AtomicU64> {
         None
     }
+    /// Whether a large write's payload may go from the connection's socket straight into the file
+    /// (splice: socket to pipe to page cache), never passing through a buffer. True only when
+    /// every write with a payload plans exactly one [`FileIo::Write`] of the whole payload, from
+    /// buffer position 0, on a descriptor without `O_DIRECT`, and planning has no side effects:
+    /// the engine plans such a write before its payload has arrived. Targets that must see the
+    /// data (copy-on-write volumes, a mirror sending it to its peer) keep the default.
+    fn splice_writes(&self) -> bool {
+        false
+    }
 }
 
 /// A named export and the target behind it.
