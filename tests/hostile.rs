@@ -535,27 +535,8 @@ fn spliced_write_payload_cut_short_or_stalled() {
 #[test]
 fn spliced_write_onto_a_full_file_system_gets_enospc() {
     let dir = Scratch::new("hostile-splice-full");
-    let mnt = dir.path("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _mounted = Unmount(mnt.clone());
-    let disk = mnt.join("disk.raw");
+    let fs = SmallFs::mount(&dir, "4m");
+    let disk = fs.0.join("disk.raw");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(EXPORT_BYTES)

@@ -465,32 +465,11 @@ fn a_uid_that_is_not_root_or_the_owner_is_refused() {
     server.stop();
 }
 
-/// Mounts a small tmpfs (unmounted on drop), so the pool really runs out of space.
-struct SmallFs(PathBuf);
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_pool_fails_writes_with_enospc_and_recovers_when_space_is_freed() {
     let dir = Scratch::new("full");
-    let mnt = dir.path("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=24m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    let _fs = SmallFs(mnt.clone());
+    let fs = SmallFs::mount(&dir, "24m");
+    let mnt = fs.0.clone();
     let server = Server::start(&dir, &["--data-dir", mnt.join("pool").to_str().unwrap()]);
     let sock = mnt.join("pool/streamer.sock");
     let streamer = |args: &[&str]| {

@@ -10,6 +10,29 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_streamer");
 
+/// A small tmpfs mounted at `dir/mnt` (unmounted on drop), so a file system really runs out of
+/// space. `size` as mount(8) takes it, e.g. `4m`.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Scratch, size: &str) -> SmallFs {
+        let mnt = dir.path("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let opts = format!("size={size}");
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", &opts, "tmpfs", mnt.to_str().unwrap()],
+        );
+        SmallFs(mnt)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A scratch directory removed at drop.
 pub struct Scratch(pub PathBuf);
 
