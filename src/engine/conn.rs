@@ -1010,6 +1010,13 @@ impl Conn {
         }
         if matches!(self.pipe, SplicePipe::Untried) {
             self.pipe = match make_pipe() {
+                Ok(SplicePipe::Unavailable) => {
+                    tracing::debug!(
+                        conn = self.serial,
+                        "pipe too small to splice writes through"
+                    );
+                    SplicePipe::Unavailable
+                }
                 Ok(pipe) => pipe,
                 Err(e) => {
                     tracing::warn!(conn = self.serial, "no pipe to splice writes through: {e}");
@@ -1618,10 +1625,15 @@ fn make_pipe() -> nix::Result<SplicePipe> {
         );
     }
     let bytes = fcntl(&w, FcntlArg::F_GETPIPE_SZ)?;
+    // Past the per-user pipe limits the kernel hands out pipes of two pages: a 1 MiB payload
+    // would take over a hundred steps, more than the copy it saves.
+    if bytes < SPLICE_MIN_BYTES as i32 {
+        return Ok(SplicePipe::Unavailable);
+    }
     Ok(SplicePipe::Ready {
         r,
         w,
-        bytes: bytes.max(1) as u32,
+        bytes: bytes as u32,
     })
 }
 

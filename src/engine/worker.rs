@@ -159,10 +159,23 @@ impl Io {
             .user_data(ud[1]);
         let put = Self::splice_out(step.pipe_r, step.fd, step.offset, step.put).user_data(ud[2]);
         self.file_ios_in_flight += 3;
-        for e in [poll, take, put] {
+        // All three in one submission: the kernel ends a chain at the last entry submitted, so a
+        // chain split by a full queue would run the write before the move it depends on.
+        loop {
             // SAFETY: these entries point at no memory; the caller keeps the descriptors open
             // until their completions.
-            unsafe { self.push(&e) }
+            if unsafe {
+                self.ring
+                    .submission()
+                    .push_multiple(&[poll.clone(), take.clone(), put.clone()])
+            }
+            .is_ok()
+            {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring submit while queue full: {e}");
+            }
         }
     }
 
