@@ -46,6 +46,8 @@ pub struct FileTarget {
     /// regular file (it marks extents unwritten), on a block device only when the device offloads
     /// WRITE ZEROES (otherwise the kernel quietly writes pages of zeroes).
     zero_range_fast: bool,
+    /// Buffered mode on a file the kernel can splice into (see `splice_writes`).
+    splice_write: bool,
     /// Set by the first failed write or flush: after it, nothing written since the last good flush
     /// can be trusted durable, so every request fails until the export is reopened.
     failed: AtomicBool,
@@ -68,6 +70,7 @@ impl FileTarget {
         let buffered = open(false)?;
         let size_bytes = file_size(&buffered)?;
         let zero_range_fast = zero_range_is_fast(&buffered);
+        let splice_write = cache == CacheMode::Buffered && splice_write_works(&buffered);
         let (direct, direct_align) = match cache {
             CacheMode::Buffered => (None, 1),
             CacheMode::Direct => {
@@ -89,6 +92,7 @@ impl FileTarget {
             read_only,
             zero_range: AtomicBool::new(true),
             zero_range_fast,
+            splice_write,
             failed: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             revoked: AtomicBool::new(false),
@@ -446,9 +450,9 @@ impl BlockTarget for FileTarget {
 
     /// In buffered mode a write is one page-cache write of the payload (see `plan`). In direct
     /// mode aligned writes go to the `O_DIRECT` descriptor, which needs aligned memory that pipe
-    /// pages are not.
+    /// pages are not. And only where the kernel can splice into the file (`splice_write_works`).
     fn splice_writes(&self) -> bool {
-        self.direct.is_none()
+        self.splice_write
     }
 }
 
@@ -492,6 +496,38 @@ fn zero_range_is_fast(f: &File) -> bool {
         .find_map(|q| std::fs::read_to_string(format!("{q}/write_zeroes_max_bytes")).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .is_some_and(|max| max > 0)
+}
+
+/// Whether the kernel can splice into `f`: a block device, or a regular file on a file system
+/// known to implement `splice_write`. Since Linux 5.10 a file system without it fails the splice
+/// with EINVAL, which the engine would answer as a failed write and latch the export; a file
+/// system not listed here costs only the buffer path's extra copy.
+fn splice_write_works(f: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = f.metadata() else {
+        return false;
+    };
+    if meta.file_type().is_block_device() {
+        return true;
+    }
+    meta.is_file() && nix::sys::statfs::fstatfs(f).is_ok_and(|s| splices_into(s.filesystem_type()))
+}
+
+/// File systems whose regular files take `splice_write` (`iter_file_splice_write`) on every
+/// kernel that has io_uring's splice.
+fn splices_into(fs: nix::sys::statfs::FsType) -> bool {
+    use nix::sys::statfs::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
+    };
+    // ext2 and ext3 share ext4's magic (and its driver).
+    [
+        EXT4_SUPER_MAGIC,
+        XFS_SUPER_MAGIC,
+        BTRFS_SUPER_MAGIC,
+        F2FS_SUPER_MAGIC,
+        TMPFS_MAGIC,
+    ]
+    .contains(&fs)
 }
 
 /// Smallest alignment `O_DIRECT` accepts on this file: 512 or 4096.
@@ -667,11 +703,25 @@ mod tests {
                 }]
             );
         }
-        let direct = FileTarget {
-            direct: Some(File::open(dir.join("disk.raw")).unwrap()),
-            ..target(&dir)
-        };
-        assert!(!direct.splice_writes());
+        // tmpfs before Linux 6.6 refuses O_DIRECT; nothing to check there.
+        if let Ok(direct) = FileTarget::open(&dir.join("disk.raw"), false, CacheMode::Direct) {
+            assert!(!direct.splice_writes());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Splicing into a file system without `splice_write` fails with EINVAL, which would fail
+    /// the write and latch the export: only known file systems and block devices splice.
+    #[test]
+    fn splices_only_where_the_kernel_can() {
+        use nix::sys::statfs::{FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, PROC_SUPER_MAGIC, TMPFS_MAGIC};
+        assert!(splices_into(TMPFS_MAGIC));
+        for other in [FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, PROC_SUPER_MAGIC] {
+            assert!(!splices_into(other));
+        }
+        assert!(!splice_write_works(
+            &File::open("/proc/self/status").unwrap()
+        ));
+        assert!(!splice_write_works(&File::open("/dev/null").unwrap()));
     }
 }
