@@ -5,7 +5,7 @@
 use super::wire::*;
 
 /// Longest option payload read into memory. Longer known options are answered `NBD_REP_ERR_TOO_BIG`
-/// (unknown ones `NBD_REP_ERR_UNSUP`, ABORT its ACK) and
+/// (unknown ones `NBD_REP_ERR_UNSUP`, those that take no data `NBD_REP_ERR_INVALID`, ABORT its ACK) and
 /// their payload is discarded as it arrives, so a client claiming 1 GiB costs no memory.
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 /// Options accepted on one connection before the server gives up on the client.
@@ -230,10 +230,18 @@ impl Handshake {
                             return (consumed, Step::Close(CloseReason::Aborted));
                         }
                         // An option the server does not know is unsupported whatever its size;
-                        // only a known option is refused for being too big. While the server
-                        // shuts down every option gets ERR_SHUTDOWN, as in `option`.
+                        // one that takes no data is invalid with any (as the spec words it for
+                        // each); only a known option with a payload is refused for being too
+                        // big. While the server shuts down every option gets ERR_SHUTDOWN, as in
+                        // `option`.
+                        let takes_no_data = matches!(
+                            option,
+                            OPT_LIST | OPT_STARTTLS | OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS
+                        );
                         let (reply, msg) = if self.shutting_down {
                             (REP_ERR_SHUTDOWN, "server shutting down")
+                        } else if takes_no_data {
+                            (REP_ERR_INVALID, "option takes no data")
                         } else if is_known_option(option) {
                             (REP_ERR_TOO_BIG, "option payload too long")
                         } else {
@@ -943,6 +951,34 @@ mod tests {
         let types: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
         assert_eq!(types[..3], [REP_ERR_UNSUP, REP_ERR_UNSUP, REP_ERR_UNKNOWN]);
         assert_eq!(*types.last().unwrap(), REP_ACK);
+    }
+
+    #[test]
+    fn huge_payload_on_an_option_that_takes_none_is_invalid() {
+        // "the server SHOULD reject a request that includes data with NBD_REP_ERR_INVALID", at
+        // any size; negotiation goes on after the payload is skipped.
+        for option in [
+            OPT_LIST,
+            OPT_STARTTLS,
+            OPT_STRUCTURED_REPLY,
+            OPT_EXTENDED_HEADERS,
+        ] {
+            let big = MAX_OPTION_BYTES as usize + 1;
+            let mut input = flags(3);
+            input.extend(opt_header(option, big as u32));
+            input.extend(vec![0u8; big]);
+            input.extend(opt(OPT_INFO, &go_payload("disk", &[])));
+            let (n, step, out) = run(&input);
+            assert_eq!(n, input.len());
+            assert!(matches!(step, Step::NeedMore));
+            let r = replies(&out);
+            assert_eq!(
+                (r[0].0, r[0].1),
+                (option, REP_ERR_INVALID),
+                "option {option}"
+            );
+            assert_eq!(r.last().unwrap().1, REP_ACK);
+        }
     }
 
     #[test]
