@@ -96,9 +96,10 @@ pub struct ServeArgs {
     /// Connections served at once; more are accepted and closed at once.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
-    /// Microseconds a busy I/O thread spins for the next request before sleeping (0: never).
-    /// Trades a little CPU for much lower latency at low queue depth.
-    #[arg(long, default_value_t = 50, value_name = "MICROSECONDS")]
+    /// Microseconds a busy I/O thread spins for the next request before sleeping (0: never);
+    /// at most 50 while waiting on the disk. Trades a little CPU for much lower latency at low
+    /// queue depth; it should cover a client's turn-around between a reply and its next request.
+    #[arg(long, default_value_t = 200, value_name = "MICROSECONDS")]
     pub poll_us: u64,
     /// Seconds a negotiating client may go without sending a whole option.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]

@@ -45,7 +45,8 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// Buffer bytes each worker keeps for reuse.
     pub pool_cache_bytes: usize,
-    /// How long a busy worker spins for the next completion before sleeping (zero: never).
+    /// How long a busy worker spins for the next completion before sleeping (zero: never); at
+    /// most `worker::FILE_POLL_MAX` while file I/O is in flight.
     pub poll: Duration,
 }
 
@@ -61,7 +62,7 @@ impl Default for EngineConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             pool_cache_bytes: 256 << 20,
-            poll: Duration::from_micros(50),
+            poll: Duration::from_micros(200),
         }
     }
 }
