@@ -406,11 +406,19 @@ impl Worker {
             if *gap < budget && self.io.avg_request_bytes < u64::from(ASYNC_MIN_BYTES) {
                 self.spin_before_sleep(last_busy, budget)?;
             }
-            match self.io.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => return Err(e),
+            // A spin that ended on completions already in the queue (often ones its own submit
+            // produced inline, such as a page-cache read) needs no further enter; deferred task
+            // work (the TASKRUN flag) and unsubmitted entries still do.
+            let ready = !self.io.ring.completion().is_empty()
+                && self.io.ring.submission().is_empty()
+                && !self.io.ring.submission().taskrun();
+            if !ready {
+                match self.io.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(e) => return Err(e),
+                }
             }
             let gap = if on_file { &mut gap_file } else { &mut gap_net };
             *gap = (*gap * 7 + waiting_since.elapsed()) / 8;
