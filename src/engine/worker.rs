@@ -58,6 +58,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// direct mode at depth 1 (a disk read of ~200 us): spinning 200 us instead of 50 doubled the
 /// CPU per read and gained nothing; the disk's completion is not a wake-up the spin saves.
 const FILE_POLL_MAX: Duration = Duration::from_micros(50);
+/// Every splice: never waits on the pipe, and moves pages by reference where it can.
+const SPLICE_FLAGS: u32 = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
 
 /// The zeroes `FileIo::WriteZeroes` writes from. Never written, so any number of writes may read
 /// it at once; page-aligned so an `O_DIRECT` descriptor accepts it.
@@ -150,14 +152,13 @@ impl Io {
     /// and the move from the socket only starts once it is readable, so no io-wq worker ever waits
     /// on a slow client. The pipe must be empty (`put` then bounds what the move may bring).
     pub fn splice_payload(&mut self, ud: [u64; 3], step: &SpliceStep) {
-        let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
         let sock = types::Fd(step.sock);
         let poll = opcode::PollAdd::new(sock, libc::POLLIN as u32)
             .build()
             .flags(squeue::Flags::IO_HARDLINK)
             .user_data(ud[0]);
         let take = opcode::Splice::new(sock, -1, types::Fd(step.pipe_w), -1, step.take)
-            .flags(flags)
+            .flags(SPLICE_FLAGS)
             .build()
             .flags(squeue::Flags::IO_HARDLINK)
             .user_data(ud[1]);
@@ -193,10 +194,9 @@ impl Io {
     }
 
     fn splice_out(pipe_r: RawFd, fd: RawFd, offset: u64, len: u32) -> squeue::Entry {
-        let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
         // `offset` is below the export size, which fits an i64 (file sizes do).
         opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(fd), offset as i64, len)
-            .flags(flags)
+            .flags(SPLICE_FLAGS)
             .build()
     }
 

@@ -234,13 +234,9 @@ impl Handshake {
                         // each); only a known option with a payload is refused for being too
                         // big. While the server shuts down every option gets ERR_SHUTDOWN, as in
                         // `option`.
-                        let takes_no_data = matches!(
-                            option,
-                            OPT_LIST | OPT_STARTTLS | OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS
-                        );
                         let (reply, msg) = if self.shutting_down {
                             (REP_ERR_SHUTDOWN, "server shutting down")
-                        } else if takes_no_data {
+                        } else if takes_no_data(option) {
                             (REP_ERR_INVALID, "option takes no data")
                         } else if is_known_option(option) {
                             (REP_ERR_TOO_BIG, "option payload too long")
@@ -287,6 +283,12 @@ impl Handshake {
                 }
             };
         }
+        // "The client MUST NOT send any additional data with the option, and the server SHOULD
+        // reject a request that includes data with NBD_REP_ERR_INVALID" (each such option).
+        if takes_no_data(option) && !data.is_empty() {
+            option_reply_msg(out, option, REP_ERR_INVALID, "option takes no data");
+            return None;
+        }
         match option {
             OPT_EXPORT_NAME => Some(self.export_name(data, exports, out)),
             OPT_ABORT => {
@@ -294,10 +296,6 @@ impl Handshake {
                 Some(Step::Close(CloseReason::Aborted))
             }
             OPT_LIST => {
-                if !data.is_empty() {
-                    option_reply_msg(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
-                    return None;
-                }
                 exports.for_each(&mut |name, _| {
                     let mut payload = Vec::with_capacity(4 + name.len());
                     payload.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -308,23 +306,12 @@ impl Handshake {
                 None
             }
             OPT_STARTTLS => {
-                if !data.is_empty() {
-                    option_reply_msg(
-                        out,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
-                } else {
-                    option_reply_msg(out, option, REP_ERR_UNSUP, "TLS is not supported yet");
-                }
+                option_reply_msg(out, option, REP_ERR_UNSUP, "TLS is not supported yet");
                 None
             }
             OPT_INFO | OPT_GO => self.info_or_go(option, data, exports, out),
             OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    option_reply_msg(out, option, REP_ERR_INVALID, "option takes no data");
-                } else if self.mode == ReplyMode::Extended {
+                if self.mode == ReplyMode::Extended {
                     option_reply_msg(
                         out,
                         option,
@@ -338,12 +325,8 @@ impl Handshake {
                 None
             }
             OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
-                    option_reply_msg(out, option, REP_ERR_INVALID, "option takes no data");
-                } else {
-                    self.mode = ReplyMode::Extended;
-                    option_reply(out, option, REP_ACK, &[]);
-                }
+                self.mode = ReplyMode::Extended;
+                option_reply(out, option, REP_ACK, &[]);
                 None
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -576,6 +559,14 @@ pub fn transmission_flags(info: &ExportInfo, mode: ReplyMode) -> u16 {
         flags |= TF_SEND_CACHE;
     }
     flags
+}
+
+/// Options that carry no data: any payload, of whatever size, gets `NBD_REP_ERR_INVALID`.
+fn takes_no_data(option: u32) -> bool {
+    matches!(
+        option,
+        OPT_LIST | OPT_STARTTLS | OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS
+    )
 }
 
 /// Options this server implements (an answer other than `NBD_REP_ERR_UNSUP` is possible).
