@@ -298,6 +298,10 @@ PYEOF
 
 run_cell() {
     local round=$1 row=$2 tr=$3 srv=$4
+    # Write back what earlier cells left dirty, so the kernel's flusher does not write it (with
+    # the CPU and the disk) during this cell: a buffered 4k write cell dirties the whole image,
+    # and its writeback, 30 s later, used to land in some other server's cell.
+    timeout 300 sync "$IMG" || log "warning: sync of $IMG failed before round $round $row $tr $srv"
     start_server "$srv" "$tr"
     fio_cell "$round" "$row" "$tr" "$srv" "$(server_uri "$srv" "$tr")" "$SERVER_PID" stop_server
 }
@@ -312,7 +316,7 @@ print_header() {
     echo "- host: $(uname -sr), $(nproc) CPUs, CLK_TCK=$CLK_TCK"
     echo "- fio: $(fio --version), ioengine=nbd, runtime ${RUNTIME}s per cell, $ROUNDS rounds (medians), no ramp"
     echo "- image: $IMG ($(stat -c %s "$IMG") bytes, random data)"
-    echo "- cache mode: $CACHE; $CACHE_NOTE"
+    echo "- cache mode: $CACHE; $CACHE_NOTE; dirty pages written back (sync) before every cell"
     [ -z "${NBDKIT_NOTE:-}" ] || echo "- note: $NBDKIT_NOTE"
     [ "$CACHE" != direct ] || [ -z "$NBDKIT_CACHE" ] || \
         echo "- note: nbdkit cache=none is not O_DIRECT (it drops pages after each request)"
