@@ -647,6 +647,64 @@ fn client_that_never_reads_replies_is_bounded_and_others_are_served() {
     srv.stop();
 }
 
+/// A negotiating client that sends thousands of options and does not read the replies holds a
+/// bounded amount of server memory; once it reads, every option has been answered, in order.
+#[test]
+fn negotiating_client_that_does_not_read_is_bounded_then_answered() {
+    const OPT_LIST: u32 = 3;
+    const REP_SERVER: u32 = 2;
+    const EXPORTS: usize = 64;
+    const OPTIONS: usize = 4000;
+    let dir = Scratch::new("hostile-optflood");
+    // 64 exports with 128-byte names: one LIST reply is over 9 KiB, 4000 of them over 36 MiB.
+    let specs: Vec<String> = (0..EXPORTS)
+        .map(|i| {
+            let path = dir.sparse(&format!("e{i}.raw"), 1 << 20);
+            format!("--export={i:0>128}={}", path.display())
+        })
+        .collect();
+    let args: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let srv = server(&dir, &args);
+    let rss_before = rss_kib(srv.pid());
+    let mut c = Raw::connect(&srv);
+    c.greeting();
+    c.send(&3u32.to_be_bytes());
+    let mut options = Vec::new();
+    for _ in 0..OPTIONS {
+        options.extend(IHAVEOPT.to_be_bytes());
+        options.extend(OPT_LIST.to_be_bytes());
+        options.extend(0u32.to_be_bytes());
+    }
+    c.send(&options);
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(srv.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 8 * 1024,
+        "server RSS grew {grown} KiB for unread option replies"
+    );
+    still_serves(&srv);
+    for i in 0..OPTIONS {
+        // The 64 exports and `disk`, each its own SERVER reply, then the ACK.
+        let mut names = Vec::new();
+        loop {
+            let (opt, kind, data) = c.option_reply();
+            assert_eq!(opt, OPT_LIST, "option {i}");
+            if kind == REP_ACK {
+                break;
+            }
+            assert_eq!(kind, REP_SERVER, "option {i}");
+            let len = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+            names.push(data[4..4 + len].to_vec());
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), EXPORTS + 1, "option {i}");
+    }
+    drop(c);
+    still_serves(&srv);
+    srv.stop();
+}
+
 #[test]
 fn hundreds_of_connections_opened_and_dropped_at_once() {
     let dir = Scratch::new("hostile-storm");

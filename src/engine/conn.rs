@@ -18,7 +18,7 @@ use std::time::Instant;
 use super::bufpool::Buf;
 use super::worker::{Io, SpliceStep, Tag, user_data};
 use super::{EngineConfig, Incoming, Transport};
-use crate::nbd::handshake::{Handshake, Step};
+use crate::nbd::handshake::{Handshake, MAX_PENDING_REPLY_BYTES, Step};
 use crate::nbd::reply::{ReplyBuilder, Segment};
 use crate::nbd::request::{self, Command, Parse, Rejection, Session};
 use crate::nbd::wire::META_BASE_ALLOCATION_ID;
@@ -268,6 +268,8 @@ pub(super) struct Conn {
     pipe: SplicePipe,
     /// Writes whose payload was spliced (reported when the connection closes).
     spliced_writes: u64,
+    /// READs whose range had been read ahead (reported when the connection closes).
+    ahead_served: u64,
     /// Payload bytes of a refused request still to be discarded.
     skip_bytes: u64,
     /// Reading paused: no free slot or too many buffer bytes in flight.
@@ -339,6 +341,7 @@ impl Conn {
             splice_slot: None,
             pipe: SplicePipe::Untried,
             spliced_writes: 0,
+            ahead_served: 0,
             skip_bytes: 0,
             stalled: false,
             header_only: false,
@@ -415,6 +418,7 @@ impl Conn {
             export,
             requests = self.requests,
             spliced_writes = self.spliced_writes,
+            read_ahead_served = self.ahead_served,
             reason = self.closing.as_deref().unwrap_or("?"),
             "connection closed"
         );
@@ -618,10 +622,17 @@ impl Conn {
                     };
                 }
             }
+            let paused = self.out_next.len() >= MAX_PENDING_REPLY_BYTES;
             self.try_send(io);
             if self.close_after_send.is_some() {
                 self.maybe_done();
                 return;
+            }
+            // Replies the client has not read yet stopped the handshake (`advance` left the next
+            // option in the buffer): nothing more is received until a send completes and resumes
+            // it (`on_send`). Measured before `try_send` swapped the output away.
+            if paused && matches!(self.phase, Phase::Handshake(_)) {
+                self.stalled = true;
             }
         }
         if matches!(self.phase, Phase::Transmission { .. }) {
@@ -873,6 +884,11 @@ impl Conn {
             pos += step;
             self.ahead_end = pos;
             self.start(io, sid);
+            // A target that refuses at once (latched or withdrawn) frees the slot again, which
+            // would let this loop walk the whole export.
+            if self.slots[sid as usize].state == SlotState::Free {
+                break;
+            }
         }
     }
 
@@ -887,6 +903,7 @@ impl Conn {
                 && s.data_len == len
                 && s.ahead.is_some_and(|a| !a.claimed && a.epoch == epoch)
         })?;
+        self.ahead_served += 1;
         let slot = &mut self.slots[sid];
         if let Some(a) = slot.ahead.as_mut() {
             a.claimed = true;
@@ -915,6 +932,10 @@ impl Conn {
     /// Drops the read-ahead window: parked data is released now, reads in flight when they
     /// complete. Returns whether a slot was freed.
     fn drop_ahead(&mut self, io: &mut Io) -> bool {
+        // The next window starts from the reader's next READ, even when nothing is outstanding:
+        // a reader that read ahead up to the end of the export and wrapped to its start would
+        // otherwise find the old end still in place and get no read-ahead again.
+        self.ahead_end = 0;
         if self.ahead_slots == 0 {
             return false;
         }
@@ -922,7 +943,6 @@ impl Conn {
         self.ahead_slots = 0;
         io.ahead_bytes -= self.ahead_bytes;
         self.ahead_bytes = 0;
-        self.ahead_end = 0;
         let mut freed = false;
         for sid in 0..self.slots.len() {
             if self.slots[sid].state == SlotState::Parked {
@@ -1102,7 +1122,7 @@ impl Conn {
             sp.pending = 1;
             let sync = FileIo::Fdatasync { fd: sp.fd };
             // SAFETY: an fdatasync touches no memory; the target keeps `fd` open (`self.phase`).
-            unsafe { io.file_io(ud(SPLICE_SYNC), &sync, std::ptr::null_mut(), false) };
+            unsafe { io.file_io(ud(SPLICE_SYNC), &sync, std::ptr::null_mut()) };
         } else if sp.took > sp.wrote || sp.took == sp.len {
             sp.pending = 1;
             io.splice_put(ud(SPLICE_PUT), r, sp.fd, at, sp.took - sp.wrote);
@@ -1275,17 +1295,27 @@ impl Conn {
             return;
         }
         let buf = slot.buf_ptr();
-        for (i, file_io) in slot.plan.ios().enumerate() {
-            if matches!(file_io, FileIo::Zero { .. }) {
-                continue;
+        let cid = self.cid;
+        let kernel_ios = slot.pending;
+        let ios = slot
+            .plan
+            .ios()
+            .enumerate()
+            .filter(|(_, file_io)| !matches!(file_io, FileIo::Zero { .. }))
+            .map(|(i, file_io)| (user_data(Tag::Io, cid, sid, i as u16), file_io));
+        // The slot owns `buf` and stays `Running` (its buffer untouched and not released) until
+        // every I/O of the plan has completed; the target, which owns the file descriptors, is
+        // kept alive by `self.phase` for the connection's whole life.
+        if linked {
+            // SAFETY: as just said.
+            unsafe { io.file_chain(ios, buf) };
+        } else {
+            for (ud, file_io) in ios {
+                // SAFETY: as just said.
+                unsafe { io.file_io(ud, file_io, buf) };
             }
-            let ud = user_data(Tag::Io, self.cid, sid, i as u16);
-            // SAFETY: the slot owns `buf` and stays `Running` (its buffer untouched and not
-            // released) until every I/O of the plan has completed; the target, which owns the file
-            // descriptors, is kept alive by `self.phase` for the connection's whole life.
-            unsafe { io.file_io(ud, file_io, buf, linked && i + 1 < n) };
-            self.kernel_ops += 1;
         }
+        self.kernel_ops += kernel_ios as u32;
     }
 
     pub fn on_io(&mut self, io: &mut Io, sid: u16, sub: u16, res: i32) {
@@ -1298,7 +1328,7 @@ impl Conn {
                 let buf = slot.buf_ptr();
                 let ud = user_data(Tag::Io, self.cid, sid, sub);
                 // SAFETY: as in `submit_plan`: the slot keeps its buffer until every completion.
-                unsafe { io.file_io(ud, &rest, buf, false) };
+                unsafe { io.file_io(ud, &rest, buf) };
                 self.kernel_ops += 1;
                 return;
             }

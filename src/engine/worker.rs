@@ -13,7 +13,7 @@ use nix::sys::eventfd::EventFd;
 use super::bufpool::BufPool;
 use super::conn::Conn;
 use super::{EngineConfig, Incoming};
-use crate::target::{Exports, FileIo, ZERO_WRITE_BYTES};
+use crate::target::{Exports, FileIo, MAX_PLAN_IOS, ZERO_WRITE_BYTES};
 
 /// What a completion belongs to, packed into the 64-bit `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,18 +164,23 @@ impl Io {
             .user_data(ud[1]);
         let put = Self::splice_out(step.pipe_r, step.fd, step.offset, step.put).user_data(ud[2]);
         self.file_ios_in_flight += 3;
-        // All three in one submission: the kernel ends a chain at the last entry submitted, so a
-        // chain split by a full queue would run the write before the move it depends on.
+        // SAFETY: these entries point at no memory; the caller keeps the descriptors open until
+        // their completions.
+        unsafe { self.push_chain(&[poll, take, put]) }
+    }
+
+    /// Queues linked entries all at once. The kernel ends a chain at the last entry of a
+    /// submission, so a chain split by a full queue (`push` submits what is queued to make room)
+    /// would run its later entries on their own: a write before the move it depends on, an
+    /// fdatasync before the fallocate it makes durable.
+    ///
+    /// # Safety
+    /// As `push`, for every entry.
+    unsafe fn push_chain(&mut self, entries: &[squeue::Entry]) {
+        debug_assert!(entries.len() <= RING_ENTRIES as usize);
         loop {
-            // SAFETY: these entries point at no memory; the caller keeps the descriptors open
-            // until their completions.
-            if unsafe {
-                self.ring
-                    .submission()
-                    .push_multiple(&[poll.clone(), take.clone(), put.clone()])
-            }
-            .is_ok()
-            {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return;
             }
             if let Err(e) = self.ring.submit() {
@@ -210,7 +215,49 @@ impl Io {
     /// # Safety
     /// For reads and writes, `buf + buf_start .. + len` must stay valid (and, for reads, untouched
     /// by Rust) until the completion is reaped. The descriptor must stay open until then.
-    pub unsafe fn file_io(&mut self, ud: u64, io: &FileIo, buf: *mut u8, link: bool) {
+    pub unsafe fn file_io(&mut self, ud: u64, io: &FileIo, buf: *mut u8) {
+        // SAFETY: forwarded from the caller.
+        let e = unsafe { self.file_entry(ud, io, buf, false) };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// Submits target I/Os that run one after the other, each only if the one before succeeded
+    /// (`IO_LINK`), queued together (see `push_chain`). At most `MAX_PLAN_IOS`.
+    ///
+    /// # Safety
+    /// As `file_io`, for every I/O.
+    pub unsafe fn file_chain<'a>(
+        &mut self,
+        ios: impl Iterator<Item = (u64, &'a FileIo)>,
+        buf: *mut u8,
+    ) {
+        // A fixed array (no allocation per request); the no-ops past `n` are never queued.
+        let mut chain = [(); MAX_PLAN_IOS].map(|()| opcode::Nop::new().build());
+        let mut n = 0;
+        let mut ios = ios.peekable();
+        while let Some((ud, io)) = ios.next() {
+            assert!(n < MAX_PLAN_IOS, "a chain of more than {MAX_PLAN_IOS} I/Os");
+            let link = ios.peek().is_some();
+            // SAFETY: forwarded from the caller.
+            chain[n] = unsafe { self.file_entry(ud, io, buf, link) };
+            n += 1;
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push_chain(&chain[..n]) }
+    }
+
+    /// The entry of one target I/O, counted in flight; `link` chains the next entry to it.
+    ///
+    /// # Safety
+    /// As `file_io`: the entry points into `buf` for reads and writes.
+    unsafe fn file_entry(
+        &mut self,
+        ud: u64,
+        io: &FileIo,
+        buf: *mut u8,
+        link: bool,
+    ) -> squeue::Entry {
         let e = match *io {
             FileIo::Read {
                 fd,
@@ -280,10 +327,8 @@ impl Io {
         {
             flags |= squeue::Flags::ASYNC;
         }
-        let e = e.flags(flags);
         self.file_ios_in_flight += 1;
-        // SAFETY: forwarded from the caller.
-        unsafe { self.push(&e.user_data(ud)) }
+        e.flags(flags).user_data(ud)
     }
 }
 
@@ -477,7 +522,12 @@ impl Worker {
         if now.duration_since(last_busy) > Duration::from_millis(1) {
             return Ok(());
         }
-        self.io.ring.submit()?;
+        match self.io.ring.submit() {
+            Ok(_) => {}
+            // As for the wait in `run`: interrupted, or completions must be reaped first.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
         while now.elapsed() < budget {
             if !self.io.ring.completion().is_empty() || self.io.ring.submission().taskrun() {
                 break;

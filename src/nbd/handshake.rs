@@ -10,6 +10,10 @@ use super::wire::*;
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 /// Options accepted on one connection before the server gives up on the client.
 pub const MAX_OPTIONS: u32 = 4096;
+/// `advance` stops before the next option while this many reply bytes wait to be sent, and goes
+/// on when called again: a client that sends options and never reads the replies (a LIST of a
+/// pool with a thousand volumes is tens of KiB) holds at most this much plus one reply.
+pub const MAX_PENDING_REPLY_BYTES: usize = 64 * 1024;
 
 /// What the handshake needs to know about an export to describe it to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +202,9 @@ impl Handshake {
                     self.state = State::OptionHeader;
                 }
                 State::OptionHeader => {
+                    if out.len() >= MAX_PENDING_REPLY_BYTES {
+                        return (consumed, Step::NeedMore);
+                    }
                     let Some(header) = rest.first_chunk::<OPTION_HEADER_BYTES>() else {
                         return (consumed, Step::NeedMore);
                     };
@@ -1119,6 +1126,44 @@ mod tests {
         let (_, step, out) = run(&input);
         assert!(matches!(step, Step::Close(CloseReason::Aborted)));
         assert_eq!(replies(&out)[0].1, REP_ACK);
+    }
+
+    /// Options whose replies pile up unsent are left in the input until the output drains, then
+    /// answered in order: none lost, none answered twice.
+    #[test]
+    fn pending_replies_pause_the_options() {
+        let options = 4000;
+        let mut input = flags(3);
+        for _ in 0..options {
+            input.extend(opt(OPT_LIST, &[]));
+        }
+        let mut h = Handshake::new();
+        let (mut at, mut rounds, mut answered) = (0, 0, 0);
+        loop {
+            let mut out = Vec::new();
+            let (n, step) = h.advance(&input[at..], &Fixed, &mut out);
+            assert!(matches!(step, Step::NeedMore));
+            // One reply (SERVER + ACK for the one export) past the limit at most.
+            assert!(
+                out.len() < MAX_PENDING_REPLY_BYTES + 64,
+                "{} bytes",
+                out.len()
+            );
+            let r = replies(&out);
+            assert!(
+                r.chunks(2)
+                    .all(|p| p[0].1 == REP_SERVER && p[1].1 == REP_ACK)
+            );
+            answered += r.len() / 2;
+            at += n;
+            rounds += 1;
+            if at == input.len() {
+                break;
+            }
+            assert!(n > 0, "no progress with {} bytes left", input.len() - at);
+        }
+        assert_eq!(answered, options);
+        assert!(rounds > 1, "the replies never reached the limit");
     }
 
     #[test]
