@@ -76,6 +76,12 @@ fuzz_target!(|data: &[u8]| {
         buffered.drain(..used);
         match step {
             Step::NeedMore => {}
+            // Replies pile up unread: the client reads them, and the options left in `buffered`
+            // are fed again with the next chunk.
+            Step::Paused => {
+                check_replies(&out);
+                out.clear();
+            }
             Step::Close(_) | Step::Transmission(_) => break,
         }
     }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use super::bufpool::Buf;
 use super::worker::{Io, SpliceStep, Tag, user_data};
 use super::{EngineConfig, Incoming, Transport};
-use crate::nbd::handshake::{Handshake, MAX_PENDING_REPLY_BYTES, Step};
+use crate::nbd::handshake::{Handshake, Step};
 use crate::nbd::reply::{ReplyBuilder, Segment};
 use crate::nbd::request::{self, Command, Parse, Rejection, Session};
 use crate::nbd::wire::META_BASE_ALLOCATION_ID;
@@ -591,8 +591,12 @@ impl Conn {
             if used > 0 && !hs.shutting_down() {
                 self.deadline = Some(Instant::now() + self.handshake_timeout);
             }
+            // Replies the client has not read yet paused the handshake: nothing more is received
+            // until a send completes and resumes it (`on_send`).
+            let mut paused = false;
             match step {
                 Step::NeedMore => {}
+                Step::Paused => paused = true,
                 Step::Close(reason) => {
                     self.close_after_send = Some(format!("negotiation ended: {reason}"));
                 }
@@ -622,16 +626,12 @@ impl Conn {
                     };
                 }
             }
-            let paused = self.out_next.len() >= MAX_PENDING_REPLY_BYTES;
             self.try_send(io);
             if self.close_after_send.is_some() {
                 self.maybe_done();
                 return;
             }
-            // Replies the client has not read yet stopped the handshake (`advance` left the next
-            // option in the buffer): nothing more is received until a send completes and resumes
-            // it (`on_send`). Measured before `try_send` swapped the output away.
-            if paused && matches!(self.phase, Phase::Handshake(_)) {
+            if paused {
                 self.stalled = true;
             }
         }
