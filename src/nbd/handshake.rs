@@ -79,7 +79,7 @@ pub enum CloseReason {
     Aborted,
     #[error("server shutting down")]
     ShuttingDown,
-    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    #[error("client asked for unknown export {0} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
     #[error("NBD_OPT_EXPORT_NAME with an invalid or oversized name")]
     BadExportName,
@@ -363,7 +363,7 @@ impl Handshake {
             return Step::Close(CloseReason::BadExportName);
         };
         let Some((export, info)) = exports.lookup(name) else {
-            return Step::Close(CloseReason::UnknownExport(name.to_owned()));
+            return Step::Close(CloseReason::UnknownExport(name_for_message(name)));
         };
         let flags = transmission_flags(&info, self.mode);
         out.extend_from_slice(&info.size_bytes.to_be_bytes());
@@ -406,7 +406,7 @@ impl Handshake {
                 out,
                 option,
                 REP_ERR_UNKNOWN,
-                &format!("unknown export {name:?}"),
+                &format!("unknown export {}", name_for_message(name)),
             );
             return None;
         };
@@ -494,7 +494,7 @@ impl Handshake {
                 out,
                 option,
                 REP_ERR_UNKNOWN,
-                &format!("unknown export {name:?}"),
+                &format!("unknown export {}", name_for_message(name)),
             );
             return;
         }
@@ -604,12 +604,10 @@ fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
-/// An error reply carrying a human-readable message, as the spec allows for every error type.
-/// An error reply whose data is a message; the spec caps strings at 4096 bytes of UTF-8, so a
-/// message naming a long export name is cut at a character boundary.
+/// An error reply carrying a human-readable message, as the spec allows for every error type,
+/// kept within `MAX_MESSAGE_BYTES`.
 fn option_reply_msg(out: &mut Vec<u8>, option: u32, reply: u32, message: &str) {
-    let message = &message[..message.floor_char_boundary(MAX_STRING_BYTES)];
-    option_reply(out, option, reply, message.as_bytes());
+    option_reply(out, option, reply, bounded_message(message).as_bytes());
 }
 
 /// A name sent as the whole payload (`NBD_OPT_EXPORT_NAME`).
@@ -916,15 +914,22 @@ mod tests {
     #[test]
     fn option_error_messages_keep_to_the_string_limit() {
         // An unknown export name of the longest allowed length, in multibyte characters: the
-        // message naming it is cut to 4096 bytes at a character boundary.
+        // message repeats the start of it, cut at a character boundary, and stays within the
+        // 256 bytes the spec asks of strings.
         let name = "é".repeat(MAX_STRING_BYTES / 2);
         let mut input = flags(3);
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
         input.extend(opt(OPT_INFO, &go_payload(&name, &[])));
+        input.extend(opt(OPT_LIST_META_CONTEXT, &meta_payload(&name, &[])));
         let (_, _, out) = run(&input);
         let r = replies(&out);
-        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
-        assert!(r[0].2.len() <= MAX_STRING_BYTES, "{}", r[0].2.len());
-        assert!(std::str::from_utf8(&r[0].2).is_ok());
+        assert_eq!(r.len(), 3);
+        for reply in &r[1..] {
+            assert_eq!(reply.1, REP_ERR_UNKNOWN);
+            let msg = std::str::from_utf8(&reply.2).unwrap();
+            assert!(msg.len() <= MAX_MESSAGE_BYTES, "{}", msg.len());
+            assert!(msg.contains("éé") && msg.ends_with("(4096 bytes)"), "{msg}");
+        }
     }
 
     #[test]

@@ -8,6 +8,29 @@ use super::wire::*;
 /// Granularity at which read data is checked for zeroes and sent as `OFFSET_HOLE` instead.
 pub const HOLE_GRANULE_BYTES: u64 = 4096;
 
+/// Zero runs shorter than this are sent as data: a hole chunk and the data chunk after it cost two
+/// chunk headers and a client's chunk handling, worth it when they spare 64 KiB of transfer.
+pub const MIN_HOLE_RUN_BYTES: u64 = 64 * 1024;
+
+/// The chunks of one read reply, each emitted when the next is known, so the last one alone
+/// carries `REPLY_FLAG_DONE`.
+#[derive(Default)]
+struct Chunks(Option<(u64, u64, bool)>);
+
+impl Chunks {
+    fn push(&mut self, b: &mut ReplyBuilder<'_>, start: u64, end: u64, hole: bool) {
+        if let Some(prev) = self.0.replace((start, end, hole)) {
+            b.run(prev, 0);
+        }
+    }
+
+    fn finish(self, b: &mut ReplyBuilder<'_>) {
+        if let Some(last) = self.0 {
+            b.run(last, REPLY_FLAG_DONE);
+        }
+    }
+}
+
 /// One piece of an encoded reply, in send order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Segment {
@@ -88,7 +111,7 @@ impl ReplyBuilder<'_> {
             ReplyMode::Simple => self.simple(errno.wire()),
             ReplyMode::Structured | ReplyMode::Extended => {
                 // Error strings stay short and whole UTF-8 (the spec asks for UTF-8 text).
-                let message = &message[..message.floor_char_boundary(1024)];
+                let message = bounded_message(message);
                 self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + message.len() as u64);
                 self.push_header(&errno.wire().to_be_bytes());
                 self.push_header(&(message.len() as u16).to_be_bytes());
@@ -98,8 +121,10 @@ impl ReplyBuilder<'_> {
     }
 
     /// A successful read of `data` (the bytes at `self.offset`). With structured or extended
-    /// replies, aligned 4 KiB runs of zeroes go out as `OFFSET_HOLE` chunks instead of data,
-    /// unless `df` asks for a single chunk.
+    /// replies, runs of zeroes go out as `OFFSET_HOLE` chunks instead of data when they cover at
+    /// least `MIN_HOLE_RUN_BYTES` of aligned 4 KiB granules, or the whole read; shorter runs stay
+    /// in the data around them (the spec asks servers to keep chunks few). `df` asks for a single
+    /// chunk.
     pub fn read(&mut self, data: &[u8], df: bool) {
         let len = data.len() as u64;
         if self.mode == ReplyMode::Simple {
@@ -119,27 +144,43 @@ impl ReplyBuilder<'_> {
             }
             return;
         }
-        // Walk the buffer in granules aligned to the export, coalescing runs of one kind.
-        let mut run_start = 0u64;
-        let mut run_is_hole = None::<bool>;
+        // Walk the buffer in granules aligned to the export. `sent` is where the bytes not yet
+        // given to a chunk begin; `zeroes` where the current run of zero granules began.
+        let mut chunks = Chunks::default();
+        let mut sent = 0u64;
+        let mut zeroes = None::<u64>;
         let mut pos = 0u64;
-        while pos < len {
-            let abs = self.offset + pos;
-            let next = ((abs / HOLE_GRANULE_BYTES + 1) * HOLE_GRANULE_BYTES - self.offset).min(len);
-            let whole_granule =
-                abs.is_multiple_of(HOLE_GRANULE_BYTES) && next - pos == HOLE_GRANULE_BYTES;
-            let hole = whole_granule && is_zero(&data[pos as usize..next as usize]);
-            if run_is_hole.is_some_and(|h| h != hole) {
-                self.run(run_start, pos, run_is_hole == Some(true), 0);
-                run_start = pos;
+        while pos <= len {
+            let (zero, next) = if pos == len {
+                (false, len + 1) // one step past the end closes the last run
+            } else {
+                let abs = self.offset + pos;
+                let next =
+                    ((abs / HOLE_GRANULE_BYTES + 1) * HOLE_GRANULE_BYTES - self.offset).min(len);
+                let whole =
+                    abs.is_multiple_of(HOLE_GRANULE_BYTES) && next - pos == HOLE_GRANULE_BYTES;
+                (whole && is_zero(&data[pos as usize..next as usize]), next)
+            };
+            if zero {
+                zeroes.get_or_insert(pos);
+            } else if let Some(from) = zeroes.take()
+                && (pos - from >= MIN_HOLE_RUN_BYTES || (from == 0 && pos == len))
+            {
+                if from > sent {
+                    chunks.push(self, sent, from, false);
+                }
+                chunks.push(self, from, pos, true);
+                sent = pos;
             }
-            run_is_hole = Some(hole);
             pos = next;
         }
-        self.run(run_start, len, run_is_hole == Some(true), REPLY_FLAG_DONE);
+        if sent < len {
+            chunks.push(self, sent, len, false);
+        }
+        chunks.finish(self);
     }
 
-    fn run(&mut self, start: u64, end: u64, hole: bool, flags: u16) {
+    fn run(&mut self, (start, end, hole): (u64, u64, bool), flags: u16) {
         if hole {
             self.hole(self.offset + start, end - start, flags);
         } else {
@@ -282,10 +323,12 @@ mod tests {
     }
 
     #[test]
-    fn structured_read_sends_zero_granules_as_holes() {
-        let mut data = vec![0u8; 4 * 4096];
-        data[100] = 1; // granule 0 data
-        data[3 * 4096 + 5] = 1; // granule 3 data
+    fn structured_read_sends_long_zero_runs_as_holes() {
+        // Data in granule 0, 16 zero granules (64 KiB), data in the last granule.
+        let granule = HOLE_GRANULE_BYTES as usize;
+        let mut data = vec![0u8; 18 * granule];
+        data[100] = 1;
+        data[17 * granule + 5] = 1;
         let (h, s) = build(ReplyMode::Structured, 8192, |b| b.read(&data, false));
         assert_eq!(
             chunk_types(&h, &s),
@@ -295,7 +338,7 @@ mod tests {
                 (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)
             ]
         );
-        // The hole covers granules 1 and 2 at absolute offsets.
+        // The hole covers granules 1 to 16 at absolute offsets.
         let hole_payload = &h[20 + 8 + 20..20 + 8 + 20 + 12];
         assert_eq!(
             u64::from_be_bytes(hole_payload[..8].try_into().unwrap()),
@@ -303,7 +346,39 @@ mod tests {
         );
         assert_eq!(
             u32::from_be_bytes(hole_payload[8..].try_into().unwrap()),
-            8192
+            MIN_HOLE_RUN_BYTES as u32
+        );
+        // A run that ends the read is a hole too, and carries DONE.
+        let data = &data[..17 * granule];
+        let (h, s) = build(ReplyMode::Structured, 0, |b| b.read(data, false));
+        assert_eq!(
+            chunk_types(&h, &s),
+            [
+                (0, REPLY_TYPE_OFFSET_DATA),
+                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)
+            ]
+        );
+    }
+
+    #[test]
+    fn short_zero_runs_stay_in_one_data_chunk() {
+        // Every other granule zero, and 15 zero granules (60 KiB) in the middle: one chunk.
+        let granule = HOLE_GRANULE_BYTES as usize;
+        let mut data = vec![0u8; 64 * granule];
+        for g in (0..64).step_by(2).filter(|g| !(21..35).contains(g)) {
+            data[g * granule] = 7;
+        }
+        let (h, s) = build(ReplyMode::Structured, 0, |b| b.read(&data, false));
+        assert_eq!(
+            chunk_types(&h, &s),
+            [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)]
+        );
+        // A read that is all zeroes is one hole, however short.
+        let data = vec![0u8; granule];
+        let (h, s) = build(ReplyMode::Structured, 4096, |b| b.read(&data, false));
+        assert_eq!(
+            chunk_types(&h, &s),
+            [(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)]
         );
     }
 

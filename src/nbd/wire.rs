@@ -115,6 +115,26 @@ pub const META_BASE_ALLOCATION_ID: u32 = 1;
 
 /// Longest export name or other string the spec allows.
 pub const MAX_STRING_BYTES: usize = 4096;
+/// Longest error message streamer sends: strings "SHOULD be no longer than 256 bytes".
+pub const MAX_MESSAGE_BYTES: usize = 256;
+/// How much of a client's name an error message repeats (qemu-nbd repeats 80 characters).
+const NAME_IN_MESSAGE_BYTES: usize = 64;
+
+/// `name` as an error message shows it: quoted, cut at a character boundary when long (a name
+/// may be 4096 bytes, a message should stay within `MAX_MESSAGE_BYTES`).
+pub fn name_for_message(name: &str) -> String {
+    let cut = name.floor_char_boundary(NAME_IN_MESSAGE_BYTES);
+    if cut == name.len() {
+        format!("{name:?}")
+    } else {
+        format!("{:?}... ({} bytes)", &name[..cut], name.len())
+    }
+}
+
+/// `message` cut to `MAX_MESSAGE_BYTES` at a character boundary (messages are UTF-8 text).
+pub fn bounded_message(message: &str) -> &str {
+    &message[..message.floor_char_boundary(MAX_MESSAGE_BYTES)]
+}
 
 /// Errors as they appear in replies. The values are the wire values (Linux errno numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -162,6 +162,41 @@ def test_df(h, r0, data):
         impl(False, "DF read of 1 MiB failed with EOVERFLOW")
 
 
+def read_chunks(h, count, offset):
+    """pread_structured without DF; returns (data, chunk list)."""
+    chunks = []
+
+    def cb(subbuf, off, status, err):
+        chunks.append((off, len(subbuf), status))
+        return 0
+
+    buf = h.pread_structured(count, offset, cb)
+    return bytes(buf), chunks
+
+
+def test_read_chunks(h, at):
+    """Spec: a server SHOULD try to minimize the number of chunks in a reply."""
+    log("read chunks over scattered and long runs of written zeroes")
+    page = 4 * KiB
+    data = bytearray(pattern(3000, MiB))
+    for p in range(0, MiB, 2 * page):
+        data[p:p + page] = bytes(page)
+    h.pwrite(bytes(data), at)
+    got, chunks = read_chunks(h, MiB, at)
+    check_data(got, bytes(data), "read over alternating data and zero pages")
+    impl(len(chunks) == 1,
+         "1 MiB of alternating 4 KiB data and zero pages should be one chunk, got %d"
+         % len(chunks))
+    data[256 * KiB:768 * KiB] = bytes(512 * KiB)
+    h.pwrite(bytes(data), at)
+    got, chunks = read_chunks(h, MiB, at)
+    check_data(got, bytes(data), "read over a long run of zeroes")
+    holes = [(o, n) for o, n, st in chunks if st == nbd.READ_HOLE]
+    # Even pages are zero, so the run takes in the page after it: [256 KiB, 772 KiB).
+    impl(holes == [(at + 256 * KiB, 516 * KiB)],
+         "512 KiB of zeroes should be sent as one hole, got chunks %r" % chunks)
+
+
 def test_zero(h, r0, data):
     log("WRITE_ZEROES with NO_HOLE on the trimmed range")
     h.zero(MiB, r0 + MiB, nbd.CMD_FLAG_NO_HOLE)
@@ -337,6 +372,7 @@ def main(argv):
     r0 = (size // 2) // MiB * MiB - 2 * MiB
     data = test_trim_and_status(h, r0)
     test_df(h, r0, data)
+    test_read_chunks(h, r0 + 4 * MiB)
     test_zero(h, r0, data)
     test_fua_flush(h, size)
     h.shutdown()
