@@ -50,6 +50,12 @@ fn decode(ud: u64) -> (Option<Tag>, u32, u16, u16) {
     )
 }
 
+/// Errors of `io_uring_enter` that lose nothing: interrupted by a signal (`EINTR`), or
+/// completions must be reaped before more can be submitted (`EBUSY`). The loop goes on.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY))
+}
+
 const RING_ENTRIES: u32 = 1024;
 /// Transfers at least this large are handed to io-wq workers (see `file_io`).
 const ASYNC_MIN_BYTES: u32 = 256 * 1024;
@@ -99,16 +105,8 @@ impl Io {
     /// Every pointer in `entry` must stay valid (and the memory unaliased by Rust writes, for
     /// buffers the kernel fills) until the completion with the entry's `user_data` is reaped.
     unsafe fn push(&mut self, entry: &squeue::Entry) {
-        loop {
-            // SAFETY: the caller upholds the validity of `entry`'s pointers until completion.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return;
-            }
-            // Submission queue full: hand what is queued to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
-                tracing::warn!("io_uring submit while queue full: {e}");
-            }
-        }
+        // SAFETY: the caller upholds the validity of `entry`'s pointers until completion.
+        unsafe { self.push_chain(std::slice::from_ref(entry)) }
     }
 
     /// # Safety
@@ -169,10 +167,11 @@ impl Io {
         unsafe { self.push_chain(&[poll, take, put]) }
     }
 
-    /// Queues linked entries all at once. The kernel ends a chain at the last entry of a
-    /// submission, so a chain split by a full queue (`push` submits what is queued to make room)
-    /// would run its later entries on their own: a write before the move it depends on, an
-    /// fdatasync before the fallocate it makes durable.
+    /// Queues entries all at once; when the submission queue is full, hands what is queued to
+    /// the kernel and retries. Linked entries must go in together: the kernel ends a chain at the
+    /// last entry of a submission, so a chain split by a full queue would run its later entries
+    /// on their own (a write before the move it depends on, an fdatasync before the fallocate it
+    /// makes durable).
     ///
     /// # Safety
     /// As `push`, for every entry.
@@ -460,8 +459,7 @@ impl Worker {
             if !ready {
                 match self.io.ring.submit_and_wait(1) {
                     Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(e) if is_transient(&e) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -524,8 +522,7 @@ impl Worker {
         }
         match self.io.ring.submit() {
             Ok(_) => {}
-            // As for the wait in `run`: interrupted, or completions must be reaped first.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => return Ok(()),
+            Err(e) if is_transient(&e) => return Ok(()),
             Err(e) => return Err(e),
         }
         while now.elapsed() < budget {
