@@ -246,8 +246,9 @@ fn command(h: &RequestHeader, s: &Session, payload_bytes: u64) -> Result<Command
     }
     // The spec: the server SHOULD answer EINVAL to a request not aligned to the minimum block
     // size (every request with an offset and a length, block status included). Only clients that
-    // agreed to one have a minimum above 1 here. The tail of an export whose size is not a
-    // multiple stays reachable. FLUSH has no range.
+    // agreed to one have a minimum above 1 here. Targets advertise a minimum that divides the
+    // export size; should one not, a request that ends at the end of the export still passes,
+    // so the tail stays reachable. FLUSH has no range.
     let aligned = s.block_min <= 1
         || (offset.is_multiple_of(u64::from(s.block_min))
             && (len.is_multiple_of(u64::from(s.block_min)) || end == Some(s.size_bytes)));

@@ -202,7 +202,7 @@ impl BlockTarget for FileTarget {
             can_fast_zero: true,
             can_cache: self.direct.is_none(),
             can_multi_conn: true,
-            block_min: self.direct_align as u32,
+            block_min: advertised_block_min(self.direct_align, self.size_bytes),
             block_preferred: PREFERRED_BLOCK_BYTES,
         }
     }
@@ -539,6 +539,17 @@ fn splices_into(fs: nix::sys::statfs::FsType) -> bool {
 }
 
 /// Smallest alignment `O_DIRECT` accepts on this file: 512 or 4096.
+/// The minimum block size to advertise: the `O_DIRECT` alignment, lowered to the largest power of
+/// two that divides the export size. The spec says an export's size SHOULD be a multiple of its
+/// advertised minimum, or a client that honours it cannot reach the last bytes. Unaligned
+/// requests are served anyway (through an aligned bounce), so the lower minimum is still true;
+/// it only costs that client a read-modify-write at the tail.
+fn advertised_block_min(align: u64, size_bytes: u64) -> u32 {
+    let divides_size = 1u64 << size_bytes.trailing_zeros().min(63);
+    // The alignment is 1 (buffered) or a probed 512 or 4096, so it fits the 32-bit field.
+    align.min(divides_size) as u32
+}
+
 fn probe_direct_alignment(f: &File) -> u64 {
     use std::os::unix::fs::FileExt;
     let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("valid layout");
@@ -578,6 +589,17 @@ mod tests {
         let f = File::create(&path).unwrap();
         f.set_len(16 << 20).unwrap();
         FileTarget::open(&path, false, CacheMode::Buffered).unwrap()
+    }
+
+    #[test]
+    fn advertised_minimum_divides_the_export_size() {
+        assert_eq!(advertised_block_min(4096, 16 << 20), 4096);
+        assert_eq!(advertised_block_min(512, (3 << 20) + 512), 512);
+        assert_eq!(advertised_block_min(4096, (3 << 20) + 512), 512);
+        assert_eq!(advertised_block_min(4096, (3 << 20) + 100), 4);
+        assert_eq!(advertised_block_min(512, 12345), 1);
+        assert_eq!(advertised_block_min(1, 1 << 40), 1);
+        assert_eq!(advertised_block_min(4096, 0), 4096);
     }
 
     fn scratch(name: &str) -> std::path::PathBuf {
