@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (when missing) and runs every test: unit tests, and integration tests
-# that start the real binary and drive it with nbdinfo, libnbd, qemu-io/qemu-img/qemu-nbd, nbdcopy
-# and fio. Usage: scripts/test.sh [extra cargo test args]
+# that start the real binary and drive it with nbdinfo, libnbd, qemu-io/qemu-img/qemu-nbd, nbdcopy,
+# fio, and the kernel (ext4 on a loop device over nbdfuse). Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,10 @@ command -v nbdcopy >/dev/null || need_pkgs+=(libnbd-bin)
 command -v fio >/dev/null || need_pkgs+=(fio)
 command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
 command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
+# ext4 on a loop device over nbdfuse (tests/kernel_fs.rs); nbdfuse comes with libnbd-bin.
+command -v nbdfuse >/dev/null || need_pkgs+=(libnbd-bin)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null || need_pkgs+=(mount)
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
