@@ -10,8 +10,8 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::{self, NonNull};
 
-/// Alignment of every buffer: enough for `O_DIRECT` on 4Kn devices.
-pub const BUF_ALIGN: usize = 4096;
+/// Alignment of every buffer: what targets are promised (enough for `O_DIRECT` on 4Kn devices).
+pub const BUF_ALIGN: usize = crate::target::BUFFER_ALIGN;
 const MIN_CLASS_SHIFT: u32 = 12;
 const CLASSES: usize = 16; // 4 KiB .. 128 MiB
 /// Buffers from this size up are anonymous mappings rather than heap allocations.

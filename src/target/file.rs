@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::{
-    BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, ZERO_WRITE_BYTES,
-    push_extent,
+    BUFFER_ALIGN, BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp,
+    ZERO_WRITE_BYTES, push_extent,
 };
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 use nix::unistd::Whence;
@@ -87,7 +87,7 @@ impl FileTarget {
                         format!("opening {} with O_DIRECT: {e}", path.display()),
                     )
                 })?;
-                let align = probe_direct_alignment(&f);
+                let align = direct_alignment(&f, path)?;
                 (Some(f), align)
             }
         };
@@ -538,7 +538,6 @@ fn splices_into(fs: nix::sys::statfs::FsType) -> bool {
     .contains(&fs)
 }
 
-/// Smallest alignment `O_DIRECT` accepts on this file: 512 or 4096.
 /// The minimum block size to advertise: the `O_DIRECT` alignment, lowered to the largest power of
 /// two that divides the export size. The spec says an export's size SHOULD be a multiple of its
 /// advertised minimum, or a client that honours it cannot reach the last bytes. Unaligned
@@ -546,37 +545,52 @@ fn splices_into(fs: nix::sys::statfs::FsType) -> bool {
 /// it only costs that client a read-modify-write at the tail.
 fn advertised_block_min(align: u64, size_bytes: u64) -> u32 {
     let divides_size = 1u64 << size_bytes.trailing_zeros().min(63);
-    // The alignment is 1 (buffered) or a probed 512 or 4096, so it fits the 32-bit field.
-    align.min(divides_size) as u32
+    // The spec's ceiling for a minimum; a request aligned to it but not to a larger direct-I/O
+    // alignment goes through the page cache.
+    align.min(divides_size).min(MAX_BLOCK_MIN) as u32
 }
 
-fn probe_direct_alignment(f: &File) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("valid layout");
-    let mut buf = AlignedBuf::new(layout);
-    for align in [512u64, 4096] {
-        match f.read_at(&mut buf.as_mut()[..align as usize], 0) {
-            Ok(_) => return align,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
-            Err(_) => return 4096,
+/// The largest minimum block size the spec allows.
+const MAX_BLOCK_MIN: u64 = 1 << 16;
+
+/// The offset and length alignment `O_DIRECT` needs on `f`, as the kernel states it: `statx`
+/// with `STATX_DIOALIGN` (Linux 6.1, for the file systems that do direct I/O), else a block
+/// device's logical block size, else 4096, which every device with sectors of up to 4 KiB
+/// accepts (too large an alignment only sends more requests through the page cache; too small
+/// a one fails writes). Never found by trying a read: the kernel answers a direct read of a hole
+/// with zeroes without checking alignment, so a sparse image on a disk of 4 KiB sectors once
+/// probed as 512, and every 512-aligned write to it then failed with `EINVAL`.
+fn direct_alignment(f: &File, path: &Path) -> io::Result<u64> {
+    use rustix::fs::{AtFlags, StatxFlags, statx};
+    if let Ok(st) = statx(f, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN)
+        && StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::DIOALIGN)
+    {
+        let (offset, mem) = (st.stx_dio_offset_align, st.stx_dio_mem_align);
+        if offset == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} does not support O_DIRECT; use --cache buffered",
+                    path.display()
+                ),
+            ));
         }
+        // Request buffers are BUFFER_ALIGN-aligned; a device that needs more cannot take them.
+        if mem as usize > BUFFER_ALIGN || !offset.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: O_DIRECT needs offsets aligned to {offset} and memory to {mem} bytes, \
+                     which this server's buffers ({BUFFER_ALIGN}) do not meet; use --cache buffered",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(u64::from(offset));
     }
-    4096
-}
-
-/// A small aligned buffer for the O_DIRECT probe.
-struct AlignedBuf(Vec<u8>, usize);
-
-impl AlignedBuf {
-    fn new(layout: std::alloc::Layout) -> Self {
-        // Over-allocate and slice at an aligned offset: no unsafe needed.
-        let v = vec![0u8; layout.size() + layout.align()];
-        let start = v.as_ptr().align_offset(layout.align());
-        AlignedBuf(v, start)
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        let start = self.1;
-        &mut self.0[start..start + 4096]
+    match rustix::fs::ioctl_blksszget(f) {
+        Ok(n) if n.is_power_of_two() => Ok(u64::from(n)),
+        _ => Ok(4096),
     }
 }
 
@@ -589,6 +603,37 @@ mod tests {
         let f = File::create(&path).unwrap();
         f.set_len(16 << 20).unwrap();
         FileTarget::open(&path, false, CacheMode::Buffered).unwrap()
+    }
+
+    #[test]
+    fn direct_alignment_comes_from_the_kernel_not_from_a_read_of_a_hole() {
+        let dir = scratch("dioalign");
+        let path = dir.join("sparse.raw");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let align = direct_alignment(&f, &path).unwrap();
+        assert!(
+            align.is_power_of_two() && (512..=4096).contains(&align),
+            "{align}"
+        );
+        // The device's logical block size bounds it from below wherever the kernel reports one.
+        let st = rustix::fs::stat(&path).unwrap();
+        let sysfs = format!(
+            "/sys/dev/block/{}:{}/queue/logical_block_size",
+            rustix::fs::major(st.st_dev),
+            rustix::fs::minor(st.st_dev)
+        );
+        if let Ok(lbs) = std::fs::read_to_string(&sysfs) {
+            assert!(
+                align >= lbs.trim().parse::<u64>().unwrap(),
+                "{align} < {lbs}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

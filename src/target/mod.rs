@@ -123,6 +123,10 @@ pub const ZERO_WRITE_BYTES: u32 = 1 << 20;
 /// Most I/Os one phase of an operation may issue.
 pub const MAX_PLAN_IOS: usize = 8;
 
+/// Alignment of the memory of every request buffer the engine hands a target (its buffer pool
+/// allocates at this alignment): what `O_DIRECT` needs on devices with sectors of up to 4 KiB.
+pub const BUFFER_ALIGN: usize = 4096;
+
 /// One phase of an operation: I/Os issued together. `linked` runs them in order, each starting only
 /// after the previous one succeeded (a later one fails with `ECANCELED` if an earlier one fails).
 #[derive(Debug, Default, Clone)]
