@@ -58,6 +58,7 @@ fn session(mode: ReplyMode) -> Session {
         max_payload_bytes: 32 << 20,
         base_allocation: true,
         block_min: 1,
+        sizes_agreed: false,
     }
 }
 

@@ -60,6 +60,28 @@ fn nbdinfo_lists_exports_reports_size_and_maps_holes() {
     srv.stop();
 }
 
+/// A node with thousands of volumes can still be listed: nbdinfo asks about each export with
+/// options of its own, and a flat cap of 4096 options per connection once cut it off after
+/// about 1670 exports.
+#[test]
+fn nbdinfo_lists_thousands_of_exports() {
+    let dir = Scratch::new("many-exports");
+    let disk = dir.sparse("one.raw", MIB);
+    let specs: Vec<String> = (0..2500)
+        .map(|i| format!("v{i:04}={}:ro", disk.display()))
+        .collect();
+    let mut args = Vec::new();
+    for s in &specs {
+        args.extend(["--export", s.as_str()]);
+    }
+    let srv = Server::start(&dir, &args);
+    let list = stdout(&run("nbdinfo", &["--list", &srv.unix_uri("")]));
+    let names = list.lines().filter(|l| l.starts_with("export=")).count();
+    assert_eq!(names, 2500, "{}", &list[list.len().saturating_sub(2000)..]);
+    assert!(list.contains("export=\"v2499\""));
+    srv.stop();
+}
+
 #[test]
 fn libnbd_structured_block_status_trim_and_zero() {
     for cache in ["buffered", "direct"] {

@@ -293,6 +293,78 @@ fn bad_requests_get_errors_and_the_connection_keeps_working() {
     srv.stop();
 }
 
+/// Extended headers with `--max-request` below the spec's default maximum (32 MiB). A client that
+/// did not ask for block sizes may assume the default, so a larger write up to 32 MiB is drained
+/// and refused with EINVAL (the spec: a stricter server MUST cleanly error what falls outside);
+/// a client that agreed to the advertised maximum and breaks it is disconnected.
+#[test]
+fn extended_write_over_a_lowered_maximum_is_refused_unless_agreed() {
+    const OPT_EXTENDED_HEADERS: u32 = 11;
+    const INFO_BLOCK_SIZE: u16 = 3;
+    const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+    const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+    const PAYLOAD_LEN: u16 = 1 << 5;
+    const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+    let dir = Scratch::new("hostile-ext-max");
+    let srv = server(&dir, &["--max-request", "64K"]);
+    let negotiate = |ask_sizes: bool| {
+        let mut c = Raw::connect(&srv);
+        c.greeting();
+        c.send(&3u32.to_be_bytes());
+        c.option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(c.option_reply().1, REP_ACK);
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        if ask_sizes {
+            go.extend_from_slice(&1u16.to_be_bytes());
+            go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        } else {
+            go.extend_from_slice(&0u16.to_be_bytes());
+        }
+        c.option(OPT_GO, &go);
+        while c.option_reply().1 != REP_ACK {}
+        c
+    };
+    let ext_request = |flags: u16, kind: u16, cookie: u64, offset: u64, len: u64| {
+        let mut b = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    };
+    // Reads one extended reply chunk: (type, cookie, payload).
+    let reply = |c: &mut Raw| {
+        assert_eq!(c.u32(), EXTENDED_REPLY_MAGIC);
+        let (_flags, kind, cookie, _offset, len) = (c.u16(), c.u16(), c.u64(), c.u64(), c.u64());
+        (kind, cookie, c.recv(len as usize))
+    };
+
+    let mut c = negotiate(false);
+    let mut b = ext_request(PAYLOAD_LEN, CMD_WRITE, 1, 0, 128 << 10);
+    b.extend_from_slice(&vec![0x5a; 128 << 10]);
+    c.send(&b);
+    let (kind, cookie, payload) = reply(&mut c);
+    assert_eq!((kind, cookie), (REPLY_TYPE_ERROR, 1));
+    assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), EINVAL);
+    // The payload was drained: the connection is in sync, and nothing was written.
+    c.send(&ext_request(0, CMD_READ, 2, 0, 4096));
+    let (kind, cookie, payload) = reply(&mut c);
+    assert_eq!(cookie, 2);
+    assert_ne!(kind, REPLY_TYPE_ERROR, "{payload:?}");
+    assert!(!payload.contains(&0x5a));
+    drop(c);
+
+    let mut c = negotiate(true);
+    let mut b = ext_request(PAYLOAD_LEN, CMD_WRITE, 3, 0, 128 << 10);
+    b.extend_from_slice(&vec![0x5a; 128 << 10]);
+    let _ = c.0.write_all(&b); // the server may close before taking it all
+    assert!(c.closed_by_server());
+    still_serves(&srv);
+    srv.stop();
+}
+
 /// Requests the spec allows though they look odd: zero lengths, FUA on any command, flags on DISC,
 /// and a client that does not set the fixed-newstyle flag.
 #[test]

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         max_payload_bytes: 4096u32 << (data[8] % 14),
         base_allocation: data[9] & 1 == 1,
         block_min: 1 << (data[10] % 13),
+        sizes_agreed: data[10] & 0x80 != 0,
     };
     let mut rest = &data[12..];
     let mut header = Vec::new();

@@ -608,6 +608,7 @@ impl Conn {
                         max_payload_bytes: self.max_payload_bytes,
                         base_allocation: neg.base_allocation,
                         block_min: neg.block_min,
+                        sizes_agreed: neg.sizes_agreed,
                     };
                     tracing::info!(
                         conn = self.serial,

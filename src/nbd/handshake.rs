@@ -8,8 +8,11 @@ use super::wire::*;
 /// (unknown ones `NBD_REP_ERR_UNSUP`, those that take no data `NBD_REP_ERR_INVALID`, ABORT its ACK) and
 /// their payload is discarded as it arrives, so a client claiming 1 GiB costs no memory.
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
-/// Options accepted on one connection before the server gives up on the client.
+/// Options accepted on one connection before the server gives up on the client, with this many
+/// more per export: a client may ask about every export one option at a time (`nbdinfo --list`
+/// sends two or three per export; with a flat 4096, a pool of 1700 volumes could not be listed).
 pub const MAX_OPTIONS: u32 = 4096;
+pub const MAX_OPTIONS_PER_EXPORT: u32 = 4;
 /// `advance` stops before the next option while this many reply bytes wait to be sent, and goes
 /// on when called again: a client that sends options and never reads the replies (a LIST of a
 /// pool with a thousand volumes is tens of KiB) holds at most this much plus one reply.
@@ -40,6 +43,20 @@ pub trait ExportLookup {
     fn lookup(&self, name: &str) -> Option<(Self::Export, ExportInfo)>;
     /// Calls `f(name, description)` for every export, for `NBD_OPT_LIST`.
     fn for_each(&self, f: &mut dyn FnMut(&str, &str));
+    /// How many exports there are.
+    fn count(&self) -> usize {
+        let mut n = 0;
+        self.for_each(&mut |_, _| n += 1);
+        n
+    }
+}
+
+/// Options one connection may send (see `MAX_OPTIONS`).
+fn option_limit(exports: usize) -> u32 {
+    let per_export = u32::try_from(exports)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(MAX_OPTIONS_PER_EXPORT);
+    MAX_OPTIONS.saturating_add(per_export)
 }
 
 /// How replies are framed in the transmission phase.
@@ -66,6 +83,8 @@ pub struct Negotiated<E> {
     /// The minimum block size the client agreed to: the export's own when the client asked for
     /// block sizes in `NBD_OPT_GO` (and so MUST abide by them), else 1 (any alignment is served).
     pub block_min: u32,
+    /// The client asked for block sizes in `NBD_OPT_GO`, and so agreed to all of them.
+    pub sizes_agreed: bool,
 }
 
 /// Why the server ends a connection during negotiation.
@@ -85,8 +104,8 @@ pub enum CloseReason {
     BadExportName,
     #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
     ExportNameAfterExtendedHeaders,
-    #[error("client sent more than {MAX_OPTIONS} options")]
-    TooManyOptions,
+    #[error("client sent more than {0} options")]
+    TooManyOptions(u32),
 }
 
 /// What the driver does after feeding bytes in.
@@ -218,8 +237,9 @@ impl Handshake {
                         return (consumed, Step::Close(CloseReason::BadMagic(magic)));
                     }
                     self.options_seen += 1;
-                    if self.options_seen > MAX_OPTIONS {
-                        return (consumed, Step::Close(CloseReason::TooManyOptions));
+                    let limit = option_limit(exports.count());
+                    if self.options_seen > limit {
+                        return (consumed, Step::Close(CloseReason::TooManyOptions(limit)));
                     }
                     if option == OPT_SET_META_CONTEXT {
                         // Setting replaces the previous selection "including when this command
@@ -372,7 +392,7 @@ impl Handshake {
             out.extend_from_slice(&[0u8; 124]);
         }
         // EXPORT_NAME carries no block sizes, so nothing was agreed: any alignment is served.
-        Step::Transmission(self.finish(name, export, info, flags, 1))
+        Step::Transmission(self.finish(name, export, info, flags, false))
     }
 
     fn info_or_go<L: ExportLookup>(
@@ -446,7 +466,7 @@ impl Handshake {
         if option == OPT_GO {
             let name = name.to_owned();
             return Some(Step::Transmission(
-                self.finish(&name, export, info, flags, block_min),
+                self.finish(&name, export, info, flags, agreed),
             ));
         }
         None
@@ -526,7 +546,7 @@ impl Handshake {
         export: E,
         info: ExportInfo,
         flags: u16,
-        block_min: u32,
+        sizes_agreed: bool,
     ) -> Negotiated<E> {
         // Block status is only valid for the export the contexts were selected on.
         let base_allocation = self.mode != ReplyMode::Simple
@@ -534,11 +554,12 @@ impl Handshake {
         Negotiated {
             export_name: info.name.clone(),
             export,
-            info,
             transmission_flags: flags,
             mode: self.mode,
             base_allocation,
-            block_min,
+            block_min: if sizes_agreed { info.block_min } else { 1 },
+            sizes_agreed,
+            info,
         }
     }
 }
@@ -957,6 +978,35 @@ mod tests {
         let types: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
         assert_eq!(types[..3], [REP_ERR_UNSUP, REP_ERR_UNSUP, REP_ERR_UNKNOWN]);
         assert_eq!(*types.last().unwrap(), REP_ACK);
+    }
+
+    #[test]
+    fn option_limit_grows_with_the_exports() {
+        assert_eq!(option_limit(0), MAX_OPTIONS);
+        assert_eq!(
+            option_limit(2100),
+            MAX_OPTIONS + 2100 * MAX_OPTIONS_PER_EXPORT
+        );
+        assert_eq!(option_limit(usize::MAX), u32::MAX);
+        // One export here: the connection ends at the first option past the limit, and not before.
+        let limit = option_limit(1);
+        let mut input = flags(3);
+        for _ in 0..=limit {
+            input.extend(opt(99, &[]));
+        }
+        let mut h = Handshake::new();
+        let (mut at, mut answered) = (0, 0);
+        let step = loop {
+            let mut out = Vec::new();
+            let (n, step) = h.advance(&input[at..], &Fixed, &mut out);
+            at += n;
+            answered += replies(&out).len();
+            if !matches!(step, Step::Paused) {
+                break step;
+            }
+        };
+        assert!(matches!(step, Step::Close(CloseReason::TooManyOptions(l)) if l == limit));
+        assert_eq!(answered, limit as usize);
     }
 
     #[test]

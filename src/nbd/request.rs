@@ -16,6 +16,8 @@ pub struct Session {
     /// Offsets and lengths must be multiples of this (1: anything goes); see
     /// `Negotiated::block_min`.
     pub block_min: u32,
+    /// The client agreed to the advertised block sizes, the maximum payload included.
+    pub sizes_agreed: bool,
 }
 
 impl Session {
@@ -195,8 +197,16 @@ pub fn decode(h: &RequestHeader, s: &Session) -> Result<Request, Violation> {
         (true, _) if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 => h.length,
         _ => 0,
     };
-    if extended && payload_bytes > u64::from(s.max_payload_bytes) {
-        // The extended-headers spec asks for a hard disconnect here rather than draining.
+    // The extended-headers spec asks for a hard disconnect past the advertised or default
+    // maximum rather than draining. The advertised one binds only a client that agreed to block
+    // sizes; any other may assume the default (32 MiB), and the spec says a server stricter than
+    // that MUST cleanly error what falls outside: such a payload is drained and refused (EINVAL).
+    let hard_limit = if s.sizes_agreed {
+        s.max_payload_bytes
+    } else {
+        s.max_payload_bytes.max(DEFAULT_MAX_PAYLOAD_BYTES)
+    };
+    if extended && payload_bytes > u64::from(hard_limit) {
         return Err(Violation::PayloadTooLarge(payload_bytes));
     }
     let outcome = command(h, s, payload_bytes);
@@ -370,6 +380,7 @@ mod tests {
             max_payload_bytes: 64 * 1024,
             base_allocation: true,
             block_min: 1,
+            sizes_agreed: true,
         }
     }
     fn compact(flags: u16, kind: u16, offset: u64, len: u32) -> Vec<u8> {
@@ -617,10 +628,29 @@ mod tests {
         let r = decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_READ, 16), &s).unwrap();
         assert_eq!(r.payload_bytes, 16);
         assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Inval);
-        // An oversized payload is a hard disconnect.
+        // Past the advertised maximum (64 KiB here), a client that agreed to it is cut off.
+        assert_eq!(
+            decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 1 << 17), &s),
+            Err(Violation::PayloadTooLarge(1 << 17))
+        );
         assert_eq!(
             decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 1 << 40), &s),
             Err(Violation::PayloadTooLarge(1 << 40))
+        );
+        // A client that did not agree may assume the default maximum of 32 MiB: up to there a
+        // larger write is drained and refused, past it the connection ends.
+        let s = Session {
+            sizes_agreed: false,
+            ..s
+        };
+        let r = decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 1 << 17), &s).unwrap();
+        assert_eq!(r.payload_bytes, 1 << 17);
+        assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Inval);
+        let r = decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 1 << 25), &s).unwrap();
+        assert_eq!(r.outcome.unwrap_err().errno, NbdErrno::Inval);
+        assert_eq!(
+            decode_bytes(&ext(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, (1 << 25) + 1), &s),
+            Err(Violation::PayloadTooLarge((1 << 25) + 1))
         );
     }
 }

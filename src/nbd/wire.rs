@@ -15,6 +15,11 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
+/// The maximum payload a client may assume when it has not agreed to block sizes (the spec's
+/// default; "any payload not exceeding 2^25 bytes ... SHOULD NOT be considered a denial of
+/// service attack").
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u32 = 1 << 25;
+
 pub const COMPACT_REQUEST_BYTES: usize = 28;
 pub const EXTENDED_REQUEST_BYTES: usize = 32;
 pub const SIMPLE_REPLY_BYTES: usize = 16;

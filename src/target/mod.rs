@@ -396,4 +396,7 @@ impl ExportLookup for Exports {
             f(&e.name, &e.description);
         }
     }
+    fn count(&self) -> usize {
+        self.list.read().len()
+    }
 }
