@@ -435,9 +435,12 @@ fn shutdown_answers_new_options_and_requests_with_shutdown_errors() {
     negotiating.option(OPT_LIST, &[]);
     let (opt, kind, _) = negotiating.option_reply();
     assert_eq!((opt, kind), (OPT_LIST, REP_ERR_SHUTDOWN));
-    // The rest of the payload and a new request, in one segment.
+    // The rest of the payload and a new request, in one segment; then a write refused while
+    // its payload is still coming.
     let mut b = b"efgh".to_vec();
     b.extend(request_bytes(0, CMD_READ, 2, 0, 8));
+    b.extend(request_bytes(0, CMD_WRITE, 3, 8, 8));
+    b.extend(b"ijkl");
     serving.send(&b);
     let mut replies = [serving.simple_reply(), serving.simple_reply()];
     replies.sort_by_key(|r| r.1);
@@ -446,6 +449,21 @@ fn shutdown_answers_new_options_and_requests_with_shutdown_errors() {
         [(0, 1), (ESHUTDOWN, 2)],
         "write done, read refused"
     );
+    // The refusal of the third waits for the rest of its payload (the spec: consume, then
+    // fail; a client still sending cannot take a reply), and the connection stays until then.
+    serving
+        .0
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut early = [0u8; 1];
+    let got = serving.0.read(&mut early);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a reply or close before the payload was in: {got:?}"
+    );
+    serving.0.set_read_timeout(None).unwrap();
+    serving.send(b"mnop");
+    assert_eq!(serving.simple_reply(), (ESHUTDOWN, 3));
     assert!(serving.closed_by_server());
     drop(negotiating);
 

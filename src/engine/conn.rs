@@ -21,7 +21,7 @@ use super::{EngineConfig, Incoming, Transport};
 use crate::nbd::handshake::{Handshake, Step};
 use crate::nbd::reply::{ReplyBuilder, Segment};
 use crate::nbd::request::{self, Command, Parse, Rejection, Session};
-use crate::nbd::wire::META_BASE_ALLOCATION_ID;
+use crate::nbd::wire::{DEFAULT_MAX_PAYLOAD_BYTES, META_BASE_ALLOCATION_ID};
 use crate::nbd::{NbdErrno, ReplyMode};
 use crate::target::{
     BlockTarget, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp,
@@ -272,6 +272,10 @@ pub(super) struct Conn {
     ahead_served: u64,
     /// Payload bytes of a refused request still to be discarded.
     skip_bytes: u64,
+    /// The request whose payload is being discarded. Its error reply waits until the payload is
+    /// gone: the spec says to consume the payload, then fail, and a client still sending a
+    /// payload cannot take a reply for it (libnbd drops the connection on one).
+    skip_reply: Option<u16>,
     /// Reading paused: no free slot or too many buffer bytes in flight.
     stalled: bool,
     /// The last request was a large write whose payload went straight into its buffer. Large
@@ -343,6 +347,7 @@ impl Conn {
             spliced_writes: 0,
             ahead_served: 0,
             skip_bytes: 0,
+            skip_reply: None,
             stalled: false,
             header_only: false,
             seq_next: 0,
@@ -661,6 +666,12 @@ impl Conn {
                     break;
                 }
             }
+            if let Some(sid) = self.skip_reply.take()
+                && self.slots[sid as usize].state == SlotState::Replying
+            {
+                // Its reply was held back (see `enqueue`); the payload is gone now.
+                self.sendq.push_back(sid);
+            }
             let header = match request::parse_header(&self.rbuf[self.rpos..self.rlen], session.mode)
             {
                 Parse::Incomplete => break,
@@ -743,6 +754,12 @@ impl Conn {
                 Err(rejection) => {
                     tracing::debug!(conn = self.serial, why = rejection.why, "request refused");
                     self.skip_bytes = req.payload_bytes;
+                    // A payload up to the spec's default maximum is one a client means to send:
+                    // the reply waits for it. A larger one comes from a broken client that may
+                    // never send it all, and is answered at once (and drained as it comes).
+                    if (1..=u64::from(DEFAULT_MAX_PAYLOAD_BYTES)).contains(&self.skip_bytes) {
+                        self.skip_reply = Some(sid);
+                    }
                     self.reply_error(io, sid, rejection.errno, rejection.why);
                     continue;
                 }
@@ -1058,6 +1075,7 @@ impl Conn {
         slot.plan.phase = 0;
         if let Err(e) = target.plan(&slot.op, &mut slot.plan) {
             self.skip_bytes = u64::from(len);
+            self.skip_reply = Some(sid);
             self.reply_target_error(io, sid, &e);
             return Begin::Refused;
         }
@@ -1224,6 +1242,9 @@ impl Conn {
                 self.pipe = SplicePipe::Untried;
             }
             self.skip_bytes += u64::from(sp.len - sp.took);
+            if sp.len > sp.took {
+                self.skip_reply = Some(sid);
+            }
             slot.splice = None;
             slot.results[0] = e;
             slot.pending = 0;
@@ -1471,6 +1492,10 @@ impl Conn {
             })
             .sum();
         slot.sent = 0;
+        if self.skip_reply == Some(sid) && self.skip_bytes > 0 {
+            // Sent once the rest of its payload has been discarded (`process_requests`).
+            return;
+        }
         self.sendq.push_back(sid);
         // Not sent yet: the worker calls `flush` once it has handled every completion of this
         // round, so replies that become ready together leave in one sendmsg.
