@@ -208,6 +208,22 @@ fn a_hundred_clones_read_their_own_writes_across_a_restart_and_stay_thin() {
     server.stop();
 }
 
+/// A large write in flight with small writes and zeroes inside its range (on one connection
+/// and from another): a small one's copy-up of an inherited block once wrote the image's bytes
+/// over the large write's, which had landed but not yet made the block the volume's own.
+#[test]
+fn overlapping_writes_in_flight_never_resurrect_image_bytes() {
+    let dir = Scratch::new("overlap");
+    let (server, raw) = node_with_image(&dir, 32 << 20);
+    cli_ok(&dir, &["volume", "create", "v", "--image", "g"]);
+    let out = py(
+        "overlap.py",
+        &[&server.unix_uri("v"), raw.to_str().unwrap()],
+    );
+    assert!(out.contains("PASS"), "{out}");
+    server.stop();
+}
+
 #[test]
 fn images_import_from_qcow2_and_stdin_and_verify_catches_damage() {
     let dir = Scratch::new("import");

@@ -167,6 +167,10 @@ struct Shared {
     size: AtomicU64,
     flushes: Mutex<Flushes>,
     waiters: Mutex<HashMap<RawFd, Arc<Waiter>>>,
+    /// Requests parked because a block they must copy up has a whole-block write in flight
+    /// (`VolumeError::Busy`), by the eventfd their `Wait` I/O polls. Every write that ends
+    /// signals them all; each then plans again.
+    parked: Mutex<HashMap<RawFd, EventFd>>,
     committers: Arc<CommitQueue>,
     clients: AtomicUsize,
     revoked: AtomicBool,
@@ -206,6 +210,7 @@ impl VolumeTarget {
                 image,
                 flushes: Mutex::new(Flushes::default()),
                 waiters: Mutex::new(HashMap::new()),
+                parked: Mutex::new(HashMap::new()),
                 committers: committers.queue.clone(),
                 clients: AtomicUsize::new(0),
                 revoked: AtomicBool::new(false),
@@ -391,10 +396,49 @@ impl VolumeTarget {
         matches!(plan.get_mut(0), Some(FileIo::Wait { .. }))
     }
 
-    /// Runs the synchronous part of WRITE_ZEROES/TRIM under the volume's lock.
-    fn zero_now(&self, offset: u64, len: u64) -> Result<(), TargetError> {
-        self.with_write_locks(|v| v.write_zeroes(offset, len))
-            .map_err(|e| volume_error("zeroing", &e))
+    /// Runs the start of a write, WRITE_ZEROES or TRIM (`f`) under the volume's lock. When a
+    /// block it must copy up has a whole-block write in flight, parks the request instead: `plan`
+    /// then holds a `Wait` I/O that a write's end wakes, and this returns true.
+    fn begin_or_park(
+        &self,
+        plan: &mut Plan,
+        what: &'static str,
+        f: impl FnOnce(&mut Volume<FileStorage>) -> Result<(), VolumeError>,
+    ) -> Result<bool, TargetError> {
+        let efd = self.with_write_locks(|v| match f(v) {
+            Ok(()) => Ok(None),
+            Err(VolumeError::Busy { .. }) => {
+                // Registered under the volume's lock, which every write's end takes before it
+                // signals: no wake-up is missed.
+                let efd = EventFd::from_value_and_flags(
+                    0,
+                    EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+                )
+                .map_err(|e| TargetError::Writing {
+                    offset: 0,
+                    source: e.into(),
+                })?;
+                let fd = efd.as_fd().as_raw_fd();
+                self.shared.parked.lock().insert(fd, efd);
+                Ok(Some(fd))
+            }
+            Err(e) => Err(volume_error(what, &e)),
+        })?;
+        match efd {
+            Some(fd) => {
+                plan.push(FileIo::Wait { fd });
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// A write ended (or failed): every parked request plans again.
+    fn wake_parked(&self) {
+        for efd in self.shared.parked.lock().values() {
+            // The eventfd counter cannot overflow: one write per ended write, read never.
+            let _ = efd.write(1);
+        }
     }
 
     /// Runs `f` (the start of a write) under the volume's lock: one lock on the hot path. The
@@ -502,8 +546,9 @@ impl BlockTarget for VolumeTarget {
         match *op {
             TargetOp::Read { offset, len } => self.plan_read(offset, len, offset, plan),
             TargetOp::Write { offset, len, fua } => {
-                self.with_write_locks(|v| v.begin_write(offset, u64::from(len)))
-                    .map_err(|e| volume_error("writing", &e))?;
+                if self.begin_or_park(plan, "writing", |v| v.begin_write(offset, u64::from(len)))? {
+                    return Ok(());
+                }
                 if len > 0 {
                     plan.push(FileIo::Write {
                         fd: self.data_fd(),
@@ -519,7 +564,9 @@ impl BlockTarget for VolumeTarget {
             }
             TargetOp::Flush => self.plan_wait(plan),
             TargetOp::Trim { offset, len, fua } => {
-                self.zero_now(offset, len)?;
+                if self.begin_or_park(plan, "zeroing", |v| v.write_zeroes(offset, len))? {
+                    return Ok(());
+                }
                 if fua {
                     self.plan_wait(plan)?;
                 }
@@ -532,7 +579,9 @@ impl BlockTarget for VolumeTarget {
                 may_trim,
                 ..
             } => {
-                self.zero_now(offset, len)?;
+                if self.begin_or_park(plan, "zeroing", |v| v.write_zeroes(offset, len))? {
+                    return Ok(());
+                }
                 // NO_HOLE: the whole blocks were punched; provision them again (they still read
                 // as zeroes: fallocate allocates unwritten extents).
                 let first = offset.div_ceil(4096) * 4096;
@@ -560,6 +609,14 @@ impl BlockTarget for VolumeTarget {
         results: &[i32],
     ) -> Result<Progress, TargetError> {
         let c = &self.shared.counters;
+        if let Some(&FileIo::Wait { fd }) = plan.get(0)
+            && self.shared.parked.lock().remove(&fd).is_some()
+        {
+            // Woken by a write's end (or the ring ended the poll): plan the operation again.
+            plan.clear();
+            self.plan(op, plan)?;
+            return Ok(Progress::Again);
+        }
         if Self::is_wait(plan) {
             let what = if matches!(op, TargetOp::Flush) {
                 "flushing"
@@ -598,15 +655,18 @@ impl BlockTarget for VolumeTarget {
                     self.count_error();
                     // Out of space changed no map bit: the write fails alone (volume-format
                     // `latching_data`). Anything else may have lost page-cache data: latch.
-                    if !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-                        self.shared
-                            .vol
-                            .lock()
-                            .fail(format!("write at {offset} failed: {source}"));
+                    {
+                        let mut vol = self.shared.vol.lock();
+                        vol.cancel_write(offset, u64::from(len));
+                        if !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                            vol.fail(format!("write at {offset} failed: {source}"));
+                        }
                     }
+                    self.wake_parked();
                     return Err(TargetError::Writing { offset, source });
                 }
                 self.shared.vol.lock().end_write(offset, u64::from(len));
+                self.wake_parked();
                 c.writes.fetch_add(1, Ordering::Relaxed);
                 c.written_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
                 if fua {

@@ -26,6 +26,10 @@ pub enum VolumeError {
     Invalid(String),
     #[error("backing image mismatch: {0}")]
     BackingMismatch(String),
+    /// A partial write or zero needs to copy up block `block`, which a write in flight covers
+    /// whole (see `begin_write`): the caller retries once a write ends (`end_write`).
+    #[error("block {block} has a whole-block write in flight")]
+    Busy { block: u64 },
 }
 
 impl VolumeError {
@@ -41,6 +45,7 @@ impl VolumeError {
         const EIO: i32 = 5;
         const EINVAL: i32 = 22;
         const ENOSPC: i32 = 28;
+        const EAGAIN: i32 = 11;
         match self {
             VolumeError::Io(e) => e.raw_os_error().unwrap_or(EIO),
             VolumeError::Format(_) | VolumeError::Failed(_) | VolumeError::BackingMismatch(_) => {
@@ -48,6 +53,7 @@ impl VolumeError {
             }
             VolumeError::OutOfRange { .. } => ENOSPC,
             VolumeError::Invalid(_) => EINVAL,
+            VolumeError::Busy { .. } => EAGAIN,
         }
     }
 }
@@ -92,6 +98,11 @@ pub struct Volume<S: Storage> {
     st: VolumeState,
     /// Set by the first failed write or sync; every later call fails (SPEC.md §7).
     failed: Option<String>,
+    /// Blocks `[first, end)` that an engine write between `begin_write` and `end_write` covers
+    /// whole, one entry per write (SPEC.md §4, the in-flight set). Their bits stay INHERITED
+    /// until the write ends, so a copy-up of one of them meanwhile would put image bytes over
+    /// the write's data: such a copy-up waits instead.
+    inflight: Vec<(u64, u64)>,
 }
 
 impl<S: Storage> Volume<S> {
@@ -132,6 +143,7 @@ impl<S: Storage> Volume<S> {
             image,
             st,
             failed: None,
+            inflight: Vec::new(),
         })
     }
 
@@ -182,6 +194,7 @@ impl<S: Storage> Volume<S> {
             image,
             st,
             failed: None,
+            inflight: Vec::new(),
         })
     }
 
@@ -372,36 +385,63 @@ impl<S: Storage> Volume<S> {
         self.st.superblock().flags & FLAG_GENERATION_ARMED != 0
     }
 
-    /// Checks a write of `[offset, offset+len)` and copies up its partial INHERITED edge blocks.
+    /// Checks a write of `[offset, offset+len)`, copies up its partial INHERITED edge blocks, and
+    /// records the blocks it covers whole as in flight until `end_write` or `cancel_write`.
+    /// `Busy` (nothing done) when an edge block to copy up is covered by a write in flight.
     pub fn begin_write(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.range(offset, len)?;
         if len == 0 {
             return self.live();
         }
+        let end = offset + len;
+        self.check_copy_ups(offset, end)?;
         self.latching(|v| v.before_write())?;
         self.latching_data(|v| {
-            let end = offset + len;
-            let head = offset / BLOCK_BYTES;
-            let tail = (end - 1) / BLOCK_BYTES;
-            for b in [head, tail] {
-                let b_start = b * BLOCK_BYTES;
-                let whole = offset <= b_start && end >= b_start + BLOCK_BYTES;
-                if !whole && v.st.state(b) == BlockState::Inherited {
+            for b in partial_edges(offset, end) {
+                if v.st.state(b) == BlockState::Inherited {
                     let block = v.read_block(b)?;
-                    v.data.write_at(b_start, &block)?;
+                    v.data.write_at(b * BLOCK_BYTES, &block)?;
                     v.st.mark_own(b, 1);
                 }
             }
             Ok(())
-        })
+        })?;
+        let whole = (offset.div_ceil(BLOCK_BYTES), end / BLOCK_BYTES);
+        if whole.0 < whole.1 {
+            self.inflight.push(whole);
+        }
+        Ok(())
+    }
+
+    /// `Busy` if a partial edge block of `[offset, end)` still inherited from the image (so to
+    /// be copied up) is covered by a write in flight.
+    fn check_copy_ups(&self, offset: u64, end: u64) -> Result<(), VolumeError> {
+        for b in partial_edges(offset, end) {
+            if self.st.state(b) == BlockState::Inherited
+                && self.inflight.iter().any(|&(f, e)| (f..e).contains(&b))
+            {
+                return Err(VolumeError::Busy { block: b });
+            }
+        }
+        Ok(())
     }
 
     /// The engine's write of `[offset, offset+len)` to the data file completed.
     pub fn end_write(&mut self, offset: u64, len: u64) {
+        self.cancel_write(offset, len);
         if len > 0 && self.failed.is_none() {
             let first = offset / BLOCK_BYTES;
             let last = (offset + len - 1) / BLOCK_BYTES;
             self.st.mark_own(first, last - first + 1);
+        }
+    }
+
+    /// The engine's write of `[offset, offset+len)` failed: it is no longer in flight, and its
+    /// blocks keep their state.
+    pub fn cancel_write(&mut self, offset: u64, len: u64) {
+        let whole = (offset.div_ceil(BLOCK_BYTES), (offset + len) / BLOCK_BYTES);
+        if let Some(i) = self.inflight.iter().position(|&r| r == whole) {
+            self.inflight.swap_remove(i);
         }
     }
 
@@ -420,6 +460,9 @@ impl<S: Storage> Volume<S> {
     /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.range(offset, len)?;
+        if len > 0 {
+            self.check_copy_ups(offset, offset + len)?;
+        }
         self.latching(|v| v.before_write())?;
         self.latching_data(|v| {
             let end = offset + len;
@@ -667,4 +710,18 @@ pub fn write_commit<S: Storage>(meta: &mut S, c: &Commit) -> Result<(), VolumeEr
     meta.sync()?;
     meta.write_at(SUPERBLOCK_B_OFFSET, &c.superblock[..])?;
     Ok(())
+}
+
+/// The blocks at either edge of `[offset, end)` (non-empty) that it covers only in part.
+fn partial_edges(offset: u64, end: u64) -> impl Iterator<Item = u64> {
+    let head = offset / BLOCK_BYTES;
+    let tail = (end - 1) / BLOCK_BYTES;
+    let partial = move |b: u64| {
+        let b_start = b * BLOCK_BYTES;
+        !(offset <= b_start && end >= b_start + BLOCK_BYTES)
+    };
+    [Some(head), (tail != head).then_some(tail)]
+        .into_iter()
+        .flatten()
+        .filter(move |&b| partial(b))
 }

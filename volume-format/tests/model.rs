@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use volume_format::{BlockState, Layer, MemFile, Volume, check, image};
+use volume_format::{BlockState, Layer, MemFile, Volume, VolumeError, check, image};
 
 /// A random range inside `size`: lengths from 1 byte to 1 MiB, often unaligned.
 fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
@@ -212,4 +212,38 @@ fn first_writes_read_nothing_from_the_image_and_write_only_their_blocks() {
     );
     // Metadata: one map page slot and two superblock copies.
     assert_eq!(meta.bytes_written(), 3 * BLOCK + before.metadata_bytes);
+}
+
+/// The in-flight set: a copy-up of a block that an engine write in flight covers whole waits
+/// (`Busy`, nothing done) until that write ends or fails; other blocks go on.
+#[test]
+fn copy_up_of_a_block_under_a_write_in_flight_is_busy_until_it_ends() {
+    let mut rng = Rng::new(9);
+    let g = Golden::new(&mut rng, 1 << 20);
+    let mut m = Modelled::clone_of(&mut rng, Some(&g), 1 << 20);
+    // The engine's write of blocks 4..8 is in flight.
+    m.vol.begin_write(4 * BLOCK, 4 * BLOCK).unwrap();
+    for (offset, len) in [(5 * BLOCK + 100, 200), (7 * BLOCK + 4000, 200)] {
+        assert!(matches!(
+            m.vol.begin_write(offset, len),
+            Err(VolumeError::Busy { .. })
+        ));
+        assert!(matches!(
+            m.vol.write_zeroes(offset, len),
+            Err(VolumeError::Busy { .. })
+        ));
+    }
+    // Whole blocks under it, and partial blocks elsewhere, need no copy-up of those blocks.
+    m.vol.begin_write(5 * BLOCK, BLOCK).unwrap();
+    m.vol.end_write(5 * BLOCK, BLOCK);
+    m.vol.begin_write(9 * BLOCK + 1, 10).unwrap();
+    m.vol.end_write(9 * BLOCK + 1, 10);
+    // A failed write leaves the set too.
+    m.vol.begin_write(20 * BLOCK, 2 * BLOCK).unwrap();
+    m.vol.cancel_write(20 * BLOCK, 2 * BLOCK);
+    m.vol.begin_write(21 * BLOCK + 5, 10).unwrap();
+    m.vol.end_write(21 * BLOCK + 5, 10);
+    m.vol.end_write(4 * BLOCK, 4 * BLOCK);
+    m.vol.begin_write(5 * BLOCK + 100, 200).unwrap();
+    m.vol.end_write(5 * BLOCK + 100, 200);
 }
