@@ -299,6 +299,25 @@ fn clients_guard_deletes_and_captures_and_force_disconnects_them() {
     assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "8388608");
     let err = cli_err(&dir, &["volume", "resize", "v", "2M"]);
     assert!(err.contains("only grow"), "{err}");
+    // A refused size reserves nothing (the metadata of 65 TiB would take gigabytes), and a size
+    // the file system cannot hold (ext4 stops at 16 TiB) is refused without failing the volume.
+    let meta = pool_dir(&dir).join("volumes/v/volume.meta");
+    let blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&meta).unwrap().blocks()
+    };
+    let before = blocks();
+    let err = cli_err(&dir, &["volume", "resize", "v", "65T"]);
+    assert!(err.contains("up to 64 TiB"), "{err}");
+    assert_eq!(blocks(), before, "space reserved for a refused size");
+    let big = cli(&dir, &["volume", "resize", "v", "17T"]);
+    if !big.status.success() {
+        let err = String::from_utf8_lossy(&big.stderr);
+        assert!(err.contains("cannot hold"), "{err}");
+        assert_eq!(blocks(), before, "space reserved for a refused size");
+        let v = json(&dir, &["volume", "show", "v"]);
+        assert!(v["served"] == true && v["failed"].is_null(), "{v}");
+    }
     let _ = holder.kill();
     let _ = holder.wait();
     wait_for("the client to go", || {

@@ -545,12 +545,19 @@ impl Pool {
     /// Grows a volume (new connections see the new size).
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeEntry, PoolError> {
         let mut v = self.open_volume(name)?;
-        volume_format::file::reserve_metadata(v.files().0.file(), size)
-            .map_err(io_err(format!("resizing volume {name:?}")))?;
-        v.grow(size).map_err(|e| match e {
+        let refused = |e| match e {
             VolumeError::Invalid(m) => PoolError::Invalid(m),
             e => vol_err(format!("resizing volume {name:?}"))(e),
-        })?;
+        };
+        // Checked before space is reserved for the new size's metadata, and the reservation
+        // given back if the grow fails: a refused size must not leave gigabytes allocated.
+        v.check_grow(size).map_err(refused)?;
+        volume_format::file::reserve_metadata(v.files().0.file(), size)
+            .map_err(io_err(format!("resizing volume {name:?}")))?;
+        if let Err(e) = v.grow(size) {
+            let _ = volume_format::file::release_metadata_reserve(v.files().0.file());
+            return Err(refused(e));
+        }
         v.close()
             .map_err(vol_err(format!("resizing volume {name:?}")))?;
         let mut c = self.catalog.lock();

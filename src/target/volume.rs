@@ -262,10 +262,14 @@ impl VolumeTarget {
     pub fn grow(&self, size: u64) -> Result<(), VolumeError> {
         let _commit = self.shared.meta.lock();
         let mut vol = self.shared.vol.lock();
+        vol.check_grow(size)?;
         if size > vol.size() {
             volume_format::file::reserve_metadata(vol.files().0.file(), size)?;
         }
-        vol.grow(size)?;
+        if let Err(e) = vol.grow(size) {
+            let _ = volume_format::file::release_metadata_reserve(vol.files().0.file());
+            return Err(e);
+        }
         self.shared.size.store(vol.size(), Ordering::Release);
         Ok(())
     }

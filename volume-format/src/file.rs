@@ -137,6 +137,12 @@ impl Storage for FileStorage {
 /// Allocates the metadata file's map slots for a volume of `size` bytes (without changing the
 /// file's length), so a commit on a full file system still finds its slots: a full pool fails
 /// data writes with ENOSPC but never a commit.
+/// Gives back what `reserve_metadata` allocated past the end of `meta`, after the change it was
+/// for failed (truncating a file to its own length frees its blocks past the end).
+pub fn release_metadata_reserve(meta: &File) -> io::Result<()> {
+    meta.set_len(meta.metadata()?.len())
+}
+
 pub fn reserve_metadata(meta: &File, size: u64) -> io::Result<()> {
     let len = crate::layout::meta_file_bytes(size);
     nix::fcntl::fallocate(

@@ -528,8 +528,9 @@ impl<S: Storage> Volume<S> {
         Ok(self.into_parts())
     }
 
-    /// Grows the volume to `size` bytes (committed before it returns).
-    pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
+    /// Checks that the volume may grow to `size` bytes, changing nothing (callers check before
+    /// they reserve space for it).
+    pub fn check_grow(&self, size: u64) -> Result<(), VolumeError> {
         self.live()?;
         if size < self.size() {
             return Err(VolumeError::Invalid(format!(
@@ -537,14 +538,31 @@ impl<S: Storage> Volume<S> {
                 self.size()
             )));
         }
-        // Validate before touching the files.
         if !size.is_multiple_of(BLOCK_BYTES) || size > crate::superblock::MAX_SIZE_BYTES {
             return Err(VolumeError::Invalid(format!(
                 "size {size} is not a multiple of 4 KiB up to 64 TiB"
             )));
         }
+        Ok(())
+    }
+
+    /// Grows the volume to `size` bytes (committed before it returns).
+    pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
+        const EFBIG: i32 = 27;
+        self.check_grow(size)?;
+        // The data file first, outside the latch: a file system that cannot hold a file this
+        // large refuses it (EFBIG; ext4 stops at 16 TiB) and nothing has changed.
+        if size > self.data.len() {
+            self.data
+                .set_len(size)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(EFBIG) => VolumeError::Invalid(format!(
+                        "the file system cannot hold a volume of {size} bytes ({e})"
+                    )),
+                    _ => VolumeError::Io(e),
+                })?;
+        }
         self.latching(|v| {
-            v.data.set_len(size)?;
             v.st.grow(size).map_err(VolumeError::Invalid)?;
             v.commit()
         })
