@@ -120,6 +120,46 @@ fn read_ahead_never_serves_data_older_than_a_completed_write() {
     }
 }
 
+/// The same file exported twice (read-write and read-only): a read-ahead parked for a reader of
+/// one export is not served after a write through the other completed (the change counter is
+/// the file's, not the export's).
+#[test]
+fn read_ahead_of_one_export_sees_writes_through_another_of_the_same_file() {
+    let dir = Scratch::new("two-exports");
+    let disk = dir.sparse("disk.raw", 64 * MIB);
+    let (rw, ro) = (
+        format!("rw={}", disk.display()),
+        format!("ro={}:ro", disk.display()),
+    );
+    let srv = Server::start(
+        &dir,
+        &["--export", &rw, "--export", &ro, "--cache", "direct"],
+    );
+    let code = format!(
+        "import nbd, time\n\
+         ro = nbd.NBD(); ro.connect_uri({ro:?})\n\
+         rw = nbd.NBD(); rw.connect_uri({rw:?})\n\
+         mib = 1 << 20\n\
+         for i in range(3):\n    ro.pread(mib, i * mib)\n\
+         time.sleep(0.2)\n\
+         rw.pwrite(b'\\xab' * mib, 3 * mib)\n\
+         got = ro.pread(mib, 3 * mib)\n\
+         assert got == b'\\xab' * mib, got[:8]\n\
+         print('PASS')\n",
+        ro = srv.unix_uri("ro"),
+        rw = srv.unix_uri("rw")
+    );
+    let out = stdout(&run("/usr/bin/python3", &["-c", &code]));
+    assert!(out.contains("PASS"), "{out}");
+    // The reader's connection did read ahead (else the test proves nothing).
+    let log = srv.stop();
+    let reader = log
+        .lines()
+        .find(|l| l.contains("connection closed") && l.contains("export=\"ro\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!reader.contains("read_ahead_served=0 "), "{reader}");
+}
+
 #[test]
 fn libnbd_256_requests_in_flight() {
     for cache in ["buffered", "direct"] {

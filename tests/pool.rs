@@ -224,6 +224,49 @@ fn overlapping_writes_in_flight_never_resurrect_image_bytes() {
     server.stop();
 }
 
+/// `image delete` racing `volume create --image` of the same image: one of them loses with a
+/// clear error; never both win (a clone of a deleted image, offline at once). Before clones
+/// held their image, 2 of 20 rounds ended that way.
+#[test]
+fn deleting_an_image_while_it_is_being_cloned_never_leaves_an_orphan() {
+    let dir = Scratch::new("clone-race");
+    let raw = golden(&dir, "g.raw", 1 << 20);
+    let server = start_node(&dir);
+    for i in 0..20 {
+        let image = format!("t{i}");
+        cli_ok(&dir, &["image", "import", &image, raw.to_str().unwrap()]);
+        let create = {
+            let (sock, image) = (sock(&dir), image.clone());
+            std::thread::spawn(move || {
+                Command::new(BIN)
+                    .args(["volume", "create", &format!("v{i}"), "--image", &image])
+                    .arg("--socket")
+                    .arg(sock)
+                    .output()
+                    .unwrap()
+            })
+        };
+        let delete = cli(&dir, &["image", "delete", &image]);
+        let create = create.join().unwrap();
+        assert!(
+            !(create.status.success() && delete.status.success()),
+            "round {i}: both the clone and the delete of its image succeeded"
+        );
+        for out in [&create, &delete] {
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    err.contains("busy") || err.contains("cloned") || err.contains("not found"),
+                    "round {i}: {err}"
+                );
+            }
+        }
+    }
+    let list = cli_ok(&dir, &["volume", "list"]);
+    assert!(!list.contains("offline"), "{list}");
+    server.stop();
+}
+
 #[test]
 fn images_import_from_qcow2_and_stdin_and_verify_catches_damage() {
     let dir = Scratch::new("import");

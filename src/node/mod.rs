@@ -7,7 +7,7 @@
 //! opened and exported again (unless it was deleted). Two commands on one object exclude each
 //! other (the second is told the object is busy); commands on different objects run at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,6 +78,9 @@ pub struct Node {
     committers: Arc<Committers>,
     served: Mutex<Served>,
     busy: Mutex<BTreeSet<String>>,
+    /// Clones being created from each image right now (taken under `busy`'s lock): an image
+    /// cannot be deleted meanwhile, though many clones of it may be created at once.
+    cloning: Mutex<HashMap<String, usize>>,
     max_payload_bytes: u32,
     /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
     bulk_rate: u64,
@@ -93,6 +96,24 @@ struct Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.node.busy.lock().remove(&self.key);
+    }
+}
+
+/// A clone of `image` being created (see `Node::cloning`).
+struct Cloning<'a> {
+    node: &'a Node,
+    image: String,
+}
+
+impl Drop for Cloning<'_> {
+    fn drop(&mut self) {
+        let mut c = self.node.cloning.lock();
+        if let Some(n) = c.get_mut(&self.image) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.image);
+            }
+        }
     }
 }
 
@@ -113,6 +134,7 @@ impl Node {
             committers,
             served: Mutex::new(Served::default()),
             busy: Mutex::new(BTreeSet::new()),
+            cloning: Mutex::new(HashMap::new()),
             max_payload_bytes,
             bulk_rate,
             started: Instant::now(),
@@ -144,6 +166,23 @@ impl Node {
             )));
         }
         Ok(Busy { node: self, key })
+    }
+
+    /// Holds `image` while a clone of it is created: refused while another command works on
+    /// the image itself (a delete), and makes a delete wait its turn (see `delete_image`).
+    fn cloning(&self, image: &str) -> Result<Cloning<'_>, NodeError> {
+        let busy = self.busy.lock();
+        if busy.contains(&format!("image/{image}")) {
+            return Err(NodeError::InUse(format!(
+                "image {image:?} is busy: another command is working on it"
+            )));
+        }
+        *self.cloning.lock().entry(image.to_owned()).or_default() += 1;
+        drop(busy);
+        Ok(Cloning {
+            node: self,
+            image: image.to_owned(),
+        })
     }
 
     fn serve_volume(&self, name: &str) -> Result<(), NodeError> {
@@ -368,6 +407,12 @@ impl Node {
         }
         self.pool.image(name)?;
         let _busy = self.busy("image", name)?;
+        // A clone being created is not among the dependents until it is published.
+        if self.cloning.lock().get(name).is_some_and(|&n| n > 0) {
+            return Err(NodeError::InUse(format!(
+                "image {name:?} is being cloned right now"
+            )));
+        }
         let users = self.pool.dependents(name);
         if !users.is_empty() {
             return Err(PoolError::InUse(format!(
@@ -428,6 +473,7 @@ impl Node {
         size: Option<u64>,
     ) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
+        let _cloning = image.map(|i| self.cloning(i)).transpose()?;
         if self.exports.contains(name) {
             return Err(NodeError::InUse(format!(
                 "an export named {name:?} already exists (a --export raw file)"
