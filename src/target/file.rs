@@ -548,8 +548,9 @@ fn shared_change_count(f: &File) -> io::Result<Arc<AtomicU64>> {
     use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
     use std::sync::Weak;
-    static BY_INODE: parking_lot::Mutex<Option<HashMap<(u64, u64), Weak<AtomicU64>>>> =
-        parking_lot::Mutex::new(None);
+    /// Counters by (device, inode); an entry lives as long as a target of that file does.
+    type ByInode = HashMap<(u64, u64), Weak<AtomicU64>>;
+    static BY_INODE: parking_lot::Mutex<Option<ByInode>> = parking_lot::Mutex::new(None);
     let m = f.metadata()?;
     let mut registry = BY_INODE.lock();
     let map = registry.get_or_insert_with(HashMap::new);
