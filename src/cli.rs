@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// clients are doing I/O; they run at full speed while the volumes are idle. 0: no limit.
     #[arg(long, default_value = "128M", value_parser = parse_bytes, value_name = "RATE")]
     pub bulk_rate: u64,
+    /// Seconds an image import from a pipe or socket may receive nothing before it is given up
+    /// (its staged bytes removed, its management slot freed).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub import_idle_timeout: u64,
     /// TCP address to listen on (repeatable; IPv6 as [::1]:10809). Default 127.0.0.1:10809 unless
     /// only --socket is given.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -144,6 +148,7 @@ impl ServeArgs {
                     dir,
                     admin_gid,
                     bulk_rate: self.bulk_rate,
+                    import_idle: Duration::from_secs(self.import_idle_timeout.max(1)),
                 })
             }
         };

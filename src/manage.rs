@@ -56,9 +56,18 @@ enum ImageSub {
     Import {
         name: String,
         file: PathBuf,
-        /// The file's format (default: what `qemu-img info` detects; stdin is raw).
+        /// The file's format (default: what `qemu-img info` detects; stdin is raw). Formats
+        /// other than raw are converted here, as you, and sent to the node raw.
         #[arg(long)]
         format: Option<String>,
+        /// The image's size (10G, bytes; the virtual size of a converted image): a source
+        /// that ends sooner or later is refused and nothing is published.
+        #[arg(long, value_parser = crate::cli::parse_bytes)]
+        size: Option<u64>,
+        /// The SHA-256 (64 hex digits) of the image's raw bytes: a mismatch is refused and
+        /// nothing is published.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
     },
     /// List golden images.
     List,
@@ -171,7 +180,12 @@ fn request(
 }
 
 fn run(conn: &Conn, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> ExitCode {
-    match request(conn, req, fd) {
+    finish(conn, request(conn, req, fd))
+}
+
+/// Prints a command's outcome and picks the exit code.
+fn finish(conn: &Conn, result: Result<Response, ClientError>) -> ExitCode {
+    match result {
         Ok(resp) => {
             if conn.json {
                 println!("{}", json(&resp));
@@ -190,7 +204,13 @@ fn run(conn: &Conn, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Ex
 
 pub fn image(c: ImageCmd) -> ExitCode {
     let req = match c.cmd {
-        ImageSub::Import { name, file, format } => return import(&c.conn, name, &file, format),
+        ImageSub::Import {
+            name,
+            file,
+            format,
+            size,
+            sha256,
+        } => return import(&c.conn, name, &file, format, Expected { size, sha256 }),
         ImageSub::List => Request::ImageList,
         ImageSub::Show { name } => Request::ImageShow { name },
         ImageSub::Verify { name } => Request::ImageVerify { name },
@@ -200,19 +220,39 @@ pub fn image(c: ImageCmd) -> ExitCode {
     run(&c.conn, req, None)
 }
 
+/// What an import must be (`--size`, `--sha256`).
+struct Expected {
+    size: Option<u64>,
+    sha256: Option<String>,
+}
+
 /// Opens the import source here, with the user's own permissions, and passes the open file to
-/// the node: the node reads only what the user could read.
-fn import(conn: &Conn, name: String, file: &Path, format: Option<String>) -> ExitCode {
+/// the node: the node reads only what the user could read. A format other than raw is
+/// converted here too, as the user (see `Conversion`), and reaches the node as raw bytes.
+fn import(
+    conn: &Conn,
+    name: String,
+    file: &Path,
+    format: Option<String>,
+    want: Expected,
+) -> ExitCode {
+    if let Some(h) = &want.sha256
+        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return fail(format!("--sha256 {h:?} is not a SHA-256 (64 hex digits)"));
+    }
+    let raw_request = |name, size| Request::ImageImport {
+        name,
+        format: None,
+        size,
+        sha256: want.sha256.clone(),
+    };
     if file == Path::new("-") {
         if format.as_deref().is_some_and(|f| f != "raw") {
             return fail("stdin can only carry a raw image (other formats need random access)");
         }
         let stdin = std::io::stdin();
-        return run(
-            conn,
-            Request::ImageImport { name, format: None },
-            Some(stdin.as_fd()),
-        );
+        return run(conn, raw_request(name, want.size), Some(stdin.as_fd()));
     }
     let f = match std::fs::File::open(file) {
         Ok(f) => f,
@@ -223,28 +263,139 @@ fn import(conn: &Conn, name: String, file: &Path, format: Option<String>) -> Exi
         Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
         Ok(_) => {}
     }
-    let format = match format {
-        Some(f) => f,
-        None => match probe_format(file) {
-            Ok(f) => f,
-            Err(e) => return fail(e),
-        },
+    if format.as_deref() == Some("raw") {
+        return run(conn, raw_request(name, want.size), Some(f.as_fd()));
+    }
+    // qemu reads a name with a `:` before its first `/` as a protocol (`nbd:`, `json:`): an
+    // absolute path is always a file.
+    let file = match std::path::absolute(file) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
     };
-    let format = (format != "raw").then_some(format);
-    run(conn, Request::ImageImport { name, format }, Some(f.as_fd()))
+    let probe = match probe_image(&file, format.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    if probe.format == "raw" {
+        return run(conn, raw_request(name, want.size), Some(f.as_fd()));
+    }
+    if let Some(s) = want.size
+        && s != probe.virtual_size
+    {
+        return fail(format!(
+            "{} is a {} image of {} bytes, not the {s} bytes --size expects",
+            file.display(),
+            probe.format,
+            probe.virtual_size
+        ));
+    }
+    if let Err(e) = check_image(&file, &probe.format) {
+        return fail(e);
+    }
+    let conversion = match Conversion::start(&file, &probe.format) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let result = request(
+        conn,
+        raw_request(name, Some(probe.virtual_size)),
+        Some(conversion.output.as_fd()),
+    );
+    // The node reads through its own copy of the pipe now; with ours closed, a node that
+    // gave up makes the converter fail on its next write instead of blocking forever.
+    match conversion.finish(result.is_err()) {
+        Err(why) if result.is_err() => fail(format!("converting {} failed: {why}", file.display())),
+        _ => finish(conn, result),
+    }
 }
 
-/// The image format `qemu-img info` detects.
-fn probe_format(file: &Path) -> Result<String, String> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(file)
-        .output()
-        .map_err(|e| {
-            format!(
-                "cannot run qemu-img to detect the format ({e}); give --format raw for a raw image"
-            )
-        })?;
+/// A non-raw image converted on the client as the calling user: `qemu-nbd` opens it read-only
+/// (and whatever it refers to: a backing file, a data file, vmdk extents, each with the user's
+/// permissions and resolved where the image is), and `nbdcopy` writes it raw into a pipe whose
+/// other end goes to the node. The node never opens anything on the image's behalf, and the
+/// conversion needs no scratch space.
+struct Conversion {
+    child: std::process::Child,
+    output: std::process::ChildStdout,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Conversion {
+    fn start(file: &Path, format: &str) -> Result<Conversion, String> {
+        use std::io::Read;
+        let mut child = std::process::Command::new("nbdcopy")
+            .args([
+                "--",
+                "[",
+                "qemu-nbd",
+                "--read-only",
+                "--format",
+                format,
+                "--",
+            ])
+            .arg(file)
+            .args(["]", "-"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot run nbdcopy to convert the {format} image ({e}); install \
+                     libnbd-bin and qemu-utils, or convert it to raw first"
+                )
+            })?;
+        let output = child.stdout.take().expect("stdout is piped");
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Ok(Conversion {
+            child,
+            output,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// Closes this end of the pipe, stops the converter if the import failed, and returns
+    /// how the converter ended.
+    fn finish(mut self, kill: bool) -> Result<(), String> {
+        drop(self.output);
+        if kill {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        let msg = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{status}: {}", msg.trim()))
+        }
+    }
+}
+
+/// What `qemu-img info` says of an image.
+struct Probe {
+    format: String,
+    virtual_size: u64,
+}
+
+/// The image's format (`format` when given, else what qemu-img detects) and its size.
+fn probe_image(file: &Path, format: Option<&str>) -> Result<Probe, String> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]);
+    if let Some(f) = format {
+        cmd.args(["-f", f]);
+    }
+    let out = cmd.arg(file).output().map_err(|e| {
+        format!("cannot run qemu-img to detect the format ({e}); give --format raw for a raw image")
+    })?;
     if !out.status.success() {
         return Err(format!(
             "qemu-img cannot read {}: {}",
@@ -254,10 +405,46 @@ fn probe_format(file: &Path) -> Result<String, String> {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("unexpected qemu-img output: {e}"))?;
-    v.get("format")
+    let format = v
+        .get("format")
         .and_then(|f| f.as_str())
         .map(str::to_owned)
-        .ok_or_else(|| "qemu-img did not report a format".to_owned())
+        .ok_or_else(|| "qemu-img did not report a format".to_owned())?;
+    let virtual_size = v
+        .get("virtual-size")
+        .and_then(|f| f.as_u64())
+        .ok_or_else(|| "qemu-img did not report a size".to_owned())?;
+    Ok(Probe {
+        format,
+        virtual_size,
+    })
+}
+
+/// Refuses an image that `qemu-img check` finds damaged: a truncated qcow2 reads as zeroes
+/// where its clusters are missing, and would be published as a whole image of them.
+fn check_image(file: &Path, format: &str) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", format])
+        .arg(file)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img check ({e})"))?;
+    // 0: clean; 3: leaked clusters only (harmless to a reader); 63: the format has no check.
+    match out.status.code() {
+        Some(0 | 3 | 63) => Ok(()),
+        _ => {
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let msg2 = String::from_utf8_lossy(&out.stdout);
+            Err(format!(
+                "{} is damaged ({format}; `qemu-img check` says: {}): not imported",
+                file.display(),
+                [msg.trim(), msg2.trim()]
+                    .into_iter()
+                    .filter(|m| !m.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        }
+    }
 }
 
 pub fn volume(c: VolumeCmd) -> ExitCode {

@@ -84,6 +84,10 @@ struct Ahead {
     claimed: bool,
 }
 
+/// Reply-header capacity a free slot keeps (see `Slot::header`): a simple or structured reply
+/// header, or a block status reply of a few hundred extents.
+const HEADER_KEEP_BYTES: usize = 4096;
+
 /// One request in flight.
 struct Slot {
     state: SlotState,
@@ -104,6 +108,9 @@ struct Slot {
     splice: Option<Splice>,
     pending: usize,
     results: [i32; MAX_PLAN_IOS],
+    /// Reply headers and metadata (a block status reply's extents: up to 256 KiB). Kept for
+    /// the next request up to `HEADER_KEEP_BYTES`; a larger one is let go when the slot is, so
+    /// a connection does not hold 128 slots' worth of its largest replies.
     header: Vec<u8>,
     segments: Vec<Segment>,
     reply_len: usize,
@@ -1512,6 +1519,9 @@ impl Conn {
         if let Some(b) = slot.buf.take() {
             self.buffer_bytes -= b.capacity() as u64;
             io.pool.put(b);
+        }
+        if slot.header.capacity() > HEADER_KEEP_BYTES {
+            slot.header = Vec::with_capacity(HEADER_KEEP_BYTES);
         }
         slot.state = SlotState::Free;
         self.free.push(sid);

@@ -30,11 +30,21 @@ pub struct Envelope {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    /// The raw (or `format`) image bytes come from the descriptor passed with the message.
+    /// The raw image bytes come from the descriptor passed with the message, which must be
+    /// open for reading (the node reads that descriptor and nothing else). Other formats are
+    /// converted on the client, as the calling user: the node never follows a reference inside
+    /// an image file with its own permissions.
     ImageImport {
         name: String,
-        /// A format `qemu-img` reads (`qcow2`, `vmdk`, ...); `None` or `raw`: taken as it is.
+        /// `None` or `raw`; any other format is refused (the CLI converts before it sends).
         format: Option<String>,
+        /// The number of bytes the source must hold: a stream that ends sooner or later is
+        /// refused and nothing is published (a cut-short pipe ends like a short file).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// The SHA-256 (hex) the image must have; a mismatch publishes nothing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
     ImageList,
     ImageShow {

@@ -23,6 +23,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg}
 
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response};
 use crate::node::{Node, NodeError};
+use crate::pool::Expect;
 
 /// Time a client has to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -334,15 +335,22 @@ fn run(
     }
     match request {
         Request::Status => Ok(Response::Status(node.status())),
-        Request::ImageImport { name, format } => {
+        Request::ImageImport {
+            name,
+            format,
+            size,
+            sha256,
+        } => {
             if fds.len() != 1 {
                 return Err(NodeError::Invalid(format!(
                     "image_import needs exactly one file descriptor with the request, got {}",
                     fds.len()
                 )));
             }
+            let sha256 = sha256.as_deref().map(parse_sha256).transpose()?;
             let src = File::from(fds.remove(0));
-            node.import_image(&name, src, format.as_deref(), progress)
+            let expect = Expect { size, sha256 };
+            node.import_image(&name, src, format.as_deref(), &expect, progress)
                 .map(Response::Image)
         }
         Request::ImageList => node.images().map(Response::Images),
@@ -367,6 +375,19 @@ fn run(
             .map(|()| Response::Deleted { name }),
         Request::Check { repair } => node.check(repair).map(Response::Check),
     }
+}
+
+/// A SHA-256 given as 64 hex digits.
+fn parse_sha256(hex: &str) -> Result<[u8; 32], NodeError> {
+    let bad = || NodeError::Invalid(format!("{hex:?} is not a SHA-256 (64 hex digits)"));
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

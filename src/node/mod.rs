@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::mgmt::protocol::{
     CheckInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 use crate::names::validate_name;
-use crate::pool::{ImportSource, Pool, PoolError};
+use crate::pool::{Expect, ImportSource, Pool, PoolError};
 
 mod pace;
 use crate::target::{
@@ -84,6 +84,8 @@ pub struct Node {
     max_payload_bytes: u32,
     /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
     bulk_rate: u64,
+    /// Longest an import's pipe or socket may send nothing before the import is given up.
+    import_idle: Duration,
     started: Instant,
 }
 
@@ -126,6 +128,7 @@ impl Node {
         committers: Arc<Committers>,
         max_payload_bytes: u32,
         bulk_rate: u64,
+        import_idle: Duration,
     ) -> Result<Node, NodeError> {
         let pool = Pool::open(dir)?;
         let node = Node {
@@ -137,6 +140,7 @@ impl Node {
             cloning: Mutex::new(HashMap::new()),
             max_payload_bytes,
             bulk_rate,
+            import_idle,
             started: Instant::now(),
         };
         for i in node.pool.images() {
@@ -288,15 +292,26 @@ impl Node {
 
     // ---- images --------------------------------------------------------------------------
 
-    /// Imports a golden image from `src` (raw, or `format` converted with qemu-img).
+    /// Imports a golden image from `src`, the descriptor a client passed: raw bytes, read
+    /// through that descriptor only (see `ImportSource::new`). Other formats are converted by
+    /// the client before they reach the node, as the client's user: a conversion here would
+    /// follow an image's references (a backing file, a data file, vmdk extents) with the node's
+    /// permissions.
     pub fn import_image(
         &self,
         name: &str,
         src: File,
         format: Option<&str>,
+        expect: &Expect,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<ImageInfo, NodeError> {
         validate_name(name).map_err(NodeError::Invalid)?;
+        if let Some(fmt) = format.filter(|f| *f != "raw") {
+            return Err(NodeError::Invalid(format!(
+                "the node imports raw images only, not {fmt:?}: `streamer image import` \
+                 converts other formats on the client, with the calling user's permissions"
+            )));
+        }
         if self.pool.image(name).is_ok() {
             return Err(PoolError::Exists {
                 kind: "image",
@@ -305,30 +320,16 @@ impl Node {
             .into());
         }
         let _busy = self.busy("image", name)?;
-        let total = src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        let total = expect
+            .size
+            .or_else(|| src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len()));
+        let mut src = ImportSource::new(src, self.import_idle)
+            .map_err(|e| NodeError::Invalid(format!("cannot import {name:?}: {e}")))?;
         let mut pacer = self.pacer();
-        let entry = match format {
-            None | Some("raw") => {
-                let mut src = ImportSource::new(src);
-                self.pool.import_image(name, &mut src, |done| {
-                    pacer.pace(done);
-                    progress(done, total)
-                })?
-            }
-            Some(fmt) => {
-                let scratch = self.pool.scratch()?;
-                let raw = scratch.path().join("converted.raw");
-                convert_with_qemu_img(&src, fmt, &raw)?;
-                let f = File::open(&raw)
-                    .map_err(|e| NodeError::Io(format!("reading the converted image: {e}")))?;
-                let total = f.metadata().ok().map(|m| m.len());
-                let mut f = ImportSource::new(f);
-                self.pool.import_image(name, &mut f, |done| {
-                    pacer.pace(done);
-                    progress(done, total)
-                })?
-            }
-        };
+        let entry = self.pool.import_image(name, &mut src, expect, |done| {
+            pacer.pace(done);
+            progress(done, total)
+        })?;
         self.serve_image(&entry.name)?;
         self.image_info(name)
     }
@@ -711,38 +712,4 @@ fn wait_disconnected(clients: impl Fn() -> usize, name: &str) -> Result<(), Node
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
-}
-
-/// Converts `src` (a descriptor this process holds) from `format` to a raw file at `out` with
-/// qemu-img, which reads every format qemu knows; nothing here parses them.
-fn convert_with_qemu_img(src: &File, format: &str, out: &PathBuf) -> Result<(), NodeError> {
-    use std::os::fd::AsRawFd;
-    if !format
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        || format.is_empty()
-        || format.len() > 32
-    {
-        return Err(NodeError::Invalid(format!(
-            "{format:?} is not an image format name"
-        )));
-    }
-    // The child reopens the file through this process's descriptor table: the client's open
-    // file is what is read, whatever path it came from.
-    let input = format!("/proc/{}/fd/{}", std::process::id(), src.as_raw_fd());
-    let output = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", format, "-O", "raw", "-t", "none"])
-        .arg(&input)
-        .arg(out)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| NodeError::Io(format!("running qemu-img (is qemu-utils installed?): {e}")))?;
-    if !output.status.success() {
-        let msg = String::from_utf8_lossy(&output.stderr);
-        let msg = msg.trim().replace(&input, "the import file");
-        return Err(NodeError::Invalid(format!(
-            "qemu-img could not convert the {format} image: {msg}"
-        )));
-    }
-    Ok(())
 }

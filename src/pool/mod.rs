@@ -70,6 +70,13 @@ fn vol_err(what: impl Into<String>) -> impl FnOnce(VolumeError) -> PoolError {
     move |source| PoolError::Volume { what, source }
 }
 
+/// What an import must turn out to be; anything else is refused and not published.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Expect {
+    pub size: Option<u64>,
+    pub sha256: Option<[u8; 32]>,
+}
+
 /// A golden image as the pool lists it.
 #[derive(Debug, Clone)]
 pub struct ImageEntry {
@@ -336,11 +343,13 @@ impl Pool {
     }
 
     /// Imports a raw image from `src`, sealing it (digest and chunk table) on the way in.
-    /// `progress` is called with the bytes copied so far.
+    /// `progress` is called with the bytes copied so far. An image that does not match
+    /// `expect` is refused before it is published (the staged bytes are removed).
     pub fn import_image(
         &self,
         name: &str,
         src: &mut dyn Read,
+        expect: &Expect,
         mut progress: impl FnMut(u64),
     ) -> Result<ImageEntry, PoolError> {
         let res = self.reserve("image", name)?;
@@ -372,9 +381,31 @@ impl Pool {
                 "the import of {name:?} is empty"
             )));
         }
+        if let Some(want) = expect.size
+            && want != out.written()
+        {
+            return Err(PoolError::Invalid(format!(
+                "the import of {name:?} {} {} bytes where {want} were expected: not published",
+                if out.written() < want {
+                    "ended after"
+                } else {
+                    "ran to"
+                },
+                out.written()
+            )));
+        }
         let info = out
             .finish(random_id())
             .map_err(io_err(format!("syncing image {name:?}")))?;
+        if let Some(want) = expect.sha256
+            && want != info.digest
+        {
+            return Err(PoolError::Invalid(format!(
+                "the import of {name:?} has SHA-256 {} where {} was expected: not published",
+                image::hex(&info.digest),
+                image::hex(&want)
+            )));
+        }
         let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)

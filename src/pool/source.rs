@@ -8,12 +8,15 @@
 //! volumes' working set out of the cache. With `O_DIRECT` the disk writes into the buffer and the
 //! cache is left alone.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// `O_DIRECT` alignment that every Linux block device and file system accepts.
 const DIRECT_ALIGN: usize = 4096;
@@ -33,7 +36,8 @@ pub struct ImportSource {
 
 enum Inner {
     Direct(Direct),
-    Plain(File),
+    /// A pipe, a socket, or a file that refused `O_DIRECT`, with the longest wait for bytes.
+    Plain(File, Duration),
 }
 
 /// A regular file read ahead by a thread of its own, with `O_DIRECT`.
@@ -67,49 +71,89 @@ impl Chunk {
 }
 
 impl ImportSource {
-    /// Reads `file` from its start. A regular file is reopened with `O_DIRECT` (a new open file
-    /// description of the same inode, so the caller's descriptor, which may be shared with the
-    /// client that passed it, keeps its flags) and read ahead by a thread, which inherits the
-    /// caller's scheduling class. If any of that fails, `file` is read as it is.
-    pub fn new(file: File) -> ImportSource {
-        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if regular {
-            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            if let Ok(direct) = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path)
-            {
-                let (full_tx, full) = sync_channel(DIRECT_BUFFERS);
-                let (empty, empty_rx) = sync_channel(DIRECT_BUFFERS);
-                for _ in 0..DIRECT_BUFFERS {
-                    // Cannot fail: the receiver is alive and there is room for every buffer.
-                    let _ = empty.send(Chunk::new());
-                }
-                let reader = std::thread::Builder::new()
-                    .name("streamer-import".into())
-                    .spawn(move || read_ahead(direct, empty_rx, full_tx));
-                if let Ok(reader) = reader {
-                    return ImportSource {
-                        inner: Inner::Direct(Direct {
-                            full,
-                            empty: Some(empty),
-                            current: None,
-                            taken: 0,
-                            eof: false,
-                            reader: Some(reader),
-                        }),
-                    };
-                }
-            }
+    /// Reads `file`, the descriptor a client passed, from its start; nothing else is opened.
+    ///
+    /// The descriptor must be open for reading: one opened with `O_PATH` (which needs no read
+    /// permission at all) or write-only is refused, since reading it anyway (or reopening its
+    /// inode, as `/proc/self/fd/N` would) reads with the node's permissions what the client
+    /// could not. A regular file gets `O_DIRECT` on this open file description (the client
+    /// opened it for this import and only waits for the answer) and is read ahead by a thread,
+    /// which inherits the caller's scheduling class; where that fails it is read as it is. A
+    /// pipe or socket that sends nothing for `idle` ends the import with `TimedOut`.
+    pub fn new(file: File, idle: Duration) -> io::Result<ImportSource> {
+        let flags = fcntl_getfl(&file)?;
+        if flags & libc::O_PATH != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the import's file descriptor was opened with O_PATH, which grants no right to \
+                 read it; pass a descriptor opened for reading",
+            ));
         }
-        ImportSource {
-            inner: Inner::Plain(file),
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the import's file descriptor is open for writing only; pass a descriptor \
+                 opened for reading",
+            ));
         }
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the import's file descriptor is a directory",
+            ));
+        }
+        if meta.is_file()
+            && fcntl_setfl(&file, flags | libc::O_DIRECT).is_ok()
+            && let Some(direct) = Direct::start(file.try_clone()?)
+        {
+            return Ok(ImportSource {
+                inner: Inner::Direct(direct),
+            });
+        }
+        // Back to the flags it came with (O_DIRECT may have been set before the thread failed).
+        let _ = fcntl_setfl(&file, flags);
+        Ok(ImportSource {
+            inner: Inner::Plain(file, idle),
+        })
     }
 
     pub fn is_direct(&self) -> bool {
         matches!(self.inner, Inner::Direct(_))
+    }
+}
+
+fn fcntl_getfl(f: &File) -> io::Result<i32> {
+    Ok(nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GETFL)?)
+}
+
+fn fcntl_setfl(f: &File, flags: i32) -> io::Result<()> {
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+impl Direct {
+    /// Starts the reader thread over `file` (already `O_DIRECT`).
+    fn start(file: File) -> Option<Direct> {
+        let (full_tx, full) = sync_channel(DIRECT_BUFFERS);
+        let (empty, empty_rx) = sync_channel(DIRECT_BUFFERS);
+        for _ in 0..DIRECT_BUFFERS {
+            // Cannot fail: the receiver is alive and there is room for every buffer.
+            let _ = empty.send(Chunk::new());
+        }
+        let reader = std::thread::Builder::new()
+            .name("streamer-import".into())
+            .spawn(move || read_ahead(file, empty_rx, full_tx))
+            .ok()?;
+        Some(Direct {
+            full,
+            empty: Some(empty),
+            current: None,
+            taken: 0,
+            eof: false,
+            reader: Some(reader),
+        })
     }
 }
 
@@ -147,7 +191,7 @@ fn read_ahead(file: File, empty: Receiver<Chunk>, full: SyncSender<io::Result<Ch
 impl Read for ImportSource {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let d = match &mut self.inner {
-            Inner::Plain(f) => return f.read(out),
+            Inner::Plain(f, idle) => return read_within(f, out, *idle),
             Inner::Direct(d) => d,
         };
         loop {
@@ -177,6 +221,29 @@ impl Read for ImportSource {
     }
 }
 
+/// Reads `f` once it has bytes (or its end), waiting at most `idle`: a client that opened a
+/// pipe and then sends nothing must not hold a management slot and a staging file forever.
+fn read_within(f: &mut File, out: &mut [u8], idle: Duration) -> io::Result<usize> {
+    let deadline = Instant::now() + idle;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) if left.is_zero() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the source sent nothing for {}s", idle.as_secs()),
+                ));
+            }
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => return f.read(out),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Drop for Direct {
     fn drop(&mut self) {
         // Closing the empty-buffer channel ends a reader waiting for a buffer. A reader never
@@ -193,11 +260,13 @@ impl Drop for Direct {
 mod tests {
     use super::*;
 
+    const IDLE: Duration = Duration::from_secs(5);
+
     #[test]
     fn an_import_given_up_early_stops_its_reader() {
         let p = std::env::temp_dir().join(format!("streamer-source-drop-{}", std::process::id()));
         std::fs::write(&p, vec![7u8; 3 * DIRECT_READ_BYTES]).unwrap();
-        let mut src = ImportSource::new(File::open(&p).unwrap());
+        let mut src = ImportSource::new(File::open(&p).unwrap(), IDLE).unwrap();
         let mut piece = [0u8; 10];
         assert_eq!(src.read(&mut piece).unwrap(), 10);
         drop(src); // joins the reader: the test would hang if it did not stop
@@ -219,7 +288,7 @@ mod tests {
             let p = dir.join(format!("f{size}"));
             let bytes: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
             std::fs::write(&p, &bytes).unwrap();
-            let mut src = ImportSource::new(File::open(&p).unwrap());
+            let mut src = ImportSource::new(File::open(&p).unwrap(), IDLE).unwrap();
             let mut back = Vec::new();
             let mut piece = vec![0u8; 50_000];
             loop {
@@ -232,5 +301,45 @@ mod tests {
             assert_eq!(back, bytes, "size {size}, direct {}", src.is_direct());
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod refusals {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// An O_PATH descriptor needs no read permission: reading through it (or reopening it)
+    /// with the node's rights read /etc/shadow for an admin-group user.
+    #[test]
+    fn o_path_and_write_only_descriptors_are_refused() {
+        let p = std::env::temp_dir().join(format!("streamer-source-path-{}", std::process::id()));
+        std::fs::write(&p, b"secret").unwrap();
+        let path_only = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&p)
+            .unwrap();
+        let e = ImportSource::new(path_only, Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("O_PATH"), "{e}");
+        let write_only = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let e = ImportSource::new(write_only, Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("writing only"), "{e}");
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_pipe_that_sends_nothing_times_out() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut src = ImportSource::new(File::from(r), Duration::from_millis(200)).unwrap();
+        let t = Instant::now();
+        let e = src.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        drop(w);
     }
 }

@@ -25,7 +25,12 @@ fn import_clone_capture_delete_and_reopen() {
     let pool = Pool::open(&d.0).unwrap();
     let bytes = golden_bytes((3 << 20) + 5);
     let img = pool
-        .import_image("golden", &mut Cursor::new(bytes.clone()), |_| {})
+        .import_image(
+            "golden",
+            &mut Cursor::new(bytes.clone()),
+            &Expect::default(),
+            |_| {},
+        )
         .unwrap();
     assert_eq!(img.info.size, bytes.len() as u64);
     assert!(pool.verify_image("golden", |_| {}).unwrap().ok());
@@ -136,12 +141,78 @@ fn an_empty_import_is_refused_and_leaves_nothing() {
     let d = tempdir("empty");
     let pool = Pool::open(&d.0).unwrap();
     let e = pool
-        .import_image("e", &mut Cursor::new(Vec::new()), |_| {})
+        .import_image(
+            "e",
+            &mut Cursor::new(Vec::new()),
+            &Expect::default(),
+            |_| {},
+        )
         .unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
     assert!(pool.images().is_empty());
     assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
     // The name is free again.
-    pool.import_image("e", &mut Cursor::new(golden_bytes(10)), |_| {})
+    pool.import_image(
+        "e",
+        &mut Cursor::new(golden_bytes(10)),
+        &Expect::default(),
+        |_| {},
+    )
+    .unwrap();
+}
+
+/// A pipe cut short ends like a short file: without the size the operator expected, a
+/// truncated golden image was published and cloned. Neither a short stream nor a wrong digest
+/// publishes anything, and the staged bytes are gone.
+#[test]
+fn an_import_that_does_not_match_what_was_expected_is_not_published() {
+    let d = tempdir("expect");
+    let pool = Pool::open(&d.0).unwrap();
+    let bytes = golden_bytes(100_000);
+    let short = Expect {
+        size: Some(200_000),
+        sha256: None,
+    };
+    let e = pool
+        .import_image("x", &mut Cursor::new(bytes.clone()), &short, |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("ended after 100000 bytes"), "{e}");
+    let long = Expect {
+        size: Some(50_000),
+        sha256: None,
+    };
+    let e = pool
+        .import_image("x", &mut Cursor::new(bytes.clone()), &long, |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("ran to 100000 bytes"), "{e}");
+    let wrong = Expect {
+        size: Some(100_000),
+        sha256: Some([7; 32]),
+    };
+    let e = pool
+        .import_image("x", &mut Cursor::new(bytes.clone()), &wrong, |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("0707070707"), "{e}");
+    assert!(pool.images().is_empty());
+    assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(d.0.join("images")).unwrap().count(), 0);
+
+    let digest = pool
+        .import_image(
+            "y",
+            &mut Cursor::new(bytes.clone()),
+            &Expect::default(),
+            |_| {},
+        )
+        .unwrap()
+        .info
+        .digest;
+    let right = Expect {
+        size: Some(100_000),
+        sha256: Some(digest),
+    };
+    let img = pool
+        .import_image("x", &mut Cursor::new(bytes), &right, |_| {})
         .unwrap();
+    assert_eq!(img.info.digest, digest);
 }

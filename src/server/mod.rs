@@ -32,6 +32,8 @@ pub struct PoolConfig {
     pub admin_gid: Option<u32>,
     /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
     pub bulk_rate: u64,
+    /// Longest an import's pipe may send nothing.
+    pub import_idle: Duration,
 }
 
 /// Everything `streamer serve` needs.
@@ -162,6 +164,7 @@ fn start_node(
             committers.clone(),
             max_payload_bytes,
             p.bulk_rate,
+            p.import_idle,
         )
         .map_err(|e| pool_err(e.to_string()))?,
     );
