@@ -209,3 +209,253 @@ fn a_qcow2_backed_by_a_root_only_file_publishes_nothing_of_it() {
     assert_eq!(img["sha256"].as_str().unwrap(), &want[..64]);
     server.stop();
 }
+
+/// Runs `streamer serve` expected to refuse to start; returns what it said.
+fn serve_refused(dir: &Scratch, args: &[&str]) -> String {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let out = Command::new("timeout")
+        .args(["-k", "5", "30", BIN])
+        .args(&all)
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started: {err}");
+    err
+}
+
+fn tree(p: &Path) -> Vec<String> {
+    let out = run("find", &[p.to_str().unwrap()]);
+    let mut v: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    v.sort();
+    v
+}
+
+/// A data directory another user can write let them turn the node's start-up into root file
+/// deletion (`.staging -> /victim`), creation (`.lock -> elsewhere`) and disclosure
+/// (`images/evil/image.raw -> /etc/shadow`). Such a directory is refused; inside the node's
+/// own pool no symlink is followed, and nothing outside it is touched.
+#[test]
+fn a_data_directory_others_control_is_refused_and_planted_links_are_not_followed() {
+    let dir = Scratch::new("datadir");
+    open_up(&dir);
+    let victim = dir.path("victim");
+    std::fs::create_dir_all(victim.join("sub/deeper")).unwrap();
+    std::fs::write(victim.join("sub/deeper/precious"), b"keep me").unwrap();
+    let victim_tree = tree(&victim);
+
+    // Owned by another user.
+    let theirs = dir.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink(&victim, theirs.join(".staging")).unwrap();
+    let err = serve_refused(&dir, &["--data-dir", theirs.to_str().unwrap()]);
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    // In a directory others may write (not sticky).
+    let shared = dir.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = serve_refused(&dir, &["--data-dir", shared.join("pool").to_str().unwrap()]);
+    assert!(err.contains("writable by other users"), "{err}");
+    // A pool directory others may write.
+    let open_pool = dir.path("open-pool");
+    std::fs::create_dir(&open_pool).unwrap();
+    std::fs::set_permissions(&open_pool, std::fs::Permissions::from_mode(0o757)).unwrap();
+    let err = serve_refused(&dir, &["--data-dir", open_pool.to_str().unwrap()]);
+    assert!(err.contains("writable by everyone"), "{err}");
+
+    // The node's own pool, with links planted in it (by a process of the node's user that
+    // went wrong, or a restored backup): each is refused, none followed.
+    let pool = pool_dir(&dir);
+    let server = start_node(&dir);
+    let good = dir.path("good.raw");
+    data_file(&good, 1 << 20, 1);
+    run(
+        BIN,
+        &[
+            "image",
+            "import",
+            "good",
+            good.to_str().unwrap(),
+            "--socket",
+            sock(&dir).to_str().unwrap(),
+        ],
+    );
+    server.stop();
+    let secret = secret(&dir, 1 << 20);
+    let evil = pool.join("images/evil");
+    std::fs::create_dir(&evil).unwrap();
+    std::fs::copy(pool.join("images/good/image.meta"), evil.join("image.meta")).unwrap();
+    std::os::unix::fs::symlink(&secret, evil.join("image.raw")).unwrap();
+
+    std::fs::remove_file(pool.join(".lock")).unwrap();
+    std::os::unix::fs::symlink(dir.path("created-elsewhere"), pool.join(".lock")).unwrap();
+    let err = serve_refused(&dir, &["--data-dir", pool.to_str().unwrap()]);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(!dir.path("created-elsewhere").exists());
+    std::fs::remove_file(pool.join(".lock")).unwrap();
+
+    std::fs::remove_dir_all(pool.join(".staging")).unwrap();
+    std::os::unix::fs::symlink(&victim, pool.join(".staging")).unwrap();
+    let err = serve_refused(&dir, &["--data-dir", pool.to_str().unwrap()]);
+    assert!(err.contains("not a directory"), "{err}");
+    assert_eq!(
+        tree(&victim),
+        victim_tree,
+        "nothing outside the pool was touched"
+    );
+    std::fs::remove_file(pool.join(".staging")).unwrap();
+
+    // A link inside a directory being swept is removed, not followed.
+    std::fs::create_dir_all(pool.join(".trash/x")).unwrap();
+    std::os::unix::fs::symlink(&victim, pool.join(".trash/x/link")).unwrap();
+    let server = start_node(&dir);
+    assert_eq!(
+        tree(&victim),
+        victim_tree,
+        "nothing outside the pool was touched"
+    );
+    assert!(!pool.join(".trash/x").exists());
+    let status = stdout(&run(
+        BIN,
+        &["status", "--socket", sock(&dir).to_str().unwrap()],
+    ));
+    assert!(
+        status.contains("image \"evil\" is not served") && status.contains("symbolic link"),
+        "{status}"
+    );
+    let exports = stdout(&run("nbdinfo", &["--list", &server.uri("")]));
+    assert!(exports.contains("image/good"), "{exports}");
+    assert!(!exports.contains("image/evil"), "{exports}");
+    server.stop();
+}
+
+/// The management socket was chowned and chmoded by path after bind: a link swapped in at the
+/// right moment changed a victim file's owner and mode. It is now bound in a private
+/// directory, given its mode there and renamed into place; a directory others can write is
+/// refused, and a file in the way is never replaced.
+#[test]
+fn the_management_socket_is_made_private_before_it_is_reachable() {
+    let dir = Scratch::new("mgmtsock");
+    open_up(&dir);
+    let shared = dir.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pool = pool_dir(&dir);
+    let sock_in_shared = shared.join("m.sock");
+    let err = serve_refused(
+        &dir,
+        &[
+            "--data-dir",
+            pool.to_str().unwrap(),
+            "--mgmt-socket",
+            sock_in_shared.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("writable by other users"), "{err}");
+    // A victim file where the socket should go: refused, left as it was.
+    let victim = dir.path("victim");
+    std::fs::write(&victim, b"x").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let at = dir.path("m.sock");
+    std::os::unix::fs::symlink(&victim, &at).unwrap();
+    let err = serve_refused(
+        &dir,
+        &[
+            "--data-dir",
+            pool.to_str().unwrap(),
+            "--mgmt-socket",
+            at.to_str().unwrap(),
+            "--admin-group",
+            "nogroup",
+        ],
+    );
+    assert!(err.contains("is not a socket"), "{err}");
+    let m = std::fs::metadata(&victim).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o644, 0));
+    std::fs::remove_file(&at).unwrap();
+    // With the admin group: 0660 and group nogroup from the moment it exists; the pool
+    // directory lets the group through to it and no further.
+    let server = start_node(&dir);
+    let m = std::fs::metadata(sock(&dir)).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o660, 65534));
+    let d = std::fs::metadata(&pool).unwrap();
+    assert_eq!((d.mode() & 0o777, d.gid()), (0o710, 65534));
+    let out = as_nobody(BIN, &["status", "--socket", sock(&dir).to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = as_nobody("ls", &[pool.to_str().unwrap()]);
+    assert!(!out.status.success(), "the group may not list the pool");
+    server.stop();
+}
+
+/// Volumes and images were created 0644 in 0755 directories: any local user could read every
+/// server's OS volume (its host keys, its /etc/shadow). Pool files are the node user's alone,
+/// whatever the umask, and a pool made by an older version is tightened at start.
+#[test]
+fn pool_files_are_private_to_the_node_and_old_pools_are_tightened() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = Scratch::new("modes");
+    open_up(&dir);
+    let server = start_node(&dir);
+    let s = sock(&dir);
+    let good = dir.path("good.raw");
+    data_file(&good, 1 << 20, 1);
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--socket", s.to_str().unwrap()]);
+        run(BIN, &a)
+    };
+    cli(&["image", "import", "good", good.to_str().unwrap()]);
+    cli(&["volume", "create", "web-1", "--image", "good"]);
+    server.stop();
+    let pool = pool_dir(&dir);
+    let modes = || {
+        let out = stdout(&run(
+            "find",
+            &[
+                pool.to_str().unwrap(),
+                "-mindepth",
+                "1",
+                "-not",
+                "-type",
+                "s",
+                "-printf",
+                "%m %p\n",
+            ],
+        ));
+        out.lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for line in modes() {
+        assert!(
+            line.starts_with("600 ") || line.starts_with("700 "),
+            "{line}"
+        );
+    }
+    // As an older version left it.
+    let data = pool.join("volumes/web-1/volume.data");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for d in ["volumes", "volumes/web-1"] {
+        std::fs::set_permissions(pool.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&pool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_nobody("cat", &[data.to_str().unwrap()]);
+    assert!(out.status.success(), "readable before: {out:?}");
+    let server = start_node(&dir);
+    assert!(
+        server
+            .log()
+            .contains("took group and other permissions off")
+    );
+    for line in modes() {
+        assert!(
+            line.starts_with("600 ") || line.starts_with("700 "),
+            "{line}"
+        );
+    }
+    assert_eq!(std::fs::metadata(&pool).unwrap().mode() & 0o777, 0o710);
+    let out = as_nobody("cat", &[data.to_str().unwrap()]);
+    assert!(!out.status.success(), "readable after");
+    server.stop();
+}

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,21 +51,63 @@ pub struct MgmtServer {
 
 impl MgmtServer {
     /// Binds `path` (mode 0600, or 0660 owned by the admin group) and starts accepting.
+    ///
+    /// The socket is bound in a new private directory beside `path`, given its owner and mode
+    /// there, and only then renamed into place: it is never reachable with the wrong mode, and
+    /// the chown and chmod act on a name no one else can swap for a link. `path`'s directory
+    /// must be one only root and the node's user can change.
     pub fn start(node: Arc<Node>, path: &Path, access: Access) -> io::Result<MgmtServer> {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            // Left by a server that did not stop cleanly; a live one would hold the pool lock.
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
-        let mode = match access.admin_gid {
-            Some(gid) => {
-                std::os::unix::fs::chown(path, None, Some(gid))?;
-                0o660
-            }
-            None => 0o600,
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "the socket path names no file")
+        })?;
+        crate::pool::check_ancestors(parent, rustix::process::geteuid().as_raw())?;
+        match std::fs::symlink_metadata(path) {
+            // Left by a server that did not stop cleanly (a live one would hold the pool's
+            // lock): the rename below replaces it.
+            Ok(m) if m.file_type().is_socket() => {}
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let private = parent.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("creating {}: {e}", private.display()))
+            })?;
+        let staged = private.join("s");
+        let bound = (|| {
+            let listener = UnixListener::bind(&staged)?;
+            let mode = match access.admin_gid {
+                Some(gid) => {
+                    std::os::unix::fs::chown(&staged, None, Some(gid))?;
+                    0o660
+                }
+                None => 0o600,
+            };
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&staged, path)?;
+            Ok::<_, io::Error>(listener)
+        })();
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_dir(&private);
+        let listener = bound
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
         let thread = {

@@ -24,7 +24,7 @@ use crate::pool::{Expect, ImportSource, Pool, PoolError};
 
 mod pace;
 use crate::target::{
-    BlockTarget, CacheMode, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
+    BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
 use pace::Pacer;
 
@@ -70,6 +70,8 @@ struct Served {
     images: BTreeMap<String, Arc<FileTarget>>,
     /// Volumes that could not be opened, with the reason (shown as alerts).
     broken: BTreeMap<String, String>,
+    /// Images whose bytes could not be opened (a symbolic link in the pool), with the reason.
+    broken_images: BTreeMap<String, String>,
 }
 
 pub struct Node {
@@ -144,7 +146,13 @@ impl Node {
             started: Instant::now(),
         };
         for i in node.pool.images() {
-            node.serve_image(&i.name)?;
+            if let Err(e) = node.serve_image(&i.name) {
+                tracing::error!(image = %i.name, "not served: {e}");
+                node.served
+                    .lock()
+                    .broken_images
+                    .insert(i.name.clone(), e.to_string());
+            }
         }
         for v in node.pool.volumes() {
             if let Err(e) = node.serve_volume(&v.name) {
@@ -160,6 +168,10 @@ impl Node {
 
     pub fn dir(&self) -> &Path {
         self.pool.dir()
+    }
+
+    pub fn pool_dir(&self) -> &crate::pool::PoolDir {
+        self.pool.pool_dir()
     }
 
     fn busy(&self, kind: &str, name: &str) -> Result<Busy<'_>, NodeError> {
@@ -215,9 +227,10 @@ impl Node {
     }
 
     fn serve_image(&self, name: &str) -> Result<(), NodeError> {
-        let (raw, _) = self.pool.image_paths(name);
+        let raw = self.pool.open_image_raw(name)?;
+        let shown = self.pool.dir().join("images").join(name);
         let target = Arc::new(
-            FileTarget::open(&raw, true, CacheMode::Buffered)
+            FileTarget::from_files(raw, None, &shown, true)
                 .map_err(|e| NodeError::Io(format!("serving image {name:?}: {e}")))?,
         );
         let export = format!("{IMAGE_EXPORT_PREFIX}{name}");
@@ -336,7 +349,6 @@ impl Node {
 
     pub fn image_info(&self, name: &str) -> Result<ImageInfo, NodeError> {
         let e = self.pool.image(name)?;
-        let (raw, meta) = self.pool.image_paths(name);
         let clients = self
             .served
             .lock()
@@ -348,7 +360,7 @@ impl Node {
             size: e.info.size,
             sha256: volume_format::image::hex(&e.info.digest),
             id: volume_format::image::hex(&e.info.id),
-            allocated_bytes: allocated(&raw) + allocated(&meta),
+            allocated_bytes: self.pool.image_allocated(name),
             volumes: self.pool.dependents(name),
             clients,
         })
@@ -430,6 +442,7 @@ impl Node {
             }
             return Err(e.into());
         }
+        self.served.lock().broken_images.remove(name);
         Ok(())
     }
 
@@ -499,10 +512,7 @@ impl Node {
                 ),
                 Err(_) => (0, String::new(), 0, 0),
             },
-            None => {
-                let (meta, data) = self.pool.volume_paths(name);
-                (allocated(&meta) + allocated(&data), String::new(), 0, 0)
-            }
+            None => (self.pool.volume_allocated(name), String::new(), 0, 0),
         };
         Ok(VolumeInfo {
             name: e.name,
@@ -624,12 +634,10 @@ impl Node {
         let volumes = self.pool.volumes();
         let mut used_bytes = 0;
         for i in &images {
-            let (raw, meta) = self.pool.image_paths(&i.name);
-            used_bytes += allocated(&raw) + allocated(&meta);
+            used_bytes += self.pool.image_allocated(&i.name);
         }
         for v in &volumes {
-            let (meta, data) = self.pool.volume_paths(&v.name);
-            used_bytes += allocated(&meta) + allocated(&data);
+            used_bytes += self.pool.volume_allocated(&v.name);
         }
         let mut alerts = Vec::new();
         for (kind, name, why) in self.pool.damaged() {
@@ -638,6 +646,9 @@ impl Node {
             ));
         }
         let s = self.served.lock();
+        for (name, why) in &s.broken_images {
+            alerts.push(format!("image {name:?} is not served: {why}"));
+        }
         for (name, why) in &s.broken {
             alerts.push(format!(
                 "volume {name:?} is not served: {why} (try `streamer check --repair`)"
@@ -706,10 +717,4 @@ fn wait_disconnected(clients: impl Fn() -> usize, name: &str) -> Result<(), Node
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-/// Disk space a file takes (0 when it cannot be read).
-fn allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
 }

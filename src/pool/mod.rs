@@ -14,19 +14,22 @@
 //! whole or absent, and opening the pool sweeps what was left half-done.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use parking_lot::Mutex;
 use volume_format::image::{self, ImageInfo, ImageWriter};
 use volume_format::{FileStorage, ImageRef, Storage, Volume, VolumeError, check};
 
 use crate::names::validate_name;
 
+mod dir;
 mod source;
+pub use dir::{PoolDir, check_ancestors};
 pub use source::ImportSource;
+
+use dir::Access;
 
 const IMAGE_RAW: &str = "image.raw";
 const IMAGE_META: &str = "image.meta";
@@ -105,7 +108,7 @@ struct Catalog {
 }
 
 pub struct Pool {
-    dir: PathBuf,
+    dir: PoolDir,
     catalog: Mutex<Catalog>,
     /// An exclusive lock on `DIR/.lock`: one process owns a pool at a time.
     _lock: nix::fcntl::Flock<File>,
@@ -121,37 +124,45 @@ impl Pool {
     /// Opens (creating if needed) the pool in `dir`, sweeping half-done work and loading the
     /// catalog. A volume or image that fails to load is an error naming it: nothing is served
     /// from a pool whose metadata does not check out.
-    pub fn open(dir: &Path) -> Result<Pool, PoolError> {
+    pub fn open(path: &Path) -> Result<Pool, PoolError> {
+        let dir = PoolDir::open(path).map_err(io_err("opening the pool"))?;
         for sub in ["images", "volumes", ".staging", ".trash"] {
-            fs::create_dir_all(dir.join(sub))
-                .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
+            dir.ensure_dir(Path::new(sub))
+                .map_err(io_err("preparing the pool"))?;
         }
-        let lock_path = dir.join(".lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(format!("opening {}", lock_path.display())))?;
+        let lock_file = dir
+            .open_file(Path::new(".lock"), Access::CreateOrOpen)
+            .map_err(io_err("locking the pool"))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| {
                 PoolError::InUse(format!(
                     "the pool in {} is in use by another streamer process ({e})",
-                    dir.display()
+                    path.display()
                 ))
             })?;
+        match dir.tighten() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                "took group and other permissions off {n} file(s) and directories of the pool \
+                 (made by an older version)"
+            ),
+            Err(e) => return Err(io_err("tightening the pool's permissions")(e)),
+        }
         for sub in [".staging", ".trash"] {
-            for e in fs::read_dir(dir.join(sub)).map_err(io_err(format!("reading {sub}")))? {
-                let p = e.map_err(io_err(format!("reading {sub}")))?.path();
-                fs::remove_dir_all(&p).map_err(io_err(format!("removing {}", p.display())))?;
+            let names = dir
+                .entries(Path::new(sub))
+                .map_err(io_err(format!("reading {sub}")))?;
+            for n in names {
+                dir.remove_all(&Path::new(sub).join(n))
+                    .map_err(io_err("sweeping half-done work"))?;
             }
         }
         // One damaged object must not take the node down with it: it is set aside (and
         // reported), and the pool opens with everything else.
         let mut damaged = BTreeMap::new();
         let mut images = BTreeMap::new();
-        for name in list_dir(&dir.join("images"))? {
-            match load_image(dir, &name) {
+        for name in list_dir(&dir, "images")? {
+            match load_image(&dir, &name) {
                 Ok(info) => {
                     images.insert(name.clone(), ImageEntry { name, info });
                 }
@@ -162,8 +173,8 @@ impl Pool {
             }
         }
         let mut volumes = BTreeMap::new();
-        for name in list_dir(&dir.join("volumes"))? {
-            match load_volume(dir, &name, &images) {
+        for name in list_dir(&dir, "volumes")? {
+            match load_volume(&dir, &name, &images) {
                 Ok(entry) => {
                     volumes.insert(name, entry);
                 }
@@ -174,7 +185,7 @@ impl Pool {
             }
         }
         Ok(Pool {
-            dir: dir.to_owned(),
+            dir,
             catalog: Mutex::new(Catalog {
                 images,
                 volumes,
@@ -209,6 +220,11 @@ impl Pool {
     }
 
     pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The pool directory, by descriptor.
+    pub fn pool_dir(&self) -> &PoolDir {
         &self.dir
     }
 
@@ -254,14 +270,31 @@ impl Pool {
             .collect()
     }
 
-    pub fn image_paths(&self, name: &str) -> (PathBuf, PathBuf) {
-        let d = self.dir.join("images").join(name);
-        (d.join(IMAGE_RAW), d.join(IMAGE_META))
+    fn image_file(name: &str, file: &str) -> PathBuf {
+        Path::new("images").join(name).join(file)
     }
 
-    pub fn volume_paths(&self, name: &str) -> (PathBuf, PathBuf) {
-        let d = self.dir.join("volumes").join(name);
-        (d.join(VOLUME_META), d.join(VOLUME_DATA))
+    fn volume_file(name: &str, file: &str) -> PathBuf {
+        Path::new("volumes").join(name).join(file)
+    }
+
+    /// Image `name`'s bytes, opened read-only (to serve them).
+    pub fn open_image_raw(&self, name: &str) -> Result<File, PoolError> {
+        self.dir
+            .open_file(&Self::image_file(name, IMAGE_RAW), Access::Read)
+            .map_err(io_err(format!("opening image {name:?}")))
+    }
+
+    /// Disk space image `name` takes.
+    pub fn image_allocated(&self, name: &str) -> u64 {
+        self.dir.allocated(&Self::image_file(name, IMAGE_RAW))
+            + self.dir.allocated(&Self::image_file(name, IMAGE_META))
+    }
+
+    /// Disk space volume `name` takes.
+    pub fn volume_allocated(&self, name: &str) -> u64 {
+        self.dir.allocated(&Self::volume_file(name, VOLUME_META))
+            + self.dir.allocated(&Self::volume_file(name, VOLUME_DATA))
     }
 
     /// Claims a name for an object being built; `Reservation` releases it when dropped.
@@ -285,12 +318,6 @@ impl Pool {
         })
     }
 
-    /// A scratch directory inside the pool (on its file system), removed when the returned
-    /// guard drops, or by the sweep at the next open after a crash.
-    pub fn scratch(&self) -> Result<Scratch, PoolError> {
-        Ok(Scratch(Cleanup(self.staging()?)))
-    }
-
     /// Records a volume's new size after it was grown while open (served).
     pub fn note_resized(&self, name: &str, size: u64) {
         if let Some(e) = self.catalog.lock().volumes.get_mut(name) {
@@ -298,38 +325,39 @@ impl Pool {
         }
     }
 
+    /// A new directory under `.staging` (its path relative to the pool).
     fn staging(&self) -> Result<PathBuf, PoolError> {
-        let p = self.dir.join(".staging").join(image::hex(&random_id()));
-        fs::create_dir(&p).map_err(io_err("creating a staging directory"))?;
+        let p = Path::new(".staging").join(image::hex(&random_id()));
+        self.dir
+            .create_dir(&p)
+            .map_err(io_err("creating a staging directory"))?;
         Ok(p)
     }
 
     /// Makes a staged object visible under its final name, durably.
     fn publish(&self, staged: &Path, kind_dir: &str, name: &str) -> Result<(), PoolError> {
-        sync_dir(staged)?;
-        let parent = self.dir.join(kind_dir);
-        renameat2(
-            AT_FDCWD,
-            staged,
-            AT_FDCWD,
-            &parent.join(name),
-            RenameFlags::RENAME_NOREPLACE,
-        )
-        .map_err(|e| io_err(format!("publishing {name:?}"))(io::Error::from(e)))?;
-        sync_dir(&parent)?;
-        sync_dir(&self.dir.join(".staging"))
+        self.dir
+            .sync_dir(staged)
+            .map_err(io_err(format!("publishing {name:?}")))?;
+        self.dir
+            .rename(staged, &Path::new(kind_dir).join(name), true)
+            .map_err(io_err(format!("publishing {name:?}")))?;
+        self.dir
+            .sync_dir(Path::new(kind_dir))
+            .and_then(|()| self.dir.sync_dir(Path::new(".staging")))
+            .map_err(io_err(format!("publishing {name:?}")))
     }
 
     /// Stores a staged image's metadata, publishes it and adds it to the catalog.
     fn publish_image(
         &self,
-        staged: Cleanup,
+        staged: Cleanup<'_>,
         name: &str,
         info: ImageInfo,
     ) -> Result<ImageEntry, PoolError> {
-        info.store(&mut create(&staged.0.join(IMAGE_META))?)
+        info.store(&mut self.create(&staged.path.join(IMAGE_META))?)
             .map_err(io_err(format!("writing image {name:?} metadata")))?;
-        self.publish(&staged.0, "images", name)?;
+        self.publish(&staged.path, "images", name)?;
         staged.disarm();
         let entry = ImageEntry {
             name: name.to_owned(),
@@ -354,8 +382,8 @@ impl Pool {
     ) -> Result<ImageEntry, PoolError> {
         let res = self.reserve("image", name)?;
         let staged = self.staging()?;
-        let cleanup = Cleanup(staged.clone());
-        let mut raw = create(&staged.join(IMAGE_RAW))?;
+        let cleanup = self.cleanup(&staged);
+        let mut raw = self.create(&staged.join(IMAGE_RAW))?;
         let write_err = io_err(format!("writing image {name:?}"));
         let mut out = ImageWriter::new(&mut raw).map_err(&write_err)?;
         let mut buf = vec![0u8; image::STREAM_IO_BYTES];
@@ -451,14 +479,17 @@ impl Pool {
             )));
         }
         let staged = self.staging()?;
-        let cleanup = Cleanup(staged.clone());
+        let cleanup = self.cleanup(&staged);
         let backing_storage = match &backing {
-            Some(b) => Some((open_ro(&self.image_paths(&b.name).0)?, b.info.image_ref())),
+            Some(b) => Some((
+                self.storage(&Self::image_file(&b.name, IMAGE_RAW), Access::Read)?,
+                b.info.image_ref(),
+            )),
             None => None,
         };
         let v = Volume::create(
-            create(&staged.join(VOLUME_META))?,
-            create(&staged.join(VOLUME_DATA))?,
+            self.create(&staged.join(VOLUME_META))?,
+            self.create(&staged.join(VOLUME_DATA))?,
             backing_storage,
             size,
             random_id(),
@@ -491,16 +522,16 @@ impl Pool {
     /// Opens a volume of the pool (its files and its backing image).
     pub fn open_volume(&self, name: &str) -> Result<Volume<FileStorage>, PoolError> {
         let entry = self.volume(name)?;
-        let (meta, data) = self.volume_paths(name);
         let backing = match &entry.image {
             Some(i) => Some((
-                open_ro(&self.image_paths(i).0)?,
+                self.storage(&Self::image_file(i, IMAGE_RAW), Access::Read)?,
                 entry.backing.expect("image implies backing"),
             )),
             None => None,
         };
-        Volume::open(open_rw(&meta)?, open_rw(&data)?, backing)
-            .map_err(vol_err(format!("opening volume {name:?}")))
+        let meta = self.storage(&Self::volume_file(name, VOLUME_META), Access::ReadWrite)?;
+        let data = self.storage(&Self::volume_file(name, VOLUME_DATA), Access::ReadWrite)?;
+        Volume::open(meta, data, backing).map_err(vol_err(format!("opening volume {name:?}")))
     }
 
     /// Deletes a volume (the caller has disconnected its clients).
@@ -545,12 +576,14 @@ impl Pool {
     }
 
     fn trash(&self, kind_dir: &str, name: &str) -> Result<(), PoolError> {
-        let from = self.dir.join(kind_dir).join(name);
-        let to = self.dir.join(".trash").join(image::hex(&random_id()));
-        fs::rename(&from, &to).map_err(io_err(format!("deleting {name:?}")))?;
-        sync_dir(&self.dir.join(kind_dir))?;
-        sync_dir(&self.dir.join(".trash"))?;
-        fs::remove_dir_all(&to).map_err(io_err(format!("removing {name:?}")))
+        let to = Path::new(".trash").join(image::hex(&random_id()));
+        let err = io_err(format!("deleting {name:?}"));
+        self.dir
+            .rename(&Path::new(kind_dir).join(name), &to, true)
+            .map_err(&err)?;
+        self.dir.sync_dir(Path::new(kind_dir)).map_err(&err)?;
+        self.dir.sync_dir(Path::new(".trash")).map_err(&err)?;
+        self.dir.remove_all(&to).map_err(err)
     }
 
     /// Seals volume `from` (quiesced by the caller) into a new golden image `name`: flattened.
@@ -563,8 +596,8 @@ impl Pool {
         let res = self.reserve("image", name)?;
         let mut vol = self.open_volume(from)?;
         let staged = self.staging()?;
-        let cleanup = Cleanup(staged.clone());
-        let mut raw = create(&staged.join(IMAGE_RAW))?;
+        let cleanup = self.cleanup(&staged);
+        let mut raw = self.create(&staged.join(IMAGE_RAW))?;
         let info = vol
             .capture(&mut raw, random_id(), progress)
             .map_err(vol_err(format!("capturing volume {from:?}")))?;
@@ -607,7 +640,7 @@ impl Pool {
         progress: impl FnMut(u64),
     ) -> Result<image::VerifyReport, PoolError> {
         let entry = self.image(name)?;
-        let mut raw = open_ro(&self.image_paths(name).0)?;
+        let mut raw = self.storage(&Self::image_file(name, IMAGE_RAW), Access::Read)?;
         image::verify(&mut raw, &entry.info, progress)
             .map_err(io_err(format!("reading image {name:?}")))
     }
@@ -628,11 +661,34 @@ impl Pool {
         repair: bool,
     ) -> Result<volume_format::CheckReport, PoolError> {
         self.volume(name)?;
-        let (meta, data) = self.volume_paths(name);
-        let open = if repair { open_rw } else { open_ro };
-        let mut meta = open(&meta)?;
-        let mut data = open(&data)?;
+        let access = if repair {
+            Access::ReadWrite
+        } else {
+            Access::Read
+        };
+        let mut meta = self.storage(&Self::volume_file(name, VOLUME_META), access)?;
+        let mut data = self.storage(&Self::volume_file(name, VOLUME_DATA), access)?;
         Ok(check(&mut meta, &mut data, repair))
+    }
+
+    /// Opens a pool file as storage.
+    fn storage(&self, rel: &Path, access: Access) -> Result<FileStorage, PoolError> {
+        let what = || format!("opening {}", self.dir.path().join(rel).display());
+        let f = self.dir.open_file(rel, access).map_err(io_err(what()))?;
+        FileStorage::new(f).map_err(io_err(what()))
+    }
+
+    /// Creates a new pool file (mode 0600) as storage.
+    fn create(&self, rel: &Path) -> Result<FileStorage, PoolError> {
+        self.storage(rel, Access::CreateNew)
+    }
+
+    /// Removes the staging directory `rel` when dropped, unless disarmed.
+    fn cleanup(&self, rel: &Path) -> Cleanup<'_> {
+        Cleanup {
+            dir: &self.dir,
+            path: rel.to_owned(),
+        }
     }
 }
 
@@ -653,72 +709,58 @@ impl Drop for Reservation<'_> {
 }
 
 /// Removes a staging directory unless the object was published.
-struct Cleanup(PathBuf);
-
-/// A scratch directory of the pool, removed on drop.
-pub struct Scratch(Cleanup);
-
-impl Scratch {
-    pub fn path(&self) -> &Path {
-        &self.0.0
-    }
+struct Cleanup<'a> {
+    dir: &'a PoolDir,
+    /// Relative to the pool.
+    path: PathBuf,
 }
 
-impl Cleanup {
+impl Cleanup<'_> {
     fn disarm(self) {
         std::mem::forget(self);
     }
 }
 
-impl Drop for Cleanup {
+impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let _ = self.dir.remove_all(&self.path);
     }
 }
 
-fn list_dir(dir: &Path) -> Result<Vec<String>, PoolError> {
+fn list_dir(dir: &PoolDir, sub: &str) -> Result<Vec<String>, PoolError> {
+    let what = || format!("reading {}", dir.path().join(sub).display());
     let mut names = Vec::new();
-    for e in fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))? {
-        let e = e.map_err(io_err(format!("reading {}", dir.display())))?;
-        let name = e.file_name().into_string().map_err(|n| {
-            PoolError::Invalid(format!("{}: {n:?} is not a valid name", dir.display()))
-        })?;
-        validate_name(&name).map_err(|m| PoolError::Invalid(format!("{}: {m}", dir.display())))?;
+    for n in dir.entries(Path::new(sub)).map_err(io_err(what()))? {
+        let name = n
+            .into_string()
+            .map_err(|n| PoolError::Invalid(format!("{}: {n:?} is not a valid name", what())))?;
+        validate_name(&name).map_err(|m| PoolError::Invalid(format!("{}: {m}", what())))?;
         names.push(name);
     }
     names.sort();
     Ok(names)
 }
 
-/// Opens `p` as storage; `verb` names the attempt in errors.
-fn storage(p: &Path, opts: &OpenOptions, verb: &str) -> Result<FileStorage, PoolError> {
-    let what = || format!("{verb} {}", p.display());
-    let f = opts.open(p).map_err(io_err(what()))?;
-    FileStorage::new(f).map_err(io_err(what()))
-}
-
-fn open_ro(p: &Path) -> Result<FileStorage, PoolError> {
-    storage(p, OpenOptions::new().read(true), "opening")
-}
-
-fn open_rw(p: &Path) -> Result<FileStorage, PoolError> {
-    storage(p, OpenOptions::new().read(true).write(true), "opening")
-}
-
 /// An image's sealed metadata, checked.
-fn load_image(dir: &Path, name: &str) -> Result<ImageInfo, PoolError> {
-    let mut meta = open_ro(&dir.join("images").join(name).join(IMAGE_META))?;
+fn load_image(dir: &PoolDir, name: &str) -> Result<ImageInfo, PoolError> {
+    let rel = Pool::image_file(name, IMAGE_META);
+    let f = dir
+        .open_file(&rel, Access::Read)
+        .map_err(io_err(format!("image {name:?}")))?;
+    let mut meta = FileStorage::new(f).map_err(io_err(format!("image {name:?}")))?;
     ImageInfo::load(&mut meta).map_err(vol_err(format!("image {name:?}")))
 }
 
 /// A volume's catalog entry from its superblocks (the block map is loaded when it is opened).
 fn load_volume(
-    dir: &Path,
+    dir: &PoolDir,
     name: &str,
     images: &BTreeMap<String, ImageEntry>,
 ) -> Result<VolumeEntry, PoolError> {
-    let vdir = dir.join("volumes").join(name);
-    let mut meta = open_ro(&vdir.join(VOLUME_META))?;
+    let f = dir
+        .open_file(&Pool::volume_file(name, VOLUME_META), Access::Read)
+        .map_err(io_err(format!("volume {name:?}")))?;
+    let mut meta = FileStorage::new(f).map_err(io_err(format!("volume {name:?}")))?;
     let mut a = [0u8; 4096];
     let mut b = [0u8; 4096];
     meta.read_at(0, &mut a)
@@ -753,20 +795,6 @@ fn load_volume(
         image,
         backing,
     })
-}
-
-fn create(p: &Path) -> Result<FileStorage, PoolError> {
-    storage(
-        p,
-        OpenOptions::new().read(true).write(true).create_new(true),
-        "creating",
-    )
-}
-
-fn sync_dir(p: &Path) -> Result<(), PoolError> {
-    File::open(p)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("syncing {}", p.display())))
 }
 
 /// 16 random bytes from the kernel, never all zero.

@@ -1,3 +1,4 @@
+use std::fs;
 use std::io::Cursor;
 
 use super::*;
@@ -46,7 +47,7 @@ fn import_clone_capture_delete_and_reopen() {
     // Capture flattens: the new image holds the golden bytes plus the write.
     let cap = pool.capture("golden2", "node1", |_| {}).unwrap();
     assert_eq!(cap.info.size, v.size);
-    let mut raw = fs::read(pool.image_paths("golden2").0).unwrap();
+    let mut raw = fs::read(d.0.join("images/golden2/image.raw")).unwrap();
     assert_eq!(&raw[100..111], b"personality");
     raw[100..111].copy_from_slice(&bytes[100..111]);
     assert_eq!(&raw[..bytes.len()], &bytes[..]);

@@ -6,7 +6,7 @@ mod export_spec;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,10 +153,8 @@ fn start_node(
         dir: p.dir.clone(),
         message: e,
     };
-    std::fs::create_dir_all(&p.dir).map_err(|e| pool_err(e.to_string()))?;
-    let owner_uid = std::fs::metadata(&p.dir)
-        .map_err(|e| pool_err(e.to_string()))?
-        .uid();
+    // The pool belongs to the node's user (Pool::open refuses one that does not).
+    let owner_uid = rustix::process::geteuid().as_raw();
     let node = Arc::new(
         Node::open(
             &p.dir,
@@ -172,6 +170,18 @@ fn start_node(
         owner_uid,
         admin_gid: p.admin_gid,
     };
+    // Members of the admin group need to pass through the pool directory to reach a socket
+    // inside it, and need nothing else there.
+    if let Some(gid) = p.admin_gid
+        && p.mgmt_socket.parent() == Some(p.dir.as_path())
+    {
+        node.pool_dir().grant_search(gid).map_err(|e| {
+            pool_err(format!(
+                "giving the admin group (gid {gid}) access to the management socket in the \
+                 pool directory: {e}; put the socket elsewhere with --mgmt-socket"
+            ))
+        })?;
+    }
     let mgmt = MgmtServer::start(node.clone(), &p.mgmt_socket, access).map_err(|source| {
         ServeError::Listening {
             addr: p.mgmt_socket.display().to_string(),

@@ -77,19 +77,33 @@ impl FileTarget {
             o.open(path)
         };
         let buffered = open(false)?;
+        let direct = match cache {
+            CacheMode::Buffered => None,
+            CacheMode::Direct => Some(open(true).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("opening {} with O_DIRECT: {e}", path.display()),
+                )
+            })?),
+        };
+        FileTarget::from_files(buffered, direct, path, read_only)
+    }
+
+    /// A target over files already open: `buffered` through the page cache and, in direct
+    /// mode, `direct` (the same file with `O_DIRECT`). `path` names the file in messages.
+    pub fn from_files(
+        buffered: File,
+        direct: Option<File>,
+        path: &Path,
+        read_only: bool,
+    ) -> io::Result<FileTarget> {
         let changes = shared_change_count(&buffered)?;
         let size_bytes = file_size(&buffered)?;
         let zero_range_fast = zero_range_is_fast(&buffered);
-        let splice_write = cache == CacheMode::Buffered && splice_write_works(&buffered);
-        let (direct, direct_align) = match cache {
-            CacheMode::Buffered => (None, 1),
-            CacheMode::Direct => {
-                let f = open(true).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("opening {} with O_DIRECT: {e}", path.display()),
-                    )
-                })?;
+        let splice_write = direct.is_none() && splice_write_works(&buffered);
+        let (direct, direct_align) = match direct {
+            None => (None, 1),
+            Some(f) => {
                 let align = direct_alignment(&f, path)?;
                 (Some(f), align)
             }
