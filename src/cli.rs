@@ -37,8 +37,26 @@ pub enum Command {
     Check(crate::manage::CheckCmd),
 }
 
-/// The pool directory when neither --data-dir, STREAMER_DATA_DIR nor --export is given.
-pub const DEFAULT_DATA_DIR: &str = "streamer-data";
+/// The system's pool directory: root's default, and the systemd unit's.
+pub const SYSTEM_DATA_DIR: &str = "/var/lib/streamer";
+
+/// The pool directory when neither --data-dir nor STREAMER_DATA_DIR is given: the system's for
+/// root, the user's own otherwise (`$XDG_DATA_HOME/streamer`, else `~/.local/share/streamer`).
+/// Never relative to the current directory: a command run in a directory someone else controls
+/// would talk to whatever they made listen there (and hand it the files it imports).
+pub fn default_data_dir() -> Result<PathBuf, String> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from(SYSTEM_DATA_DIR));
+    }
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").and_then(absolute) {
+        return Ok(d.join("streamer"));
+    }
+    if let Some(h) = std::env::var_os("HOME").and_then(absolute) {
+        return Ok(h.join(".local/share/streamer"));
+    }
+    Err("no default pool directory (no HOME); give --data-dir or set STREAMER_DATA_DIR".into())
+}
 
 /// Default TCP address when neither --listen nor --socket is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -46,7 +64,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The pool directory (golden images, volumes, the management socket). Used when given
-    /// (or STREAMER_DATA_DIR is set), or when no --export is: then ./streamer-data.
+    /// (or STREAMER_DATA_DIR is set), or when no --export is: then /var/lib/streamer for root,
+    /// ~/.local/share/streamer for anyone else.
     #[arg(long, env = "STREAMER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// The management socket (default DIR/streamer.sock).
@@ -125,7 +144,7 @@ impl ServeArgs {
         }
         let data_dir = match (self.data_dir, self.exports.is_empty()) {
             (Some(d), _) => Some(d),
-            (None, true) => Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            (None, true) => Some(default_data_dir()?),
             (None, false) => None,
         };
         let pool = match data_dir {

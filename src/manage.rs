@@ -21,8 +21,9 @@ pub const SOCKET_NAME: &str = "streamer.sock";
 #[derive(Debug, Args)]
 pub struct Conn {
     /// The node's management socket (default: $STREAMER_DATA_DIR/streamer.sock, else
-    /// ./streamer-data/streamer.sock).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// /var/lib/streamer/streamer.sock for root and ~/.local/share/streamer/streamer.sock for
+    /// anyone else).
+    #[arg(long, global = true, value_name = "PATH", env = "STREAMER_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Print the result as JSON (for scripts).
     #[arg(long, global = true)]
@@ -30,15 +31,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn path(&self) -> PathBuf {
+    fn path(&self) -> Result<PathBuf, String> {
         if let Some(p) = &self.socket {
-            return p.clone();
+            return Ok(p.clone());
         }
-        let dir = std::env::var_os("STREAMER_DATA_DIR").map_or_else(
-            || PathBuf::from(crate::cli::DEFAULT_DATA_DIR),
-            PathBuf::from,
-        );
-        dir.join(SOCKET_NAME)
+        let dir = match std::env::var_os("STREAMER_DATA_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => crate::cli::default_data_dir()?,
+        };
+        Ok(dir.join(SOCKET_NAME))
     }
 }
 
@@ -158,7 +159,8 @@ fn request(
         );
         b
     });
-    let r = call(&conn.path(), req, fd, |done, total| {
+    let path = conn.path().map_err(ClientError::NoSocket)?;
+    let r = call(&path, req, fd, |done, total| {
         if let Some(b) = &bar {
             if b.is_hidden() {
                 b.set_draw_target(indicatif::ProgressDrawTarget::stderr());

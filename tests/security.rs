@@ -459,3 +459,174 @@ fn pool_files_are_private_to_the_node_and_old_pools_are_tightened() {
     assert!(!out.status.success(), "readable after");
     server.stop();
 }
+
+/// The CLI used to send its request, and the open file of an import, to whatever listened at
+/// the socket path, and the default path was relative to the current directory: a fake node
+/// run by nobody received a root-only file that root imported from nobody's directory.
+#[test]
+fn the_cli_hands_nothing_to_a_node_it_cannot_trust() {
+    let dir = Scratch::new("fakenode");
+    open_up(&dir);
+    let public = dir.path("public");
+    std::fs::create_dir(&public).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let theirs = dir.path("theirs");
+    std::fs::create_dir_all(theirs.join("streamer-data")).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(theirs.join("streamer-data"), Some(65534), Some(65534)).unwrap();
+    let log = public.join("fake.log");
+    let script = format!(
+        r#"
+import os, socket, sys, time
+log = open({log:?}, "a", buffering=1)
+socks = []
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    os.chmod(path, 0o666)
+    s.listen(8)
+    s.settimeout(0.1)
+    socks.append(s)
+log.write("ready\n")
+end = time.time() + 60
+while time.time() < end:
+    for s in socks:
+        try:
+            c, _ = s.accept()
+        except socket.timeout:
+            continue
+        c.settimeout(2)
+        try:
+            msg, fds, _, _ = socket.recv_fds(c, 65536, 4)
+        except Exception:
+            msg, fds = b"", []
+        log.write(f"got {{len(msg)}} bytes {{len(fds)}} fds\n")
+        c.close()
+"#
+    );
+    let fake = [
+        public.join("fake.sock"),
+        theirs.join("streamer-data/streamer.sock"),
+    ];
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", &script])
+        .args(&fake)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(t.elapsed().as_secs() < 20, "the fake node did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let secret = secret(&dir, 4096);
+    let out = Command::new(BIN)
+        .args(["image", "import", "x", secret.to_str().unwrap(), "--socket"])
+        .arg(&fake[0])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("runs as uid 65534") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    // No flag and no environment, run from nobody's directory: the default is not there.
+    let out = Command::new(BIN)
+        .args([
+            "image",
+            "import",
+            "x",
+            secret.to_str().unwrap(),
+            "--format",
+            "raw",
+        ])
+        .current_dir(&theirs)
+        .env_remove("STREAMER_SOCKET")
+        .env_remove("STREAMER_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/var/lib/streamer/streamer.sock"), "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        seen.lines()
+            .all(|l| l == "ready" || l == "got 0 bytes 0 fds"),
+        "the fake node received: {seen}"
+    );
+}
+
+/// 32 raw imports from pipes that never sent a byte held every management slot, and `streamer
+/// status` failed for root for as long as they stayed. One user may hold at most 8 slots, root
+/// keeps room of its own, and an import whose source is idle for --import-idle-timeout is given
+/// up, its staged bytes removed.
+#[test]
+fn stalled_imports_neither_lock_out_root_nor_stay_forever() {
+    use std::process::Stdio;
+    let dir = Scratch::new("stalled");
+    open_up(&dir);
+    let pool = pool_dir(&dir);
+    let server = Server::start(
+        &dir,
+        &[
+            "--data-dir",
+            pool.to_str().unwrap(),
+            "--admin-group",
+            "nogroup",
+            "--import-idle-timeout",
+            "3",
+        ],
+    );
+    let s = sock(&dir);
+    let stalled_import = |name: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([
+                "timeout", "-k", "5", "60", BIN, "image", "import", name, "-",
+            ])
+            .arg("--socket")
+            .arg(&s)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut held: Vec<_> = (0..8).map(|i| stalled_import(&format!("s{i}"))).collect();
+    // Wait until the node runs all eight.
+    let t = std::time::Instant::now();
+    loop {
+        let staged = std::fs::read_dir(pool.join(".staging")).unwrap().count();
+        if staged == 8 {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 20, "{staged} imports started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ninth = stalled_import("s8").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&ninth.stderr);
+    assert!(!ninth.status.success());
+    assert!(err.contains("for uid 65534 (limit 8 per user)"), "{err}");
+    let status = run(BIN, &["status", "--socket", s.to_str().unwrap()]);
+    assert!(stdout(&status).contains("images:       0"), "{status:?}");
+    for c in held.iter_mut() {
+        let out = c.stdin.take();
+        std::mem::forget(out); // the pipe stays open and silent
+    }
+    for c in held {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("sent nothing for 3s"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(pool.join(".staging")).unwrap().count(), 0);
+    assert!(image_names(&dir).is_empty());
+    server.stop();
+}

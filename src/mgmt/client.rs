@@ -14,6 +14,14 @@ use super::protocol::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error(
+        "the process listening on {path} runs as uid {uid}, which is neither root, you, nor the \
+         owner of that socket and its directory: nothing was sent to it"
+    )]
+    Untrusted { path: PathBuf, uid: u32 },
+    /// No socket could be named (no flag, no environment, no default).
+    #[error("{0}")]
+    NoSocket(String),
     #[error("cannot reach the streamer node at {path}: {source} (is `streamer serve` running?)")]
     Connect { path: PathBuf, source: io::Error },
     #[error("talking to the node: {0}")]
@@ -23,6 +31,34 @@ pub enum ClientError {
     /// The node refused or failed the command.
     #[error("{message}")]
     Node { kind: ErrorKind, message: String },
+}
+
+/// Checks who listens on `path`: root, the caller's own user, or the user that owns both the
+/// socket file and the directory holding it (a node run as its own user, `streamer` under
+/// systemd, binds its socket in its pool). A process that merely found a writable place for a
+/// socket (a shared directory, someone else's) fails the last test, and is sent nothing: an
+/// import hands over an open file.
+fn trust_peer(stream: &UnixStream, path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| ClientError::Io(e.into()))?
+        .uid
+        .as_raw();
+    if uid == 0 || uid == rustix::process::geteuid().as_raw() {
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let owned = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid);
+    if owned(path) && owned(dir) {
+        return Ok(());
+    }
+    Err(ClientError::Untrusted {
+        path: path.to_owned(),
+        uid,
+    })
 }
 
 /// Sends `request` (with `fd` attached, for an import) and returns the final response; progress
@@ -37,6 +73,8 @@ pub fn call(
         path: socket.to_owned(),
         source,
     })?;
+    // Before a byte (or an open file) is sent: is this a node we may trust with it?
+    trust_peer(&stream, socket)?;
     let mut line = serde_json::to_vec(&Envelope {
         version: PROTOCOL_VERSION,
         request,

@@ -13,7 +13,6 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,8 +28,13 @@ use crate::pool::Expect;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a reply may take to be read by the client before the server gives up on it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Commands running at once; more connections are refused with a message.
+/// Commands running at once for callers other than root; more are refused with a message.
 const MAX_CLIENTS: usize = 32;
+/// Commands root may run beyond `MAX_CLIENTS`: the admin group filling every slot (stalled
+/// imports, say) must not lock root out of the node.
+const ROOT_RESERVE: usize = 8;
+/// Commands one caller other than root may run at once.
+const MAX_PER_UID: usize = 8;
 /// Least time between two progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -137,8 +141,55 @@ impl MgmtServer {
     }
 }
 
+/// Commands running now: in all, and per caller.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    per_uid: std::collections::HashMap<u32, usize>,
+}
+
+impl Slots {
+    /// Takes a slot for `uid`, or says why not.
+    fn take(&mut self, uid: u32) -> Result<(), String> {
+        let mine = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if uid == 0 {
+            if self.total >= MAX_CLIENTS + ROOT_RESERVE {
+                return Err(format!(
+                    "too many management commands at once (limit {})",
+                    MAX_CLIENTS + ROOT_RESERVE
+                ));
+            }
+        } else if mine >= MAX_PER_UID {
+            return Err(format!(
+                "too many management commands at once for uid {uid} (limit {MAX_PER_UID} per user)"
+            ));
+        } else if self.total >= MAX_CLIENTS {
+            return Err(format!(
+                "too many management commands at once (limit {MAX_CLIENTS}; root may still run \
+                 {ROOT_RESERVE} more)"
+            ));
+        }
+        self.total += 1;
+        self.per_uid.insert(uid, mine + 1);
+        Ok(())
+    }
+
+    fn give_back(&mut self, uid: u32) {
+        let mine = self
+            .per_uid
+            .get_mut(&uid)
+            .expect("a slot taken by this uid");
+        assert!(*mine > 0 && self.total > 0, "management slot accounting");
+        *mine -= 1;
+        if *mine == 0 {
+            self.per_uid.remove(&uid);
+        }
+        self.total -= 1;
+    }
+}
+
 fn accept_loop(listener: &UnixListener, stop: &EventFd, node: &Arc<Node>, access: Access) {
-    let running = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(parking_lot::Mutex::new(Slots::default()));
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -155,7 +206,7 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, node: &Arc<Node>, access
             return;
         }
         loop {
-            let stream = match listener.accept() {
+            let mut stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -166,25 +217,31 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, node: &Arc<Node>, access
                 }
             };
             let _ = stream.set_nonblocking(false);
-            if running.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                running.fetch_sub(1, Ordering::AcqRel);
-                let mut s = stream;
-                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let refusal = error(
-                    ErrorKind::InUse,
-                    format!("too many management commands at once (limit {MAX_CLIENTS})"),
-                );
-                let _ = send(&mut s, &refusal.into());
+            // Refusals are written with a short timeout: the accept loop must not wait on a
+            // peer that does not read.
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let uid = match authorize(&stream, access) {
+                Ok(uid) => uid,
+                Err(why) => {
+                    tracing::warn!("management connection refused: {why}");
+                    let _ = send(&mut stream, &error(ErrorKind::Denied, why).into());
+                    continue;
+                }
+            };
+            if let Err(why) = slots.lock().take(uid) {
+                tracing::warn!(uid, "management connection refused: {why}");
+                let _ = send(&mut stream, &error(ErrorKind::InUse, why).into());
                 continue;
             }
-            let (node, running) = (node.clone(), running.clone());
+            let (node, slots2) = (node.clone(), slots.clone());
             let spawned = std::thread::Builder::new()
                 .name("streamer-mgmt-cmd".into())
                 .spawn(move || {
-                    serve_client(stream, &node, access);
-                    running.fetch_sub(1, Ordering::AcqRel);
+                    serve_client(stream, &node, uid);
+                    slots2.lock().give_back(uid);
                 });
             if let Err(e) = spawned {
+                slots.lock().give_back(uid);
                 tracing::error!("cannot start a management command thread: {e}");
             }
         }
@@ -322,16 +379,9 @@ fn parse(line: &[u8]) -> Result<Request, Refusal> {
     super::protocol::parse_request(line).map_err(|m| error(ErrorKind::Invalid, m))
 }
 
-fn serve_client(mut s: UnixStream, node: &Node, access: Access) {
+/// Runs one authorized caller's command on its own thread.
+fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
     let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
-    let uid = match authorize(&s, access) {
-        Ok(uid) => uid,
-        Err(why) => {
-            tracing::warn!("management connection refused: {why}");
-            let _ = send(&mut s, &error(ErrorKind::Denied, why).into());
-            return;
-        }
-    };
     let request = match read_request(&s).and_then(|(line, fds)| Ok((parse(&line)?, fds))) {
         Ok(r) => r,
         Err(refusal) => {
@@ -455,5 +505,39 @@ mod tests {
             parse(br#"{"version":1,"request":{"op":"status"}}"#).unwrap(),
             Request::Status
         );
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    /// 32 stalled imports by admin-group users made `status` fail for root.
+    #[test]
+    fn root_keeps_slots_when_everyone_else_has_taken_theirs() {
+        let mut s = Slots::default();
+        for i in 0..MAX_PER_UID {
+            s.take(1000).unwrap_or_else(|e| panic!("slot {i}: {e}"));
+        }
+        assert!(s.take(1000).unwrap_err().contains("per user"));
+        for uid in 1001..1004 {
+            for _ in 0..MAX_PER_UID {
+                s.take(uid).unwrap();
+            }
+        }
+        assert_eq!(s.total, MAX_CLIENTS);
+        assert!(s.take(1005).unwrap_err().contains("root may still run"));
+        for _ in 0..ROOT_RESERVE {
+            s.take(0).unwrap();
+        }
+        assert!(s.take(0).is_err());
+        s.give_back(1000);
+        // Root's commands count against everyone else's room too.
+        s.take(1005).unwrap_err();
+        for _ in 0..ROOT_RESERVE {
+            s.give_back(0);
+        }
+        s.take(1005).unwrap();
+        assert_eq!(s.total, MAX_CLIENTS);
     }
 }
