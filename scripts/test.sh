@@ -16,6 +16,10 @@ command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
 command -v nbdfuse >/dev/null || need_pkgs+=(libnbd-bin)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null || need_pkgs+=(mount)
+# The least-privilege tests (tests/security.rs): the unit's sandbox score, and users switched
+# with setpriv.
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
+command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

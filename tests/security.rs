@@ -630,3 +630,113 @@ fn stalled_imports_neither_lock_out_root_nor_stay_forever() {
     assert!(image_names(&dir).is_empty());
     server.stop();
 }
+
+/// The node ran as root with every capability. It needs none: run as uid 65534 with no
+/// capabilities at all (as the systemd unit runs it), it serves a pool of its own, imports,
+/// clones, and answers real clients; root's CLI trusts it (it owns its socket and pool).
+#[test]
+fn the_node_needs_no_root() {
+    let dir = Scratch::new("unprivileged");
+    open_up(&dir);
+    let home = dir.path("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    // The NBD Unix socket goes where nobody may create it.
+    std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).unwrap();
+    let pool = home.join("pool");
+    let server = Server::start_as(
+        &dir,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ],
+        &["--data-dir", pool.to_str().unwrap()],
+    );
+    let s = pool.join("streamer.sock");
+    let golden = dir.path("golden.raw");
+    data_file(&golden, 4 << 20, 9);
+    std::fs::set_permissions(&golden, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = as_nobody(
+        BIN,
+        &[
+            "image",
+            "import",
+            "g",
+            golden.to_str().unwrap(),
+            "--socket",
+            s.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // Root manages it too: it trusts a node that owns its socket and pool.
+    run(
+        BIN,
+        &[
+            "volume",
+            "create",
+            "web-1",
+            "--image",
+            "g",
+            "--socket",
+            s.to_str().unwrap(),
+        ],
+    );
+    let uri = server.uri("web-1");
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 1M 64k", &uri],
+    );
+    let out = run("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 1M 64k", &uri]);
+    assert!(stdout(&out).contains("read 65536/65536"), "{out:?}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(pool.join("volumes/web-1/volume.data")).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+    let log = server.stop();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// The unit file ran the node as root with every capability (exposure 9.0 UNSAFE). Its
+/// sandbox, as systemd itself scores it, stays below 3.0.
+#[test]
+fn the_systemd_unit_is_sandboxed() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/streamer.service");
+    let out = run(
+        "systemd-analyze",
+        &[
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            unit.to_str().unwrap(),
+        ],
+    );
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable: {line}"));
+    assert!(score < 3.0, "{line}");
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        unit_text.contains("\nUser=streamer\n"),
+        "runs as its own user"
+    );
+    let exec = unit_text
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .unwrap();
+    assert!(
+        exec.contains("--listen 127.0.0.1:") && !exec.contains("0.0.0.0"),
+        "listens on an explicit address: {exec}"
+    );
+}

@@ -77,10 +77,23 @@ pub struct Server {
 impl Server {
     /// Starts `streamer serve --listen 127.0.0.1:0 --socket DIR/nbd.sock EXTRA...`.
     pub fn start(dir: &Scratch, extra: &[&str]) -> Server {
+        Server::start_as(dir, &[], extra)
+    }
+
+    /// Starts the server through `wrapper` (e.g. `setpriv --reuid=...`), which must exec it
+    /// (so that the child's pid is the server's).
+    pub fn start_as(dir: &Scratch, wrapper: &[&str], extra: &[&str]) -> Server {
         let socket = dir.path("nbd.sock");
         let stderr_path = dir.path(&format!("server-{}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(BIN),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+        };
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--socket"])
             .arg(&socket)
