@@ -107,6 +107,15 @@ pub struct ServeArgs {
     /// Buffer memory in flight per connection before the server stops reading from it, e.g. 64M.
     #[arg(long, default_value = "64M", value_parser = parse_bytes)]
     pub max_connection_memory: u64,
+    /// Buffer memory all connections together may hold for requests in flight, e.g. 1G; a
+    /// connection stops reading while its I/O thread's share is used (read-ahead comes on top,
+    /// within --read-ahead-memory).
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    pub max_memory: u64,
+    /// Seconds replies may wait for a client that takes none of them before it is disconnected
+    /// (its buffers go back to the clients that read).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub send_timeout: u64,
     /// Direct mode: most bytes read ahead of a client reading sequentially in pieces of 128 KiB or
     /// more (within half of --max-connection-memory), e.g. 24M; 0 turns read-ahead off.
     #[arg(long, default_value = "24M", value_parser = parse_bytes)]
@@ -185,6 +194,8 @@ impl ServeArgs {
             max_payload_bytes: max_payload,
             max_inflight: self.max_inflight,
             max_conn_buffer_bytes: self.max_connection_memory.max(u64::from(max_payload)),
+            max_buffer_bytes: self.max_memory,
+            send_timeout: Duration::from_secs(self.send_timeout.max(1)),
             read_ahead_bytes: self.read_ahead,
             read_ahead_total_bytes: self.read_ahead_memory,
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),

@@ -260,6 +260,12 @@ pub(super) struct Conn {
     handshake_timeout: std::time::Duration,
     max_payload_bytes: u32,
     max_buffer_bytes: u64,
+    /// Longest a reply may wait for the client to take any of it (`EngineConfig::send_timeout`).
+    send_timeout: std::time::Duration,
+    /// Since when replies have waited without the client taking a byte of them.
+    send_waiting_since: Option<Instant>,
+    /// On the worker's list of connections waiting for its buffer memory (`Io::memory_waiters`).
+    waiting_memory: bool,
     /// Most bytes read ahead and not yet asked for (`EngineConfig::read_ahead_bytes`).
     ahead_window: u64,
 
@@ -343,6 +349,9 @@ impl Conn {
             handshake_timeout: cfg.handshake_timeout,
             max_payload_bytes: cfg.max_payload_bytes,
             max_buffer_bytes: cfg.max_conn_buffer_bytes,
+            send_timeout: cfg.send_timeout,
+            send_waiting_since: None,
+            waiting_memory: false,
             ahead_window: cfg.read_ahead_bytes,
             rbuf: vec![0; RECV_BUFFER_BYTES],
             rpos: 0,
@@ -412,11 +421,16 @@ impl Conn {
         // Read-ahead still counted here (parked, or in flight when the connection closed) leaves
         // the worker's account with the connection.
         io.ahead_bytes -= self.ahead_bytes;
-        for slot in &mut self.slots {
-            if let Some(b) = slot.buf.take() {
+        for sid in 0..self.slots.len() {
+            if let Some(b) = self.slots[sid].buf.take() {
+                self.refund(io, b.capacity() as u64);
                 io.pool.put(b);
             }
         }
+        assert_eq!(
+            self.buffer_bytes, 0,
+            "buffer accounting of a finished connection"
+        );
         let export = match &self.phase {
             Phase::Transmission { export, target, .. } => {
                 target.detach();
@@ -449,6 +463,17 @@ impl Conn {
     /// Called on every tick: ends a handshake that took too long, and a connection whose export
     /// was withdrawn (its volume deleted with `--force`).
     pub fn check_deadline(&mut self, now: Instant) {
+        if let Some(since) = self.send_waiting_since
+            && now.duration_since(since) >= self.send_timeout
+        {
+            // A client that stops reading its replies holds their buffers for as long as it
+            // likes; past the timeout its memory goes back to the clients that read.
+            self.close(format!(
+                "the client took no reply bytes for {}s",
+                self.send_timeout.as_secs()
+            ));
+            return;
+        }
         if self.deadline.is_some_and(|d| now >= d) {
             let reason = match &self.phase {
                 Phase::Handshake(hs) if hs.shutting_down() => "server shutting down",
@@ -741,13 +766,28 @@ impl Conn {
             let buf_len = if splice { 0 } else { data_len };
             let over_budget = self.buffer_bytes > 0
                 && self.buffer_bytes + u64::from(buf_len) > self.max_buffer_bytes;
-            if self.free.is_empty() || over_budget {
+            // The worker's share of the node's memory (`--max-memory`): every connection waits
+            // for it, even one that holds nothing, or a thousand idle ones could each take a
+            // request's worth. A worker holding nothing always lets one request through.
+            // Read-ahead not yet claimed has its own bound (`Io::ahead_limit`) and is let go
+            // for requests, so it is not counted here.
+            let requests_bytes = io.buffer_bytes.saturating_sub(io.ahead_bytes);
+            let worker_full = buf_len > 0
+                && requests_bytes > 0
+                && requests_bytes + u64::from(buf_len) > io.buffer_limit;
+            if self.free.is_empty() || over_budget || worker_full {
                 // Read-ahead never keeps a request waiting: parked data is let go at once, and
                 // read-aheads in flight are released when they complete (which resumes reading).
                 if self.drop_ahead(io) {
                     continue;
                 }
                 self.stalled = true;
+                // Memory another connection frees wakes this one (`Worker::wake_memory_waiters`);
+                // its own slots and buffers wake it as they are released (`on_send`).
+                if worker_full && !self.waiting_memory {
+                    self.waiting_memory = true;
+                    io.memory_waiters.push(self.cid);
+                }
                 break;
             }
             self.rpos += n;
@@ -855,10 +895,41 @@ impl Conn {
         slot.sent = 0;
         if data_len > 0 {
             let buf = io.pool.get(data_len as usize);
-            self.buffer_bytes += buf.capacity() as u64;
+            let bytes = buf.capacity() as u64;
             slot.buf = Some(buf);
+            self.charge(io, bytes);
         }
         sid
+    }
+
+    /// Counts buffer bytes against the connection's budget and its worker's.
+    fn charge(&mut self, io: &mut Io, bytes: u64) {
+        self.buffer_bytes += bytes;
+        io.buffer_bytes += bytes;
+    }
+
+    /// Gives buffer bytes back to both budgets.
+    fn refund(&mut self, io: &mut Io, bytes: u64) {
+        assert!(
+            self.buffer_bytes >= bytes && io.buffer_bytes >= bytes,
+            "buffer accounting: refunding {bytes} of {} (worker {})",
+            self.buffer_bytes,
+            io.buffer_bytes
+        );
+        self.buffer_bytes -= bytes;
+        io.buffer_bytes -= bytes;
+    }
+
+    /// Memory freed elsewhere on the worker: reading resumes if this connection was waiting
+    /// for it (it stalls again, and queues again, if there still is not enough).
+    pub fn resume_for_memory(&mut self, io: &mut Io, exports: &Exports) {
+        self.waiting_memory = false;
+        if self.stalled && self.closing.is_none() {
+            self.stalled = false;
+            self.process(io, exports);
+            self.try_send(io);
+            self.maybe_done();
+        }
     }
 
     // ---- read-ahead --------------------------------------------------------------------------
@@ -1124,8 +1195,9 @@ impl Conn {
         // Not what the target promised: the payload goes into a buffer, then this plan runs.
         slot.planned = true;
         let buf = io.pool.get(len as usize);
-        self.buffer_bytes += buf.capacity() as u64;
+        let bytes = buf.capacity() as u64;
         slot.buf = Some(buf);
+        self.charge(io, bytes);
         Begin::Buffered
     }
 
@@ -1478,7 +1550,7 @@ impl Conn {
         self.encode(sid, |b| b.error(errno, message));
         // A failed request sends no data: its buffer goes back now.
         if let Some(b) = self.slots[sid as usize].buf.take() {
-            self.buffer_bytes -= b.capacity() as u64;
+            self.refund(io, b.capacity() as u64);
             io.pool.put(b);
         }
         self.enqueue(io, sid);
@@ -1515,11 +1587,11 @@ impl Conn {
     }
 
     fn release(&mut self, io: &mut Io, sid: u16) {
-        let slot = &mut self.slots[sid as usize];
-        if let Some(b) = slot.buf.take() {
-            self.buffer_bytes -= b.capacity() as u64;
+        if let Some(b) = self.slots[sid as usize].buf.take() {
+            self.refund(io, b.capacity() as u64);
             io.pool.put(b);
         }
+        let slot = &mut self.slots[sid as usize];
         if slot.header.capacity() > HEADER_KEEP_BYTES {
             slot.header = Vec::with_capacity(HEADER_KEEP_BYTES);
         }
@@ -1544,6 +1616,7 @@ impl Conn {
             // `out_next`. So these bytes stay put until the completion.
             unsafe { io.send(ud, fd, rest.as_ptr(), rest.len() as u32) };
             self.send_armed = true;
+            self.send_waiting_since.get_or_insert_with(Instant::now);
             self.kernel_ops += 1;
             return;
         }
@@ -1586,6 +1659,7 @@ impl Conn {
         // neither modified nor released until the slot leaves the queue after this completion).
         unsafe { io.sendmsg(ud, fd, &*self.msg) };
         self.send_armed = true;
+        self.send_waiting_since.get_or_insert_with(Instant::now);
         self.kernel_ops += 1;
     }
 
@@ -1605,6 +1679,11 @@ impl Conn {
             return;
         }
         let mut n = res as usize;
+        // The client took bytes: no reply is waiting on it until the next send is armed
+        // (`try_send`), so a slow reader is never taken for a dead one.
+        if n > 0 {
+            self.send_waiting_since = None;
+        }
         if self.out_sent < self.out.len() {
             self.out_sent += n;
             if self.out_sent == self.out.len() {

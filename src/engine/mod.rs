@@ -35,6 +35,12 @@ pub struct EngineConfig {
     pub max_inflight: u16,
     /// Buffer bytes a connection may hold in flight; reading stops while above.
     pub max_conn_buffer_bytes: u64,
+    /// Request buffer bytes all connections together may hold (each worker gets an equal
+    /// share); a connection stops reading until its worker has room. Read-ahead comes on top,
+    /// within `read_ahead_total_bytes`.
+    pub max_buffer_bytes: u64,
+    /// Longest replies may wait for a client that reads none of them before it is cut off.
+    pub send_timeout: Duration,
     /// Most bytes read ahead of a sequential reader, on targets that allow it (zero: none).
     pub read_ahead_bytes: u64,
     /// Most bytes read ahead by all connections together; each worker gets an equal share.
@@ -57,6 +63,8 @@ impl Default for EngineConfig {
             max_payload_bytes: 32 << 20,
             max_inflight: 128,
             max_conn_buffer_bytes: 64 << 20,
+            max_buffer_bytes: 1 << 30,
+            send_timeout: Duration::from_secs(60),
             read_ahead_bytes: 24 << 20,
             read_ahead_total_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),

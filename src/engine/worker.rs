@@ -57,6 +57,14 @@ fn is_transient(e: &io::Error) -> bool {
 }
 
 const RING_ENTRIES: u32 = 1024;
+
+/// A worker's buffer memory for requests: its share of the node's budget, never less than two
+/// of the largest requests (one can always be received while another is answered). Read-ahead
+/// is bounded by its own share (`Io::ahead_limit`) and not counted against this.
+fn worker_buffer_limit(cfg: &EngineConfig) -> u64 {
+    (cfg.max_buffer_bytes / cfg.threads.max(1) as u64).max(2 * u64::from(cfg.max_payload_bytes))
+}
+
 /// Transfers at least this large are handed to io-wq workers (see `file_io`).
 const ASYNC_MIN_BYTES: u32 = 256 * 1024;
 const TICK: Duration = Duration::from_secs(1);
@@ -98,6 +106,12 @@ pub(super) struct Io {
     /// there may be (this worker's share of `EngineConfig::read_ahead_total_bytes`).
     pub ahead_bytes: u64,
     pub ahead_limit: u64,
+    /// Buffer bytes this worker's connections hold (requests and read-ahead), and the most
+    /// requests may hold (`worker_buffer_limit`).
+    pub buffer_bytes: u64,
+    pub buffer_limit: u64,
+    /// Connections that stopped reading until the worker's buffer memory has room again.
+    pub memory_waiters: Vec<u32>,
 }
 
 impl Io {
@@ -382,6 +396,9 @@ impl Worker {
                 avg_request_bytes: 0,
                 ahead_bytes: 0,
                 ahead_limit: cfg.read_ahead_total_bytes / cfg.threads.max(1) as u64,
+                buffer_bytes: 0,
+                buffer_limit: worker_buffer_limit(&cfg),
+                memory_waiters: Vec::new(),
             },
             cfg,
             exports,
@@ -489,6 +506,7 @@ impl Worker {
                 }
                 self.reap(cid);
             }
+            self.wake_memory_waiters();
             if completions
                 .iter()
                 .any(|&(ud, _)| !matches!(decode(ud).0, Some(Tag::Tick)))
@@ -573,6 +591,24 @@ impl Worker {
                 self.reap(cid);
             }
             None => tracing::error!(worker = self.id, ud, "completion with unknown tag"),
+        }
+    }
+
+    /// Lets connections that wait for buffer memory read again once there is room for at least
+    /// a largest request, in the order they started waiting; each takes what it needs and the
+    /// rest wait again.
+    fn wake_memory_waiters(&mut self) {
+        let room = u64::from(self.cfg.max_payload_bytes);
+        let used = self.io.buffer_bytes.saturating_sub(self.io.ahead_bytes);
+        if self.io.memory_waiters.is_empty() || used + room > self.io.buffer_limit {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.io.memory_waiters);
+        for cid in waiters {
+            if let Some(c) = self.conns.get_mut(cid as usize).and_then(Option::as_mut) {
+                c.resume_for_memory(&mut self.io, &self.exports);
+            }
+            self.reap(cid);
         }
     }
 
