@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// (its staged bytes removed, its management slot freed).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub import_idle_timeout: u64,
+    /// Clean block map each served volume keeps in memory, e.g. 16M (4 KiB of map describes
+    /// 126 MiB of volume); least recently used pages beyond it are let go and read back from the
+    /// metadata file when needed.
+    #[arg(long, default_value = "16M", value_parser = parse_bytes, value_name = "SIZE")]
+    pub map_cache: u64,
     /// TCP address to listen on (repeatable; IPv6 as [::1]:10809). Default 127.0.0.1:10809 unless
     /// only --socket is given.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -177,6 +182,11 @@ impl ServeArgs {
                     admin_gid,
                     bulk_rate: self.bulk_rate,
                     import_idle: Duration::from_secs(self.import_idle_timeout.max(1)),
+                    map_cache_pages: usize::try_from(
+                        self.map_cache / volume_format::layout::MAP_SLOT_BYTES as u64,
+                    )
+                    .unwrap_or(usize::MAX)
+                    .max(1),
                 })
             }
         };

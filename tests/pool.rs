@@ -256,7 +256,9 @@ fn deleting_an_image_while_it_is_being_cloned_never_leaves_an_orphan() {
             if !out.status.success() {
                 let err = String::from_utf8_lossy(&out.stderr);
                 assert!(
-                    err.contains("busy") || err.contains("cloned") || err.contains("not found"),
+                    err.contains("busy")
+                        || err.contains("cloned")
+                        || err.contains("does not exist"),
                     "round {i}: {err}"
                 );
             }

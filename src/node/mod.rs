@@ -83,12 +83,21 @@ pub struct Node {
     /// Clones being created from each image right now (taken under `busy`'s lock): an image
     /// cannot be deleted meanwhile, though many clones of it may be created at once.
     cloning: Mutex<HashMap<String, usize>>,
-    max_payload_bytes: u32,
-    /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
-    bulk_rate: u64,
-    /// Longest an import's pipe or socket may send nothing before the import is given up.
-    import_idle: Duration,
+    limits: NodeLimits,
     started: Instant,
+}
+
+/// What the node's exports and commands may use.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLimits {
+    /// Largest request payload an export advertises.
+    pub max_payload_bytes: u32,
+    /// Bytes per second bulk commands may stream while clients do I/O (0: unpaced).
+    pub bulk_rate: u64,
+    /// Longest an import's pipe or socket may send nothing before the import is given up.
+    pub import_idle: Duration,
+    /// Clean block map pages a served volume keeps in memory (see `Volume::open_with_cache`).
+    pub map_cache_pages: usize,
 }
 
 /// Marks an object busy for the life of one command.
@@ -128,9 +137,7 @@ impl Node {
         dir: &Path,
         exports: Arc<Exports>,
         committers: Arc<Committers>,
-        max_payload_bytes: u32,
-        bulk_rate: u64,
-        import_idle: Duration,
+        limits: NodeLimits,
     ) -> Result<Node, NodeError> {
         let pool = Pool::open(dir)?;
         let node = Node {
@@ -140,9 +147,7 @@ impl Node {
             served: Mutex::new(Served::default()),
             busy: Mutex::new(BTreeSet::new()),
             cloning: Mutex::new(HashMap::new()),
-            max_payload_bytes,
-            bulk_rate,
-            import_idle,
+            limits,
             started: Instant::now(),
         };
         for i in node.pool.images() {
@@ -202,7 +207,9 @@ impl Node {
     }
 
     fn serve_volume(&self, name: &str) -> Result<(), NodeError> {
-        let vol = self.pool.open_volume(name)?;
+        let vol = self
+            .pool
+            .open_volume_with_cache(name, self.limits.map_cache_pages)?;
         let target = Arc::new(
             VolumeTarget::new(name, vol, &self.committers)
                 .map_err(|e| NodeError::Io(format!("serving volume {name:?}: {e}")))?,
@@ -217,7 +224,7 @@ impl Node {
                 name: name.to_owned(),
                 description,
                 target: target.clone() as Arc<dyn BlockTarget>,
-                max_payload_bytes: self.max_payload_bytes,
+                max_payload_bytes: self.limits.max_payload_bytes,
             })
             .map_err(|_| NodeError::InUse(format!("an export named {name:?} already exists")))?;
         let mut s = self.served.lock();
@@ -239,7 +246,7 @@ impl Node {
                 name: export.clone(),
                 description: format!("golden image {name} (read-only)"),
                 target: target.clone() as Arc<dyn BlockTarget>,
-                max_payload_bytes: self.max_payload_bytes,
+                max_payload_bytes: self.limits.max_payload_bytes,
             })
             .map_err(|_| NodeError::InUse(format!("an export named {export:?} already exists")))?;
         self.served.lock().images.insert(name.to_owned(), target);
@@ -300,7 +307,7 @@ impl Node {
     }
 
     fn pacer(&self) -> Pacer<impl FnMut() -> u64 + '_> {
-        Pacer::new(self.bulk_rate, || self.data_path_ops())
+        Pacer::new(self.limits.bulk_rate, || self.data_path_ops())
     }
 
     // ---- images --------------------------------------------------------------------------
@@ -336,7 +343,7 @@ impl Node {
         let total = expect
             .size
             .or_else(|| src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len()));
-        let mut src = ImportSource::new(src, self.import_idle)
+        let mut src = ImportSource::new(src, self.limits.import_idle)
             .map_err(|e| NodeError::Invalid(format!("cannot import {name:?}: {e}")))?;
         let mut pacer = self.pacer();
         let entry = self.pool.import_image(name, &mut src, expect, |done| {

@@ -280,16 +280,7 @@ impl PoolDir {
 
     /// The names in directory `rel`.
     pub fn entries(&self, rel: &Path) -> io::Result<Vec<OsString>> {
-        let d = self.open_dir(rel)?;
-        let mut names = Vec::new();
-        for e in rustix::fs::Dir::read_from(&d)? {
-            let e = e?;
-            let n = e.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(OsString::from_vec(n.to_vec()));
-            }
-        }
-        Ok(names)
+        names_in(&self.open_dir(rel)?)
     }
 
     /// fsyncs directory `rel` (`.` for the pool itself).
@@ -356,6 +347,18 @@ fn split(rel: &Path) -> io::Result<(&Path, &std::ffi::OsStr)> {
     Ok((parent, name))
 }
 
+/// The names in the open directory `dir`, without `.` and `..`.
+fn names_in(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let n = e?.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            names.push(OsString::from_vec(n));
+        }
+    }
+    Ok(names)
+}
+
 /// Removes `name` in `dir`, descending into directories by descriptor without following links.
 fn remove_tree(dir: &impl AsFd, name: &std::ffi::OsStr) -> io::Result<()> {
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -372,15 +375,7 @@ fn remove_tree(dir: &impl AsFd, name: &std::ffi::OsStr) -> io::Result<()> {
         OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let mut names = Vec::new();
-    for e in rustix::fs::Dir::read_from(&sub)? {
-        let e = e?;
-        let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            names.push(OsString::from_vec(n.to_vec()));
-        }
-    }
-    for n in names {
+    for n in names_in(&sub)? {
         remove_tree(&sub, &n)?;
     }
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)

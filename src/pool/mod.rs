@@ -519,8 +519,18 @@ impl Pool {
         Ok(entry)
     }
 
-    /// Opens a volume of the pool (its files and its backing image).
+    /// Opens a volume of the pool (its files and its backing image), with its whole block map
+    /// in memory (offline work: capture, resize).
     pub fn open_volume(&self, name: &str) -> Result<Volume<FileStorage>, PoolError> {
+        self.open_volume_with_cache(name, usize::MAX)
+    }
+
+    /// Opens a volume holding at most `cache_pages` clean map pages in memory (to serve it).
+    pub fn open_volume_with_cache(
+        &self,
+        name: &str,
+        cache_pages: usize,
+    ) -> Result<Volume<FileStorage>, PoolError> {
         let entry = self.volume(name)?;
         let backing = match &entry.image {
             Some(i) => Some((
@@ -531,7 +541,8 @@ impl Pool {
         };
         let meta = self.storage(&Self::volume_file(name, VOLUME_META), Access::ReadWrite)?;
         let data = self.storage(&Self::volume_file(name, VOLUME_DATA), Access::ReadWrite)?;
-        Volume::open(meta, data, backing).map_err(vol_err(format!("opening volume {name:?}")))
+        Volume::open_with_cache(meta, data, backing, cache_pages)
+            .map_err(vol_err(format!("opening volume {name:?}")))
     }
 
     /// Deletes a volume (the caller has disconnected its clients).

@@ -21,7 +21,7 @@ pub use export_spec::{ExportSpec, validate_export_name};
 
 use crate::engine::{Engine, EngineConfig, Incoming, Transport};
 use crate::mgmt::server::{Access, MgmtServer};
-use crate::node::Node;
+use crate::node::{Node, NodeLimits};
 use crate::target::{CacheMode, Committers, Export, Exports, FileTarget};
 
 /// The node's pool and management socket.
@@ -34,6 +34,8 @@ pub struct PoolConfig {
     pub bulk_rate: u64,
     /// Longest an import's pipe may send nothing.
     pub import_idle: Duration,
+    /// Clean block map pages each served volume keeps in memory.
+    pub map_cache_pages: usize,
 }
 
 /// Everything `streamer serve` needs.
@@ -160,9 +162,12 @@ fn start_node(
             &p.dir,
             exports.clone(),
             committers.clone(),
-            max_payload_bytes,
-            p.bulk_rate,
-            p.import_idle,
+            NodeLimits {
+                max_payload_bytes,
+                bulk_rate: p.bulk_rate,
+                import_idle: p.import_idle,
+                map_cache_pages: p.map_cache_pages,
+            },
         )
         .map_err(|e| pool_err(e.to_string()))?,
     );

@@ -30,6 +30,8 @@ use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 
 const PREFERRED_BLOCK_BYTES: u32 = 4096;
+/// `Plan::cursor` of a write-like request parked until a commit makes room in the block map.
+const WAITING_FOR_ROOM: u64 = u64::MAX;
 /// Most bytes one BLOCK_STATUS reply describes (the client asks again for the rest).
 const BLOCK_STATUS_MAX_BYTES: u64 = 1 << 30;
 
@@ -128,6 +130,9 @@ struct CommitFailed {
 #[derive(Default)]
 struct Flushes {
     waiting: Vec<Arc<Waiter>>,
+    /// A commit no request waits for: the volume holds more dirty map pages than its cache
+    /// (a client writing all over it without flushing).
+    background: bool,
     /// The volume is in the committers' queue or being committed.
     scheduled: bool,
 }
@@ -305,11 +310,13 @@ impl VolumeTarget {
         from: u64,
         plan: &mut Plan,
     ) -> Result<(), TargetError> {
-        let vol = self.shared.vol.lock();
+        let mut vol = self.shared.vol.lock();
         if vol.failure().is_some() {
             return Err(TargetError::Latched);
         }
         let end = offset + u64::from(len);
+        vol.page_in(from, end - from)
+            .map_err(|e| volume_error("reading", &e))?;
         let data_fd = self.data_fd();
         let image_fd = self.shared.image.as_ref().map(AsRawFd::as_raw_fd);
         let mut next = None;
@@ -437,6 +444,22 @@ impl VolumeTarget {
         }
     }
 
+    /// Schedules a commit that no request waits for (once: until it runs, more calls do
+    /// nothing). Committed map pages are clean, and clean pages can be evicted.
+    fn commit_in_background(&self) {
+        let schedule = {
+            let mut f = self.shared.flushes.lock();
+            if f.background {
+                return;
+            }
+            f.background = true;
+            !std::mem::replace(&mut f.scheduled, true)
+        };
+        if schedule {
+            self.shared.committers.schedule(self.shared.clone());
+        }
+    }
+
     /// A write ended (or failed): every parked request plans again.
     fn wake_parked(&self) {
         for efd in self.shared.parked.lock().values() {
@@ -479,10 +502,11 @@ impl Shared {
         loop {
             let batch = {
                 let mut f = self.flushes.lock();
-                if f.waiting.is_empty() {
+                if f.waiting.is_empty() && !f.background {
                     f.scheduled = false;
                     return;
                 }
+                f.background = false;
                 std::mem::take(&mut f.waiting)
             };
             let r = self.commit();
@@ -547,6 +571,18 @@ impl BlockTarget for VolumeTarget {
 
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
         self.live()?;
+        if matches!(
+            op,
+            TargetOp::Write { .. } | TargetOp::Trim { .. } | TargetOp::Zero { .. }
+        ) {
+            plan.cursor = 0;
+            if self.shared.vol.lock().state().must_wait_for_commit() {
+                // Too many dirty map pages for the cache: this write waits for the commit
+                // that cleans them (then plans again), so their memory stays bounded.
+                plan.cursor = WAITING_FOR_ROOM;
+                return self.plan_wait(plan);
+            }
+        }
         match *op {
             TargetOp::Read { offset, len } => self.plan_read(offset, len, offset, plan),
             TargetOp::Write { offset, len, fua } => {
@@ -621,6 +657,19 @@ impl BlockTarget for VolumeTarget {
             self.plan(op, plan)?;
             return Ok(Progress::Again);
         }
+        let write_like = matches!(
+            op,
+            TargetOp::Write { .. } | TargetOp::Trim { .. } | TargetOp::Zero { .. }
+        );
+        // (`plan` resets the cursor of every write-like request, so a stale one cannot match.)
+        if write_like && plan.cursor == WAITING_FOR_ROOM && Self::is_wait(plan) {
+            let res = results.first().copied().unwrap_or(-libc::EIO);
+            self.wait_result(plan, res, "making room in the block map")
+                .inspect_err(|_| self.count_error())?;
+            plan.clear();
+            self.plan(op, plan)?;
+            return Ok(Progress::Again);
+        }
         if Self::is_wait(plan) {
             let what = if matches!(op, TargetOp::Flush) {
                 "flushing"
@@ -669,7 +718,14 @@ impl BlockTarget for VolumeTarget {
                     self.wake_parked();
                     return Err(TargetError::Writing { offset, source });
                 }
-                self.shared.vol.lock().end_write(offset, u64::from(len));
+                let overfull = {
+                    let mut vol = self.shared.vol.lock();
+                    vol.end_write(offset, u64::from(len));
+                    vol.state().cache_overfull()
+                };
+                if overfull {
+                    self.commit_in_background();
+                }
                 self.wake_parked();
                 c.writes.fetch_add(1, Ordering::Relaxed);
                 c.written_bytes.fetch_add(u64::from(len), Ordering::Relaxed);

@@ -36,7 +36,7 @@ impl CheckReport {
 /// The backing image is not read (its digest is checked by `image::verify`).
 pub fn check<S: Storage>(meta: &mut S, data: &mut S, repair: bool) -> CheckReport {
     let mut r = CheckReport::default();
-    let st = match load_state(meta) {
+    let st = match load_state(meta, usize::MAX) {
         Ok(st) => st,
         Err(e) => {
             r.errors.push(e.to_string());

@@ -1,6 +1,11 @@
 //! The block map (SPEC.md §3, §5): one bit per 4 KiB block, INHERITED (0) or OWN (1), kept in
 //! pages of 32256 bits that exist in memory only when some bit in them is set. A fresh clone of a 1 TiB
 //! image costs one pointer per 128 MiB; a lookup is an index, a word and a bit.
+//!
+//! A clean page (its bits committed, unchanged since) may be *evicted*: its memory is let go
+//! and the committed copy on disk is the only one, until the driver reads it back
+//! (`VolumeState::reload_page`). Every use of a page's bits requires it resident and asserts so:
+//! an evicted page is never taken for an empty one.
 
 use crate::error::FormatError;
 use crate::layout::*;
@@ -17,9 +22,27 @@ pub enum BlockState {
 /// The bits of one map page.
 pub type Page = [u64; MAP_PAGE_WORDS];
 
+/// What the map knows of one page.
+enum View<'a> {
+    /// No OWN bit, and none on disk that is not also in memory: every block INHERITED.
+    Empty,
+    Resident(&'a Page),
+    /// Committed on disk and not in memory.
+    Evicted,
+}
+
 pub struct BlockMap {
     blocks: u64,
+    /// Resident pages; `None` is an empty page, or an evicted one (`evicted`). Kept apart so a
+    /// page costs one pointer (a fresh clone of 1 TiB: 8 KiB of table).
     pages: Vec<Option<Box<Page>>>,
+    evicted: Vec<bool>,
+    /// OWN bits in all pages, resident or evicted.
+    own: u64,
+    /// OWN bits of each evicted page (they count in `own` while the page is away).
+    evicted_own: std::collections::HashMap<u32, u64>,
+    /// Pages held in memory.
+    resident: usize,
     /// Pages changed since the last `take_dirty`, in the order first changed.
     dirty: Vec<u32>,
     is_dirty: Vec<bool>,
@@ -32,6 +55,10 @@ impl BlockMap {
         BlockMap {
             blocks,
             pages: (0..pages).map(|_| None).collect(),
+            evicted: vec![false; pages],
+            own: 0,
+            evicted_own: std::collections::HashMap::new(),
+            resident: 0,
             dirty: Vec::new(),
             is_dirty: vec![false; pages],
         }
@@ -52,10 +79,50 @@ impl BlockMap {
             self.blocks
         );
         let (p, w, bit) = split(block);
-        match &self.pages[p] {
-            Some(page) if page[w] >> bit & 1 == 1 => BlockState::Own,
-            _ => BlockState::Inherited,
+        match self.view(p) {
+            View::Resident(page) if page[w] >> bit & 1 == 1 => BlockState::Own,
+            View::Resident(_) | View::Empty => BlockState::Inherited,
+            View::Evicted => panic!("map page {p} is evicted: read it back before use"),
         }
+    }
+
+    fn view(&self, p: usize) -> View<'_> {
+        match &self.pages[p] {
+            Some(page) => View::Resident(page),
+            None if self.evicted[p] => View::Evicted,
+            None => View::Empty,
+        }
+    }
+
+    /// Whether page `p` must be read back before its bits are used.
+    pub fn is_evicted(&self, p: u32) -> bool {
+        self.evicted[p as usize]
+    }
+
+    /// Whether page `p` is held in memory.
+    pub fn is_resident(&self, p: u32) -> bool {
+        self.pages[p as usize].is_some()
+    }
+
+    /// Whether page `p` changed since the last `take_dirty`.
+    pub fn is_dirty(&self, p: u32) -> bool {
+        self.is_dirty[p as usize]
+    }
+
+    /// Lets go of a clean resident page's memory; the caller knows its bits are committed on
+    /// disk and reads them back (`load_page`) before the page is used again.
+    pub fn evict(&mut self, p: u32) {
+        assert!(
+            !self.is_dirty[p as usize],
+            "map page {p} is dirty: it cannot be evicted"
+        );
+        let Some(page) = self.pages[p as usize].take() else {
+            panic!("map page {p} is not resident");
+        };
+        let bits = page.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.evicted_own.insert(p, bits);
+        self.evicted[p as usize] = true;
+        self.resident -= 1;
     }
 
     /// Sets `count` blocks from `first` to `state`, marking the pages it changes dirty.
@@ -76,17 +143,27 @@ impl BlockMap {
             } else {
                 ((1u64 << n) - 1) << bit
             };
+            assert!(
+                !self.evicted[p],
+                "map page {p} is evicted: read it back before use"
+            );
+            if self.pages[p].is_none() && state == BlockState::Own {
+                self.pages[p] = Some(Box::new([0; MAP_PAGE_WORDS]));
+                self.resident += 1;
+            }
             let changed = match (state, &mut self.pages[p]) {
                 (BlockState::Inherited, None) => false,
+                (BlockState::Own, None) => unreachable!("made resident above"),
                 (BlockState::Inherited, Some(page)) => {
                     let old = page[w];
                     page[w] &= !mask;
+                    self.own -= u64::from((old & !page[w]).count_ones());
                     old != page[w]
                 }
-                (BlockState::Own, slot) => {
-                    let page = slot.get_or_insert_with(|| Box::new([0; MAP_PAGE_WORDS]));
+                (BlockState::Own, Some(page)) => {
                     let old = page[w];
                     page[w] |= mask;
+                    self.own += u64::from((page[w] & !old).count_ones());
                     old != page[w]
                 }
             };
@@ -113,13 +190,14 @@ impl BlockMap {
         }
     }
 
-    /// Number of OWN blocks.
+    /// Number of OWN blocks (evicted pages included).
     pub fn own_blocks(&self) -> u64 {
-        self.pages
-            .iter()
-            .flatten()
-            .map(|p| p.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
-            .sum()
+        self.own
+    }
+
+    /// Pages changed since the last `take_dirty`.
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty.len()
     }
 
     /// Whether any page changed since the last `take_dirty`.
@@ -146,9 +224,10 @@ impl BlockMap {
     /// The bits of page `p` as on disk (`MAP_PAGE_WORDS` little-endian words; bit `i` of the
     /// page is block `p * BLOCKS_PER_MAP_PAGE + i`).
     pub fn page_words(&self, p: u32) -> Page {
-        match &self.pages[p as usize] {
-            Some(page) => **page,
-            None => [0; MAP_PAGE_WORDS],
+        match self.view(p as usize) {
+            View::Resident(page) => *page,
+            View::Empty => [0; MAP_PAGE_WORDS],
+            View::Evicted => panic!("map page {p} is evicted: read it back before use"),
         }
     }
 
@@ -181,7 +260,19 @@ impl BlockMap {
                 ));
             }
         }
-        self.pages[idx] = page.iter().any(|&w| w != 0).then(|| Box::new(*page));
+        let bits: u64 = page.iter().map(|w| u64::from(w.count_ones())).sum();
+        if let Some(old) = self.pages[idx].take() {
+            self.own -= old.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+            self.resident -= 1;
+        }
+        if std::mem::replace(&mut self.evicted[idx], false) {
+            self.own -= self.evicted_own.remove(&p).unwrap_or(0);
+        }
+        self.own += bits;
+        if bits > 0 {
+            self.pages[idx] = Some(Box::new(*page));
+            self.resident += 1;
+        }
         Ok(())
     }
 
@@ -190,21 +281,23 @@ impl BlockMap {
         assert!(blocks >= self.blocks, "maps only grow");
         let pages = blocks.div_ceil(BLOCKS_PER_MAP_PAGE) as usize;
         self.pages.resize_with(pages, || None);
+        self.evicted.resize(pages, false);
         self.is_dirty.resize(pages, false);
         self.blocks = blocks;
     }
 
-    /// Pages that hold at least one OWN block.
+    /// Pages held in memory.
     pub fn resident_pages(&self) -> usize {
-        self.pages.iter().flatten().count()
+        self.resident
     }
 
     /// Bytes of memory the map holds (page table plus resident pages).
     pub fn resident_bytes(&self) -> usize {
-        let resident = self.pages.iter().flatten().count();
         self.pages.len() * std::mem::size_of::<Option<Box<Page>>>()
+            + self.evicted.len()
             + self.is_dirty.len()
-            + resident * std::mem::size_of::<Page>()
+            + self.evicted_own.len() * 2 * std::mem::size_of::<u64>()
+            + self.resident * std::mem::size_of::<Page>()
     }
 }
 
@@ -227,12 +320,16 @@ impl Runs<'_> {
         let mut b = pos;
         while b < self.end {
             let (p, w, bit) = split(b);
-            let Some(page) = &self.map.pages[p] else {
-                if state == BlockState::Own {
-                    break;
+            let page = match self.map.view(p) {
+                View::Resident(page) => page,
+                View::Empty => {
+                    if state == BlockState::Own {
+                        break;
+                    }
+                    b = ((p as u64) + 1) * BLOCKS_PER_MAP_PAGE; // a whole empty page is INHERITED
+                    continue;
                 }
-                b = ((p as u64) + 1) * BLOCKS_PER_MAP_PAGE; // a whole absent page is INHERITED
-                continue;
+                View::Evicted => panic!("map page {p} is evicted: read it back before use"),
             };
             let word = if state == BlockState::Own {
                 !page[w]
@@ -360,6 +457,38 @@ mod tests {
         map.load_page(1, &words).unwrap();
         assert_eq!(map.own_blocks(), 8);
         assert!(map.load_page(2, &words).is_err(), "page beyond the volume");
+    }
+
+    #[test]
+    fn evicted_pages_keep_their_count_and_come_back_whole() {
+        let blocks = 3 * BLOCKS_PER_MAP_PAGE;
+        let mut map = BlockMap::new(blocks);
+        map.set(10, 100, BlockState::Own);
+        map.set(BLOCKS_PER_MAP_PAGE + 5, 7, BlockState::Own);
+        map.take_dirty();
+        let saved = map.page_words(0);
+        map.evict(0);
+        assert!(map.is_evicted(0) && !map.is_resident(0));
+        assert_eq!((map.own_blocks(), map.resident_pages()), (107, 1));
+        assert_eq!(
+            map.get(BLOCKS_PER_MAP_PAGE + 5),
+            BlockState::Own,
+            "other pages serve"
+        );
+        map.load_page(0, &saved).unwrap();
+        assert_eq!((map.own_blocks(), map.resident_pages()), (107, 2));
+        assert_eq!(map.runs(0, 200).count(), 3);
+        assert!(map.take_dirty().is_empty(), "a page read back is clean");
+    }
+
+    #[test]
+    #[should_panic(expected = "evicted")]
+    fn an_evicted_page_is_never_read_as_empty() {
+        let mut map = BlockMap::new(BLOCKS_PER_MAP_PAGE);
+        map.set(1, 1, BlockState::Own);
+        map.take_dirty();
+        map.evict(0);
+        map.get(0);
     }
 
     #[test]

@@ -78,6 +78,20 @@ pub struct VolumeState {
     b_seq: u64,
     /// Anomalies seen while loading that did not matter (torn or orphaned slots), for the checker.
     notes: Vec<String>,
+    /// Most map pages held in memory: clean ones beyond it are evicted, least recently used
+    /// first, and read back from their committed slot when used again (`usize::MAX`: all).
+    cache_pages: usize,
+    /// When each page was last used (a tick of `clock`).
+    last_used: Vec<u64>,
+    clock: u64,
+    /// Pages used at or after this tick belong to the operation under way: never evicted by it.
+    op_start: u64,
+    /// A planned commit has not completed: the pages it took from the dirty list are in it and
+    /// their new versions not yet installed, so no page may be evicted meanwhile.
+    commit_in_flight: bool,
+    /// Pages of an uncommitted commit's orphans that were evicted while loading: marked dirty
+    /// (to be rewritten) once read back.
+    orphans_evicted: Vec<u32>,
 }
 
 /// Blocks in a volume of `size` bytes.
@@ -123,7 +137,123 @@ impl VolumeState {
             committed,
             b_seq: 0,
             notes: Vec::new(),
+            cache_pages: usize::MAX,
+            last_used: vec![0; pages],
+            clock: 0,
+            op_start: 0,
+            commit_in_flight: false,
+            orphans_evicted: Vec::new(),
         }
+    }
+
+    /// Holds at most `pages` map pages in memory (at least one), besides the pages the
+    /// operation under way uses and dirty ones; set before the pages are loaded, so loading a
+    /// large map never holds all of it.
+    pub fn set_cache_pages(&mut self, pages: usize) {
+        self.cache_pages = pages.max(1);
+    }
+
+    /// Map pages of the byte range `[offset, offset+len)`.
+    fn pages_of(&self, offset: u64, len: u64) -> std::ops::Range<u32> {
+        if len == 0 {
+            return 0..0;
+        }
+        let first = offset / BLOCK_BYTES / BLOCKS_PER_MAP_PAGE;
+        let last = (offset + len - 1) / BLOCK_BYTES / BLOCKS_PER_MAP_PAGE;
+        first as u32..(last as u32 + 1).min(self.map.pages())
+    }
+
+    /// Pages of `[offset, offset+len)` that must be read back (`reload_page`) before the range
+    /// is used; marks the range's pages used now.
+    pub fn evicted_pages(&mut self, offset: u64, len: u64) -> Vec<u32> {
+        self.op_start = self.clock + 1;
+        let mut out = Vec::new();
+        for p in self.pages_of(offset, len) {
+            self.clock += 1;
+            self.last_used[p as usize] = self.clock;
+            if self.map.is_evicted(p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// Where the committed version of page `p` sits in the metadata file.
+    pub fn page_slot_offset(&self, p: u32) -> u64 {
+        let v = self.versions[p as usize].expect("an evicted page has a committed version");
+        slot::slot_offset(p, v.slot)
+    }
+
+    /// Reads an evicted page back from the slot bytes at `page_slot_offset`, checked against
+    /// the version committed: anything else there means the file changed under the volume.
+    pub fn reload_page(&mut self, p: u32, bytes: &[u8; MAP_SLOT_BYTES]) -> Result<(), FormatError> {
+        assert!(self.map.is_evicted(p), "map page {p} is not evicted");
+        let v = self.versions[p as usize].expect("an evicted page has a committed version");
+        match slot::decode(bytes, p, v.slot, &self.sb.volume_id) {
+            Ok(Some(d)) if d.seq == v.seq && d.crc == v.crc => self.map.load_page(p, &d.words)?,
+            _ => {
+                return Err(FormatError::invariant(
+                    format!("map page {p} slot {}", v.slot),
+                    format!(
+                        "no longer holds the version committed (commit {}) when the page was \
+                         evicted from memory",
+                        v.seq
+                    ),
+                ));
+            }
+        }
+        if let Some(i) = self.orphans_evicted.iter().position(|&o| o == p) {
+            self.orphans_evicted.swap_remove(i);
+            self.map.mark_dirty(p);
+        }
+        Ok(())
+    }
+
+    /// Dirty pages beyond the cache's size: the driver should commit soon (a client that
+    /// writes all over a volume and never flushes would otherwise hold its whole map).
+    pub fn cache_overfull(&self) -> bool {
+        self.map.dirty_pages() > self.cache_pages
+    }
+
+    /// Dirty pages past twice the cache's size: writes should wait for a commit (the
+    /// background one `cache_overfull` asks for has not kept up), so the map in memory stays
+    /// bounded however fast a client writes.
+    pub fn must_wait_for_commit(&self) -> bool {
+        self.map.dirty_pages() > self.cache_pages.saturating_mul(2)
+    }
+
+    /// Orphaned pages evicted while loading: the driver reads them back right after the load.
+    pub fn orphans_to_reload(&self) -> Vec<u32> {
+        self.orphans_evicted.clone()
+    }
+
+    /// Evicts clean pages, least recently used first, while more than the cache holds are
+    /// resident (down to 7/8 of it, so a run of reads back does not scan every time). Returns
+    /// how many it evicted.
+    pub fn trim_cache(&mut self) -> usize {
+        if self.map.resident_pages() <= self.cache_pages || self.commit_in_flight {
+            return 0;
+        }
+        let keep = self.cache_pages - self.cache_pages / 8;
+        let mut clean: Vec<(u64, u32)> = (0..self.map.pages())
+            .filter(|&p| {
+                self.map.is_resident(p)
+                    && !self.map.is_dirty(p)
+                    && self.versions[p as usize].is_some()
+                    && self.last_used[p as usize] < self.op_start
+            })
+            .map(|p| (self.last_used[p as usize], p))
+            .collect();
+        clean.sort_unstable();
+        let mut evicted = 0;
+        for (_, p) in clean {
+            if self.map.resident_pages() <= keep {
+                break;
+            }
+            self.map.evict(p);
+            evicted += 1;
+        }
+        evicted
     }
 
     /// Starts loading from the two superblock slots. Then call `load_page` for every page whose
@@ -200,6 +330,10 @@ impl VolumeState {
                 seq: v.seq,
                 crc: v.crc,
             });
+            // A large map is never all in memory at once, not even while it loads.
+            if self.map.resident_pages() > self.cache_pages && self.map.is_resident(p) {
+                self.map.evict(p);
+            }
         }
         Ok(())
     }
@@ -228,7 +362,11 @@ impl VolumeState {
         let pages = self.map.pages();
         for &(p, _) in &self.orphans {
             if p < pages {
-                self.map.mark_dirty(p);
+                if self.map.is_evicted(p) {
+                    self.orphans_evicted.push(p);
+                } else {
+                    self.map.mark_dirty(p);
+                }
             }
         }
         Ok(self)
@@ -254,6 +392,7 @@ impl VolumeState {
     pub fn memory_bytes(&self) -> usize {
         self.map.resident_bytes()
             + self.versions.len() * std::mem::size_of::<Option<PageVersion>>()
+            + self.last_used.len() * std::mem::size_of::<u64>()
             + std::mem::size_of::<VolumeState>()
     }
 
@@ -359,6 +498,7 @@ impl VolumeState {
         }
         self.map.grow(blocks_of(size));
         self.versions.resize(self.map.pages() as usize, None);
+        self.last_used.resize(self.map.pages() as usize, 0);
         self.sb.size_bytes = size;
         self.sb_dirty = true;
         Ok(())
@@ -374,6 +514,11 @@ impl VolumeState {
         if !self.needs_commit() && self.orphans.is_empty() {
             return None;
         }
+        assert!(
+            self.orphans_evicted.is_empty(),
+            "orphaned map pages {:?} must be read back before the next commit takes their number",
+            self.orphans_evicted
+        );
         let seq = self.sb.sequence + 1;
         let mut digest = self.sb.map_digest;
         let mut pages = Vec::new();
@@ -404,6 +549,7 @@ impl VolumeState {
         sb.map_digest = digest;
         let bytes = Box::new(sb.encode());
         let previous = (self.b_seq != self.sb.sequence).then(|| self.committed.clone());
+        self.commit_in_flight = true;
         Some(Commit {
             seq,
             pages,
@@ -426,6 +572,7 @@ impl VolumeState {
         self.committed = c.superblock;
         self.orphans.clear();
         self.b_seq = c.seq; // the driver wrote copy B last
+        self.commit_in_flight = false;
     }
 }
 

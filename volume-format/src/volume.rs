@@ -150,11 +150,24 @@ impl<S: Storage> Volume<S> {
     /// Opens a volume: the current superblock, the committed map (checked against its digest),
     /// and the backing image it names (checked by id, size and digest).
     pub fn open(
-        mut meta: S,
+        meta: S,
         data: S,
         backing: Option<(S, ImageRef)>,
     ) -> Result<Volume<S>, VolumeError> {
-        let st = load_state(&mut meta)?;
+        Volume::open_with_cache(meta, data, backing, usize::MAX)
+    }
+
+    /// `open`, holding at most `cache_pages` map pages in memory (besides dirty ones and those
+    /// of the operation under way): clean pages beyond it are evicted, least recently used first,
+    /// and read back from the metadata file when used again. Bounds the memory of a volume
+    /// whose clients write all over it (32 KiB of map per GiB written to).
+    pub fn open_with_cache(
+        mut meta: S,
+        data: S,
+        backing: Option<(S, ImageRef)>,
+        cache_pages: usize,
+    ) -> Result<Volume<S>, VolumeError> {
+        let st = load_state(&mut meta, cache_pages)?;
         let image = match (st.backing(), backing) {
             (None, None) => None,
             (Some(want), Some((s, got))) => {
@@ -200,6 +213,12 @@ impl<S: Storage> Volume<S> {
 
     pub fn state(&self) -> &VolumeState {
         &self.st
+    }
+
+    /// Holds at most `pages` clean map pages in memory from now on (see `open_with_cache`).
+    pub fn set_cache_pages(&mut self, pages: usize) {
+        self.st.set_cache_pages(pages);
+        self.st.trim_cache();
     }
 
     pub fn size(&self) -> u64 {
@@ -286,9 +305,34 @@ impl<S: Storage> Volume<S> {
         r
     }
 
+    /// Reads back the evicted map pages of `[offset, offset+len)` (and evicts others past the
+    /// cache's size): every use of a range's bits comes after this.
+    fn read_back_pages(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        for p in self.st.evicted_pages(offset, len) {
+            let mut buf = [0u8; MAP_SLOT_BYTES];
+            self.meta.read_at(self.st.page_slot_offset(p), &mut buf)?;
+            self.st.reload_page(p, &buf)?;
+        }
+        self.st.trim_cache();
+        Ok(())
+    }
+
+    /// Makes the block map of `[offset, offset+len)` resident (reading back evicted pages)
+    /// before the engine plans I/O from it (`state().pieces`). A failure (the metadata file
+    /// cannot be read, or no longer holds what was committed) latches the volume failed.
+    pub fn page_in(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.live()?;
+        let r = self.read_back_pages(offset, len);
+        if let Err(e) = &r {
+            self.fail(format!("reading back the block map: {e}"));
+        }
+        r
+    }
+
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         self.live()?;
         self.range(offset, buf.len() as u64)?;
+        self.page_in(offset, buf.len() as u64)?;
         let mut pieces = Vec::new();
         self.st.pieces(offset, buf.len() as u64, |p| pieces.push(p));
         for p in pieces {
@@ -326,6 +370,7 @@ impl<S: Storage> Volume<S> {
     /// block. Bits flip once the data is written, and become durable at the next flush.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         self.range(offset, data.len() as u64)?;
+        self.page_in(offset, data.len() as u64)?;
         self.latching(|v| v.before_write())?;
         self.latching_data(|v| {
             let end = offset + data.len() as u64;
@@ -394,6 +439,7 @@ impl<S: Storage> Volume<S> {
             return self.live();
         }
         let end = offset + len;
+        self.page_in(offset, len)?;
         self.check_copy_ups(offset, end)?;
         self.latching(|v| v.before_write())?;
         self.latching_data(|v| {
@@ -429,6 +475,12 @@ impl<S: Storage> Volume<S> {
     /// The engine's write of `[offset, offset+len)` to the data file completed.
     pub fn end_write(&mut self, offset: u64, len: u64) {
         self.cancel_write(offset, len);
+        // The range's pages were read in by `begin_write`, but other requests may have evicted
+        // them since; a failure to read them back latches the volume (the write's bits would
+        // be lost otherwise).
+        if len > 0 && self.failed.is_none() {
+            let _ = self.page_in(offset, len);
+        }
         if len > 0 && self.failed.is_none() {
             let first = offset / BLOCK_BYTES;
             let last = (offset + len - 1) / BLOCK_BYTES;
@@ -460,6 +512,7 @@ impl<S: Storage> Volume<S> {
     /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.range(offset, len)?;
+        self.page_in(offset, len)?;
         if len > 0 {
             self.check_copy_ups(offset, offset + len)?;
         }
@@ -600,6 +653,7 @@ impl<S: Storage> Volume<S> {
     pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
         self.live()?;
         self.range(offset, len)?;
+        self.page_in(offset, len)?;
         let mut pieces = Vec::new();
         self.st.pieces(offset, len, |p| pieces.push(p));
         let mut out: Vec<Extent> = Vec::new();
@@ -679,12 +733,16 @@ impl<S: Storage> Volume<S> {
 }
 
 /// Reads the superblocks and every stored map page (skipping holes) into a checked state.
-pub(crate) fn load_state<S: Storage>(meta: &mut S) -> Result<VolumeState, VolumeError> {
+pub(crate) fn load_state<S: Storage>(
+    meta: &mut S,
+    cache_pages: usize,
+) -> Result<VolumeState, VolumeError> {
     let mut a = [0u8; SUPERBLOCK_SLOT_BYTES];
     let mut b = [0u8; SUPERBLOCK_SLOT_BYTES];
     meta.read_at(SUPERBLOCK_A_OFFSET, &mut a)?;
     meta.read_at(SUPERBLOCK_B_OFFSET, &mut b)?;
     let mut st = VolumeState::begin_load(&a, &b)?;
+    st.set_cache_pages(cache_pages);
     // Pages ever written are the ones with allocated slots; a fresh clone has none.
     let mut pages = Vec::new();
     let mut pos = MAP_OFFSET;
@@ -710,7 +768,14 @@ pub(crate) fn load_state<S: Storage>(meta: &mut S) -> Result<VolumeState, Volume
         }
         st.load_page(p, [&slots[0], &slots[1]])?;
     }
-    Ok(st.finish_load()?)
+    let mut st = st.finish_load()?;
+    // Orphans evicted while loading are read back now: the next commit must rewrite them.
+    for p in st.orphans_to_reload() {
+        let mut buf = [0u8; MAP_SLOT_BYTES];
+        meta.read_at(st.page_slot_offset(p), &mut buf)?;
+        st.reload_page(p, &buf)?;
+    }
+    Ok(st)
 }
 
 /// Writes a planned commit to the metadata file in the order SPEC.md §6 requires: pages (and a
