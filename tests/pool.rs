@@ -412,6 +412,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
             "control",
         ),
         (
+            vec!["volume", "create", "web 1", "--size", "1M"],
+            "letters, digits",
+        ),
+        (
+            vec!["volume", "create", "web?x", "--size", "1M"],
+            "nbd:// URI",
+        ),
+        (
             vec!["volume", "create", "ok", "--image", "g"],
             "already exists",
         ),
@@ -514,6 +522,54 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         0
     );
     server.stop();
+}
+
+/// Errors that named the wrong problem: a volume name that exists was "an export named ...
+/// already exists (a --export raw file)" of kind `in_use`; `image capture` and `check` offered a
+/// `--force` they do not have; a client asking for an export that does not exist was logged
+/// without the name it asked for.
+#[test]
+fn errors_name_the_real_problem() {
+    let dir = Scratch::new("truth");
+    let (server, _raw) = node_with_image(&dir, 1 << 20);
+    cli_ok(&dir, &["volume", "create", "web-1", "--image", "g"]);
+    let err = cli_err(&dir, &["volume", "create", "web-1", "--size", "1M"]);
+    assert!(
+        err.contains("volume \"web-1\" already exists") && !err.contains("--export"),
+        "{err}"
+    );
+    let mut s = UnixStream::connect(sock(&dir)).unwrap();
+    s.write_all(
+        br#"{"version":1,"request":{"op":"volume_create","name":"web-1","image":null,"size":1048576}}"#,
+    )
+    .unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains(r#""kind":"exists""#), "{reply}");
+    // With a client connected: only `volume delete` has --force, and only it says so.
+    let mut client = attach_client(&dir, &server, "web-1");
+    let err = cli_err(&dir, &["image", "capture", "cap", "--from", "web-1"]);
+    assert!(
+        err.contains("connected client") && !err.contains("--force"),
+        "{err}"
+    );
+    let err = cli_err(&dir, &["volume", "delete", "web-1"]);
+    assert!(err.contains("--force"), "{err}");
+    let out = cli(&dir, &["check"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("--force"), "{text}");
+    let _ = client.kill();
+    let _ = client.wait();
+    // An unknown export, asked for with NBD_OPT_GO: the log names it.
+    let out = run_with_status("nbdinfo", &[&server.uri("no-such-volume")]);
+    assert!(!out.status.success());
+    let log = server.stop();
+    assert!(
+        log.contains(r#"client asked for unknown export "no-such-volume""#),
+        "{log}"
+    );
 }
 
 #[test]

@@ -622,6 +622,13 @@ impl Conn {
                 &mut self.out_next,
             );
             self.rpos += used;
+            if let Some(name) = hs.take_unknown_export() {
+                tracing::info!(
+                    conn = self.serial,
+                    peer = %self.peer,
+                    "client asked for unknown export {name}"
+                );
+            }
             // An idle timeout, not a total one: a client listing many exports one option at a
             // time (nbdinfo --list) keeps going as long as each option arrives in time. The
             // number of options is bounded by the handshake itself (MAX_OPTIONS).

@@ -143,6 +143,9 @@ pub struct Handshake {
     options_seen: u32,
     /// The server is shutting down: options are answered `NBD_REP_ERR_SHUTDOWN`.
     shutting_down: bool,
+    /// The last export name a client asked for that does not exist (for the connection's log:
+    /// an operator whose client gets "unknown export" wants to see what it asked for).
+    unknown_export: Option<String>,
 }
 
 impl Default for Handshake {
@@ -160,7 +163,14 @@ impl Handshake {
             meta: None,
             options_seen: 0,
             shutting_down: false,
+            unknown_export: None,
         }
+    }
+
+    /// The export name a client last asked for that does not exist, once (already shortened
+    /// and escaped for a message).
+    pub fn take_unknown_export(&mut self) -> Option<String> {
+        self.unknown_export.take()
     }
 
     /// The server is shutting down: from now on every option but `NBD_OPT_ABORT` is answered
@@ -422,12 +432,14 @@ impl Handshake {
             return None;
         };
         let Some((export, info)) = exports.lookup(name) else {
+            let shown = name_for_message(name);
             option_reply_msg(
                 out,
                 option,
                 REP_ERR_UNKNOWN,
-                &format!("unknown export {}", name_for_message(name)),
+                &format!("unknown export {shown}"),
             );
+            self.unknown_export = Some(shown);
             return None;
         };
         let flags = transmission_flags(&info, self.mode);
@@ -510,12 +522,14 @@ impl Handshake {
             return;
         };
         if exports.lookup(name).is_none() {
+            let shown = name_for_message(name);
             option_reply_msg(
                 out,
                 option,
                 REP_ERR_UNKNOWN,
-                &format!("unknown export {}", name_for_message(name)),
+                &format!("unknown export {shown}"),
             );
+            self.unknown_export = Some(shown);
             return;
         }
         let selected = if set {

@@ -100,6 +100,17 @@ pub struct NodeLimits {
     pub map_cache_pages: usize,
 }
 
+/// Whether a command that takes a volume offline disconnects its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Force {
+    /// It refuses while clients are connected (capture, check).
+    No,
+    /// It refuses, and says `--force` would disconnect them (volume delete).
+    Offered,
+    /// It disconnects them (volume delete --force).
+    Yes,
+}
+
 /// Marks an object busy for the life of one command.
 struct Busy<'a> {
     node: &'a Node,
@@ -254,16 +265,20 @@ impl Node {
     }
 
     /// Withdraws volume `name` and closes it. Without `force`, refused while clients are
-    /// connected; with it, they are disconnected first.
-    fn offline_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+    /// connected (naming `--force` only where the command has it); with it, they are
+    /// disconnected first.
+    fn offline_volume(&self, name: &str, force: Force) -> Result<(), NodeError> {
         let Some(t) = self.served.lock().volumes.get(name).cloned() else {
             return Ok(()); // not open (it failed to open): nothing to close
         };
         let n = t.clients();
-        if n > 0 && !force {
+        if n > 0 && force != Force::Yes {
+            let hint = match force {
+                Force::Offered => " (or use --force)",
+                Force::No | Force::Yes => "",
+            };
             return Err(NodeError::InUse(format!(
-                "volume {name:?} has {n} connected client(s); disconnect them first{}",
-                " (or use --force)"
+                "volume {name:?} has {n} connected client(s); disconnect them first{hint}"
             )));
         }
         self.exports.remove(name);
@@ -471,7 +486,7 @@ impl Node {
         }
         let _busy_img = self.busy("image", name)?;
         let _busy_vol = self.busy("volume", from)?;
-        self.offline_volume(from, false)?;
+        self.offline_volume(from, Force::No)?;
         let total = Some(v.size);
         let mut pacer = self.pacer();
         let captured = self.pool.capture(name, from, |d| {
@@ -495,6 +510,13 @@ impl Node {
     ) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
         let _cloning = image.map(|i| self.cloning(i)).transpose()?;
+        if self.pool.volume(name).is_ok() {
+            return Err(PoolError::Exists {
+                kind: "volume",
+                name: name.into(),
+            }
+            .into());
+        }
         if self.exports.contains(name) {
             return Err(NodeError::InUse(format!(
                 "an export named {name:?} already exists (a --export raw file)"
@@ -569,7 +591,7 @@ impl Node {
         }
         self.pool.volume(name)?;
         let _busy = self.busy("volume", name)?;
-        self.offline_volume(name, force)?;
+        self.offline_volume(name, if force { Force::Yes } else { Force::Offered })?;
         if let Err(e) = self.pool.delete_volume(name) {
             let _ = self.serve_volume(name);
             return Err(e.into());
@@ -599,7 +621,7 @@ impl Node {
                 out.push(skip("busy: another command is working on it".into()));
                 continue;
             };
-            if let Err(e) = self.offline_volume(&name, false) {
+            if let Err(e) = self.offline_volume(&name, Force::No) {
                 out.push(skip(e.to_string()));
                 continue;
             }

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use volume_format::image::{self, ImageInfo, ImageWriter};
 use volume_format::{FileStorage, ImageRef, Storage, Volume, VolumeError, check};
 
-use crate::names::validate_name;
+use crate::names::{validate_existing_name, validate_name};
 
 mod dir;
 mod source;
@@ -745,7 +745,8 @@ fn list_dir(dir: &PoolDir, sub: &str) -> Result<Vec<String>, PoolError> {
         let name = n
             .into_string()
             .map_err(|n| PoolError::Invalid(format!("{}: {n:?} is not a valid name", what())))?;
-        validate_name(&name).map_err(|m| PoolError::Invalid(format!("{}: {m}", what())))?;
+        validate_existing_name(&name)
+            .map_err(|m| PoolError::Invalid(format!("{}: {m}", what())))?;
         names.push(name);
     }
     names.sort();

@@ -229,14 +229,22 @@ fn bind(cfg: &ServeConfig) -> Result<Vec<Listener>, ServeError> {
     Ok(listeners)
 }
 
-/// Runs the server until SIGTERM or SIGINT, then shuts down cleanly.
+/// Signals that stop the node, always through the clean shutdown (their default action would
+/// end it at once: nothing committed, a stale socket, space leaked).
+const STOP_SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT];
+/// Signals the node takes and logs without stopping: SIGHUP comes when the terminal or SSH
+/// session that started it closes (there is nothing to reload yet); SIGUSR1/2 are kept for later.
+const IGNORED_SIGNALS: [Signal; 3] = [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2];
+
+/// Runs the server until SIGTERM, SIGINT or SIGQUIT, then shuts down cleanly.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
-    // Block the stop signals before any thread starts, so every thread inherits the mask and the
+    // Block the signals before any thread starts, so every thread inherits the mask and the
     // main thread alone takes them with sigwait.
-    let mut stop_signals = SigSet::empty();
-    stop_signals.add(Signal::SIGTERM);
-    stop_signals.add(Signal::SIGINT);
-    stop_signals.thread_block().map_err(ServeError::Signals)?;
+    let mut signals = SigSet::empty();
+    for s in STOP_SIGNALS.iter().chain(&IGNORED_SIGNALS) {
+        signals.add(*s);
+    }
+    signals.thread_block().map_err(ServeError::Signals)?;
 
     let exports = Arc::new(open_exports(&cfg)?);
     let committers = Committers::start(COMMIT_THREADS).map_err(ServeError::StartingEngine)?;
@@ -293,7 +301,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    let signal = stop_signals.wait().map_err(ServeError::Signals)?;
+    let signal = loop {
+        let signal = signals.wait().map_err(ServeError::Signals)?;
+        if STOP_SIGNALS.contains(&signal) {
+            break signal;
+        }
+        tracing::warn!(%signal, "received and ignored: the node keeps running (stop it with SIGTERM)");
+    };
     tracing::info!(%signal, "stopping: no new connections; finishing requests in flight");
     let _ = nix::unistd::write(stop.as_fd(), &1u64.to_ne_bytes());
     let _ = acceptor.join();
