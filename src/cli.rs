@@ -100,9 +100,9 @@ pub struct ServeArgs {
     /// direct: O_DIRECT, no page cache (like qemu-nbd --cache=none); buffered: the page cache.
     #[arg(long, value_enum, default_value = "buffered")]
     pub cache: CacheMode,
-    /// I/O worker threads, one io_uring ring each (default: one per core).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// I/O worker threads, one io_uring ring each, 1 to 256 (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
     /// Largest read or write request (advertised as the maximum block size), e.g. 32M.
     #[arg(long, default_value = "32M", value_parser = parse_bytes)]
     pub max_request: u64,
@@ -144,6 +144,9 @@ pub struct ServeArgs {
 }
 
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s:?} is not a size: a size cannot be negative"));
+    }
     parse_size::Config::new()
         .with_binary()
         .parse_size(s)
@@ -213,7 +216,7 @@ impl ServeArgs {
             ..EngineConfig::default()
         };
         if let Some(t) = self.threads {
-            engine.threads = t.clamp(1, 256);
+            engine.threads = usize::from(t);
         }
         Ok(ServeConfig {
             pool,

@@ -20,10 +20,16 @@ pub const SOCKET_NAME: &str = "streamer.sock";
 /// How to reach the node and how to print.
 #[derive(Debug, Args)]
 pub struct Conn {
-    /// The node's management socket (default: $STREAMER_DATA_DIR/streamer.sock, else
-    /// /var/lib/streamer/streamer.sock for root and ~/.local/share/streamer/streamer.sock for
-    /// anyone else).
-    #[arg(long, global = true, value_name = "PATH", env = "STREAMER_SOCKET")]
+    /// The node's management socket, as `serve --mgmt-socket` names it (default:
+    /// $STREAMER_DATA_DIR/streamer.sock, else /var/lib/streamer/streamer.sock for root and
+    /// ~/.local/share/streamer/streamer.sock for anyone else). Not the NBD socket.
+    #[arg(
+        long = "mgmt-socket",
+        alias = "socket",
+        global = true,
+        value_name = "PATH",
+        env = "STREAMER_MGMT_SOCKET"
+    )]
     pub socket: Option<PathBuf>,
     /// Print the result as JSON (for scripts).
     #[arg(long, global = true)]
@@ -63,7 +69,7 @@ enum ImageSub {
         format: Option<String>,
         /// The image's size (10G, bytes; the virtual size of a converted image): a source
         /// that ends sooner or later is refused and nothing is published.
-        #[arg(long, value_parser = crate::cli::parse_bytes)]
+        #[arg(long, value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
         size: Option<u64>,
         /// The SHA-256 (64 hex digits) of the image's raw bytes: a mismatch is refused and
         /// nothing is published.
@@ -102,7 +108,7 @@ enum VolumeSub {
         #[arg(long)]
         image: Option<String>,
         /// Size (10G, 512M, bytes); at least the image's.
-        #[arg(long, value_parser = crate::cli::parse_bytes)]
+        #[arg(long, value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
         size: Option<u64>,
     },
     /// List volumes: size, disk use, image, clients.
@@ -112,7 +118,7 @@ enum VolumeSub {
     /// Grow a volume (new connections see the new size).
     Resize {
         name: String,
-        #[arg(value_parser = crate::cli::parse_bytes)]
+        #[arg(value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
         size: u64,
     },
     /// Delete a volume (refused while clients are connected, unless --force disconnects them).
@@ -138,9 +144,21 @@ pub struct CheckCmd {
     repair: bool,
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("streamer: {msg}");
+/// Says why a command failed and exits 1: one line on stderr, or under `--json` one JSON
+/// object on stdout (`{"error": {"kind": KIND, "message": TEXT}}`), so scripts parse one stream.
+fn fail_kind(conn: &Conn, kind: &str, msg: impl std::fmt::Display) -> ExitCode {
+    if conn.json {
+        let v = serde_json::json!({ "error": { "kind": kind, "message": msg.to_string() } });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        eprintln!("streamer: {msg}");
+    }
     ExitCode::FAILURE
+}
+
+/// A command refused before it reached the node (bad arguments, an unreadable file).
+fn fail(conn: &Conn, msg: impl std::fmt::Display) -> ExitCode {
+    fail_kind(conn, "invalid", msg)
 }
 
 /// Sends a request, with a progress bar on a terminal for the long ones.
@@ -200,7 +218,7 @@ fn finish(conn: &Conn, result: Result<Response, ClientError>) -> ExitCode {
                 _ => ExitCode::SUCCESS,
             }
         }
-        Err(e) => fail(e),
+        Err(e) => fail_kind(conn, e.kind(), e),
     }
 }
 
@@ -241,7 +259,10 @@ fn import(
     if let Some(h) = &want.sha256
         && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        return fail(format!("--sha256 {h:?} is not a SHA-256 (64 hex digits)"));
+        return fail(
+            conn,
+            format!("--sha256 {h:?} is not a SHA-256 (64 hex digits)"),
+        );
     }
     let raw_request = |name, size| Request::ImageImport {
         name,
@@ -251,18 +272,21 @@ fn import(
     };
     if file == Path::new("-") {
         if format.as_deref().is_some_and(|f| f != "raw") {
-            return fail("stdin can only carry a raw image (other formats need random access)");
+            return fail(
+                conn,
+                "stdin can only carry a raw image (other formats need random access)",
+            );
         }
         let stdin = std::io::stdin();
         return run(conn, raw_request(name, want.size), Some(stdin.as_fd()));
     }
     let f = match std::fs::File::open(file) {
         Ok(f) => f,
-        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+        Err(e) => return fail(conn, format!("cannot read {}: {e}", file.display())),
     };
     match f.metadata() {
-        Ok(m) if m.is_dir() => return fail(format!("{} is a directory", file.display())),
-        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+        Ok(m) if m.is_dir() => return fail(conn, format!("{} is a directory", file.display())),
+        Err(e) => return fail(conn, format!("cannot read {}: {e}", file.display())),
         Ok(_) => {}
     }
     if format.as_deref() == Some("raw") {
@@ -272,11 +296,11 @@ fn import(
     // absolute path is always a file.
     let file = match std::path::absolute(file) {
         Ok(p) => p,
-        Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+        Err(e) => return fail(conn, format!("cannot read {}: {e}", file.display())),
     };
     let probe = match probe_image(&file, format.as_deref()) {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return fail(conn, e),
     };
     if probe.format == "raw" {
         return run(conn, raw_request(name, want.size), Some(f.as_fd()));
@@ -284,19 +308,22 @@ fn import(
     if let Some(s) = want.size
         && s != probe.virtual_size
     {
-        return fail(format!(
-            "{} is a {} image of {} bytes, not the {s} bytes --size expects",
-            file.display(),
-            probe.format,
-            probe.virtual_size
-        ));
+        return fail(
+            conn,
+            format!(
+                "{} is a {} image of {} bytes, not the {s} bytes --size expects",
+                file.display(),
+                probe.format,
+                probe.virtual_size
+            ),
+        );
     }
     if let Err(e) = check_image(&file, &probe.format) {
-        return fail(e);
+        return fail(conn, e);
     }
     let conversion = match Conversion::start(&file, &probe.format) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return fail(conn, e),
     };
     let result = request(
         conn,
@@ -306,7 +333,9 @@ fn import(
     // The node reads through its own copy of the pipe now; with ours closed, a node that
     // gave up makes the converter fail on its next write instead of blocking forever.
     match conversion.finish(result.is_err()) {
-        Err(why) if result.is_err() => fail(format!("converting {} failed: {why}", file.display())),
+        Err(why) if result.is_err() => {
+            fail(conn, format!("converting {} failed: {why}", file.display()))
+        }
         _ => finish(conn, result),
     }
 }
@@ -453,7 +482,10 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
     let req = match c.cmd {
         VolumeSub::Create { name, image, size } => {
             if image.is_none() && size.is_none() {
-                return fail("a blank volume needs --size (or give --image to clone one)");
+                return fail(
+                    &c.conn,
+                    "a blank volume needs --size (or give --image to clone one)",
+                );
             }
             Request::VolumeCreate { name, image, size }
         }

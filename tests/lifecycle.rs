@@ -165,3 +165,131 @@ fn ipv6_loopback_listener() {
     assert_eq!(size.trim(), (1 << 20).to_string());
     srv.stop();
 }
+
+/// Messages that misled operators: the CLI pointed at the NBD socket ("a reply this client does
+/// not understand"), a user who may not manage the node ("Permission denied ... is `streamer
+/// serve` running?"), --data-dir naming a file ("File exists (os error 17)"), a failed bind
+/// that left a stale management socket, "pool in use" without the pid that holds it,
+/// `--threads 0` running one thread, `--size -1` answered with clap's hint, and errors that
+/// were not JSON under --json.
+#[test]
+fn messages_say_what_is_wrong() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("messages");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pool = dir.path("pool");
+    let srv = Server::start(&dir, &["--data-dir", pool.to_str().unwrap()]);
+    let mgmt = pool.join("streamer.sock");
+    let cli = |args: &[&str]| {
+        Command::new("timeout")
+            .args(["-k", "2", "20", BIN])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // The NBD socket given where the management socket belongs.
+    let nbd = dir.path("nbd.sock");
+    let out = cli(&["status", "--mgmt-socket", nbd.to_str().unwrap()]);
+    assert!(err(&out).contains("is an NBD socket"), "{}", err(&out));
+    // A user who may not manage the node.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "status",
+        ])
+        .args(["--mgmt-socket", mgmt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        err(&out).contains("permission denied (only root, the node's user"),
+        "{}",
+        err(&out)
+    );
+    // No socket there (a node with only --export has none).
+    let out = cli(&[
+        "status",
+        "--mgmt-socket",
+        dir.path("nothing.sock").to_str().unwrap(),
+    ]);
+    assert!(
+        err(&out).contains("only --export has no management socket"),
+        "{}",
+        err(&out)
+    );
+    // Under --json, the error is JSON on stdout.
+    let out = cli(&[
+        "volume",
+        "show",
+        "nope",
+        "--json",
+        "--mgmt-socket",
+        mgmt.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "not_found", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("nope"));
+    // The pool in use: the pid that holds it.
+    let e = serve_fails(&[
+        "--data-dir",
+        pool.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        e.contains(&format!("streamer process {}", srv.pid())),
+        "{e}"
+    );
+    // Sizes and counts.
+    let out = cli(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "-1",
+        "--mgmt-socket",
+        mgmt.to_str().unwrap(),
+    ]);
+    assert!(err(&out).contains("cannot be negative"), "{}", err(&out));
+    let e = serve_fails(&["--export", "a=/dev/null", "--threads", "0"]);
+    assert!(e.contains("--threads") && e.contains('0'), "{e}");
+    // Larger than the file system can hold (ext4 stops at 16 TiB): the size is the problem.
+    let fs = stdout(&run("stat", &["-f", "-c", "%T", pool.to_str().unwrap()]));
+    if fs.trim() == "ext2/ext3" {
+        let out = cli(&[
+            "volume",
+            "create",
+            "huge",
+            "--size",
+            "64T",
+            "--mgmt-socket",
+            mgmt.to_str().unwrap(),
+        ]);
+        assert!(
+            err(&out).contains("the file system cannot hold a volume of"),
+            "{}",
+            err(&out)
+        );
+    }
+    srv.stop();
+    // --data-dir naming a file.
+    let file = dir.path("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = serve_fails(&[
+        "--data-dir",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(e.contains("is not a directory"), "{e}");
+    // A failed bind leaves no management socket behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = serve_fails(&["--data-dir", pool.to_str().unwrap(), "--listen", &addr]);
+    assert!(e.contains(&addr), "{e}");
+    assert!(!mgmt.exists(), "a stale management socket was left");
+}

@@ -545,7 +545,7 @@ while time.time() < end:
             "raw",
         ])
         .current_dir(&theirs)
-        .env_remove("STREAMER_SOCKET")
+        .env_remove("STREAMER_MGMT_SOCKET")
         .env_remove("STREAMER_DATA_DIR")
         .output()
         .unwrap();

@@ -22,15 +22,54 @@ pub enum ClientError {
     /// No socket could be named (no flag, no environment, no default).
     #[error("{0}")]
     NoSocket(String),
-    #[error("cannot reach the streamer node at {path}: {source} (is `streamer serve` running?)")]
+    #[error("cannot reach the streamer node at {}: {}", path.display(), connect_hint(source))]
     Connect { path: PathBuf, source: io::Error },
+    #[error(
+        "{} is an NBD socket (the data path), not the management socket: give the node's \
+         management socket (`serve --mgmt-socket`, by default streamer.sock in its data directory)",
+        path.display()
+    )]
+    NbdSocket { path: PathBuf },
     #[error("talking to the node: {0}")]
     Io(#[from] io::Error),
+    #[error(
+        "the node closed the connection before it answered (it stopped, or the command was \
+         cancelled)"
+    )]
+    NoReply,
     #[error("the node sent a reply this client does not understand: {0}")]
     Protocol(String),
     /// The node refused or failed the command.
     #[error("{message}")]
     Node { kind: ErrorKind, message: String },
+}
+
+impl ClientError {
+    /// The kind a script sees under `--json`: the node's own, or what kept the command from it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Node { kind, .. } => kind.as_str(),
+            ClientError::Untrusted { .. } | ClientError::NoSocket(_) => "unreachable",
+            ClientError::Connect { .. } | ClientError::NbdSocket { .. } => "unreachable",
+            ClientError::Io(_) | ClientError::NoReply | ClientError::Protocol(_) => "io",
+        }
+    }
+}
+
+/// What a failed connect means, in words.
+fn connect_hint(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "no such socket (is `streamer serve` running with this data \
+             directory? A node started with only --export has no management socket)"
+            .into(),
+        io::ErrorKind::ConnectionRefused => {
+            "nothing listens there (a socket left by a node that is not running)".into()
+        }
+        io::ErrorKind::PermissionDenied => "permission denied (only root, the node's user and \
+             members of its --admin-group may manage it)"
+            .into(),
+        _ => e.to_string(),
+    }
 }
 
 /// Checks who listens on `path`: root, the caller's own user, or the user that owns both the
@@ -127,17 +166,22 @@ pub fn call(
         match (read, send_failed.take()) {
             (Ok(n), _) if n > 0 => {}
             (_, Some(e)) => return Err(ClientError::Io(e)),
-            (Ok(_), None) => {
-                return Err(ClientError::Protocol(
-                    "the node closed the connection without a reply".into(),
-                ));
-            }
+            (Ok(_), None) => return Err(ClientError::NoReply),
             (Err(e), None) => return Err(ClientError::Io(e)),
         }
         if buf.len() > MAX_REPLY_BYTES {
             return Err(ClientError::Protocol(format!(
                 "a reply longer than {MAX_REPLY_BYTES} bytes"
             )));
+        }
+        if buf.starts_with(b"NBDMAGIC") {
+            return Err(ClientError::NbdSocket {
+                path: socket.to_owned(),
+            });
+        }
+        if !buf.ends_with(b"\n") {
+            // Cut off mid-line: the node went away while answering.
+            return Err(ClientError::NoReply);
         }
         let reply: Reply =
             serde_json::from_slice(&buf).map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -136,6 +136,20 @@ pub enum ErrorKind {
     Io,
 }
 
+impl ErrorKind {
+    /// The name on the wire (and in the CLI's `--json` errors).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Exists => "exists",
+            ErrorKind::InUse => "in_use",
+            ErrorKind::Denied => "denied",
+            ErrorKind::Io => "io",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum Response {
@@ -275,5 +289,21 @@ mod tests {
         assert!(serde_json::from_str::<Envelope>(extra).is_err());
         let unknown = r#"{"version":1,"request":{"op":"format_disk"}}"#;
         assert!(serde_json::from_str::<Envelope>(unknown).is_err());
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::ErrorKind;
+
+    #[test]
+    fn kind_names_are_the_wire_names() {
+        use ErrorKind::*;
+        for k in [Invalid, NotFound, Exists, InUse, Denied, Io] {
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
     }
 }

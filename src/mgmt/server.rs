@@ -132,7 +132,14 @@ impl MgmtServer {
     }
 
     /// Stops accepting; commands already running finish on their own threads.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MgmtServer {
+    /// Also on a start-up that fails after the socket was bound: no stale socket is left.
+    fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

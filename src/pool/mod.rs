@@ -134,12 +134,25 @@ impl Pool {
             .open_file(Path::new(".lock"), Access::CreateOrOpen)
             .map_err(io_err("locking the pool"))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| {
+            .map_err(|(mut f, e)| {
+                // The holder wrote its pid there when it took the lock.
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                let holder = match pid.trim().parse::<u32>() {
+                    Ok(pid) => format!("streamer process {pid}"),
+                    Err(_) => "another streamer process".to_owned(),
+                };
                 PoolError::InUse(format!(
-                    "the pool in {} is in use by another streamer process ({e})",
+                    "the pool in {} is in use by {holder} ({e})",
                     path.display()
                 ))
             })?;
+        {
+            use std::os::unix::fs::FileExt;
+            let f: &File = &lock;
+            let _ = f.set_len(0);
+            let _ = f.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
+        }
         match dir.tighten() {
             Ok(0) => {}
             Ok(n) => tracing::warn!(

@@ -76,6 +76,15 @@ enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
+impl Drop for Listener {
+    /// A Unix socket's file goes with its listener, also when start-up fails after the bind.
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// SO_SNDBUF asked for accepted Unix connections (the kernel doubles it for its bookkeeping):
 /// room for a few 1 MiB replies, the most TCP's autotuning gives a loopback connection.
 const UNIX_SEND_BUFFER_BYTES: usize = 2 << 20;

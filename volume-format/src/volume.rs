@@ -131,11 +131,13 @@ impl<S: Storage> Volume<S> {
         };
         let (st, sb) = VolumeState::create(volume_id, generation, size, image_ref)
             .map_err(VolumeError::Invalid)?;
+        // The data file first: a file system that cannot hold a file this large refuses it
+        // (EFBIG; ext4 stops at 16 TiB), which is the caller's choice of size, not an I/O error.
+        data.set_len(size).map_err(|e| too_large(size, e))?;
         meta.set_len(0)?;
         meta.write_at(SUPERBLOCK_A_OFFSET, &sb)?;
         meta.write_at(SUPERBLOCK_B_OFFSET, &sb)?;
         meta.sync()?;
-        data.set_len(size)?;
         data.sync()?;
         Ok(Volume {
             meta,
@@ -601,19 +603,11 @@ impl<S: Storage> Volume<S> {
 
     /// Grows the volume to `size` bytes (committed before it returns).
     pub fn grow(&mut self, size: u64) -> Result<(), VolumeError> {
-        const EFBIG: i32 = 27;
         self.check_grow(size)?;
         // The data file first, outside the latch: a file system that cannot hold a file this
         // large refuses it (EFBIG; ext4 stops at 16 TiB) and nothing has changed.
         if size > self.data.len() {
-            self.data
-                .set_len(size)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(EFBIG) => VolumeError::Invalid(format!(
-                        "the file system cannot hold a volume of {size} bytes ({e})"
-                    )),
-                    _ => VolumeError::Io(e),
-                })?;
+            self.data.set_len(size).map_err(|e| too_large(size, e))?;
         }
         self.latching(|v| {
             v.st.grow(size).map_err(VolumeError::Invalid)?;
@@ -729,6 +723,18 @@ impl<S: Storage> Volume<S> {
             progress(pos);
         }
         Ok(out.finish(id)?)
+    }
+}
+
+/// A data file that could not be made `size` bytes long: the file system's limit (EFBIG) is
+/// an unacceptable size, anything else an I/O error.
+fn too_large(size: u64, e: std::io::Error) -> VolumeError {
+    const EFBIG: i32 = 27;
+    match e.raw_os_error() {
+        Some(EFBIG) => VolumeError::Invalid(format!(
+            "the file system cannot hold a volume of {size} bytes ({e})"
+        )),
+        _ => VolumeError::Io(e),
     }
 }
 
