@@ -129,9 +129,9 @@ node_start() {
     [ -z "$BULK_RATE" ] || extra=(--bulk-rate "$BULK_RATE")
     rm -f "$POOL/streamer.sock"
     if [ "$TRANSPORT" = tcp ] && [ "$MODE" != storm ]; then
-        "$STREAMER" serve --data-dir "$POOL" --listen "127.0.0.1:$PORT" "${extra[@]}" > "$logf" 2>&1 &
+        "$STREAMER" serve --create --data-dir "$POOL" --listen "127.0.0.1:$PORT" "${extra[@]}" > "$logf" 2>&1 &
     else
-        "$STREAMER" serve --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" "${extra[@]}" > "$logf" 2>&1 &
+        "$STREAMER" serve --create --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" "${extra[@]}" > "$logf" 2>&1 &
     fi
     NODE_PID=$!
     wait_nbd "$NODE_PID" "$logf" "$(node_uri "image/golden")" ready
@@ -161,7 +161,7 @@ make_pool() {
     log "creating the golden image ($bytes bytes of random data)"
     timeout 600 head -c "$bytes" /dev/urandom > "$src"
     # The node serves `image/golden`, which node_start waits for: start on an empty pool first.
-    "$STREAMER" serve --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" > "$WORKDIR/node.log" 2>&1 &
+    "$STREAMER" serve --create --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" > "$WORKDIR/node.log" 2>&1 &
     NODE_PID=$!
     local i
     for ((i = 0; i < 100; i++)); do

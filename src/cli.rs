@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// ~/.local/share/streamer for anyone else.
     #[arg(long, env = "STREAMER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Create the pool directory if it does not exist. Without it, a --data-dir (or
+    /// STREAMER_DATA_DIR) that does not exist is refused: a typo must not serve a new, empty
+    /// pool. The default directory is created on first run.
+    #[arg(long)]
+    pub create: bool,
     /// The management socket (default DIR/streamer.sock).
     #[arg(long, value_name = "PATH")]
     pub mgmt_socket: Option<PathBuf>,
@@ -159,10 +164,10 @@ impl ServeArgs {
         if listen.is_empty() && self.socket.is_none() {
             listen.push(DEFAULT_LISTEN.parse().expect("valid default address"));
         }
-        let data_dir = match (self.data_dir, self.exports.is_empty()) {
-            (Some(d), _) => Some(d),
-            (None, true) => Some(default_data_dir()?),
-            (None, false) => None,
+        let (data_dir, create) = match (self.data_dir, self.exports.is_empty()) {
+            (Some(d), _) => (Some(d), self.create),
+            (None, true) => (Some(default_data_dir()?), true),
+            (None, false) => (None, false),
         };
         let pool = match data_dir {
             None => None,
@@ -182,6 +187,7 @@ impl ServeArgs {
                         .mgmt_socket
                         .unwrap_or_else(|| dir.join(crate::manage::SOCKET_NAME)),
                     dir,
+                    create,
                     admin_gid,
                     bulk_rate: self.bulk_rate,
                     import_idle: Duration::from_secs(self.import_idle_timeout.max(1)),

@@ -276,6 +276,23 @@ fn messages_say_what_is_wrong() {
         );
     }
     srv.stop();
+    // A mistyped --data-dir: refused, nothing created; --create makes a new pool and says so.
+    let typo = dir.path("poool");
+    let e = serve_fails(&[
+        "--data-dir",
+        typo.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(e.contains("does not exist: give --create"), "{e}");
+    assert!(!typo.exists());
+    let srv = Server::start(&dir, &["--data-dir", typo.to_str().unwrap(), "--create"]);
+    assert!(
+        srv.log().contains("created a new, empty pool in"),
+        "{}",
+        srv.log()
+    );
+    srv.stop();
     // --data-dir naming a file.
     let file = dir.path("a-file");
     std::fs::write(&file, b"x").unwrap();

@@ -212,7 +212,7 @@ fn a_qcow2_backed_by_a_root_only_file_publishes_nothing_of_it() {
 
 /// Runs `streamer serve` expected to refuse to start; returns what it said.
 fn serve_refused(dir: &Scratch, args: &[&str]) -> String {
-    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--create"];
     all.extend_from_slice(args);
     let out = Command::new("timeout")
         .args(["-k", "5", "30", BIN])

@@ -98,6 +98,8 @@ pub struct NodeLimits {
     pub import_idle: Duration,
     /// Clean block map pages a served volume keeps in memory (see `Volume::open_with_cache`).
     pub map_cache_pages: usize,
+    /// Create the pool directory if it does not exist.
+    pub create_pool: bool,
 }
 
 /// Whether a command that takes a volume offline disconnects its clients.
@@ -150,7 +152,7 @@ impl Node {
         committers: Arc<Committers>,
         limits: NodeLimits,
     ) -> Result<Node, NodeError> {
-        let pool = Pool::open(dir)?;
+        let pool = Pool::open_or_create(dir, limits.create_pool)?;
         let node = Node {
             pool,
             exports,

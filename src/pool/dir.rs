@@ -72,19 +72,34 @@ fn explain(e: rustix::io::Errno, what: &str, rel: &Path, root: &Path) -> io::Err
 }
 
 impl PoolDir {
-    /// Opens (creating it and its parents if missing) the pool directory at `path`, after
-    /// checking that no one but the node's user (and root) can change it or the directories
-    /// above it.
-    pub fn open(path: &Path) -> io::Result<PoolDir> {
+    /// Opens the pool directory at `path` (with `create`, creating it and its parents if
+    /// missing), after checking that no one but the node's user (and root) can change it or
+    /// the directories above it.
+    pub fn open(path: &Path, create: bool) -> io::Result<PoolDir> {
         let uid = rustix::process::geteuid().as_raw();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                io::Error::new(e.kind(), format!("creating {}: {e}", parent.display()))
-            })?;
-            check_ancestors(parent, uid)?;
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
+            if create {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    io::Error::new(e.kind(), format!("creating {}: {e}", parent.display()))
+                })?;
+            }
+            if parent.exists() {
+                check_ancestors(parent, uid)?;
+            }
+        }
+        if !create && std::fs::symlink_metadata(path).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} does not exist: give --create to make a new pool there (a mistyped \
+                     --data-dir or STREAMER_DATA_DIR would otherwise serve an empty pool)",
+                    path.display()
+                ),
+            ));
         }
         match rustix::fs::mkdirat(CWD, path, Mode::from_raw_mode(DIR_MODE)) {
-            Ok(()) => tracing::info!("created the pool directory {}", path.display()),
+            Ok(()) => tracing::info!("created a new, empty pool in {}", path.display()),
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => {
                 return Err(io::Error::new(
@@ -478,7 +493,7 @@ mod tests {
         let victim = base.join("victim");
         std::fs::create_dir_all(victim.join("keep/deep")).unwrap();
         std::fs::write(victim.join("keep/deep/file"), b"x").unwrap();
-        let pool = PoolDir::open(&base.join("pool")).unwrap();
+        let pool = PoolDir::open(&base.join("pool"), true).unwrap();
         pool.create_dir(Path::new("junk")).unwrap();
         std::os::unix::fs::symlink(&victim, base.join("pool/junk/link")).unwrap();
         std::os::unix::fs::symlink(&victim, base.join("pool/staging-link")).unwrap();
@@ -498,7 +513,7 @@ mod tests {
     #[test]
     fn opens_refuse_links_and_creates_are_private() {
         let base = scratch("open");
-        let pool = PoolDir::open(&base.join("pool")).unwrap();
+        let pool = PoolDir::open(&base.join("pool"), true).unwrap();
         std::fs::write(base.join("outside"), b"secret").unwrap();
         std::os::unix::fs::symlink(base.join("outside"), base.join("pool/link")).unwrap();
         let e = pool.open_file(Path::new("link"), Access::Read).unwrap_err();
@@ -530,17 +545,17 @@ mod tests {
         std::fs::create_dir_all(base.join("open/pool")).unwrap();
         std::fs::set_permissions(base.join("open"), std::fs::Permissions::from_mode(0o777))
             .unwrap();
-        let e = PoolDir::open(&base.join("open/pool")).err().unwrap();
+        let e = PoolDir::open(&base.join("open/pool"), true).err().unwrap();
         assert!(e.to_string().contains("writable by other users"), "{e}");
         std::fs::set_permissions(base.join("open"), std::fs::Permissions::from_mode(0o1777))
             .unwrap();
-        PoolDir::open(&base.join("open/pool")).unwrap();
+        PoolDir::open(&base.join("open/pool"), true).unwrap();
         std::fs::set_permissions(
             base.join("open/pool"),
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let e = PoolDir::open(&base.join("open/pool")).err().unwrap();
+        let e = PoolDir::open(&base.join("open/pool"), true).err().unwrap();
         assert!(e.to_string().contains("writable by everyone"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -125,7 +125,12 @@ impl Pool {
     /// catalog. A volume or image that fails to load is an error naming it: nothing is served
     /// from a pool whose metadata does not check out.
     pub fn open(path: &Path) -> Result<Pool, PoolError> {
-        let dir = PoolDir::open(path).map_err(io_err("opening the pool"))?;
+        Pool::open_or_create(path, true)
+    }
+
+    /// `open`; without `create`, a directory that does not exist is refused (see `PoolDir`).
+    pub fn open_or_create(path: &Path, create: bool) -> Result<Pool, PoolError> {
+        let dir = PoolDir::open(path, create).map_err(io_err("opening the pool"))?;
         for sub in ["images", "volumes", ".staging", ".trash"] {
             dir.ensure_dir(Path::new(sub))
                 .map_err(io_err("preparing the pool"))?;

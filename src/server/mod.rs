@@ -36,6 +36,8 @@ pub struct PoolConfig {
     pub import_idle: Duration,
     /// Clean block map pages each served volume keeps in memory.
     pub map_cache_pages: usize,
+    /// Create the pool directory if it does not exist (asked for, or the default directory).
+    pub create: bool,
 }
 
 /// Everything `streamer serve` needs.
@@ -176,6 +178,7 @@ fn start_node(
                 bulk_rate: p.bulk_rate,
                 import_idle: p.import_idle,
                 map_cache_pages: p.map_cache_pages,
+                create_pool: p.create,
             },
         )
         .map_err(|e| pool_err(e.to_string()))?,

@@ -94,10 +94,14 @@ impl Server {
                 c
             }
         };
+        // Test pools are new directories: a --data-dir gets --create (the refusal of a missing
+        // one without it is tested on its own).
+        let create = extra.contains(&"--data-dir") && !extra.contains(&"--create");
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--socket"])
             .arg(&socket)
             .args(extra)
+            .args(create.then_some("--create"))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .env("STREAMER_LOG", "info");
