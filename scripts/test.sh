@@ -20,6 +20,8 @@ command -v losetup >/dev/null || need_pkgs+=(mount)
 # with setpriv.
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 command -v setpriv >/dev/null || need_pkgs+=(util-linux)
+# A FUSE file system without fallocate for the pool (tests/pool.rs; skipped without /dev/fuse).
+command -v bindfs >/dev/null || need_pkgs+=(bindfs)
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

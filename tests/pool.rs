@@ -798,3 +798,90 @@ fn damaged_metadata_is_set_aside_and_the_rest_of_the_pool_is_served() {
     assert_eq!(json(&dir, &["status"])["alerts"], serde_json::json!([]));
     server.stop();
 }
+
+/// On a FUSE file system without fallocate (bindfs: no hole punching, no zero range, no
+/// RENAME_NOREPLACE), the first TRIM or WRITE_ZEROES on a pool volume failed with EOPNOTSUPP
+/// and latched the volume: every later write and flush answered EIO until a restart, so a
+/// client's fstrim disabled its own disk. Zeroing now writes zeroes where it cannot punch,
+/// images and volumes are published without RENAME_NOREPLACE, and nothing latches.
+#[test]
+fn a_file_system_without_fallocate_poisons_nothing() {
+    let dir = Scratch::new("bindfs");
+    let (src, mnt) = (dir.path("src"), dir.path("mnt"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    if Command::new("bindfs")
+        .arg(&src)
+        .arg(&mnt)
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        eprintln!("SKIPPED: bindfs cannot mount here (no /dev/fuse?)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _mounted = Unmount(mnt.clone());
+    let raw = golden(&dir, "g.raw", 3 << 20);
+    let pool = mnt.join("pool");
+    let server = Server::start(&dir, &["--data-dir", pool.to_str().unwrap()]);
+    let s = pool.join("streamer.sock");
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--mgmt-socket", s.to_str().unwrap()]);
+        run(BIN, &a)
+    };
+    cli(&["image", "import", "g", raw.to_str().unwrap()]);
+    cli(&["volume", "create", "web-1", "--image", "g", "--size", "16M"]);
+    let out = py(
+        "zeroes.py",
+        &[&server.uri("web-1"), raw.to_str().unwrap(), "1500"],
+    );
+    assert!(out.contains("PASS"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&cli(&["volume", "show", "web-1", "--json"]).stdout).unwrap();
+    assert!(v["failed"].is_null(), "the volume latched: {v}");
+    assert_eq!(v["counters"]["errors"], 0, "{v}");
+    server.stop();
+}
+
+/// WRITE_ZEROES with NO_HOLE punched a hole in a pool volume (then provisioned it again, and
+/// left the hole if that failed); the spec says the range stays allocated. It is zeroed in
+/// place (FALLOC_FL_ZERO_RANGE) and never freed; without NO_HOLE the space goes back.
+#[test]
+fn write_zeroes_with_no_hole_keeps_the_range_allocated() {
+    let dir = Scratch::new("nohole");
+    let server = start_node(&dir);
+    cli_ok(&dir, &["volume", "create", "v", "--size", "64M"]);
+    let disk = |dir: &Scratch| {
+        json(dir, &["volume", "show", "v"])["allocated_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = disk(&dir);
+    let uri = server.uri("v");
+    let nohole = "import nbd, sys\n\
+                  h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                  h.zero(16 << 20, 8 << 20, nbd.CMD_FLAG_NO_HOLE)\n\
+                  assert h.pread(4096, 9 << 20) == bytes(4096)\n\
+                  h.flush(); h.shutdown(); print('ok')";
+    let out = run("/usr/bin/python3", &["-c", nohole, &uri]);
+    assert!(stdout(&out).contains("ok"), "{out:?}");
+    let allocated = disk(&dir);
+    assert!(
+        allocated >= before + (16 << 20),
+        "NO_HOLE zeroes of 16 MiB: {before} -> {allocated} bytes on disk"
+    );
+    let trim = "import nbd, sys\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.zero(16 << 20, 8 << 20); h.flush(); h.shutdown(); print('ok')";
+    run("/usr/bin/python3", &["-c", trim, &uri]);
+    let freed = disk(&dir);
+    assert!(freed + (16 << 20) <= allocated, "{allocated} -> {freed}");
+    server.stop();
+}

@@ -110,8 +110,17 @@ impl MgmtServer {
         })();
         let _ = std::fs::remove_file(&staged);
         let _ = std::fs::remove_dir(&private);
-        let listener = bound
-            .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
+        let listener = bound.map_err(|e| {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM) => format!(
+                    "{e}: the file system of {} cannot hold a Unix socket; put it on another \
+                     with --mgmt-socket",
+                    parent.display()
+                ),
+                _ => e.to_string(),
+            };
+            io::Error::new(e.kind(), format!("binding {}: {why}", path.display()))
+        })?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
         let thread = {

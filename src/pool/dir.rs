@@ -267,7 +267,20 @@ impl PoolDir {
         } else {
             RenameFlags::empty()
         };
-        rustix::fs::renameat_with(&fd, fname, &td, tname, flags).map_err(|e| {
+        let renamed = match rustix::fs::renameat_with(&fd, fname, &td, tname, flags) {
+            // A file system without RENAME_NOREPLACE (FUSE pass-throughs refuse it): no one
+            // but this process changes the pool (its directory is the node user's alone, and
+            // the pool lock keeps other nodes out), so "check, then rename" is as safe here.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) if no_replace => {
+                match rustix::fs::statat(&td, tname, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(_) => Err(rustix::io::Errno::EXIST),
+                    Err(rustix::io::Errno::NOENT) => rustix::fs::renameat(&fd, fname, &td, tname),
+                    Err(e) => Err(e),
+                }
+            }
+            r => r,
+        };
+        renamed.map_err(|e| {
             let e = io::Error::from(e);
             io::Error::new(
                 e.kind(),

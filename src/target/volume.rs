@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::{Condvar, Mutex};
 use volume_format::state::Source;
-use volume_format::{FileStorage, Storage, Volume, VolumeError, write_commit};
+use volume_format::{FileStorage, Storage, Volume, VolumeError, Zeroing, write_commit};
 
 use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp, push_extent};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
@@ -619,21 +619,17 @@ impl BlockTarget for VolumeTarget {
                 may_trim,
                 ..
             } => {
-                if self.begin_or_park(plan, "zeroing", |v| v.write_zeroes(offset, len))? {
+                // NO_HOLE: the range stays allocated (FALLOC_FL_ZERO_RANGE, or zeroes written
+                // where the file system lacks it), never punched, not even for a moment.
+                let how = if may_trim {
+                    Zeroing::Punch
+                } else {
+                    Zeroing::Allocate
+                };
+                if self.begin_or_park(plan, "zeroing", |v| v.zero(offset, len, how))? {
                     return Ok(());
                 }
-                // NO_HOLE: the whole blocks were punched; provision them again (they still read
-                // as zeroes: fallocate allocates unwritten extents).
-                let first = offset.div_ceil(4096) * 4096;
-                let last = (offset + len) / 4096 * 4096;
-                if !may_trim && last > first {
-                    plan.push(FileIo::Fallocate {
-                        fd: self.data_fd(),
-                        offset: first,
-                        len: last - first,
-                        mode: libc::FALLOC_FL_KEEP_SIZE,
-                    });
-                } else if fua {
+                if fua {
                     self.plan_wait(plan)?;
                 }
                 Ok(())
@@ -736,18 +732,12 @@ impl BlockTarget for VolumeTarget {
                 }
                 Ok(Progress::Done)
             }
-            TargetOp::Zero { offset, fua, .. } | TargetOp::Trim { offset, fua, .. } => {
+            TargetOp::Zero { offset, .. } | TargetOp::Trim { offset, .. } => {
                 if let Some(source) = failed {
                     self.count_error();
                     return Err(TargetError::Zeroing { offset, source });
                 }
                 c.zeroes.fetch_add(1, Ordering::Relaxed);
-                if fua && !plan.is_empty() {
-                    // The NO_HOLE provisioning ran first; now the commit.
-                    plan.clear();
-                    self.plan_wait(plan)?;
-                    return Ok(Progress::Again);
-                }
                 Ok(Progress::Done)
             }
             TargetOp::Flush | TargetOp::Cache { .. } => Ok(Progress::Done),

@@ -40,6 +40,11 @@ fn off(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc_einval()))
 }
 
+/// `fallocate` errors that mean "this file system cannot", not "this failed".
+fn unsupported(e: Errno) -> bool {
+    matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)
+}
+
 const fn libc_einval() -> i32 {
     22
 }
@@ -71,13 +76,34 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(());
         }
-        fallocate(
+        match fallocate(
             &self.file,
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
             off(offset)?,
             off(len)?,
-        )
-        .map_err(to_io)
+        ) {
+            Ok(()) => Ok(()),
+            // No hole punching here (a FUSE file system without fallocate): the range must
+            // still read as zeroes, so they are written. Nothing is freed.
+            Err(e) if unsupported(e) => crate::storage::write_zeroes(self, offset, len),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off(offset)?,
+            off(len)?,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(e) => crate::storage::write_zeroes(self, offset, len),
+            Err(e) => Err(to_io(e)),
+        }
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -143,13 +169,20 @@ pub fn release_metadata_reserve(meta: &File) -> io::Result<()> {
     meta.set_len(meta.metadata()?.len())
 }
 
+///
+/// A file system that cannot allocate ahead (no `fallocate`, as FUSE pass-throughs) gets no
+/// reservation rather than no volume: there, and only there, a commit on a full file system
+/// can fail with ENOSPC (SPEC.md §7).
 pub fn reserve_metadata(meta: &File, size: u64) -> io::Result<()> {
     let len = crate::layout::meta_file_bytes(size);
-    nix::fcntl::fallocate(
+    match nix::fcntl::fallocate(
         meta,
         nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
         0,
         i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(27))?,
-    )
-    .map_err(io::Error::from)
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if unsupported(e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

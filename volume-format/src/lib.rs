@@ -26,4 +26,4 @@ pub use map::{BlockMap, BlockState};
 pub use state::{Commit, Piece, VolumeState};
 pub use storage::{Fate, MemFile, Storage};
 pub use superblock::Superblock;
-pub use volume::{Extent, Layer, Volume, VolumeError, VolumeStat, write_commit};
+pub use volume::{Extent, Layer, Volume, VolumeError, VolumeStat, Zeroing, write_commit};

@@ -13,8 +13,14 @@ pub trait Storage {
     /// Fills `buf` from `offset`; bytes past the end read as zeroes.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// Deallocates a range: it reads as zeroes afterwards.
+    /// Deallocates a range: it reads as zeroes afterwards. (A file system that cannot
+    /// deallocate gets zeroes written: the range reads the same, its space is kept.)
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes a range read as zeroes and keeps it allocated (NBD's WRITE_ZEROES with NO_HOLE):
+    /// `FALLOC_FL_ZERO_RANGE` where the file system has it, zeroes written otherwise.
+    fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeroes(self, offset, len)
+    }
     /// Makes everything written before it durable (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
     fn len(&self) -> u64;
@@ -38,6 +44,20 @@ pub trait Storage {
     fn write_behind(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Writes zeroes over `[offset, offset+len)` in pieces of 1 MiB: the fallback of `punch_hole`
+/// and `zero_range` on a file system without `fallocate` (a FUSE pass-through, say).
+pub fn write_zeroes<S: Storage + ?Sized>(s: &mut S, offset: u64, len: u64) -> io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeroes = vec![0u8; PIECE.min(len) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = PIECE.min(offset + len - pos);
+        s.write_at(pos, &zeroes[..n as usize])?;
+        pos += n;
+    }
+    Ok(())
 }
 
 /// Sector size at which a simulated power cut may tear a write.

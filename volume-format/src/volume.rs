@@ -513,6 +513,12 @@ impl<S: Storage> Volume<S> {
     /// Makes `[offset, offset+len)` read as zeroes and frees the whole blocks it covers
     /// (WRITE_ZEROES and TRIM both do this: a trimmed range must never read as image data).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.zero(offset, len, Zeroing::Punch)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes; with `Zeroing::Allocate` (NBD's NO_HOLE)
+    /// the whole blocks stay allocated in the data file instead of being freed.
+    pub fn zero(&mut self, offset: u64, len: u64, how: Zeroing) -> Result<(), VolumeError> {
         self.range(offset, len)?;
         self.page_in(offset, len)?;
         if len > 0 {
@@ -528,10 +534,19 @@ impl<S: Storage> Volume<S> {
                 let b_start = b * BLOCK_BYTES;
                 if pos == b_start && end - pos >= BLOCK_BYTES {
                     let n = (end - pos) / BLOCK_BYTES;
-                    v.data.punch_hole(pos, n * BLOCK_BYTES)?;
-                    // INHERITED blocks past the image already read as zeroes.
-                    if b < image_blocks {
-                        v.st.mark_own(b, n.min(image_blocks - b));
+                    match how {
+                        Zeroing::Punch => {
+                            v.data.punch_hole(pos, n * BLOCK_BYTES)?;
+                            // INHERITED blocks past the image already read as zeroes.
+                            if b < image_blocks {
+                                v.st.mark_own(b, n.min(image_blocks - b));
+                            }
+                        }
+                        // Allocated zeroes are the volume's own blocks wherever they are.
+                        Zeroing::Allocate => {
+                            v.data.zero_range(pos, n * BLOCK_BYTES)?;
+                            v.st.mark_own(b, n);
+                        }
                     }
                     pos += n * BLOCK_BYTES;
                     continue;
@@ -539,7 +554,9 @@ impl<S: Storage> Volume<S> {
                 let piece_end = end.min(b_start + BLOCK_BYTES);
                 if v.st.state(b) == BlockState::Own {
                     v.data.write_at(pos, &vec![0; (piece_end - pos) as usize])?;
-                } else if b < image_blocks {
+                } else if b < image_blocks || how == Zeroing::Allocate {
+                    // (Past the image an INHERITED block reads as zeroes already; NO_HOLE wants
+                    // it allocated all the same.)
                     let mut block = v.read_block(b)?;
                     block[(pos - b_start) as usize..(piece_end - b_start) as usize].fill(0);
                     v.data.write_at(b_start, &block)?;
@@ -724,6 +741,15 @@ impl<S: Storage> Volume<S> {
         }
         Ok(out.finish(id)?)
     }
+}
+
+/// How `Volume::zero` zeroes whole blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeroing {
+    /// Free them (a hole reads as zeroes): WRITE_ZEROES, TRIM.
+    Punch,
+    /// Keep them allocated: WRITE_ZEROES with NO_HOLE.
+    Allocate,
 }
 
 /// A data file that could not be made `size` bytes long: the file system's limit (EFBIG) is
