@@ -33,8 +33,10 @@ pub enum Command {
     Volume(crate::manage::VolumeCmd),
     /// The node: pool capacity and use, volumes, exports, connections, alerts.
     Status(crate::manage::StatusCmd),
-    /// Run the volume-format checker over every volume of the pool.
+    /// Run the volume-format checker over every volume of the pool (or one).
     Check(crate::manage::CheckCmd),
+    /// End a long command (import, capture, verify, check) that `status` lists as running.
+    Cancel(crate::manage::CancelCmd),
 }
 
 /// The system's pool directory: root's default, and the systemd unit's.
@@ -268,5 +270,6 @@ pub fn main() -> ExitCode {
         Command::Volume(c) => crate::manage::volume(c),
         Command::Status(c) => crate::manage::status(c),
         Command::Check(c) => crate::manage::check(c),
+        Command::Cancel(c) => crate::manage::cancel(c),
     }
 }

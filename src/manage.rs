@@ -136,12 +136,26 @@ pub struct StatusCmd {
 }
 
 #[derive(Debug, Args)]
+pub struct CancelCmd {
+    #[command(flatten)]
+    conn: Conn,
+    /// The command's id, as `streamer status` lists it.
+    id: u64,
+}
+
+pub fn cancel(c: CancelCmd) -> ExitCode {
+    run(&c.conn, Request::Cancel { id: c.id }, None)
+}
+
+#[derive(Debug, Args)]
 pub struct CheckCmd {
     #[command(flatten)]
     conn: Conn,
     /// Repair what can be repaired (leaked data blocks are freed).
     #[arg(long)]
     repair: bool,
+    /// Check this volume only (default: every volume).
+    name: Option<String>,
 }
 
 /// Says why a command failed and exits 1: one line on stderr, or under `--json` one JSON
@@ -214,7 +228,10 @@ fn finish(conn: &Conn, result: Result<Response, ClientError>) -> ExitCode {
             }
             match &resp {
                 Response::Verify(v) if !v.ok => ExitCode::FAILURE,
-                Response::Check(c) if c.volumes.iter().any(|v| !v.ok) => ExitCode::FAILURE,
+                // A skipped volume was not checked: that is not a clean bill of health.
+                Response::Check(c) if c.volumes.iter().any(|v| !v.ok || v.skipped.is_some()) => {
+                    ExitCode::FAILURE
+                }
                 _ => ExitCode::SUCCESS,
             }
         }
@@ -502,7 +519,14 @@ pub fn status(c: StatusCmd) -> ExitCode {
 }
 
 pub fn check(c: CheckCmd) -> ExitCode {
-    run(&c.conn, Request::Check { repair: c.repair }, None)
+    run(
+        &c.conn,
+        Request::Check {
+            repair: c.repair,
+            name: c.name,
+        },
+        None,
+    )
 }
 
 // ---- output ----------------------------------------------------------------------------------
@@ -517,6 +541,7 @@ fn json(r: &Response) -> String {
         Response::Verify(x) => serde_json::to_value(x),
         Response::Check(x) => serde_json::to_value(x),
         Response::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
+        Response::Cancelled(x) => serde_json::to_value(x),
     };
     serde_json::to_string_pretty(&v.unwrap_or_default()).unwrap_or_default()
 }
@@ -559,6 +584,7 @@ fn render(r: &Response) -> String {
         Response::Verify(v) => render_verify(v),
         Response::Check(c) => render_check(c),
         Response::Deleted { name } => format!("deleted {name}\n"),
+        Response::Cancelled(j) => format!("cancelling {} ({})\n", j.id, j.command),
     }
 }
 
@@ -690,6 +716,18 @@ fn render_check(c: &CheckInfo) -> String {
     if c.volumes.is_empty() {
         out.push_str("no volumes\n");
     }
+    let skipped: Vec<&str> = c
+        .volumes
+        .iter()
+        .filter(|v| v.skipped.is_some())
+        .map(|v| v.name.as_str())
+        .collect();
+    if !skipped.is_empty() {
+        out.push_str(&format!(
+            "not checked: {} (check them once their clients are gone: `streamer check NAME`)\n",
+            skipped.join(", ")
+        ));
+    }
     out
 }
 
@@ -724,6 +762,24 @@ fn render_status(s: &StatusInfo) -> String {
     ]);
     for a in &s.alerts {
         out.push_str(&format!("  alert: {a}\n"));
+    }
+    if !s.jobs.is_empty() {
+        out.push_str(&format!("{:<14}{}\n", "running:", s.jobs.len()));
+    }
+    for j in &s.jobs {
+        let done = match j.total_bytes {
+            Some(t) if t > 0 => format!(
+                "{} of {} ({}%)",
+                HumanBytes(j.done_bytes),
+                HumanBytes(t),
+                j.done_bytes * 100 / t
+            ),
+            _ => HumanBytes(j.done_bytes).to_string(),
+        };
+        out.push_str(&format!(
+            "  {}: {} (uid {}, {}s): {done}; `streamer cancel {}` ends it\n",
+            j.id, j.command, j.uid, j.seconds, j.id
+        ));
     }
     out
 }

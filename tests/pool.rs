@@ -885,3 +885,83 @@ fn write_zeroes_with_no_hole_keeps_the_range_allocated() {
     assert!(freed + (16 << 20) <= allocated, "{allocated} -> {freed}");
     server.stop();
 }
+
+/// `python3 slow.py | streamer image import trunc -`, killed after some MiB, published a
+/// valid-looking, truncated golden image. An import is published only if its client is still
+/// there when it ends: a killed client cancels it, the staged data goes, and the log says so.
+/// Long commands show in `status` with their progress, and `streamer cancel ID` ends them.
+#[test]
+fn an_import_whose_client_goes_away_or_is_cancelled_publishes_nothing() {
+    let dir = Scratch::new("cancel");
+    let server = start_node(&dir);
+    // A source that sends 1 MiB every 20 ms, for far longer than the test.
+    let slow = "import sys, time\n\
+                b = bytes([7]) * (1 << 20)\n\
+                for i in range(10000):\n\
+                \x20   sys.stdout.buffer.write(b); sys.stdout.flush(); time.sleep(0.02)\n";
+    let start_import = |name: &str| {
+        let writer = Command::new("/usr/bin/python3")
+            .args(["-c", slow])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let import = Command::new(BIN)
+            .args(["image", "import", name, "-", "--mgmt-socket"])
+            .arg(sock(&dir))
+            .stdin(writer.stdout.unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        import
+    };
+    let job_of = |name: &str| -> Option<serde_json::Value> {
+        let st = json(&dir, &["status"]);
+        st["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["command"] == format!("image import {name}"))
+            .cloned()
+    };
+    // The client killed mid-stream.
+    let mut import = start_import("trunc");
+    wait_for("the import to stream", || {
+        job_of("trunc").is_some_and(|j| j["done_bytes"].as_u64().unwrap() >= 8 << 20)
+    });
+    import.kill().unwrap();
+    import.wait().unwrap();
+    wait_for("the import to end", || job_of("trunc").is_none());
+    assert!(!cli_ok(&dir, &["image", "list"]).contains("trunc"));
+    // Cancelled by id, with the client still there: it hears why.
+    let import = start_import("slow");
+    wait_for("the import to stream", || {
+        job_of("slow").is_some_and(|j| j["done_bytes"].as_u64().unwrap() >= 1 << 20)
+    });
+    let id = job_of("slow").unwrap()["id"].as_u64().unwrap().to_string();
+    let text = cli_ok(&dir, &["status"]);
+    assert!(
+        text.contains("image import slow") && text.contains("streamer cancel"),
+        "{text}"
+    );
+    cli_ok(&dir, &["cancel", &id]);
+    let out = import.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cancelled by uid 0"), "{err}");
+    assert!(cli_err(&dir, &["cancel", &id]).contains("no command"));
+    // Nothing published, nothing staged, and the log says what happened.
+    assert_eq!(json(&dir, &["image", "list"]).as_array().unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_dir(pool_dir(&dir).join(".staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let log = server.stop();
+    assert!(
+        log.contains("image import trunc cancelled: its client went away"),
+        "{log}"
+    );
+    assert!(log.contains("nothing was published"), "{log}");
+}

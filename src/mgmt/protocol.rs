@@ -79,10 +79,33 @@ pub enum Request {
     },
     Check {
         repair: bool,
+        /// One volume; `None`: every volume.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Ends a long command (`status` lists them with their ids).
+    Cancel {
+        id: u64,
     },
 }
 
 impl Request {
+    /// What a long command is called in `status` (`None` for the quick ones).
+    pub fn job_name(&self) -> Option<String> {
+        match self {
+            Request::ImageImport { name, .. } => Some(format!("image import {name}")),
+            Request::ImageVerify { name } => Some(format!("image verify {name}")),
+            Request::ImageCapture { name, from } => {
+                Some(format!("image capture {name} --from {from}"))
+            }
+            Request::Check { name, .. } => Some(match name {
+                Some(n) => format!("check {n}"),
+                None => "check".into(),
+            }),
+            _ => None,
+        }
+    }
+
     /// Commands that stream whole images or volumes (run in the background, at low priority).
     pub fn is_bulk(&self) -> bool {
         match self {
@@ -98,7 +121,8 @@ impl Request {
             | Request::VolumeList
             | Request::VolumeShow { .. }
             | Request::VolumeResize { .. }
-            | Request::VolumeDelete { .. } => false,
+            | Request::VolumeDelete { .. }
+            | Request::Cancel { .. } => false,
         }
     }
 }
@@ -134,6 +158,8 @@ pub enum ErrorKind {
     Denied,
     /// A disk or volume error.
     Io,
+    /// The command was cancelled (`streamer cancel`, or its client went away).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -146,6 +172,7 @@ impl ErrorKind {
             ErrorKind::InUse => "in_use",
             ErrorKind::Denied => "denied",
             ErrorKind::Io => "io",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }
@@ -161,6 +188,7 @@ pub enum Response {
     Verify(VerifyInfo),
     Check(CheckInfo),
     Deleted { name: String },
+    Cancelled(JobInfo),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -235,6 +263,23 @@ pub struct StatusInfo {
     pub exports: Vec<String>,
     pub connections: usize,
     pub alerts: Vec<String>,
+    /// Long commands under way (import, capture, verify, check).
+    #[serde(default)]
+    pub jobs: Vec<JobInfo>,
+}
+
+/// A long command under way (`streamer cancel ID` ends it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobInfo {
+    pub id: u64,
+    /// What runs, as a person would say it (`image import debian-12`).
+    pub command: String,
+    /// Who asked for it.
+    pub uid: u32,
+    pub seconds: u64,
+    pub done_bytes: u64,
+    /// `None` while the total is not known (an import from a pipe).
+    pub total_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -299,7 +344,7 @@ mod kind_tests {
     #[test]
     fn kind_names_are_the_wire_names() {
         use ErrorKind::*;
-        for k in [Invalid, NotFound, Exists, InUse, Denied, Io] {
+        for k in [Invalid, NotFound, Exists, InUse, Denied, Io, Cancelled] {
             assert_eq!(
                 serde_json::to_string(&k).unwrap(),
                 format!("\"{}\"", k.as_str())

@@ -21,7 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
 
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response};
-use crate::node::{Node, NodeError};
+use crate::node::{Job, Liveness, Node, NodeError};
 use crate::pool::Expect;
 
 /// Time a client has to send its request line.
@@ -417,7 +417,24 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
             }
         }
     };
-    let reply = match run(node, request, fds, &mut progress) {
+    // A long command is a job: listed by `status`, cancelled by `streamer cancel` or when this
+    // client goes away (the peer's end of the socket closed: the CLI was killed or interrupted).
+    let guard = request.job_name().map(|what| {
+        let alive: Option<Liveness> = s
+            .try_clone()
+            .ok()
+            .map(|watch| Box::new(move || peer_is_there(&watch)) as Liveness);
+        node.jobs.start(&what, uid, alive)
+    });
+    let detached;
+    let job = match &guard {
+        Some(g) => &*g.job,
+        None => {
+            detached = Job::detached("command");
+            &detached
+        }
+    };
+    let reply = match run(node, request, fds, job, uid, &mut progress) {
         Ok(result) => Reply::Ok { result },
         Err(e) => {
             tracing::info!("management command failed: {e}");
@@ -430,11 +447,24 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
     let _ = send(&mut s, &reply);
 }
 
+/// Whether the client at the other end of `s` is still connected: its end is not closed.
+fn peer_is_there(s: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(
+        s.as_fd(),
+        PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP | PollFlags::POLLERR,
+    )];
+    // Only hang-up events were asked for (RDHUP: the peer closed; HUP, ERR: always reported),
+    // so any event means the client is gone. (nix's `revents` cannot show RDHUP.)
+    !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Runs one command on the node.
 fn run(
     node: &Node,
     request: Request,
     mut fds: Vec<OwnedFd>,
+    job: &Job,
+    uid: u32,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Response, NodeError> {
     if request.is_bulk() {
@@ -458,18 +488,20 @@ fn run(
             let sha256 = sha256.as_deref().map(parse_sha256).transpose()?;
             let src = File::from(fds.remove(0));
             let expect = Expect { size, sha256 };
-            node.import_image(&name, src, format.as_deref(), &expect, progress)
+            node.import_image(&name, src, format.as_deref(), &expect, job, progress)
                 .map(Response::Image)
         }
         Request::ImageList => node.images().map(Response::Images),
         Request::ImageShow { name } => node.image_info(&name).map(Response::Image),
-        Request::ImageVerify { name } => node.verify_image(&name, progress).map(Response::Verify),
+        Request::ImageVerify { name } => node
+            .verify_image(&name, job, progress)
+            .map(Response::Verify),
         Request::ImageDelete { name } => node
             .delete_image(&name)
             .map(|()| Response::Deleted { name }),
-        Request::ImageCapture { name, from } => {
-            node.capture(&name, &from, progress).map(Response::Image)
-        }
+        Request::ImageCapture { name, from } => node
+            .capture(&name, &from, job, progress)
+            .map(Response::Image),
         Request::VolumeCreate { name, image, size } => node
             .create_volume(&name, image.as_deref(), size)
             .map(Response::Volume),
@@ -481,7 +513,14 @@ fn run(
         Request::VolumeDelete { name, force } => node
             .delete_volume(&name, force)
             .map(|()| Response::Deleted { name }),
-        Request::Check { repair } => node.check(repair).map(Response::Check),
+        Request::Check { repair, name } => node
+            .check(repair, name.as_deref(), job)
+            .map(Response::Check),
+        Request::Cancel { id } => node
+            .jobs
+            .cancel(id, uid)
+            .map(Response::Cancelled)
+            .ok_or_else(|| NodeError::NotFound(format!("no command {id} is running"))),
     }
 }
 

@@ -22,10 +22,12 @@ use crate::mgmt::protocol::{
 use crate::names::validate_name;
 use crate::pool::{Expect, ImportSource, Pool, PoolError};
 
+mod jobs;
 mod pace;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
+pub use jobs::{Job, JobGuard, Jobs, Liveness};
 use pace::Pacer;
 
 /// Export name prefix of golden images.
@@ -43,7 +45,12 @@ pub enum NodeError {
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     Io(String),
+    /// A long command ended early (`streamer cancel`, or its client went away).
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 impl NodeError {
@@ -55,11 +62,14 @@ impl NodeError {
                 PoolError::NotFound { .. } => ErrorKind::NotFound,
                 PoolError::Exists { .. } => ErrorKind::Exists,
                 PoolError::InUse(_) => ErrorKind::InUse,
+                PoolError::Cancelled(_) => ErrorKind::Cancelled,
                 PoolError::Io { .. } | PoolError::Volume { .. } => ErrorKind::Io,
             },
             NodeError::InUse(_) => ErrorKind::InUse,
+            NodeError::NotFound(_) => ErrorKind::NotFound,
             NodeError::Invalid(_) => ErrorKind::Invalid,
             NodeError::Io(_) => ErrorKind::Io,
+            NodeError::Cancelled(_) => ErrorKind::Cancelled,
         }
     }
 }
@@ -85,6 +95,8 @@ pub struct Node {
     cloning: Mutex<HashMap<String, usize>>,
     limits: NodeLimits,
     started: Instant,
+    /// Long commands under way.
+    pub jobs: Jobs,
 }
 
 /// What the node's exports and commands may use.
@@ -162,6 +174,7 @@ impl Node {
             cloning: Mutex::new(HashMap::new()),
             limits,
             started: Instant::now(),
+            jobs: Jobs::default(),
         };
         for i in node.pool.images() {
             if let Err(e) = node.serve_image(&i.name) {
@@ -340,6 +353,7 @@ impl Node {
         src: File,
         format: Option<&str>,
         expect: &Expect,
+        job: &Job,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<ImageInfo, NodeError> {
         validate_name(name).map_err(NodeError::Invalid)?;
@@ -363,10 +377,16 @@ impl Node {
         let mut src = ImportSource::new(src, self.limits.import_idle)
             .map_err(|e| NodeError::Invalid(format!("cannot import {name:?}: {e}")))?;
         let mut pacer = self.pacer();
-        let entry = self.pool.import_image(name, &mut src, expect, |done| {
-            pacer.pace(done);
-            progress(done, total)
-        })?;
+        let stop = || job.check();
+        let stop: crate::pool::Stop<'_> = &stop;
+        let entry = self
+            .pool
+            .import_image(name, &mut src, expect, stop, |done| {
+                pacer.pace(done);
+                job.progress(done, total);
+                progress(done, total)
+            })
+            .map_err(|e| cancelled_or(job, e.into()))?;
         self.serve_image(&entry.name)?;
         self.image_info(name)
     }
@@ -401,15 +421,22 @@ impl Node {
     pub fn verify_image(
         &self,
         name: &str,
+        job: &Job,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<VerifyInfo, NodeError> {
         let e = self.pool.image(name)?;
         let total = Some(e.info.size);
         let mut pacer = self.pacer();
-        let r = self.pool.verify_image(name, |d| {
-            pacer.pace(d);
-            progress(d, total)
-        })?;
+        let stop = || job.check();
+        let stop: crate::pool::Stop<'_> = &stop;
+        let r = self
+            .pool
+            .verify_image(name, stop, |d| {
+                pacer.pace(d);
+                job.progress(d, total);
+                progress(d, total)
+            })
+            .map_err(|e| cancelled_or(job, e.into()))?;
         let message = if r.ok() {
             "the image matches its digest".to_owned()
         } else {
@@ -475,6 +502,7 @@ impl Node {
         &self,
         name: &str,
         from: &str,
+        job: &Job,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<ImageInfo, NodeError> {
         validate_name(name).map_err(NodeError::Invalid)?;
@@ -491,12 +519,15 @@ impl Node {
         self.offline_volume(from, Force::No)?;
         let total = Some(v.size);
         let mut pacer = self.pacer();
-        let captured = self.pool.capture(name, from, |d| {
+        let stop = || job.check();
+        let stop: crate::pool::Stop<'_> = &stop;
+        let captured = self.pool.capture(name, from, stop, |d| {
             pacer.pace(d);
+            job.progress(d, total);
             progress(d, total)
         });
         let reopened = self.serve_volume(from);
-        let entry = captured?;
+        let entry = captured.map_err(|e| cancelled_or(job, e.into()))?;
         reopened?;
         self.serve_image(&entry.name)?;
         self.image_info(name)
@@ -605,10 +636,20 @@ impl Node {
     /// Runs the checker over every volume, each taken offline for its check. Volumes with
     /// clients are skipped (a check of a volume being written would see its writes in flight
     /// as leaks).
-    pub fn check(&self, repair: bool) -> Result<CheckInfo, NodeError> {
+    pub fn check(
+        &self,
+        repair: bool,
+        only: Option<&str>,
+        job: &Job,
+    ) -> Result<CheckInfo, NodeError> {
+        let names: Vec<String> = match only {
+            Some(name) => vec![self.pool.volume(name)?.name],
+            None => self.pool.volumes().into_iter().map(|v| v.name).collect(),
+        };
         let mut out = Vec::new();
-        for v in self.pool.volumes() {
-            let name = v.name;
+        for (i, name) in names.into_iter().enumerate() {
+            job.progress(i as u64, None);
+            job.check().map_err(NodeError::Cancelled)?;
             let skip = |why: String| VolumeCheck {
                 name: name.clone(),
                 ok: true,
@@ -721,6 +762,7 @@ impl Node {
             exports,
             connections,
             alerts,
+            jobs: self.jobs.list(),
         }
     }
 
@@ -732,6 +774,18 @@ impl Node {
             .get(name)
             .map(|t| t.counters())
             .unwrap_or_default()
+    }
+}
+
+/// A failed long command: `Cancelled` when its job was cancelled (the failure is how the
+/// cancel ended the work), logged with what was cleaned up; the error itself otherwise.
+fn cancelled_or(job: &Job, e: NodeError) -> NodeError {
+    match job.cancelled() {
+        Some(why) => {
+            tracing::warn!("{why}; nothing was published and its staged data was removed");
+            NodeError::Cancelled(why)
+        }
+        None => e,
     }
 }
 

@@ -46,6 +46,9 @@ pub enum PoolError {
     Exists { kind: &'static str, name: String },
     #[error("{0}")]
     InUse(String),
+    /// The command was cancelled (see `Stop`).
+    #[error("{0}")]
+    Cancelled(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -71,6 +74,61 @@ fn io_err(what: impl Into<String>) -> impl Fn(io::Error) -> PoolError {
 fn vol_err(what: impl Into<String>) -> impl FnOnce(VolumeError) -> PoolError {
     let what = what.into();
     move |source| PoolError::Volume { what, source }
+}
+
+/// Asked between the pieces of a long command: `Err(why)` ends it (a `streamer cancel`, or its
+/// client went away), and what it staged is removed instead of published.
+pub type Stop<'a> = &'a dyn Fn() -> Result<(), String>;
+
+/// A storage that asks `stop` before every read and write, so that a long copy through
+/// volume-format (a capture, a verify) ends at the next piece once its command is cancelled.
+struct Stoppable<'a, S> {
+    inner: S,
+    stop: Stop<'a>,
+}
+
+impl<S: Storage> Stoppable<'_, S> {
+    fn go_on(&self) -> io::Result<()> {
+        (self.stop)().map_err(io::Error::other)
+    }
+}
+
+impl<S: Storage> Storage for Stoppable<'_, S> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.go_on()?;
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.go_on()?;
+        self.inner.write_at(offset, data)
+    }
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero_range(offset, len)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn seek_data(&mut self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&mut self, offset: u64) -> io::Result<u64> {
+        self.inner.seek_hole(offset)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+    fn write_behind(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_behind(offset, len)
+    }
 }
 
 /// What an import must turn out to be; anything else is refused and not published.
@@ -396,6 +454,7 @@ impl Pool {
         name: &str,
         src: &mut dyn Read,
         expect: &Expect,
+        stop: Stop<'_>,
         mut progress: impl FnMut(u64),
     ) -> Result<ImageEntry, PoolError> {
         let res = self.reserve("image", name)?;
@@ -421,6 +480,7 @@ impl Pool {
             }
             out.write(&buf[..n]).map_err(&write_err)?;
             progress(out.written());
+            stop().map_err(PoolError::Cancelled)?;
         }
         if out.written() == 0 {
             return Err(PoolError::Invalid(format!(
@@ -452,6 +512,9 @@ impl Pool {
                 image::hex(&want)
             )));
         }
+        // The last word before the rename: a client that went away while the image was synced
+        // (or a cancel) still publishes nothing.
+        stop().map_err(PoolError::Cancelled)?;
         let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)
@@ -620,16 +683,21 @@ impl Pool {
         &self,
         name: &str,
         from: &str,
+        stop: Stop<'_>,
         progress: impl FnMut(u64),
     ) -> Result<ImageEntry, PoolError> {
         let res = self.reserve("image", name)?;
         let mut vol = self.open_volume(from)?;
         let staged = self.staging()?;
         let cleanup = self.cleanup(&staged);
-        let mut raw = self.create(&staged.join(IMAGE_RAW))?;
+        let mut raw = Stoppable {
+            inner: self.create(&staged.join(IMAGE_RAW))?,
+            stop,
+        };
         let info = vol
             .capture(&mut raw, random_id(), progress)
             .map_err(vol_err(format!("capturing volume {from:?}")))?;
+        stop().map_err(PoolError::Cancelled)?;
         let entry = self.publish_image(cleanup, name, info)?;
         drop(res);
         Ok(entry)
@@ -666,10 +734,14 @@ impl Pool {
     pub fn verify_image(
         &self,
         name: &str,
+        stop: Stop<'_>,
         progress: impl FnMut(u64),
     ) -> Result<image::VerifyReport, PoolError> {
         let entry = self.image(name)?;
-        let mut raw = self.storage(&Self::image_file(name, IMAGE_RAW), Access::Read)?;
+        let mut raw = Stoppable {
+            inner: self.storage(&Self::image_file(name, IMAGE_RAW), Access::Read)?,
+            stop,
+        };
         image::verify(&mut raw, &entry.info, progress)
             .map_err(io_err(format!("reading image {name:?}")))
     }

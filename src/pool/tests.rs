@@ -16,6 +16,9 @@ fn tempdir(tag: &str) -> TempDir {
     TempDir(d)
 }
 
+/// A command nobody cancels.
+const GO: Stop<'static> = &|| Ok(());
+
 fn golden_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 253) as u8 | 1).collect()
 }
@@ -30,11 +33,12 @@ fn import_clone_capture_delete_and_reopen() {
             "golden",
             &mut Cursor::new(bytes.clone()),
             &Expect::default(),
+            GO,
             |_| {},
         )
         .unwrap();
     assert_eq!(img.info.size, bytes.len() as u64);
-    assert!(pool.verify_image("golden", |_| {}).unwrap().ok());
+    assert!(pool.verify_image("golden", GO, |_| {}).unwrap().ok());
 
     let v = pool.create_volume("node1", Some("golden"), None).unwrap();
     assert_eq!(v.size, (3 << 20) + 4096, "rounded up to 4 KiB");
@@ -45,7 +49,7 @@ fn import_clone_capture_delete_and_reopen() {
     drop(vol);
 
     // Capture flattens: the new image holds the golden bytes plus the write.
-    let cap = pool.capture("golden2", "node1", |_| {}).unwrap();
+    let cap = pool.capture("golden2", "node1", GO, |_| {}).unwrap();
     assert_eq!(cap.info.size, v.size);
     let mut raw = fs::read(d.0.join("images/golden2/image.raw")).unwrap();
     assert_eq!(&raw[100..111], b"personality");
@@ -146,6 +150,7 @@ fn an_empty_import_is_refused_and_leaves_nothing() {
             "e",
             &mut Cursor::new(Vec::new()),
             &Expect::default(),
+            GO,
             |_| {},
         )
         .unwrap_err();
@@ -157,6 +162,7 @@ fn an_empty_import_is_refused_and_leaves_nothing() {
         "e",
         &mut Cursor::new(golden_bytes(10)),
         &Expect::default(),
+        GO,
         |_| {},
     )
     .unwrap();
@@ -175,7 +181,7 @@ fn an_import_that_does_not_match_what_was_expected_is_not_published() {
         sha256: None,
     };
     let e = pool
-        .import_image("x", &mut Cursor::new(bytes.clone()), &short, |_| {})
+        .import_image("x", &mut Cursor::new(bytes.clone()), &short, GO, |_| {})
         .unwrap_err();
     assert!(e.to_string().contains("ended after 100000 bytes"), "{e}");
     let long = Expect {
@@ -183,7 +189,7 @@ fn an_import_that_does_not_match_what_was_expected_is_not_published() {
         sha256: None,
     };
     let e = pool
-        .import_image("x", &mut Cursor::new(bytes.clone()), &long, |_| {})
+        .import_image("x", &mut Cursor::new(bytes.clone()), &long, GO, |_| {})
         .unwrap_err();
     assert!(e.to_string().contains("ran to 100000 bytes"), "{e}");
     let wrong = Expect {
@@ -191,7 +197,7 @@ fn an_import_that_does_not_match_what_was_expected_is_not_published() {
         sha256: Some([7; 32]),
     };
     let e = pool
-        .import_image("x", &mut Cursor::new(bytes.clone()), &wrong, |_| {})
+        .import_image("x", &mut Cursor::new(bytes.clone()), &wrong, GO, |_| {})
         .unwrap_err();
     assert!(e.to_string().contains("0707070707"), "{e}");
     assert!(pool.images().is_empty());
@@ -203,6 +209,7 @@ fn an_import_that_does_not_match_what_was_expected_is_not_published() {
             "y",
             &mut Cursor::new(bytes.clone()),
             &Expect::default(),
+            GO,
             |_| {},
         )
         .unwrap()
@@ -213,7 +220,50 @@ fn an_import_that_does_not_match_what_was_expected_is_not_published() {
         sha256: Some(digest),
     };
     let img = pool
-        .import_image("x", &mut Cursor::new(bytes), &right, |_| {})
+        .import_image("x", &mut Cursor::new(bytes), &right, GO, |_| {})
         .unwrap();
     assert_eq!(img.info.digest, digest);
+}
+
+/// A cancel (or a client gone) ends an import at its next piece, and right before the rename
+/// that would publish it: nothing is published and nothing is left staged.
+#[test]
+fn a_cancelled_import_publishes_nothing() {
+    let d = tempdir("cancel");
+    let pool = Pool::open(&d.0).unwrap();
+    let bytes = golden_bytes(3 * image::STREAM_IO_BYTES);
+    let calls = std::cell::Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        if calls.get() >= 2 {
+            Err("image import x cancelled: its client went away".to_owned())
+        } else {
+            Ok(())
+        }
+    };
+    let e = pool
+        .import_image(
+            "x",
+            &mut Cursor::new(bytes.clone()),
+            &Expect::default(),
+            &stop,
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(matches!(e, PoolError::Cancelled(_)), "{e}");
+    // At the last check, after the whole image was written and synced.
+    let last = || Err("cancelled at the end".to_owned());
+    let small = golden_bytes(100);
+    let e = pool
+        .import_image(
+            "y",
+            &mut Cursor::new(small),
+            &Expect::default(),
+            &last,
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("at the end"), "{e}");
+    assert!(pool.images().is_empty());
+    assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
 }
