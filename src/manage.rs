@@ -551,7 +551,9 @@ fn render(r: &Response) -> String {
         Response::Status(s) => render_status(s),
         Response::Image(i) => render_image(i),
         Response::Images(list) => table(
-            &["NAME", "SIZE", "DISK", "SHA256", "VOLUMES", "CLIENTS"],
+            &[
+                "NAME", "SIZE", "DISK", "SHA256", "VOLUMES", "CLIENTS", "STATE",
+            ],
             list.iter()
                 .map(|i| {
                     vec![
@@ -561,6 +563,7 @@ fn render(r: &Response) -> String {
                         i.sha256.chars().take(16).collect(),
                         i.volumes.len().to_string(),
                         i.clients.to_string(),
+                        image_state(i).into(),
                     ]
                 })
                 .collect(),
@@ -589,11 +592,16 @@ fn render(r: &Response) -> String {
 }
 
 fn volume_state(v: &VolumeInfo) -> &'static str {
-    match (&v.failed, v.served) {
-        (Some(_), _) => "failed",
-        (None, true) => "served",
-        (None, false) => "offline",
+    match (&v.damaged, &v.failed, v.served) {
+        (Some(_), _, _) => "damaged",
+        (None, Some(_), _) => "failed",
+        (None, None, true) => "served",
+        (None, None, false) => "offline",
     }
+}
+
+fn image_state(i: &ImageInfo) -> &'static str {
+    if i.damaged.is_some() { "damaged" } else { "ok" }
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -647,6 +655,8 @@ fn render_image(i: &ImageInfo) -> String {
             },
         ),
         ("clients", i.clients.to_string()),
+        ("state", image_state(i).into()),
+        ("failure", i.damaged.clone().unwrap_or_else(|| "-".into())),
     ])
 }
 
@@ -661,7 +671,13 @@ fn render_volume(v: &VolumeInfo) -> String {
             v.image.clone().unwrap_or_else(|| "- (blank)".into()),
         ),
         ("state", volume_state(v).into()),
-        ("failure", v.failed.clone().unwrap_or_else(|| "-".into())),
+        (
+            "failure",
+            v.damaged
+                .clone()
+                .or_else(|| v.failed.clone())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("clients", v.clients.to_string()),
         (
             "reads",

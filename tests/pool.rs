@@ -777,8 +777,29 @@ fn damaged_metadata_is_set_aside_and_the_rest_of_the_pool_is_served() {
     ] {
         assert!(alerts.contains(want), "{want} in {alerts}");
     }
+    // Damage is shown one way everywhere: listed with its state, shown with its reason (it
+    // used to be "does not exist" in show, "already exists" in create, absent from list).
     let list = cli_ok(&dir, &["volume", "list"]);
-    assert!(list.contains("good") && !list.contains("bad"), "{list}");
+    let bad_line = list
+        .lines()
+        .find(|l| l.starts_with("bad "))
+        .unwrap_or_default();
+    assert!(
+        list.contains("good") && bad_line.contains("damaged"),
+        "{list}"
+    );
+    let show = cli_ok(&dir, &["volume", "show", "bad"]);
+    assert!(
+        show.contains("damaged") && show.contains("superblock"),
+        "{show}"
+    );
+    let images = cli_ok(&dir, &["image", "list"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with("g2 ") && l.contains("damaged")),
+        "{images}"
+    );
     let size = run("nbdinfo", &["--size", &server.uri("good")]);
     assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "1048576");
     let refused = Command::new("nbdinfo")
@@ -795,6 +816,34 @@ fn damaged_metadata_is_set_aside_and_the_rest_of_the_pool_is_served() {
     cli_ok(&dir, &["volume", "delete", "orphan"]);
     cli_ok(&dir, &["image", "delete", "g2"]);
     cli_ok(&dir, &["volume", "create", "bad", "--image", "g"]);
+    assert_eq!(json(&dir, &["status"])["alerts"], serde_json::json!([]));
+    server.stop();
+}
+
+/// A failed `image verify` raised no alert and the image stayed clonable: every server cloned
+/// from it afterwards would boot a damaged OS. The failure is remembered (across restarts), is
+/// an alert, and refuses new clones until a verification passes again.
+#[test]
+fn an_image_that_fails_verification_is_not_cloned_until_it_verifies() {
+    let dir = Scratch::new("verifyfail");
+    let (server, _g) = node_with_image(&dir, 1 << 20);
+    cli_ok(&dir, &["volume", "create", "before", "--image", "g"]);
+    let raw = pool_dir(&dir).join("images/g/image.raw");
+    flip(&raw, 4096);
+    assert!(!cli(&dir, &["image", "verify", "g"]).status.success());
+    let alerts = json(&dir, &["status"])["alerts"].to_string();
+    assert!(alerts.contains("failed its last verification"), "{alerts}");
+    let err = cli_err(&dir, &["volume", "create", "after", "--image", "g"]);
+    assert!(err.contains("failed its last verification"), "{err}");
+    assert!(!json(&dir, &["image", "show", "g"])["damaged"].is_null());
+    // Remembered across a restart.
+    server.stop();
+    let server = start_node(&dir);
+    assert!(cli_err(&dir, &["volume", "create", "after", "--image", "g"]).contains("verif"));
+    // Repaired (the byte flipped back): verify passes, and clones may be made again.
+    flip(&raw, 4096);
+    cli_ok(&dir, &["image", "verify", "g"]);
+    cli_ok(&dir, &["volume", "create", "after", "--image", "g"]);
     assert_eq!(json(&dir, &["status"])["alerts"], serde_json::json!([]));
     server.stop();
 }
@@ -899,21 +948,23 @@ fn an_import_whose_client_goes_away_or_is_cancelled_publishes_nothing() {
                 b = bytes([7]) * (1 << 20)\n\
                 for i in range(10000):\n\
                 \x20   sys.stdout.buffer.write(b); sys.stdout.flush(); time.sleep(0.02)\n";
+    let writers = std::cell::RefCell::new(Vec::new());
     let start_import = |name: &str| {
-        let writer = Command::new("/usr/bin/python3")
+        let mut writer = Command::new("/usr/bin/python3")
             .args(["-c", slow])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let import = Command::new(BIN)
+        let pipe = writer.stdout.take().unwrap();
+        writers.borrow_mut().push(writer);
+        Command::new(BIN)
             .args(["image", "import", name, "-", "--mgmt-socket"])
             .arg(sock(&dir))
-            .stdin(writer.stdout.unwrap())
+            .stdin(pipe)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        import
+            .unwrap()
     };
     let job_of = |name: &str| -> Option<serde_json::Value> {
         let st = json(&dir, &["status"]);
@@ -958,6 +1009,11 @@ fn an_import_whose_client_goes_away_or_is_cancelled_publishes_nothing() {
             .count(),
         0
     );
+    // The writers stop once the node let go of their pipes (a write to it then fails).
+    for mut w in writers.take() {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
     let log = server.stop();
     assert!(
         log.contains("image import trunc cancelled: its client went away"),

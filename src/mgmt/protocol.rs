@@ -204,6 +204,10 @@ pub struct ImageInfo {
     pub volumes: Vec<String>,
     /// Connections reading its `image/NAME` export.
     pub clients: usize,
+    /// Why the image cannot be used: its metadata is damaged (set aside when the node
+    /// started), or its last `image verify` failed (no clones until one passes).
+    #[serde(default)]
+    pub damaged: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -223,6 +227,10 @@ pub struct VolumeInfo {
     pub generation: String,
     pub epoch: u64,
     pub commit: u64,
+    /// Why the volume is not served: its metadata is damaged (or its image is missing), found
+    /// when the node started; `volume delete` removes it.
+    #[serde(default)]
+    pub damaged: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

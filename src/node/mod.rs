@@ -392,7 +392,20 @@ impl Node {
     }
 
     pub fn image_info(&self, name: &str) -> Result<ImageInfo, NodeError> {
+        if let Some(why) = self.damaged("image", name) {
+            return Ok(ImageInfo {
+                name: name.to_owned(),
+                size: 0,
+                sha256: String::new(),
+                id: String::new(),
+                allocated_bytes: self.pool.image_allocated(name),
+                volumes: vec![],
+                clients: 0,
+                damaged: Some(why),
+            });
+        }
         let e = self.pool.image(name)?;
+        let not_served = self.served.lock().broken_images.get(name).cloned();
         let clients = self
             .served
             .lock()
@@ -407,14 +420,36 @@ impl Node {
             allocated_bytes: self.pool.image_allocated(name),
             volumes: self.pool.dependents(name),
             clients,
+            damaged: e
+                .failed_verify
+                .map(|why| format!("its last verification failed: {why}"))
+                .or(not_served),
         })
     }
 
+    /// Every image, damaged ones included (with why), by name.
     pub fn images(&self) -> Result<Vec<ImageInfo>, NodeError> {
+        let mut names: Vec<String> = self.pool.images().into_iter().map(|i| i.name).collect();
+        names.extend(self.damaged_names("image"));
+        names.sort();
+        names.iter().map(|n| self.image_info(n)).collect()
+    }
+
+    /// Why `name` (of `kind`) was set aside as damaged when the pool opened, if it was.
+    fn damaged(&self, kind: &str, name: &str) -> Option<String> {
         self.pool
-            .images()
-            .iter()
-            .map(|i| self.image_info(&i.name))
+            .damaged()
+            .into_iter()
+            .find(|(k, n, _)| *k == kind && n == name)
+            .map(|(_, _, why)| why)
+    }
+
+    fn damaged_names(&self, kind: &str) -> Vec<String> {
+        self.pool
+            .damaged()
+            .into_iter()
+            .filter(|(k, _, _)| *k == kind)
+            .map(|(_, n, _)| n)
             .collect()
     }
 
@@ -456,6 +491,17 @@ impl Node {
             }
             format!("the image is damaged: {}", why.join(", "))
         };
+        // Remembered across restarts: a damaged golden image is an alert, and no server gets
+        // a clone of it until a verification passes again.
+        if r.ok() {
+            if e.failed_verify.is_some() {
+                tracing::info!(image = %name, "verified again: clones of it may be made");
+            }
+            self.pool.set_failed_verify(name, None)?;
+        } else {
+            tracing::error!(image = %name, "{message}; no clones of it until it verifies");
+            self.pool.set_failed_verify(name, Some(&message))?;
+        }
         Ok(VerifyInfo {
             name: name.to_owned(),
             ok: r.ok(),
@@ -543,6 +589,15 @@ impl Node {
     ) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
         let _cloning = image.map(|i| self.cloning(i)).transpose()?;
+        if let Some(i) = image
+            && let Ok(e) = self.pool.image(i)
+            && let Some(why) = e.failed_verify
+        {
+            return Err(NodeError::InUse(format!(
+                "image {i:?} failed its last verification ({why}): no clones of it until \
+                 `streamer image verify {i}` passes (or re-import it)"
+            )));
+        }
         if self.pool.volume(name).is_ok() {
             return Err(PoolError::Exists {
                 kind: "volume",
@@ -561,6 +616,22 @@ impl Node {
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, NodeError> {
+        if let Some(why) = self.damaged("volume", name) {
+            return Ok(VolumeInfo {
+                name: name.to_owned(),
+                size: 0,
+                allocated_bytes: self.pool.volume_allocated(name),
+                image: None,
+                clients: 0,
+                served: false,
+                failed: None,
+                counters: VolumeCounters::default(),
+                generation: String::new(),
+                epoch: 0,
+                commit: 0,
+                damaged: Some(why),
+            });
+        }
         let e = self.pool.volume(name)?;
         let t = self.served.lock().volumes.get(name).cloned();
         let broken = self.served.lock().broken.get(name).cloned();
@@ -588,15 +659,16 @@ impl Node {
             generation,
             epoch,
             commit,
+            damaged: None,
         })
     }
 
+    /// Every volume, damaged ones included (with why), by name.
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>, NodeError> {
-        self.pool
-            .volumes()
-            .iter()
-            .map(|v| self.volume_info(&v.name))
-            .collect()
+        let mut names: Vec<String> = self.pool.volumes().into_iter().map(|v| v.name).collect();
+        names.extend(self.damaged_names("volume"));
+        names.sort();
+        names.iter().map(|n| self.volume_info(n)).collect()
     }
 
     /// Grows a volume; connected clients keep the old size, new connections see the new one.
@@ -720,6 +792,15 @@ impl Node {
         let s = self.served.lock();
         for (name, why) in &s.broken_images {
             alerts.push(format!("image {name:?} is not served: {why}"));
+        }
+        for i in &images {
+            if let Some(why) = &i.failed_verify {
+                alerts.push(format!(
+                    "image {:?} failed its last verification ({why}): no clones of it until \
+                     `streamer image verify {}` passes",
+                    i.name, i.name
+                ));
+            }
         }
         for (name, why) in &s.broken {
             alerts.push(format!(

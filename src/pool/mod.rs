@@ -35,6 +35,8 @@ const IMAGE_RAW: &str = "image.raw";
 const IMAGE_META: &str = "image.meta";
 const VOLUME_META: &str = "volume.meta";
 const VOLUME_DATA: &str = "volume.data";
+/// Beside an image whose last verification failed: why.
+const VERIFY_FAILED: &str = "verify-failed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -143,6 +145,9 @@ pub struct Expect {
 pub struct ImageEntry {
     pub name: String,
     pub info: ImageInfo,
+    /// Why its last verification failed (`images/NAME/verify-failed`, kept across restarts):
+    /// no clones are made of it until a verification passes.
+    pub failed_verify: Option<String>,
 }
 
 /// A volume as the pool lists it.
@@ -240,7 +245,15 @@ impl Pool {
         for name in list_dir(&dir, "images")? {
             match load_image(&dir, &name) {
                 Ok(info) => {
-                    images.insert(name.clone(), ImageEntry { name, info });
+                    let failed_verify = read_failed_verify(&dir, &name);
+                    images.insert(
+                        name.clone(),
+                        ImageEntry {
+                            name,
+                            info,
+                            failed_verify,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::error!(image = %name, "damaged, not served: {e}");
@@ -438,6 +451,7 @@ impl Pool {
         let entry = ImageEntry {
             name: name.to_owned(),
             info,
+            failed_verify: None,
         };
         self.catalog
             .lock()
@@ -730,6 +744,31 @@ impl Pool {
         Ok(e.clone())
     }
 
+    /// Records the outcome of image `name`'s verification durably: `Some(why)` it failed (no
+    /// clones of it until one passes), `None` it passed.
+    pub fn set_failed_verify(&self, name: &str, why: Option<&str>) -> Result<(), PoolError> {
+        let rel = Self::image_file(name, VERIFY_FAILED);
+        let err = io_err(format!("recording the verification of image {name:?}"));
+        match why {
+            Some(why) => {
+                let tmp = Self::image_file(name, ".verify-failed.tmp");
+                let _ = self.dir.remove_all(&tmp);
+                let mut f = self.dir.open_file(&tmp, Access::CreateNew).map_err(&err)?;
+                std::io::Write::write_all(&mut f, why.as_bytes()).map_err(&err)?;
+                f.sync_all().map_err(&err)?;
+                self.dir.rename(&tmp, &rel, false).map_err(&err)?;
+            }
+            None => self.dir.remove_all(&rel).map_err(&err)?,
+        }
+        self.dir
+            .sync_dir(&Path::new("images").join(name))
+            .map_err(err)?;
+        if let Some(e) = self.catalog.lock().images.get_mut(name) {
+            e.failed_verify = why.map(str::to_owned);
+        }
+        Ok(())
+    }
+
     /// Re-reads image `name` and checks it against its digest.
     pub fn verify_image(
         &self,
@@ -841,6 +880,16 @@ fn list_dir(dir: &PoolDir, sub: &str) -> Result<Vec<String>, PoolError> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Why image `name`'s last verification failed, if it did.
+fn read_failed_verify(dir: &PoolDir, name: &str) -> Option<String> {
+    let f = dir
+        .open_file(&Pool::image_file(name, VERIFY_FAILED), Access::Read)
+        .ok()?;
+    let mut why = String::new();
+    f.take(4096).read_to_string(&mut why).ok()?;
+    Some(why)
 }
 
 /// An image's sealed metadata, checked.
