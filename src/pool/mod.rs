@@ -35,6 +35,8 @@ const IMAGE_RAW: &str = "image.raw";
 const IMAGE_META: &str = "image.meta";
 const VOLUME_META: &str = "volume.meta";
 const VOLUME_DATA: &str = "volume.data";
+/// Written when a node stopped cleanly (every volume committed), removed when one starts.
+const CLEAN_STOP: &str = ".clean-stop";
 /// Beside an image whose last verification failed: why.
 const VERIFY_FAILED: &str = "verify-failed";
 
@@ -742,6 +744,27 @@ impl Pool {
         })?;
         e.size = size;
         Ok(e.clone())
+    }
+
+    /// Whether the last node serving this pool stopped cleanly; the mark is removed, so a
+    /// crash of this one is seen by the next.
+    pub fn take_clean_stop(&self) -> bool {
+        let was = self.dir.stat(Path::new(CLEAN_STOP)).is_ok();
+        if was && let Err(e) = self.dir.remove_all(Path::new(CLEAN_STOP)) {
+            tracing::warn!("removing the clean-stop mark: {e}");
+            return false;
+        }
+        let _ = self.dir.sync_dir(Path::new("."));
+        was
+    }
+
+    /// Marks the pool stopped cleanly (see `take_clean_stop`).
+    pub fn mark_clean_stop(&self) -> Result<(), PoolError> {
+        let err = io_err("marking the pool stopped cleanly");
+        self.dir
+            .open_file(Path::new(CLEAN_STOP), Access::CreateOrOpen)
+            .map_err(&err)?;
+        self.dir.sync_dir(Path::new(".")).map_err(err)
     }
 
     /// Records the outcome of image `name`'s verification durably: `Some(why)` it failed (no

@@ -329,13 +329,20 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.shutdown();
     }
+    let mut all_synced = true;
     for (name, target) in exports.snapshot() {
         if let Err(err) = target.sync() {
             tracing::error!(export = %name, "final flush failed: {err}");
+            all_synced = false;
         }
     }
     // Requests parked on a commit were answered while the engine drained; none wait now.
     committers.stop();
+    if let Some(node) = &node
+        && all_synced
+    {
+        node.stopped_cleanly();
+    }
     drop(node);
     if let Some(path) = &cfg.socket {
         let _ = std::fs::remove_file(path);
