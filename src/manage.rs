@@ -480,16 +480,21 @@ fn check_image(file: &Path, format: &str) -> Result<(), String> {
     match out.status.code() {
         Some(0 | 3 | 63) => Ok(()),
         _ => {
-            let msg = String::from_utf8_lossy(&out.stderr);
-            let msg2 = String::from_utf8_lossy(&out.stdout);
+            // One line: the first few of qemu-img's findings.
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let mut said = lines.iter().take(3).copied().collect::<Vec<_>>().join("; ");
+            if lines.len() > 3 {
+                said.push_str(&format!("; and {} more", lines.len() - 3));
+            }
             Err(format!(
-                "{} is damaged ({format}; `qemu-img check` says: {}): not imported",
+                "{} is damaged ({format}; `qemu-img check` says: {said}): not imported",
                 file.display(),
-                [msg.trim(), msg2.trim()]
-                    .into_iter()
-                    .filter(|m| !m.is_empty())
-                    .collect::<Vec<_>>()
-                    .join("; ")
             ))
         }
     }

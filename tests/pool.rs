@@ -1074,3 +1074,55 @@ fn space_leaked_by_a_kill_9_is_reclaimed_and_reported_at_start() {
     assert_eq!(json(&dir, &["status"])["alerts"], serde_json::json!([]));
     server.stop();
 }
+
+/// A qcow2 truncated to 100 KiB (`qemu-img check` finds errors) was imported as a 1 GiB image
+/// of zeroes, exit 0. The CLI checks an image before converting it and refuses a damaged one
+/// with qemu-img's words; a sound qcow2 with a backing file is flattened (as the calling user).
+#[test]
+fn a_damaged_qcow2_is_refused_and_a_backed_one_is_flattened() {
+    let dir = Scratch::new("qcow2");
+    let raw = golden(&dir, "src.raw", 4 << 20);
+    let q = dir.path("src.qcow2");
+    let p = |x: &PathBuf| x.to_str().unwrap().to_owned();
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", &p(&raw), &p(&q)],
+    );
+    let cut = dir.path("cut.qcow2");
+    std::fs::copy(&q, &cut).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(100 << 10)
+        .unwrap();
+    let top = dir.path("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &p(&q),
+            "-F",
+            "qcow2",
+            &p(&top),
+        ],
+    );
+    let server = start_node(&dir);
+    let err = cli_err(&dir, &["image", "import", "cut", &p(&cut)]);
+    assert!(
+        err.contains("damaged") && err.contains("qemu-img check"),
+        "{err}"
+    );
+    assert!(!cli_ok(&dir, &["image", "list"]).contains("cut"));
+    let img = json(&dir, &["image", "import", "top", &p(&top)]);
+    assert_eq!(
+        img["sha256"],
+        sha256sum(&raw),
+        "the backing file's bytes, flattened"
+    );
+    server.stop();
+}
