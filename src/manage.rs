@@ -11,7 +11,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::mgmt::client::{ClientError, call};
 use crate::mgmt::protocol::{
-    CheckInfo, ImageInfo, Request, Response, StatusInfo, VerifyInfo, VolumeInfo,
+    CheckInfo, ClientInfo, ImageInfo, Request, Response, StatusInfo, VerifyInfo, VolumeInfo,
 };
 
 /// The management socket's file name inside the data directory.
@@ -697,7 +697,23 @@ fn render_volume(v: &VolumeInfo) -> String {
         ("errors", c.errors.to_string()),
         ("commit", v.commit.to_string()),
         ("generation", v.generation.clone()),
-    ])
+    ]) + &render_clients(&v.connections)
+}
+
+/// One line per client connection: peer, export, how long, bytes each way.
+fn render_clients(list: &[ClientInfo]) -> String {
+    list.iter()
+        .map(|c| {
+            format!(
+                "  client: {} on {} for {}s, read {}, written {}\n",
+                c.peer,
+                c.export,
+                c.seconds,
+                HumanBytes(c.read_bytes),
+                HumanBytes(c.written_bytes)
+            )
+        })
+        .collect()
 }
 
 fn render_verify(v: &VerifyInfo) -> String {
@@ -784,6 +800,7 @@ fn render_status(s: &StatusInfo) -> String {
     for a in &s.alerts {
         out.push_str(&format!("  alert: {a}\n"));
     }
+    out.push_str(&render_clients(&s.clients));
     if !s.jobs.is_empty() {
         out.push_str(&format!("{:<14}{}\n", "running:", s.jobs.len()));
     }

@@ -1126,3 +1126,41 @@ fn a_damaged_qcow2_is_refused_and_a_backed_one_is_flattened() {
     );
     server.stop();
 }
+
+/// `status` and `volume show` gave a count of clients, not who they are: each connection is
+/// listed with its peer address, export, how long it has been connected and its bytes.
+#[test]
+fn status_and_volume_show_list_each_client() {
+    let dir = Scratch::new("clients");
+    let server = start_node(&dir);
+    cli_ok(&dir, &["volume", "create", "web-1", "--size", "16M"]);
+    let code = "import nbd, sys, time\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.pwrite(bytes(1 << 20), 0); h.pread(65536, 0)\n\
+                print('done', flush=True); time.sleep(30)\n";
+    let mut client = Command::new("/usr/bin/python3")
+        .args(["-c", code, &server.uri("web-1")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let st = json(&dir, &["status"]);
+    let c = &st["clients"][0];
+    assert_eq!(c["export"], "web-1", "{st}");
+    assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{st}");
+    assert_eq!(c["written_bytes"], 1 << 20);
+    assert_eq!(c["read_bytes"], 65536);
+    let show = cli_ok(&dir, &["volume", "show", "web-1"]);
+    assert!(show.contains("client: 127.0.0.1:") && show.contains("on web-1"), "{show}");
+    let _ = client.kill();
+    let _ = client.wait();
+    wait_for("the client to be gone", || {
+        json(&dir, &["status"])["clients"].as_array().unwrap().is_empty()
+    });
+    server.stop();
+}

@@ -24,7 +24,7 @@ use crate::nbd::request::{self, Command, Parse, Rejection, Session};
 use crate::nbd::wire::{DEFAULT_MAX_PAYLOAD_BYTES, META_BASE_ALLOCATION_ID};
 use crate::nbd::{NbdErrno, ReplyMode};
 use crate::target::{
-    BlockTarget, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp,
+    BlockTarget, Client, Exports, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, TargetOp,
 };
 
 /// Receive buffer: holds the largest option (64 KiB + header) or many small requests.
@@ -260,6 +260,8 @@ pub(super) struct Conn {
     handshake_timeout: std::time::Duration,
     max_payload_bytes: u32,
     max_buffer_bytes: u64,
+    /// This connection as `status` lists it, once it is in transmission.
+    client: Option<Arc<Client>>,
     /// Longest a reply may wait for the client to take any of it (`EngineConfig::send_timeout`).
     send_timeout: std::time::Duration,
     /// Since when replies have waited without the client taking a byte of them.
@@ -349,6 +351,7 @@ impl Conn {
             handshake_timeout: cfg.handshake_timeout,
             max_payload_bytes: cfg.max_payload_bytes,
             max_buffer_bytes: cfg.max_conn_buffer_bytes,
+            client: None,
             send_timeout: cfg.send_timeout,
             send_waiting_since: None,
             waiting_memory: false,
@@ -417,7 +420,10 @@ impl Conn {
     }
 
     /// Releases what the connection holds. Only called when `is_finished`.
-    pub fn finish(mut self: Box<Self>, io: &mut Io) {
+    pub fn finish(mut self: Box<Self>, io: &mut Io, exports: &Exports) {
+        if self.client.take().is_some() {
+            exports.client_closed(self.serial);
+        }
         // Read-ahead still counted here (parked, or in flight when the connection closed) leaves
         // the worker's account with the connection.
         io.ahead_bytes -= self.ahead_bytes;
@@ -663,6 +669,8 @@ impl Conn {
                         "connection opened"
                     );
                     self.deadline = None;
+                    self.client =
+                        Some(exports.client_opened(self.serial, &self.peer, &neg.export_name));
                     neg.export.attach();
                     self.phase = Phase::Transmission {
                         session,
@@ -1535,6 +1543,19 @@ impl Conn {
             header: &mut slot.header,
             segments: &mut slot.segments,
         };
+        if let Some(c) = &self.client {
+            let counter = match (slot.read_df, &slot.op) {
+                (Some(_), _) => Some(&c.read_bytes),
+                (None, TargetOp::Write { .. }) => Some(&c.written_bytes),
+                _ => None,
+            };
+            if let Some(n) = counter {
+                n.fetch_add(
+                    u64::from(slot.data_len),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
         match slot.read_df {
             Some(df) => {
                 let len = slot.data_len as usize;

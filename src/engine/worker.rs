@@ -619,7 +619,7 @@ impl Worker {
             .is_some_and(|c| c.is_finished());
         if done {
             let conn = self.conns[cid as usize].take().expect("checked above");
-            conn.finish(&mut self.io);
+            conn.finish(&mut self.io, &self.exports);
             self.free_ids.push(cid);
             self.open_conns.fetch_sub(1, Ordering::Relaxed);
         }

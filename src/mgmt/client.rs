@@ -187,7 +187,7 @@ pub fn call(
             serde_json::from_slice(&buf).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match reply {
             Reply::Progress { done, total } => progress(done, total),
-            Reply::Ok { result } => return Ok(result),
+            Reply::Ok { result } => return Ok(*result),
             Reply::Error { kind, message } => return Err(ClientError::Node { kind, message }),
         }
     }

@@ -136,7 +136,8 @@ pub enum Reply {
         total: Option<u64>,
     },
     Ok {
-        result: Response,
+        /// Boxed: a status is much larger than a progress line.
+        result: Box<Response>,
     },
     Error {
         kind: ErrorKind,
@@ -231,6 +232,9 @@ pub struct VolumeInfo {
     /// when the node started; `volume delete` removes it.
     #[serde(default)]
     pub damaged: Option<String>,
+    /// Its client connections.
+    #[serde(default)]
+    pub connections: Vec<ClientInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -274,6 +278,22 @@ pub struct StatusInfo {
     /// Long commands under way (import, capture, verify, check).
     #[serde(default)]
     pub jobs: Vec<JobInfo>,
+    /// Every NBD client connection in transmission.
+    #[serde(default)]
+    pub clients: Vec<ClientInfo>,
+}
+
+/// An NBD client connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientInfo {
+    /// `ADDR:PORT`, or `unix` for the Unix socket.
+    pub peer: String,
+    pub export: String,
+    /// Connected since (seconds since the Unix epoch), and for how long.
+    pub since_unix: u64,
+    pub seconds: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
 }
 
 /// A long command under way (`streamer cancel ID` ends it).

@@ -435,7 +435,9 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
         }
     };
     let reply = match run(node, request, fds, job, uid, &mut progress) {
-        Ok(result) => Reply::Ok { result },
+        Ok(result) => Reply::Ok {
+            result: Box::new(result),
+        },
         Err(e) => {
             tracing::info!("management command failed: {e}");
             Reply::Error {

@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 use volume_format::VolumeError;
 
 use crate::mgmt::protocol::{
-    CheckInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
+    CheckInfo, ClientInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck,
+    VolumeInfo,
 };
 use crate::names::validate_name;
 use crate::pool::{Expect, ImportSource, Pool, PoolError};
@@ -225,6 +226,30 @@ impl Node {
             Ok(_) => {}
             Err(e) => tracing::error!(volume = %name, "checking for leaked space: {e}"),
         }
+    }
+
+    /// NBD connections in transmission, to export `export` or to any.
+    fn clients_of(&self, export: Option<&str>) -> Vec<ClientInfo> {
+        let now = std::time::SystemTime::now();
+        let mut out: Vec<ClientInfo> = self
+            .exports
+            .clients()
+            .iter()
+            .filter(|c| export.is_none_or(|e| c.export == e))
+            .map(|c| ClientInfo {
+                peer: c.peer.clone(),
+                export: c.export.clone(),
+                since_unix: c
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                seconds: now.duration_since(c.since).map_or(0, |d| d.as_secs()),
+                read_bytes: c.read_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                written_bytes: c.written_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.export, a.since_unix).cmp(&(&b.export, b.since_unix)));
+        out
     }
 
     /// Called once the node has committed and closed everything: the next start need not look
@@ -668,6 +693,7 @@ impl Node {
                 epoch: 0,
                 commit: 0,
                 damaged: Some(why),
+                connections: vec![],
             });
         }
         let e = self.pool.volume(name)?;
@@ -698,6 +724,7 @@ impl Node {
             epoch,
             commit,
             damaged: None,
+            connections: self.clients_of(Some(name)),
         })
     }
 
@@ -883,6 +910,7 @@ impl Node {
             connections,
             alerts,
             jobs: self.jobs.list(),
+            clients: self.clients_of(None),
         }
     }
 

@@ -338,9 +338,43 @@ impl Export {
 #[derive(Default)]
 pub struct Exports {
     list: parking_lot::RwLock<Vec<Export>>,
+    /// Connections in transmission, by their serial: who uses which export (`status`).
+    clients: parking_lot::Mutex<std::collections::BTreeMap<u64, Arc<Client>>>,
+}
+
+/// A client connection using an export, as `status` and `volume show` list it. The engine
+/// counts its bytes as its requests complete (one connection, one thread: no contention).
+pub struct Client {
+    pub peer: String,
+    pub export: String,
+    pub since: std::time::SystemTime,
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    pub written_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Exports {
+    /// A connection started using `export`; it is listed until `client_closed`.
+    pub fn client_opened(&self, serial: u64, peer: &str, export: &str) -> Arc<Client> {
+        let c = Arc::new(Client {
+            peer: peer.to_owned(),
+            export: export.to_owned(),
+            since: std::time::SystemTime::now(),
+            read_bytes: Default::default(),
+            written_bytes: Default::default(),
+        });
+        self.clients.lock().insert(serial, c.clone());
+        c
+    }
+
+    pub fn client_closed(&self, serial: u64) {
+        self.clients.lock().remove(&serial);
+    }
+
+    /// The connections in transmission now.
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        self.clients.lock().values().cloned().collect()
+    }
+
     /// Adds an export; refused (and handed back) when the name is taken.
     pub fn add(&self, export: Export) -> Result<(), Export> {
         let mut list = self.list.write();
