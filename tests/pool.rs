@@ -1152,15 +1152,24 @@ fn status_and_volume_show_list_each_client() {
     let st = json(&dir, &["status"]);
     let c = &st["clients"][0];
     assert_eq!(c["export"], "web-1", "{st}");
-    assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{st}");
+    assert!(
+        c["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{st}"
+    );
     assert_eq!(c["written_bytes"], 1 << 20);
     assert_eq!(c["read_bytes"], 65536);
     let show = cli_ok(&dir, &["volume", "show", "web-1"]);
-    assert!(show.contains("client: 127.0.0.1:") && show.contains("on web-1"), "{show}");
+    assert!(
+        show.contains("client: 127.0.0.1:") && show.contains("on web-1"),
+        "{show}"
+    );
     let _ = client.kill();
     let _ = client.wait();
     wait_for("the client to be gone", || {
-        json(&dir, &["status"])["clients"].as_array().unwrap().is_empty()
+        json(&dir, &["status"])["clients"]
+            .as_array()
+            .unwrap()
+            .is_empty()
     });
     server.stop();
 }
