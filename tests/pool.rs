@@ -560,6 +560,9 @@ fn errors_name_the_real_problem() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("--force"), "{text}");
+    // A volume it could not check is no clean bill of health: exit 1, and named.
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("not checked: web-1"), "{text}");
     let _ = client.kill();
     let _ = client.wait();
     // An unknown export, asked for with NBD_OPT_GO: the log names it.
@@ -892,6 +895,28 @@ fn a_file_system_without_fallocate_poisons_nothing() {
         &[&server.uri("web-1"), raw.to_str().unwrap(), "1500"],
     );
     assert!(out.contains("PASS"), "{out}");
+    // fio's own verify over trim+write pairs (depth 1: NBD does not order a trim and a write
+    // of the same block in flight together, and fio's trimwrite assumes it does).
+    let out = run(
+        "fio",
+        &[
+            "--name=trims",
+            "--ioengine=nbd",
+            &format!("--uri={}", server.uri("web-1")),
+            "--rw=randtrimwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        !text.contains("verify:") && text.contains("err= 0"),
+        "{text}"
+    );
+    assert!(text.contains("trim:"), "fio trimmed nothing: {text}");
     let v: serde_json::Value =
         serde_json::from_slice(&cli(&["volume", "show", "web-1", "--json"]).stdout).unwrap();
     assert!(v["failed"].is_null(), "the volume latched: {v}");
@@ -1009,17 +1034,28 @@ fn an_import_whose_client_goes_away_or_is_cancelled_publishes_nothing() {
             .count(),
         0
     );
+    // The node stopped during an import: the client hears why (it used to get "a reply this
+    // client does not understand"), and the node still stops cleanly.
+    let import = start_import("stopping");
+    wait_for("the import to stream", || {
+        job_of("stopping").is_some_and(|j| j["done_bytes"].as_u64().unwrap() >= 1 << 20)
+    });
+    let log = server.stop();
+    let out = import.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cancelled: the node is stopping"), "{err}");
     // The writers stop once the node let go of their pipes (a write to it then fails).
     for mut w in writers.take() {
         let _ = w.kill();
         let _ = w.wait();
     }
-    let log = server.stop();
     assert!(
         log.contains("image import trunc cancelled: its client went away"),
         "{log}"
     );
     assert!(log.contains("nothing was published"), "{log}");
+    assert!(!pool_dir(&dir).join("images/stopping").exists());
 }
 
 /// After a kill -9, start-up and `status` said nothing; only `check` found the space that

@@ -128,6 +128,18 @@ impl Jobs {
         self.running.lock().values().map(|j| j.info()).collect()
     }
 
+    /// Cancels every job (the node is stopping) and waits up to `wait` for them to end, so
+    /// their clients hear why and nothing half-made is left staged.
+    pub fn cancel_all(&self, why: &str, wait: std::time::Duration) {
+        for j in self.running.lock().values() {
+            j.cancel(why);
+        }
+        let deadline = Instant::now() + wait;
+        while !self.running.lock().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Cancels job `id`; `None` when no such job runs.
     pub fn cancel(&self, id: u64, by_uid: u32) -> Option<JobInfo> {
         let job = self.running.lock().get(&id).cloned()?;

@@ -326,6 +326,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(m) = mgmt {
         m.stop();
     }
+    // Long commands end now, undone (an import is not published), and their clients are told.
+    if let Some(node) = &node {
+        node.jobs
+            .cancel_all("the node is stopping", Duration::from_secs(10));
+    }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.shutdown();
     }
