@@ -826,6 +826,7 @@ time.sleep(2)
     }
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let held = rss(server.pid());
+    eprintln!("RSS {} MiB -> {} MiB", before >> 20, held >> 20);
     assert!(
         held < before + (64 << 20),
         "RSS {} MiB -> {} MiB with a 16 MiB budget",
