@@ -917,6 +917,23 @@ fn a_file_system_without_fallocate_poisons_nothing() {
         "{text}"
     );
     assert!(text.contains("trim:"), "fio trimmed nothing: {text}");
+    // A discard of a whole sparse disk (mkfs does one) writes zeroes over data only: it must
+    // not allocate the disk (found by review).
+    cli(&["volume", "create", "blank", "--size", "1G"]);
+    let trim = "import nbd, sys\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.pwrite(bytes([3]) * 65536, 5 << 20)\n\
+                h.trim(h.get_size(), 0); h.flush()\n\
+                assert h.pread(65536, 5 << 20) == bytes(65536)\n\
+                print('ok')";
+    let out = run("/usr/bin/python3", &["-c", trim, &server.uri("blank")]);
+    assert!(stdout(&out).contains("ok"), "{out:?}");
+    let b: serde_json::Value =
+        serde_json::from_slice(&cli(&["volume", "show", "blank", "--json"]).stdout).unwrap();
+    assert!(
+        b["allocated_bytes"].as_u64().unwrap() < 16 << 20,
+        "a whole-disk trim allocated it: {b}"
+    );
     let v: serde_json::Value =
         serde_json::from_slice(&cli(&["volume", "show", "web-1", "--json"]).stdout).unwrap();
     assert!(v["failed"].is_null(), "the volume latched: {v}");

@@ -908,3 +908,44 @@ fn random_writes_across_a_huge_volume_keep_the_map_in_its_cache() {
     let log = server.stop();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// A WRITE header whose payload never comes held its buffer (up to a whole request) for as
+/// long as the client liked: a few such connections held a worker's whole memory budget, and
+/// every other client on it waited. A payload that makes no progress for --send-timeout ends
+/// the connection (found by review).
+#[test]
+fn a_write_whose_payload_stops_coming_is_cut_off() {
+    let dir = Scratch::new("stalledpayload");
+    let disk = dir.path("disk.raw");
+    data_file(&disk, 8 << 20, 2);
+    let spec = format!("disk={}", disk.display());
+    let server = Server::start(
+        &dir,
+        &["--export", &spec, "--send-timeout", "2", "--threads", "1"],
+    );
+    let (host, port) = server.tcp.rsplit_once(':').unwrap();
+    let script = format!(
+        r#"
+import socket, struct, time
+s = socket.socket()
+s.connect(({host:?}, {port}))
+s.recv(18, socket.MSG_WAITALL)
+s.sendall(struct.pack(">I", 3))
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 4) + b"disk")
+s.recv(10, socket.MSG_WAITALL)
+# A 1 MiB WRITE with one byte of its payload, then nothing.
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 0, 1 << 20) + b"x")
+s.settimeout(10)
+t = time.time()
+try:
+    gone = s.recv(1) == b""
+except ConnectionResetError:
+    gone = True
+print("closed" if gone else "open", round(time.time() - t))
+"#
+    );
+    let out = stdout(&run("/usr/bin/python3", &["-c", &script]));
+    assert!(out.starts_with("closed"), "{out}");
+    let log = server.stop();
+    assert!(log.contains("sent no payload bytes for 2s"), "{log}");
+}

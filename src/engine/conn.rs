@@ -266,6 +266,9 @@ pub(super) struct Conn {
     send_timeout: std::time::Duration,
     /// Since when replies have waited without the client taking a byte of them.
     send_waiting_since: Option<Instant>,
+    /// When the client last sent bytes: a write whose payload stops coming holds its buffer
+    /// (up to a whole request's) for as long as the client likes, unless this times out.
+    last_received: Instant,
     /// On the worker's list of connections waiting for its buffer memory (`Io::memory_waiters`).
     waiting_memory: bool,
     /// Most bytes read ahead and not yet asked for (`EngineConfig::read_ahead_bytes`).
@@ -354,6 +357,7 @@ impl Conn {
             client: None,
             send_timeout: cfg.send_timeout,
             send_waiting_since: None,
+            last_received: Instant::now(),
             waiting_memory: false,
             ahead_window: cfg.read_ahead_bytes,
             rbuf: vec![0; RECV_BUFFER_BYTES],
@@ -480,6 +484,17 @@ impl Conn {
             ));
             return;
         }
+        let payload_pending =
+            self.payload_slot.is_some() || self.splice_slot.is_some() || self.skip_bytes > 0;
+        if payload_pending && now.duration_since(self.last_received) >= self.send_timeout {
+            // A request's payload that stopped coming: its buffer goes back to the clients
+            // that send what they announce.
+            self.close(format!(
+                "the client sent no payload bytes for {}s",
+                self.send_timeout.as_secs()
+            ));
+            return;
+        }
         if self.deadline.is_some_and(|d| now >= d) {
             let reason = match &self.phase {
                 Phase::Handshake(hs) if hs.shutting_down() => "server shutting down",
@@ -585,6 +600,9 @@ impl Conn {
         self.kernel_ops -= 1;
         if self.closing.is_some() {
             return;
+        }
+        if res > 0 {
+            self.last_received = Instant::now();
         }
         if res < 0 {
             if res == -libc::EINTR || res == -libc::EAGAIN {
@@ -1262,6 +1280,9 @@ impl Conn {
 
     pub fn on_splice(&mut self, io: &mut Io, sid: u16, sub: u16, res: i32) {
         self.kernel_ops -= 1;
+        if sub == SPLICE_TAKE && res > 0 {
+            self.last_received = Instant::now();
+        }
         let Some(sp) = self.slots[sid as usize].splice.as_mut() else {
             tracing::error!(conn = self.serial, sid, "splice completion for no splice");
             return;

@@ -594,13 +594,12 @@ impl Worker {
         }
     }
 
-    /// Lets connections that wait for buffer memory read again once there is room for at least
-    /// a largest request, in the order they started waiting; each takes what it needs and the
-    /// rest wait again.
+    /// Lets connections that wait for buffer memory read again once some is free, in the order
+    /// they started waiting; each takes what its next request needs, and those it does not fit
+    /// wait again (waiting for room for a largest request would starve small ones).
     fn wake_memory_waiters(&mut self) {
-        let room = u64::from(self.cfg.max_payload_bytes);
         let used = self.io.buffer_bytes.saturating_sub(self.io.ahead_bytes);
-        if self.io.memory_waiters.is_empty() || used + room > self.io.buffer_limit {
+        if self.io.memory_waiters.is_empty() || used >= self.io.buffer_limit {
             return;
         }
         let waiters = std::mem::take(&mut self.io.memory_waiters);

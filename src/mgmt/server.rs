@@ -21,7 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
 
 use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response};
-use crate::node::{Job, Liveness, Node, NodeError};
+use crate::node::{Job, Liveness, Node, NodeError, Refused};
 use crate::pool::Expect;
 
 /// Time a client has to send its request line.
@@ -522,7 +522,13 @@ fn run(
             .jobs
             .cancel(id, uid)
             .map(Response::Cancelled)
-            .ok_or_else(|| NodeError::NotFound(format!("no command {id} is running"))),
+            .map_err(|r| match r {
+                Refused::NoSuchJob => NodeError::NotFound(format!("no command {id} is running")),
+                Refused::NotYours { owner } => NodeError::Denied(format!(
+                    "command {id} belongs to uid {owner}: only it, root and the node's user \
+                     may cancel it"
+                )),
+            }),
     }
 }
 

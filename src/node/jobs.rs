@@ -97,6 +97,16 @@ impl Job {
     }
 }
 
+/// Why a cancel was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    NoSuchJob,
+    /// Another user's job (an admin-group member may not end root's import).
+    NotYours {
+        owner: u32,
+    },
+}
+
 /// The jobs of a node.
 #[derive(Default)]
 pub struct Jobs {
@@ -140,11 +150,20 @@ impl Jobs {
         }
     }
 
-    /// Cancels job `id`; `None` when no such job runs.
-    pub fn cancel(&self, id: u64, by_uid: u32) -> Option<JobInfo> {
-        let job = self.running.lock().get(&id).cloned()?;
+    /// Cancels job `id` for `by_uid`: the user who started it, root, or the node's own user.
+    pub fn cancel(&self, id: u64, by_uid: u32) -> Result<JobInfo, Refused> {
+        let job = self
+            .running
+            .lock()
+            .get(&id)
+            .cloned()
+            .ok_or(Refused::NoSuchJob)?;
+        let node_user = rustix::process::geteuid().as_raw();
+        if by_uid != 0 && by_uid != job.uid && by_uid != node_user {
+            return Err(Refused::NotYours { owner: job.uid });
+        }
         job.cancel(&format!("cancelled by uid {by_uid}"));
-        Some(job.info())
+        Ok(job.info())
     }
 }
 
@@ -159,7 +178,11 @@ mod tests {
         g.job.progress(10, Some(100));
         assert!(g.job.check().is_ok());
         assert_eq!(jobs.list()[0].done_bytes, 10);
-        assert!(jobs.cancel(99, 0).is_none());
+        assert_eq!(jobs.cancel(99, 0).unwrap_err(), Refused::NoSuchJob);
+        assert_eq!(
+            jobs.cancel(g.job.id, 4242).unwrap_err(),
+            Refused::NotYours { owner: 1000 }
+        );
         jobs.cancel(g.job.id, 0).unwrap();
         assert!(g.job.check().unwrap_err().contains("cancelled by uid 0"));
         drop(g);

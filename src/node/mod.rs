@@ -28,7 +28,7 @@ mod pace;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
-pub use jobs::{Job, JobGuard, Jobs, Liveness};
+pub use jobs::{Job, JobGuard, Jobs, Liveness, Refused};
 use pace::Pacer;
 
 /// Export name prefix of golden images.
@@ -47,6 +47,8 @@ pub enum NodeError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     Io(String),
     /// A long command ended early (`streamer cancel`, or its client went away).
@@ -68,6 +70,7 @@ impl NodeError {
             },
             NodeError::InUse(_) => ErrorKind::InUse,
             NodeError::NotFound(_) => ErrorKind::NotFound,
+            NodeError::Denied(_) => ErrorKind::Denied,
             NodeError::Invalid(_) => ErrorKind::Invalid,
             NodeError::Io(_) => ErrorKind::Io,
             NodeError::Cancelled(_) => ErrorKind::Cancelled,

@@ -77,17 +77,31 @@ impl PoolDir {
     /// the directories above it.
     pub fn open(path: &Path, create: bool) -> io::Result<PoolDir> {
         let uid = rustix::process::geteuid().as_raw();
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if let Some(parent) = parent {
-            if create {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    io::Error::new(e.kind(), format!("creating {}: {e}", parent.display()))
-                })?;
-            }
-            if parent.exists() {
-                check_ancestors(parent, uid)?;
-            }
+        // A bare name's directory is the current one: it is checked like any other.
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if create {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                io::Error::new(e.kind(), format!("creating {}: {e}", parent.display()))
+            })?;
         }
+        // From here on the pool is reached through the directories that were checked, not
+        // through the path again: a symbolic link on the way (which may sit in a directory
+        // someone else can change) is resolved once, and its target is what gets checked.
+        let target = if parent.exists() {
+            check_ancestors(parent, uid)?;
+            let canonical = std::fs::canonicalize(parent)?;
+            match path.file_name() {
+                Some(name) => canonical.join(name),
+                None => std::fs::canonicalize(path)?,
+            }
+        } else {
+            path.to_owned()
+        };
+        let path_shown = path;
+        let path = target.as_path();
         if !create && std::fs::symlink_metadata(path).is_err() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -158,7 +172,8 @@ impl PoolDir {
         }
         Ok(PoolDir {
             fd,
-            path: path.to_owned(),
+            // As the operator named it (status shows it).
+            path: path_shown.to_owned(),
             uid,
         })
     }

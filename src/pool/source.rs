@@ -48,6 +48,11 @@ struct Direct {
     taken: usize,
     eof: bool,
     reader: Option<JoinHandle<()>>,
+    /// Longest wait for the reader thread's next buffer.
+    idle: Duration,
+    /// The reader thread did not deliver within `idle` (a hung mount): it is left to finish its
+    /// read on its own rather than joined.
+    stuck: bool,
 }
 
 /// An aligned buffer and how much of it holds file bytes.
@@ -105,7 +110,7 @@ impl ImportSource {
         }
         if meta.is_file()
             && fcntl_setfl(&file, flags | libc::O_DIRECT).is_ok()
-            && let Some(direct) = Direct::start(file.try_clone()?)
+            && let Some(direct) = Direct::start(file.try_clone()?, idle)
         {
             return Ok(ImportSource {
                 inner: Inner::Direct(direct),
@@ -135,7 +140,7 @@ fn fcntl_setfl(f: &File, flags: i32) -> io::Result<()> {
 
 impl Direct {
     /// Starts the reader thread over `file` (already `O_DIRECT`).
-    fn start(file: File) -> Option<Direct> {
+    fn start(file: File, idle: Duration) -> Option<Direct> {
         let (full_tx, full) = sync_channel(DIRECT_BUFFERS);
         let (empty, empty_rx) = sync_channel(DIRECT_BUFFERS);
         for _ in 0..DIRECT_BUFFERS {
@@ -153,6 +158,8 @@ impl Direct {
             taken: 0,
             eof: false,
             reader: Some(reader),
+            idle,
+            stuck: false,
         })
     }
 }
@@ -210,8 +217,15 @@ impl Read for ImportSource {
             if let (Some(c), Some(empty)) = (d.current.take(), &d.empty) {
                 let _ = empty.send(c);
             }
-            let c = match d.full.recv() {
+            let c = match d.full.recv_timeout(d.idle) {
                 Ok(r) => r?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    d.stuck = true;
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the source file gave nothing for {}s", d.idle.as_secs()),
+                    ));
+                }
                 Err(_) => return Err(io::Error::other("the import's reader thread stopped")),
             };
             d.eof = c.len < DIRECT_READ_BYTES;
@@ -250,7 +264,9 @@ impl Drop for Direct {
         // blocks handing one over (the full channel has room for every buffer there is), so
         // the join waits at most for one read in progress.
         self.empty = None;
-        if let Some(r) = self.reader.take() {
+        if let Some(r) = self.reader.take()
+            && !self.stuck
+        {
             let _ = r.join();
         }
     }

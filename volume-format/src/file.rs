@@ -40,6 +40,27 @@ fn off(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc_einval()))
 }
 
+impl FileStorage {
+    /// Writes zeroes over the data in `[offset, offset+len)`, leaving its holes alone (all of
+    /// it, where the file system cannot say where its holes are).
+    fn zero_data_in(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let (Ok(data), Ok(_)) = (self.seek_data(pos), self.seek_hole(pos)) else {
+                return crate::storage::write_zeroes(self, pos, end - pos);
+            };
+            let Some(data) = data.filter(|&d| d < end) else {
+                return Ok(());
+            };
+            let hole = self.seek_hole(data)?.clamp(data + 1, end);
+            crate::storage::write_zeroes(self, data, hole - data)?;
+            pos = hole;
+        }
+        Ok(())
+    }
+}
+
 /// `fallocate` errors that mean "this file system cannot", not "this failed".
 fn unsupported(e: Errno) -> bool {
     matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)
@@ -84,8 +105,10 @@ impl Storage for FileStorage {
         ) {
             Ok(()) => Ok(()),
             // No hole punching here (a FUSE file system without fallocate): the range must
-            // still read as zeroes, so they are written. Nothing is freed.
-            Err(e) if unsupported(e) => crate::storage::write_zeroes(self, offset, len),
+            // still read as zeroes, so they are written, over its data only (a hole already
+            // reads as zeroes: a discard of a whole sparse disk must not allocate all of it).
+            // Nothing is freed.
+            Err(e) if unsupported(e) => self.zero_data_in(offset, len),
             Err(e) => Err(to_io(e)),
         }
     }

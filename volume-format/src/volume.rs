@@ -335,6 +335,13 @@ impl<S: Storage> Volume<S> {
         self.live()?;
         self.range(offset, buf.len() as u64)?;
         self.page_in(offset, buf.len() as u64)?;
+        self.read_paged_in(offset, buf)
+    }
+
+    /// `read` of a range whose map pages the caller made resident. Never pages in itself: a
+    /// read inside another operation (the copy-up of a partial block) must not start a new
+    /// operation for the cache, whose trim could evict a page the outer one still uses.
+    fn read_paged_in(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let mut pieces = Vec::new();
         self.st.pieces(offset, buf.len() as u64, |p| pieces.push(p));
         for p in pieces {
@@ -352,10 +359,11 @@ impl<S: Storage> Volume<S> {
         Ok(())
     }
 
-    /// Block `b`'s current contents (for a read-modify-write of a partial block).
+    /// Block `b`'s current contents (for a read-modify-write of a partial block, inside an
+    /// operation that paged in its range).
     fn read_block(&mut self, b: u64) -> Result<[u8; BLOCK_BYTES as usize], VolumeError> {
         let mut buf = [0u8; BLOCK_BYTES as usize];
-        self.read(b * BLOCK_BYTES, &mut buf)?;
+        self.read_paged_in(b * BLOCK_BYTES, &mut buf)?;
         Ok(buf)
     }
 
@@ -536,10 +544,30 @@ impl<S: Storage> Volume<S> {
                     let n = (end - pos) / BLOCK_BYTES;
                     match how {
                         Zeroing::Punch => {
-                            v.data.punch_hole(pos, n * BLOCK_BYTES)?;
-                            // INHERITED blocks past the image already read as zeroes.
-                            if b < image_blocks {
-                                v.st.mark_own(b, n.min(image_blocks - b));
+                            // OWN blocks are punched; INHERITED ones inside the image are
+                            // punched and become OWN (a hole of their own); INHERITED ones past
+                            // the image already read as zeroes and are left alone (where the
+                            // file system cannot punch, "punching" writes zeroes: a discard of
+                            // a whole blank disk must not allocate it).
+                            let mut pieces = Vec::new();
+                            v.st.pieces(pos, n * BLOCK_BYTES, |p| pieces.push(p));
+                            for p in pieces {
+                                match p.source {
+                                    Source::Zero => {}
+                                    Source::Data => v.data.punch_hole(p.offset, p.len)?,
+                                    Source::Image => {
+                                        // Whole blocks: the image's last one may end inside
+                                        // a block, whose rest must read as zeroes too.
+                                        let first = p.offset / BLOCK_BYTES;
+                                        let blocks =
+                                            (p.offset + p.len).div_ceil(BLOCK_BYTES) - first;
+                                        v.data.punch_hole(
+                                            first * BLOCK_BYTES,
+                                            blocks * BLOCK_BYTES,
+                                        )?;
+                                        v.st.mark_own(first, blocks);
+                                    }
+                                }
                             }
                         }
                         // Allocated zeroes are the volume's own blocks wherever they are.

@@ -380,3 +380,48 @@ fn a_map_larger_than_its_cache_evicts_and_reads_back_pages() {
     }
     assert_eq!(vol.state().map().own_blocks(), model.len() as u64);
 }
+
+/// A write, zeroing or trim whose partial edge blocks lie in two map pages copied the first
+/// edge up through a nested read, which started a new operation for the cache: its trim
+/// evicted the second page, still in use, and the next look at it panicked (the whole node
+/// aborts). Found by review; the nested read no longer pages in or trims.
+#[test]
+fn a_copy_up_inside_an_operation_never_evicts_its_other_page() {
+    use volume_format::layout::BLOCKS_PER_MAP_PAGE;
+    const CACHE: usize = 2;
+    let page_bytes = BLOCKS_PER_MAP_PAGE * BLOCK;
+    let size = 8 * page_bytes;
+    let mut rng = Rng::new(9);
+    let g = Golden::new(&mut rng, (2 * page_bytes + 3 * BLOCK) as usize);
+    let mut vol = Volume::create(
+        MemFile::new(),
+        data_file(),
+        g.backing(),
+        size,
+        rng.id(),
+        rng.id(),
+    )
+    .unwrap();
+    vol.set_cache_pages(CACHE);
+    // Page 1 committed (clean), pages 4 and 5 dirty: the cache is full of pages in use.
+    vol.write(page_bytes + 7, &[1; 10]).unwrap();
+    vol.flush().unwrap();
+    vol.write(4 * page_bytes, &[4; 4096]).unwrap();
+    vol.write(5 * page_bytes, &[5; 4096]).unwrap();
+    // Partial blocks at both edges, one in page 0 and one in page 1, both still inherited.
+    let at = page_bytes - 100;
+    let len = 8292;
+    let mut model = g.bytes[at as usize..(at + len) as usize].to_vec();
+    model.fill(9);
+    vol.write(at, &vec![9; len as usize]).unwrap();
+    vol.begin_write(at, len).unwrap();
+    vol.end_write(at, len);
+    vol.zero(at + 50, 4000, volume_format::Zeroing::Allocate)
+        .unwrap();
+    vol.write_zeroes(at + 4090, 30).unwrap();
+    model[50..4050].fill(0);
+    model[4090..4120].fill(0);
+    let mut got = vec![0u8; len as usize];
+    vol.read(at, &mut got).unwrap();
+    assert!(got == model);
+}
