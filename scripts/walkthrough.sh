@@ -36,6 +36,11 @@ rm golden.raw
 node_pid=$!
 for _ in $(seq 100); do grep -q '^ready$' node.out 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^listening tcp //p' node.out)
+if ! grep -q '^ready$' node.out || [[ -z $addr ]]; then
+    echo "walkthrough.sh: the node did not start:" >&2
+    cat node.log >&2
+    exit 1
+fi
 export STREAMER_DATA_DIR=streamer-data
 
 # Each step: the command as the README shows it (the node's address as 127.0.0.1:10809), then

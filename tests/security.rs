@@ -890,6 +890,7 @@ fn random_writes_across_a_huge_volume_keep_the_map_in_its_cache() {
             "--number_ios=20000",
             "--randrepeat=1",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--norandommap",

@@ -593,6 +593,9 @@ impl Conn {
         }
         self.recv_armed = true;
         self.kernel_ops += 1;
+        // The wait for the client's bytes starts now: time the connection spent stalled on the
+        // server's side (no slot, no memory) is not the client's.
+        self.last_received = Instant::now();
     }
 
     pub fn on_recv(&mut self, io: &mut Io, exports: &Exports, res: i32) {

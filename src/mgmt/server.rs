@@ -453,10 +453,11 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
 fn peer_is_there(s: &UnixStream) -> bool {
     let mut fds = [PollFd::new(
         s.as_fd(),
-        PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP | PollFlags::POLLERR,
+        PollFlags::POLLHUP | PollFlags::POLLERR,
     )];
-    // Only hang-up events were asked for (RDHUP: the peer closed; HUP, ERR: always reported),
-    // so any event means the client is gone. (nix's `revents` cannot show RDHUP.)
+    // HUP comes when the peer closed its socket altogether (a Unix stream socket reports it
+    // only then; a script that merely shut down its sending side is still there to hear the
+    // answer), ERR when it failed: any event means the client is gone.
     !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 

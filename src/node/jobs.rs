@@ -112,6 +112,9 @@ pub enum Refused {
 pub struct Jobs {
     next: AtomicU64,
     running: Mutex<BTreeMap<u64, Arc<Job>>>,
+    /// Why every job is cancelled, once the node is stopping (a command read just before the
+    /// stop starts its job after `cancel_all`: it is cancelled from birth).
+    stopping: Mutex<Option<String>>,
 }
 
 /// Removes its job from the list when the command ends, however it ends.
@@ -130,7 +133,12 @@ impl Jobs {
     pub fn start(&self, command: &str, uid: u32, alive: Option<Liveness>) -> JobGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Arc::new(Job::new(id, command, uid, alive));
-        self.running.lock().insert(id, job.clone());
+        let mut running = self.running.lock();
+        if let Some(why) = self.stopping.lock().as_deref() {
+            job.cancel(why);
+        }
+        running.insert(id, job.clone());
+        drop(running);
         JobGuard { jobs: self, job }
     }
 
@@ -141,8 +149,12 @@ impl Jobs {
     /// Cancels every job (the node is stopping) and waits up to `wait` for them to end, so
     /// their clients hear why and nothing half-made is left staged.
     pub fn cancel_all(&self, why: &str, wait: std::time::Duration) {
-        for j in self.running.lock().values() {
-            j.cancel(why);
+        {
+            let running = self.running.lock();
+            *self.stopping.lock() = Some(why.to_owned());
+            for j in running.values() {
+                j.cancel(why);
+            }
         }
         let deadline = Instant::now() + wait;
         while !self.running.lock().is_empty() && Instant::now() < deadline {

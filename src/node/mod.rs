@@ -196,7 +196,7 @@ impl Node {
         // leaked space in the volumes' data files: harmless, but invisible until a check. It
         // is found and given back here, before the volume is served (so no write is in flight
         // to be mistaken for a leak), and said in the log and in `status`.
-        let unclean = !node.pool.take_clean_stop();
+        let unclean = !node.pool.take_clean_stop()?;
         for v in node.pool.volumes() {
             if unclean {
                 node.reclaim_leaks(&v.name);
@@ -530,14 +530,26 @@ impl Node {
         let mut pacer = self.pacer();
         let stop = || job.check();
         let stop: crate::pool::Stop<'_> = &stop;
-        let r = self
-            .pool
-            .verify_image(name, stop, |d| {
-                pacer.pace(d);
-                job.progress(d, total);
-                progress(d, total)
-            })
-            .map_err(|e| cancelled_or(job, e.into()))?;
+        let r = match self.pool.verify_image(name, stop, |d| {
+            pacer.pace(d);
+            job.progress(d, total);
+            progress(d, total)
+        }) {
+            Ok(r) => r,
+            Err(err) => {
+                let err = cancelled_or(job, err.into());
+                // An image that cannot be read back is damaged as surely as one whose digest
+                // differs: no clones of it either.
+                if !matches!(err, NodeError::Cancelled(_)) {
+                    self.record_verify(
+                        name,
+                        &e.info.id,
+                        Some(&format!("reading it failed: {err}")),
+                    );
+                }
+                return Err(err);
+            }
+        };
         let message = if r.ok() {
             "the image matches its digest".to_owned()
         } else {
@@ -563,10 +575,10 @@ impl Node {
             if e.failed_verify.is_some() {
                 tracing::info!(image = %name, "verified again: clones of it may be made");
             }
-            self.pool.set_failed_verify(name, None)?;
+            self.record_verify(name, &e.info.id, None);
         } else {
             tracing::error!(image = %name, "{message}; no clones of it until it verifies");
-            self.pool.set_failed_verify(name, Some(&message))?;
+            self.record_verify(name, &e.info.id, Some(&message));
         }
         Ok(VerifyInfo {
             name: name.to_owned(),
@@ -575,6 +587,17 @@ impl Node {
             bad_chunks: r.bad_chunks.clone(),
             message,
         })
+    }
+
+    /// Records a verification's outcome on the image it read: not on one of the same name
+    /// imported while it ran (the image `id` differs), not on one deleted meanwhile.
+    fn record_verify(&self, name: &str, id: &[u8; 16], failed: Option<&str>) {
+        if !self.pool.image(name).is_ok_and(|e| e.info.id == *id) {
+            return;
+        }
+        if let Err(err) = self.pool.set_failed_verify(name, failed) {
+            tracing::error!(image = %name, "recording its verification: {err}");
+        }
     }
 
     pub fn delete_image(&self, name: &str) -> Result<(), NodeError> {

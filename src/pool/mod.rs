@@ -748,14 +748,16 @@ impl Pool {
 
     /// Whether the last node serving this pool stopped cleanly; the mark is removed, so a
     /// crash of this one is seen by the next.
-    pub fn take_clean_stop(&self) -> bool {
+    /// A mark that cannot be removed is an error: left in place, it would make this node's
+    /// crash look like a clean stop to the next start.
+    pub fn take_clean_stop(&self) -> Result<bool, PoolError> {
         let was = self.dir.stat(Path::new(CLEAN_STOP)).is_ok();
-        if was && let Err(e) = self.dir.remove_all(Path::new(CLEAN_STOP)) {
-            tracing::warn!("removing the clean-stop mark: {e}");
-            return false;
+        if was {
+            let err = io_err("removing the clean-stop mark");
+            self.dir.remove_all(Path::new(CLEAN_STOP)).map_err(&err)?;
+            self.dir.sync_dir(Path::new(".")).map_err(err)?;
         }
-        let _ = self.dir.sync_dir(Path::new("."));
-        was
+        Ok(was)
     }
 
     /// Marks the pool stopped cleanly (see `take_clean_stop`).
@@ -770,6 +772,11 @@ impl Pool {
     /// Records the outcome of image `name`'s verification durably: `Some(why)` it failed (no
     /// clones of it until one passes), `None` it passed.
     pub fn set_failed_verify(&self, name: &str, why: Option<&str>) -> Result<(), PoolError> {
+        // In memory first: even if the record cannot be written, this node clones no image it
+        // found damaged.
+        if let Some(e) = self.catalog.lock().images.get_mut(name) {
+            e.failed_verify = why.map(str::to_owned);
+        }
         let rel = Self::image_file(name, VERIFY_FAILED);
         let err = io_err(format!("recording the verification of image {name:?}"));
         match why {
@@ -786,9 +793,6 @@ impl Pool {
         self.dir
             .sync_dir(&Path::new("images").join(name))
             .map_err(err)?;
-        if let Some(e) = self.catalog.lock().images.get_mut(name) {
-            e.failed_verify = why.map(str::to_owned);
-        }
         Ok(())
     }
 
@@ -906,13 +910,20 @@ fn list_dir(dir: &PoolDir, sub: &str) -> Result<Vec<String>, PoolError> {
 }
 
 /// Why image `name`'s last verification failed, if it did.
+/// Fails closed: a record that exists but cannot be read still keeps clones away.
 fn read_failed_verify(dir: &PoolDir, name: &str) -> Option<String> {
-    let f = dir
-        .open_file(&Pool::image_file(name, VERIFY_FAILED), Access::Read)
-        .ok()?;
-    let mut why = String::new();
-    f.take(4096).read_to_string(&mut why).ok()?;
-    Some(why)
+    let rel = Pool::image_file(name, VERIFY_FAILED);
+    match dir.open_file(&rel, Access::Read) {
+        Ok(f) => {
+            let mut why = String::new();
+            match f.take(4096).read_to_string(&mut why) {
+                Ok(_) => Some(why),
+                Err(e) => Some(format!("(its record could not be read: {e})")),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("(its record could not be read: {e})")),
+    }
 }
 
 /// An image's sealed metadata, checked.

@@ -177,6 +177,9 @@ struct Shared {
     /// signals them all; each then plans again.
     parked: Mutex<HashMap<RawFd, EventFd>>,
     committers: Arc<CommitQueue>,
+    /// The data file's file system punches holes (so zeroing is metadata work, as fast as a
+    /// write or faster); where it does not, FAST_ZERO is refused as the spec asks.
+    zeroing_is_fast: bool,
     clients: AtomicUsize,
     revoked: AtomicBool,
     counters: Counters,
@@ -202,6 +205,7 @@ impl VolumeTarget {
         committers: &Committers,
     ) -> io::Result<VolumeTarget> {
         let (meta, data, image) = vol.files();
+        let zeroing_is_fast = FileStorage::new(data.file().try_clone()?)?.frees_space();
         let meta = FileStorage::new(meta.file().try_clone()?)?;
         let data = data.file().try_clone()?;
         let image = image.map(|i| i.file().try_clone()).transpose()?;
@@ -217,6 +221,7 @@ impl VolumeTarget {
                 waiters: Mutex::new(HashMap::new()),
                 parked: Mutex::new(HashMap::new()),
                 committers: committers.queue.clone(),
+                zeroing_is_fast,
                 clients: AtomicUsize::new(0),
                 revoked: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -617,8 +622,13 @@ impl BlockTarget for VolumeTarget {
                 len,
                 fua,
                 may_trim,
-                ..
+                fast,
             } => {
+                // FAST_ZERO asks for no slower path than a write: where the data file cannot
+                // punch (nor, in practice, zero a range), zeroing writes zeroes.
+                if fast && !self.shared.zeroing_is_fast {
+                    return Err(TargetError::FastZeroUnsupported);
+                }
                 // NO_HOLE: the range stays allocated (FALLOC_FL_ZERO_RANGE, or zeroes written
                 // where the file system lacks it), never punched, not even for a moment.
                 let how = if may_trim {

@@ -55,6 +55,14 @@ pub fn check<S: Storage>(meta: &mut S, data: &mut S, repair: bool) -> CheckRepor
         r.errors.push(format!("data file: {e}"));
         return r;
     }
+    if repair && !r.leaks.is_empty() && !data.frees_space() {
+        r.notes.push(
+            "leaked space not reclaimed: this file system cannot punch holes (writing zeroes \
+             would allocate it)"
+                .into(),
+        );
+        return r;
+    }
     if repair && !r.leaks.is_empty() {
         let mut punch = || -> Result<(), VolumeError> {
             for &(off, len) in &r.leaks {

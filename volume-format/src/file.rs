@@ -113,6 +113,21 @@ impl Storage for FileStorage {
         }
     }
 
+    fn frees_space(&mut self) -> bool {
+        // A punch at the end of the file, which holds no data there: refused where the file
+        // system has no hole punching.
+        let at = self.len.div_ceil(4096) * 4096;
+        !matches!(
+            fallocate(
+                &self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                4096,
+            ),
+            Err(e) if unsupported(e)
+        )
+    }
+
     fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());

@@ -16,6 +16,11 @@ pub trait Storage {
     /// Deallocates a range: it reads as zeroes afterwards. (A file system that cannot
     /// deallocate gets zeroes written: the range reads the same, its space is kept.)
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Whether `punch_hole` gives space back. Where it cannot (it writes zeroes instead), a
+    /// repair of leaked space would allocate what it means to free, so none is attempted.
+    fn frees_space(&mut self) -> bool {
+        true
+    }
     /// Makes a range read as zeroes and keeps it allocated (NBD's WRITE_ZEROES with NO_HOLE):
     /// `FALLOC_FL_ZERO_RANGE` where the file system has it, zeroes written otherwise.
     fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
