@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 use nix::sys::eventfd::EventFd;
 
 use super::bufpool::BufPool;
@@ -57,6 +57,45 @@ fn is_transient(e: &io::Error) -> bool {
 }
 
 const RING_ENTRIES: u32 = 1024;
+
+/// Every operation the engine submits, by name: a kernel whose io_uring lacks one is refused at
+/// start with the names of what it lacks, instead of failing requests (and latching exports)
+/// when the first one is submitted. `every_opcode_submitted_is_probed` keeps this list whole.
+const NEEDED_OPCODES: [(u8, &str); 12] = [
+    (opcode::Nop::CODE, "Nop"),
+    (opcode::Read::CODE, "Read"),
+    (opcode::Write::CODE, "Write"),
+    (opcode::Recv::CODE, "Recv"),
+    (opcode::Send::CODE, "Send"),
+    (opcode::SendMsg::CODE, "SendMsg"),
+    (opcode::Fsync::CODE, "Fsync"),
+    (opcode::Fallocate::CODE, "Fallocate"),
+    (opcode::Fadvise::CODE, "Fadvise"),
+    (opcode::PollAdd::CODE, "PollAdd"),
+    (opcode::Timeout::CODE, "Timeout"),
+    (opcode::Splice::CODE, "Splice"),
+];
+
+/// Refuses a ring that cannot run every operation the engine submits.
+fn check_opcodes(ring: &IoUring) -> io::Result<()> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let missing: Vec<&str> = NEEDED_OPCODES
+        .iter()
+        .filter(|(code, _)| !probe.is_supported(*code))
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "this kernel's io_uring lacks {}: streamer needs Linux 5.7 or later",
+            missing.join(", ")
+        ),
+    ))
+}
 
 /// A worker's buffer memory for requests: its share of the node's budget, never less than two
 /// of the largest requests (one can always be received while another is answered). Read-ahead
@@ -387,6 +426,7 @@ impl Worker {
                     .setup_cqsize(RING_ENTRIES * 8)
                     .build(RING_ENTRIES)
             })?;
+        check_opcodes(&ring)?;
         Ok(Worker {
             id,
             io: Io {
@@ -668,6 +708,37 @@ impl Worker {
                 }
             }
             self.reap(cid as u32);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_has_every_opcode_the_engine_submits() {
+        let ring = IoUring::new(8).unwrap();
+        check_opcodes(&ring).unwrap();
+    }
+
+    /// A new operation submitted without being added to `NEEDED_OPCODES` would go unprobed.
+    #[test]
+    fn every_opcode_submitted_is_probed() {
+        let src = include_str!("worker.rs");
+        let listed: Vec<&str> = NEEDED_OPCODES.iter().map(|(_, n)| *n).collect();
+        for used in src.split("opcode::").skip(1) {
+            let name: String = used
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            if name.is_empty() || name == "CODE" {
+                continue;
+            }
+            assert!(
+                listed.contains(&name.as_str()),
+                "opcode::{name} is not probed"
+            );
         }
     }
 }
