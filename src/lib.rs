@@ -1,21 +1,27 @@
 //! streamer: a userspace block storage server.
 //!
 //! ```text
-//!   clients (nbd-client, qemu, libnbd, fio)
-//!        |  TCP / Unix socket
-//!   server/   listeners, accept, signals, exports registry, config
-//!        |  hands each accepted socket to a worker
-//!   engine/   one io_uring ring per thread: connections, in-flight table, buffer pool
-//!        |  bytes <-> nbd/ (pure protocol)        operations -> target/
-//!   nbd/      handshake, requests, replies          target/  BlockTarget trait: plans file I/O
-//!                                                            (raw file today; volumes, mirrors later)
+//!   clients (nbd-client, qemu, libnbd, fio)           operators: `streamer image|volume|...`
+//!        |  TCP / Unix socket                               |  cli/ (clap; manage.rs speaks mgmt/)
+//!   server/   listeners, accept, signals, config            v
+//!        |  hands each accepted socket to a worker      mgmt/   management socket: protocol,
+//!   engine/   one io_uring ring per thread: connections,         server (SO_PEERCRED, jobs), client
+//!        |    in-flight slots, buffer budget                     |
+//!        |  bytes <-> nbd/ (pure protocol)                       v
+//!        |  operations -> target/                        node/   the pool and its exports kept in
+//!   nbd/      handshake, requests, replies                       step; long commands as jobs
+//!   target/   BlockTarget: raw files, pool volumes               |
+//!             (the mirror later), the export list        pool/   images and volumes on disk, by
+//!                                                                directory descriptor
+//!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it
 //! ```
 //! Dependencies run downward: `nbd` depends on nothing; `target` only on `nbd::wire` for the one
-//! error-to-errno map; `engine` drives both; `server` wires it all together.
+//! error-to-errno map and on `volume-format`; `engine` drives `nbd` and `target`; `pool` owns the
+//! files, `node` the objects and their exports, `mgmt` the socket in front of `node`; `server`
+//! wires it all together and `cli` turns the command line into its config.
 
 pub mod cli;
 pub mod engine;
-pub mod manage;
 pub mod mgmt;
 pub mod names;
 pub mod nbd;

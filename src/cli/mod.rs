@@ -1,4 +1,5 @@
-//! The `streamer` command line: clap definitions, turned into subsystem configs.
+//! The `streamer` command line: `serve`'s options turned into the server's config (here), and
+//! the management subcommands, clients of the node's socket (`manage`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+pub mod manage;
 
 use crate::engine::EngineConfig;
 use crate::server::{ExportSpec, PoolConfig, ServeConfig};
@@ -28,15 +31,15 @@ pub enum Command {
     /// until SIGTERM or SIGINT, with the management socket for the commands below.
     Serve(ServeArgs),
     /// Golden images: import, list, show, verify, delete, capture.
-    Image(crate::manage::ImageCmd),
+    Image(manage::ImageCmd),
     /// OS volumes: create (thin clone or blank), list, show, resize, delete.
-    Volume(crate::manage::VolumeCmd),
+    Volume(manage::VolumeCmd),
     /// The node: pool capacity and use, volumes, exports, connections, alerts.
-    Status(crate::manage::StatusCmd),
+    Status(manage::StatusCmd),
     /// Run the volume-format checker over every volume of the pool (or one).
-    Check(crate::manage::CheckCmd),
+    Check(manage::CheckCmd),
     /// End a long command (import, capture, verify, check) that `status` lists as running.
-    Cancel(crate::manage::CancelCmd),
+    Cancel(manage::CancelCmd),
 }
 
 /// The system's pool directory: root's default, and the systemd unit's.
@@ -187,7 +190,7 @@ impl ServeArgs {
                 Some(PoolConfig {
                     mgmt_socket: self
                         .mgmt_socket
-                        .unwrap_or_else(|| dir.join(crate::manage::SOCKET_NAME)),
+                        .unwrap_or_else(|| dir.join(manage::SOCKET_NAME)),
                     dir,
                     create,
                     admin_gid,
@@ -266,10 +269,10 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Image(c) => crate::manage::image(c),
-        Command::Volume(c) => crate::manage::volume(c),
-        Command::Status(c) => crate::manage::status(c),
-        Command::Check(c) => crate::manage::check(c),
-        Command::Cancel(c) => crate::manage::cancel(c),
+        Command::Image(c) => manage::image(c),
+        Command::Volume(c) => manage::volume(c),
+        Command::Status(c) => manage::status(c),
+        Command::Check(c) => manage::check(c),
+        Command::Cancel(c) => manage::cancel(c),
     }
 }

@@ -1,5 +1,5 @@
-//! The management subcommands (`streamer image|volume|status|check`): parse, send to the node's
-//! management socket, print a table (or `--json`), exit non-zero with a one-line reason.
+//! The management subcommands (`streamer image|volume|status|check|cancel`): parse, send to the
+//! node's management socket, print a table (or `--json`), exit non-zero with a one-line reason.
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
@@ -43,7 +43,7 @@ impl Conn {
         }
         let dir = match std::env::var_os("STREAMER_DATA_DIR") {
             Some(d) => PathBuf::from(d),
-            None => crate::cli::default_data_dir()?,
+            None => super::default_data_dir()?,
         };
         Ok(dir.join(SOCKET_NAME))
     }
@@ -69,7 +69,7 @@ enum ImageSub {
         format: Option<String>,
         /// The image's size (10G, bytes; the virtual size of a converted image): a source
         /// that ends sooner or later is refused and nothing is published.
-        #[arg(long, value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
+        #[arg(long, value_parser = super::parse_bytes, allow_hyphen_values = true)]
         size: Option<u64>,
         /// The SHA-256 (64 hex digits) of the image's raw bytes: a mismatch is refused and
         /// nothing is published.
@@ -108,7 +108,7 @@ enum VolumeSub {
         #[arg(long)]
         image: Option<String>,
         /// Size (10G, 512M, bytes); at least the image's.
-        #[arg(long, value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
+        #[arg(long, value_parser = super::parse_bytes, allow_hyphen_values = true)]
         size: Option<u64>,
     },
     /// List volumes: size, disk use, image, clients.
@@ -118,7 +118,7 @@ enum VolumeSub {
     /// Grow a volume (new connections see the new size).
     Resize {
         name: String,
-        #[arg(value_parser = crate::cli::parse_bytes, allow_hyphen_values = true)]
+        #[arg(value_parser = super::parse_bytes, allow_hyphen_values = true)]
         size: u64,
     },
     /// Delete a volume (refused while clients are connected, unless --force disconnects them).
