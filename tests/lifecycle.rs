@@ -193,17 +193,7 @@ fn messages_say_what_is_wrong() {
     let out = cli(&["status", "--mgmt-socket", nbd.to_str().unwrap()]);
     assert!(err(&out).contains("is an NBD socket"), "{}", err(&out));
     // A user who may not manage the node.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            BIN,
-            "status",
-        ])
-        .args(["--mgmt-socket", mgmt.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = as_nobody(BIN, &["status", "--mgmt-socket", mgmt.to_str().unwrap()]);
     assert!(
         err(&out).contains("permission denied (only root, the node's user"),
         "{}",

@@ -585,18 +585,7 @@ fn a_uid_that_is_not_root_or_the_owner_is_refused() {
     std::fs::set_permissions(sock(&dir), std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(pool_dir(&dir), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            BIN,
-            "status",
-            "--socket",
-        ])
-        .arg(sock(&dir))
-        .output()
-        .unwrap();
+    let out = as_nobody(BIN, &["status", "--socket", sock(&dir).to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("permission denied: uid 65534"), "{err}");
@@ -1123,18 +1112,8 @@ fn space_leaked_by_a_kill_9_is_reclaimed_and_reported_at_start() {
                  for i in range(32): h.pwrite(bytes([i + 1]) * (1 << 20), i << 20)\n\
                  print('written', flush=True)\n\
                  import time; time.sleep(30)\n";
-    let mut client = Command::new("/usr/bin/python3")
-        .args(["-c", write, &server.uri("v")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "written");
+    let (mut client, line) = python_until_line(write, &[&server.uri("v")]);
+    assert_eq!(line, "written");
     let pid = nix::unistd::Pid::from_raw(server.pid());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     drop(server);
@@ -1223,17 +1202,8 @@ fn status_and_volume_show_list_each_client() {
                 h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
                 h.pwrite(bytes(1 << 20), 0); h.pread(65536, 0)\n\
                 print('done', flush=True); time.sleep(30)\n";
-    let mut client = Command::new("/usr/bin/python3")
-        .args(["-c", code, &server.uri("web-1")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let (mut client, line) = python_until_line(code, &[&server.uri("web-1")]);
+    assert_eq!(line, "done");
     let st = json(&dir, &["status"]);
     let c = &st["clients"][0];
     assert_eq!(c["export"], "web-1", "{st}");

@@ -6,11 +6,9 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-const NOBODY: &str = "65534";
 
 fn pool_dir(dir: &Scratch) -> PathBuf {
     dir.path("pool")
@@ -31,25 +29,6 @@ fn start_node(dir: &Scratch) -> Server {
             "nogroup",
         ],
     )
-}
-
-/// `cmd ARGS` as uid 65534 with only its primary group (nogroup), bounded in time.
-fn as_nobody(program: &str, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "timeout",
-            "-k",
-            "5",
-            "120",
-            program,
-        ])
-        .args(args)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .expect("run setpriv")
 }
 
 /// A root-only file holding a recognisable secret.
@@ -810,20 +789,9 @@ time.sleep(2)
     assert!(stdout(&out).contains("sent"), "{out:?}");
     // The python clients are gone now, but the node only learns that from its sends: measure
     // with fresh ones that stay.
-    let mut holder = std::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script.replace("time.sleep(2)", "time.sleep(20)"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(holder.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "sent");
-    }
+    let (mut holder, line) =
+        python_until_line(&script.replace("time.sleep(2)", "time.sleep(20)"), &[]);
+    assert_eq!(line, "sent");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let held = rss(server.pid());
     eprintln!("RSS {} MiB -> {} MiB", before >> 20, held >> 20);

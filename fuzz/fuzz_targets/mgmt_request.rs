@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use streamer::mgmt::protocol::{Envelope, PROTOCOL_VERSION, parse_request};
+use streamer::mgmt::protocol::{Envelope, PROTOCOL_VERSION, Request, parse_request, parse_sha256};
 
 fuzz_target!(|data: &[u8]| {
     match parse_request(data) {
@@ -14,6 +14,13 @@ fuzz_target!(|data: &[u8]| {
             })
             .expect("a parsed request encodes");
             assert_eq!(parse_request(&line).expect("re-parses"), request);
+            // An import's expected digest: 32 bytes that print back as the same digits.
+            if let Request::ImageImport { sha256: Some(h), .. } = &request
+                && let Ok(d) = parse_sha256(h)
+            {
+                let back: String = d.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(back, h.to_ascii_lowercase());
+            }
         }
         Err(message) => assert!(!message.is_empty()),
     }

@@ -274,12 +274,9 @@ fn import(
     want: Expected,
 ) -> ExitCode {
     if let Some(h) = &want.sha256
-        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        && let Err(e) = crate::mgmt::protocol::parse_sha256(h)
     {
-        return fail(
-            conn,
-            format!("--sha256 {h:?} is not a SHA-256 (64 hex digits)"),
-        );
+        return fail(conn, format!("--sha256: {e}"));
     }
     let raw_request = |name, size| Request::ImageImport {
         name,

@@ -163,6 +163,20 @@ pub enum ErrorKind {
     Cancelled,
 }
 
+/// A SHA-256 given as 64 hex digits (either case), as `image_import`'s `sha256` carries it.
+pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
+    let bad = || format!("{hex:?} is not a SHA-256 (64 hex digits)");
+    // Digits only: `from_str_radix` alone would take a leading '+'.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
 impl ErrorKind {
     /// The name on the wire (and in the CLI's `--json` errors).
     pub fn as_str(self) -> &'static str {
@@ -368,6 +382,23 @@ mod tests {
 #[cfg(test)]
 mod kind_tests {
     use super::ErrorKind;
+
+    #[test]
+    fn sha256_is_64_hex_digits_and_nothing_else() {
+        use super::parse_sha256;
+        let h = "00ff".repeat(16);
+        assert_eq!(parse_sha256(&h).unwrap()[..2], [0x00, 0xff]);
+        assert_eq!(parse_sha256(&h.to_uppercase()).unwrap()[1], 0xff);
+        for bad in [
+            "",
+            "abc",
+            &"+a".repeat(32),
+            &"g0".repeat(32),
+            &"00".repeat(33),
+        ] {
+            assert!(parse_sha256(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn kind_names_are_the_wire_names() {

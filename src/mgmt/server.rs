@@ -20,7 +20,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
 
-use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response};
+use super::protocol::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request, Response, parse_sha256};
 use crate::node::{Job, Liveness, Node, NodeError, Refused};
 use crate::pool::Expect;
 
@@ -409,14 +409,6 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
     tracing::info!(uid, ?request, "management command");
     let mut last = Instant::now();
     let mut out = s.try_clone();
-    let mut progress = |done: u64, total: Option<u64>| {
-        if last.elapsed() >= PROGRESS_EVERY {
-            last = Instant::now();
-            if let Ok(o) = out.as_mut() {
-                let _ = send(o, &Reply::Progress { done, total });
-            }
-        }
-    };
     // A long command is a job: listed by `status`, cancelled by `streamer cancel` or when this
     // client goes away (the peer's end of the socket closed: the CLI was killed or interrupted).
     let guard = request.job_name().map(|what| {
@@ -432,6 +424,16 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
         None => {
             detached = Job::detached("command");
             &detached
+        }
+    };
+    // Progress goes to the job (for `status`) and, a few times a second, to the client.
+    let mut progress = |done: u64, total: Option<u64>| {
+        job.progress(done, total);
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = Instant::now();
+            if let Ok(o) = out.as_mut() {
+                let _ = send(o, &Reply::Progress { done, total });
+            }
         }
     };
     let reply = match run(node, request, fds, job, uid, &mut progress) {
@@ -488,7 +490,11 @@ fn run(
                     fds.len()
                 )));
             }
-            let sha256 = sha256.as_deref().map(parse_sha256).transpose()?;
+            let sha256 = sha256
+                .as_deref()
+                .map(parse_sha256)
+                .transpose()
+                .map_err(NodeError::Invalid)?;
             let src = File::from(fds.remove(0));
             let expect = Expect { size, sha256 };
             node.import_image(&name, src, format.as_deref(), &expect, job, progress)
@@ -531,19 +537,6 @@ fn run(
                 )),
             }),
     }
-}
-
-/// A SHA-256 given as 64 hex digits.
-fn parse_sha256(hex: &str) -> Result<[u8; 32], NodeError> {
-    let bad = || NodeError::Invalid(format!("{hex:?} is not a SHA-256 (64 hex digits)"));
-    if hex.len() != 64 || !hex.is_ascii() {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -443,13 +443,10 @@ impl Node {
         let mut src = ImportSource::new(src, self.limits.import_idle)
             .map_err(|e| NodeError::Invalid(format!("cannot import {name:?}: {e}")))?;
         let mut pacer = self.pacer();
-        let stop = || job.check();
-        let stop: crate::pool::Stop<'_> = &stop;
         let entry = self
             .pool
-            .import_image(name, &mut src, expect, stop, |done| {
+            .import_image(name, &mut src, expect, &|| job.check(), |done| {
                 pacer.pace(done);
-                job.progress(done, total);
                 progress(done, total)
             })
             .map_err(|e| cancelled_or(job, e.into()))?;
@@ -458,7 +455,7 @@ impl Node {
     }
 
     pub fn image_info(&self, name: &str) -> Result<ImageInfo, NodeError> {
-        if let Some(why) = self.damaged("image", name) {
+        if let Some(why) = self.pool.damaged_why("image", name) {
             return Ok(ImageInfo {
                 name: name.to_owned(),
                 size: 0,
@@ -501,15 +498,6 @@ impl Node {
         names.iter().map(|n| self.image_info(n)).collect()
     }
 
-    /// Why `name` (of `kind`) was set aside as damaged when the pool opened, if it was.
-    fn damaged(&self, kind: &str, name: &str) -> Option<String> {
-        self.pool
-            .damaged()
-            .into_iter()
-            .find(|(k, n, _)| *k == kind && n == name)
-            .map(|(_, _, why)| why)
-    }
-
     fn damaged_names(&self, kind: &str) -> Vec<String> {
         self.pool
             .damaged()
@@ -528,11 +516,8 @@ impl Node {
         let e = self.pool.image(name)?;
         let total = Some(e.info.size);
         let mut pacer = self.pacer();
-        let stop = || job.check();
-        let stop: crate::pool::Stop<'_> = &stop;
-        let r = match self.pool.verify_image(name, stop, |d| {
+        let r = match self.pool.verify_image(name, &|| job.check(), |d| {
             pacer.pace(d);
-            job.progress(d, total);
             progress(d, total)
         }) {
             Ok(r) => r,
@@ -654,11 +639,8 @@ impl Node {
         self.offline_volume(from, Force::No)?;
         let total = Some(v.size);
         let mut pacer = self.pacer();
-        let stop = || job.check();
-        let stop: crate::pool::Stop<'_> = &stop;
-        let captured = self.pool.capture(name, from, stop, |d| {
+        let captured = self.pool.capture(name, from, &|| job.check(), |d| {
             pacer.pace(d);
-            job.progress(d, total);
             progress(d, total)
         });
         let reopened = self.serve_volume(from);
@@ -705,7 +687,7 @@ impl Node {
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, NodeError> {
-        if let Some(why) = self.damaged("volume", name) {
+        if let Some(why) = self.pool.damaged_why("volume", name) {
             return Ok(VolumeInfo {
                 name: name.to_owned(),
                 size: 0,

@@ -296,6 +296,15 @@ impl Pool {
             .collect()
     }
 
+    /// Why `name` (of `kind`) was set aside at open, if it was.
+    pub fn damaged_why(&self, kind: &'static str, name: &str) -> Option<String> {
+        self.catalog
+            .lock()
+            .damaged
+            .get(&(kind, name.to_owned()))
+            .cloned()
+    }
+
     /// Removes a damaged image or volume (moved to the trash like any delete). `None` when
     /// `name` is not a damaged object of that kind.
     pub fn delete_damaged(&self, kind: &'static str, name: &str) -> Option<Result<(), PoolError>> {

@@ -30,6 +30,14 @@ use super::{BlockTarget, FileIo, Geometry, Plan, Progress, TargetError, TargetOp
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 
 const PREFERRED_BLOCK_BYTES: u32 = 4096;
+/// Why `begin_or_park` parked a request.
+enum Park {
+    /// A block to copy up has a write in flight: the eventfd every write's end signals.
+    Busy(RawFd),
+    /// Too many dirty map pages: the next commit makes room.
+    ForRoom,
+}
+
 /// `Plan::cursor` of a write-like request parked until a commit makes room in the block map.
 const WAITING_FOR_ROOM: u64 = u64::MAX;
 /// Most bytes one BLOCK_STATUS reply describes (the client asks again for the rest).
@@ -412,40 +420,56 @@ impl VolumeTarget {
         matches!(plan.get_mut(0), Some(FileIo::Wait { .. }))
     }
 
-    /// Runs the start of a write, WRITE_ZEROES or TRIM (`f`) under the volume's lock. When a
-    /// block it must copy up has a whole-block write in flight, parks the request instead: `plan`
-    /// then holds a `Wait` I/O that a write's end wakes, and this returns true.
+    /// Runs the start of a write, WRITE_ZEROES or TRIM (`f`) under the volume's lock, or parks
+    /// the request (and returns true): when a block it must copy up has a whole-block write in
+    /// flight, `plan` holds a `Wait` I/O that a write's end wakes; when the volume holds more
+    /// dirty map pages than its cache allows, the request waits for the commit that cleans
+    /// them (`WAITING_FOR_ROOM`), so their memory stays bounded however fast a client writes.
+    /// Either way it plans again once woken.
     fn begin_or_park(
         &self,
         plan: &mut Plan,
         what: &'static str,
         f: impl FnOnce(&mut Volume<FileStorage>) -> Result<(), VolumeError>,
     ) -> Result<bool, TargetError> {
-        let efd = self.with_write_locks(|v| match f(v) {
-            Ok(()) => Ok(None),
-            Err(VolumeError::Busy { .. }) => {
-                // Registered under the volume's lock, which every write's end takes before it
-                // signals: no wake-up is missed.
-                let efd = EventFd::from_value_and_flags(
-                    0,
-                    EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
-                )
-                .map_err(|e| TargetError::Writing {
-                    offset: 0,
-                    source: e.into(),
-                })?;
-                let fd = efd.as_fd().as_raw_fd();
-                self.shared.parked.lock().insert(fd, efd);
-                Ok(Some(fd))
+        // A write-like request's cursor says only whether it waits for room (a slot's plan
+        // keeps the cursor of its last request).
+        plan.cursor = 0;
+        let parked = self.with_write_locks(|v| {
+            if v.state().must_wait_for_commit() {
+                return Ok(Some(Park::ForRoom));
             }
-            Err(e) => Err(volume_error(what, &e)),
+            match f(v) {
+                Ok(()) => Ok(None),
+                Err(VolumeError::Busy { .. }) => {
+                    // Registered under the volume's lock, which every write's end takes before it
+                    // signals: no wake-up is missed.
+                    let efd = EventFd::from_value_and_flags(
+                        0,
+                        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+                    )
+                    .map_err(|e| TargetError::Writing {
+                        offset: 0,
+                        source: e.into(),
+                    })?;
+                    let fd = efd.as_fd().as_raw_fd();
+                    self.shared.parked.lock().insert(fd, efd);
+                    Ok(Some(Park::Busy(fd)))
+                }
+                Err(e) => Err(volume_error(what, &e)),
+            }
         })?;
-        match efd {
-            Some(fd) => {
+        match parked {
+            None => Ok(false),
+            Some(Park::Busy(fd)) => {
                 plan.push(FileIo::Wait { fd });
                 Ok(true)
             }
-            None => Ok(false),
+            Some(Park::ForRoom) => {
+                plan.cursor = WAITING_FOR_ROOM;
+                self.plan_wait(plan)?;
+                Ok(true)
+            }
         }
     }
 
@@ -576,18 +600,6 @@ impl BlockTarget for VolumeTarget {
 
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
         self.live()?;
-        if matches!(
-            op,
-            TargetOp::Write { .. } | TargetOp::Trim { .. } | TargetOp::Zero { .. }
-        ) {
-            plan.cursor = 0;
-            if self.shared.vol.lock().state().must_wait_for_commit() {
-                // Too many dirty map pages for the cache: this write waits for the commit
-                // that cleans them (then plans again), so their memory stays bounded.
-                plan.cursor = WAITING_FOR_ROOM;
-                return self.plan_wait(plan);
-            }
-        }
         match *op {
             TargetOp::Read { offset, len } => self.plan_read(offset, len, offset, plan),
             TargetOp::Write { offset, len, fua } => {

@@ -249,6 +249,43 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `program ARGS` as uid 65534 (`nobody`, with only its primary group `nogroup`), bounded in
+/// time: the unprivileged user of the permission tests.
+pub fn as_nobody(program: &str, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "timeout",
+            "-k",
+            "5",
+            "120",
+            program,
+        ])
+        .args(args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .expect("run setpriv")
+}
+
+/// Runs `/usr/bin/python3 -c CODE ARGS` in the background and waits for the first line it
+/// prints (a script that says when it has done its part, then stays connected).
+pub fn python_until_line(code: &str, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_owned())
+}
+
 /// Runs one of the libnbd scripts in tests/py.
 pub fn py(script: &str, args: &[&str]) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -40,7 +40,31 @@ fn off(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc_einval()))
 }
 
+/// What a `fallocate` did: the file system may not have the mode at all.
+enum Done {
+    Yes,
+    Unsupported,
+}
+
+const PUNCH: FallocateFlags =
+    FallocateFlags::FALLOC_FL_PUNCH_HOLE.union(FallocateFlags::FALLOC_FL_KEEP_SIZE);
+const ZERO_RANGE: FallocateFlags =
+    FallocateFlags::FALLOC_FL_ZERO_RANGE.union(FallocateFlags::FALLOC_FL_KEEP_SIZE);
+
 impl FileStorage {
+    /// `fallocate(mode)` over `[offset, offset+len)`; `Unsupported` where this file system
+    /// cannot ("this cannot be done here" is for the caller to work around, not a failure).
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<Done> {
+        if len == 0 {
+            return Ok(Done::Yes);
+        }
+        match fallocate(&self.file, mode, off(offset)?, off(len)?) {
+            Ok(()) => Ok(Done::Yes),
+            Err(e) if unsupported(e) => Ok(Done::Unsupported),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
     /// Writes zeroes over the data in `[offset, offset+len)`, leaving its holes alone (all of
     /// it, where the file system cannot say where its holes are).
     fn zero_data_in(&mut self, offset: u64, len: u64) -> io::Result<()> {
@@ -94,22 +118,13 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        match fallocate(
-            &self.file,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            off(offset)?,
-            off(len)?,
-        ) {
-            Ok(()) => Ok(()),
-            // No hole punching here (a FUSE file system without fallocate): the range must
-            // still read as zeroes, so they are written, over its data only (a hole already
-            // reads as zeroes: a discard of a whole sparse disk must not allocate all of it).
-            // Nothing is freed.
-            Err(e) if unsupported(e) => self.zero_data_in(offset, len),
-            Err(e) => Err(to_io(e)),
+        // Where there is no hole punching (a FUSE file system without fallocate) the range
+        // must still read as zeroes, so they are written, over its data only (a hole already
+        // reads as zeroes: a discard of a whole sparse disk must not allocate all of it).
+        // Nothing is freed.
+        match self.fallocate(PUNCH, offset, len)? {
+            Done::Yes => Ok(()),
+            Done::Unsupported => self.zero_data_in(offset, len),
         }
     }
 
@@ -117,30 +132,13 @@ impl Storage for FileStorage {
         // A punch at the end of the file, which holds no data there: refused where the file
         // system has no hole punching.
         let at = self.len.div_ceil(4096) * 4096;
-        !matches!(
-            fallocate(
-                &self.file,
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                at as i64,
-                4096,
-            ),
-            Err(e) if unsupported(e)
-        )
+        !matches!(self.fallocate(PUNCH, at, 4096), Ok(Done::Unsupported))
     }
 
     fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        match fallocate(
-            &self.file,
-            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            off(offset)?,
-            off(len)?,
-        ) {
-            Ok(()) => Ok(()),
-            Err(e) if unsupported(e) => crate::storage::write_zeroes(self, offset, len),
-            Err(e) => Err(to_io(e)),
+        match self.fallocate(ZERO_RANGE, offset, len)? {
+            Done::Yes => Ok(()),
+            Done::Unsupported => crate::storage::write_zeroes(self, offset, len),
         }
     }
 
