@@ -13,6 +13,7 @@
 //!   target/   BlockTarget: raw files, pool volumes               |
 //!             (the mirror later), the export list        pool/   images and volumes on disk, by
 //!                                                                directory descriptor
+//!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md)
 //!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it
 //! ```
 //! Dependencies run downward: `nbd` depends on nothing; `target` only on `nbd::wire` for the one
@@ -26,6 +27,7 @@ pub mod mgmt;
 pub mod names;
 pub mod nbd;
 pub mod node;
+pub mod peer;
 pub mod pool;
 pub mod server;
 pub mod target;

@@ -3,11 +3,21 @@
 //! Every socket receive and send and every file read, write, fallocate and fdatasync goes through a
 //! worker's ring. A connection lives on one worker for its whole life; its requests run
 //! concurrently and are answered as they complete, in whatever order. All `unsafe` that hands memory
-//! to the kernel lives in this module, next to the table that keeps that memory alive until the
+//! to the kernel lives in `ring.rs`; the connection that submits keeps that memory alive until the
 //! completion arrives.
+//!
+//! ```text
+//!   mod.rs     Engine: starts workers, hands each accepted socket to the least loaded one
+//!   worker.rs  one thread's loop: submit, wait, route each completion to its owner, timers
+//!   conn/      one NBD connection's state machine (see its module doc for the parts)
+//!   ring.rs    the io_uring, the user_data codec, and every unsafe submission
+//!   bufpool.rs aligned request buffers, reused
+//! ```
+//! Dependencies run one way: worker -> conn -> ring; conn never calls the worker.
 
 mod bufpool;
 mod conn;
+mod ring;
 pub mod sched;
 mod worker;
 

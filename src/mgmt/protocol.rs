@@ -7,7 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::target::VolumeCounters;
+/// What the node reports travels as the node says it: these are the node's own types, and
+/// their serde form is the wire's.
+pub use crate::node::info::{
+    CheckInfo, ClientInfo, ImageInfo, JobInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck,
+    VolumeInfo,
+};
 
 /// The protocol version this build speaks. A server refuses other versions with an error that
 /// names both.
@@ -177,6 +182,31 @@ pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+impl From<&crate::node::NodeError> for ErrorKind {
+    /// The one place a node error becomes a protocol error kind. No `_` arm: a new variant
+    /// must choose.
+    fn from(e: &crate::node::NodeError) -> ErrorKind {
+        use crate::node::NodeError;
+        use crate::pool::PoolError;
+        match e {
+            NodeError::Pool(p) => match p {
+                PoolError::Invalid(_) => ErrorKind::Invalid,
+                PoolError::NotFound { .. } => ErrorKind::NotFound,
+                PoolError::Exists { .. } => ErrorKind::Exists,
+                PoolError::InUse(_) => ErrorKind::InUse,
+                PoolError::Cancelled(_) => ErrorKind::Cancelled,
+                PoolError::Io { .. } | PoolError::Volume { .. } => ErrorKind::Io,
+            },
+            NodeError::InUse(_) => ErrorKind::InUse,
+            NodeError::NotFound(_) => ErrorKind::NotFound,
+            NodeError::Denied(_) => ErrorKind::Denied,
+            NodeError::Invalid(_) => ErrorKind::Invalid,
+            NodeError::Io(_) => ErrorKind::Io,
+            NodeError::Cancelled(_) => ErrorKind::Cancelled,
+        }
+    }
+}
+
 impl ErrorKind {
     /// The name on the wire (and in the CLI's `--json` errors).
     pub fn as_str(self) -> &'static str {
@@ -204,133 +234,6 @@ pub enum Response {
     Check(CheckInfo),
     Deleted { name: String },
     Cancelled(JobInfo),
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ImageInfo {
-    pub name: String,
-    pub size: u64,
-    /// SHA-256 of the image bytes (what `sha256sum` prints for the raw file).
-    pub sha256: String,
-    pub id: String,
-    /// Disk space the image file takes (it is sparse).
-    pub allocated_bytes: u64,
-    /// Volumes cloned from it.
-    pub volumes: Vec<String>,
-    /// Connections reading its `image/NAME` export.
-    pub clients: usize,
-    /// Why the image cannot be used: its metadata is damaged (set aside when the node
-    /// started), or its last `image verify` failed (no clones until one passes).
-    #[serde(default)]
-    pub damaged: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub size: u64,
-    /// Disk space of its data and metadata files (what it costs beyond its image).
-    pub allocated_bytes: u64,
-    pub image: Option<String>,
-    pub clients: usize,
-    /// Whether it is exported now (a volume is unexported while a command works on it, or when
-    /// it failed to open).
-    pub served: bool,
-    /// Set when the volume latched failed after an I/O error.
-    pub failed: Option<String>,
-    pub counters: VolumeCounters,
-    pub generation: String,
-    pub epoch: u64,
-    pub commit: u64,
-    /// Why the volume is not served: its metadata is damaged (or its image is missing), found
-    /// when the node started; `volume delete` removes it.
-    #[serde(default)]
-    pub damaged: Option<String>,
-    /// Its client connections.
-    #[serde(default)]
-    pub connections: Vec<ClientInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VerifyInfo {
-    pub name: String,
-    pub ok: bool,
-    pub sha256: String,
-    pub bad_chunks: Vec<u64>,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckInfo {
-    pub volumes: Vec<VolumeCheck>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VolumeCheck {
-    pub name: String,
-    pub ok: bool,
-    pub skipped: Option<String>,
-    pub errors: Vec<String>,
-    pub notes: Vec<String>,
-    pub leaks: u64,
-    pub leaked_bytes: u64,
-    pub repaired: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StatusInfo {
-    pub version: String,
-    pub data_dir: String,
-    pub pid: u32,
-    pub uptime_seconds: u64,
-    pub pool: PoolSpace,
-    pub images: usize,
-    pub volumes: usize,
-    pub exports: Vec<String>,
-    pub connections: usize,
-    pub alerts: Vec<String>,
-    /// Long commands under way (import, capture, verify, check).
-    #[serde(default)]
-    pub jobs: Vec<JobInfo>,
-    /// Every NBD client connection in transmission.
-    #[serde(default)]
-    pub clients: Vec<ClientInfo>,
-}
-
-/// An NBD client connection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClientInfo {
-    /// `ADDR:PORT`, or `unix` for the Unix socket.
-    pub peer: String,
-    pub export: String,
-    /// Connected since (seconds since the Unix epoch), and for how long.
-    pub since_unix: u64,
-    pub seconds: u64,
-    pub read_bytes: u64,
-    pub written_bytes: u64,
-}
-
-/// A long command under way (`streamer cancel ID` ends it).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobInfo {
-    pub id: u64,
-    /// What runs, as a person would say it (`image import debian-12`).
-    pub command: String,
-    /// Who asked for it.
-    pub uid: u32,
-    pub seconds: u64,
-    pub done_bytes: u64,
-    /// `None` while the total is not known (an import from a pipe).
-    pub total_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PoolSpace {
-    /// Size and free space of the file system holding the pool.
-    pub capacity_bytes: u64,
-    pub free_bytes: u64,
-    /// Disk space taken by images and volumes.
-    pub used_bytes: u64,
 }
 
 /// Parses a request line: the version first, so a client of another version is told so.

@@ -443,7 +443,7 @@ fn serve_client(mut s: UnixStream, node: &Node, uid: u32) {
         Err(e) => {
             tracing::info!("management command failed: {e}");
             Reply::Error {
-                kind: e.kind(),
+                kind: ErrorKind::from(&e),
                 message: e.to_string(),
             }
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::mgmt::protocol::JobInfo;
+use super::info::JobInfo;
 
 /// Whether the client that asked for a job is still there to hear its answer.
 pub type Liveness = Box<dyn Fn() -> bool + Send + Sync>;

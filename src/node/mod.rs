@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use volume_format::VolumeError;
 
-use crate::mgmt::protocol::{
-    CheckInfo, ClientInfo, ErrorKind, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck,
-    VolumeInfo,
-};
 use crate::names::validate_name;
 use crate::pool::{Expect, ImportSource, Pool, PoolError};
+use info::{
+    CheckInfo, ClientInfo, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
+};
 
+pub mod info;
 mod jobs;
 mod pace;
 use crate::target::{
@@ -54,28 +54,6 @@ pub enum NodeError {
     /// A long command ended early (`streamer cancel`, or its client went away).
     #[error("{0}")]
     Cancelled(String),
-}
-
-impl NodeError {
-    /// The one place a node error becomes a protocol error kind.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            NodeError::Pool(p) => match p {
-                PoolError::Invalid(_) => ErrorKind::Invalid,
-                PoolError::NotFound { .. } => ErrorKind::NotFound,
-                PoolError::Exists { .. } => ErrorKind::Exists,
-                PoolError::InUse(_) => ErrorKind::InUse,
-                PoolError::Cancelled(_) => ErrorKind::Cancelled,
-                PoolError::Io { .. } | PoolError::Volume { .. } => ErrorKind::Io,
-            },
-            NodeError::InUse(_) => ErrorKind::InUse,
-            NodeError::NotFound(_) => ErrorKind::NotFound,
-            NodeError::Denied(_) => ErrorKind::Denied,
-            NodeError::Invalid(_) => ErrorKind::Invalid,
-            NodeError::Io(_) => ErrorKind::Io,
-            NodeError::Cancelled(_) => ErrorKind::Cancelled,
-        }
-    }
 }
 
 #[derive(Default)]

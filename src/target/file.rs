@@ -172,14 +172,13 @@ impl FileTarget {
             });
         } else {
             // Punch, then allocate: the range reads as zeroes and stays provisioned.
-            plan.linked = true;
             plan.push(FileIo::Fallocate {
                 fd,
                 offset,
                 len,
                 mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
             });
-            plan.push(FileIo::Fallocate {
+            plan.then(FileIo::Fallocate {
                 fd,
                 offset,
                 len,
@@ -187,8 +186,7 @@ impl FileTarget {
             });
         }
         if fua {
-            plan.linked = true;
-            plan.push(FileIo::Fdatasync { fd });
+            plan.then(FileIo::Fdatasync { fd });
         }
     }
 
@@ -270,8 +268,7 @@ impl BlockTarget for FileTarget {
                     });
                 }
                 if fua {
-                    plan.linked = true;
-                    plan.push(FileIo::Fdatasync { fd });
+                    plan.then(FileIo::Fdatasync { fd });
                 }
             }
             TargetOp::Zero {

@@ -67,6 +67,8 @@ pub enum TargetOp {
 }
 
 /// One I/O the engine performs for a target. Buffer positions are relative to the request buffer.
+/// (The mirror adds its kind here: bytes sent to the peer and its answer, in the same plan as
+/// the local write.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileIo {
     Read {
@@ -127,27 +129,45 @@ pub const MAX_PLAN_IOS: usize = 8;
 /// allocates at this alignment): what `O_DIRECT` needs on devices with sectors of up to 4 KiB.
 pub const BUFFER_ALIGN: usize = 4096;
 
-/// One phase of an operation: I/Os issued together. `linked` runs them in order, each starting only
-/// after the previous one succeeded (a later one fails with `ECANCELED` if an earlier one fails).
+/// One phase of an operation: I/Os issued together. Each I/O may be linked to the next one
+/// ([`Plan::then`]): the next starts only after it succeeded, and fails with `ECANCELED` if it
+/// failed. Unlinked I/Os run concurrently, in no particular order.
+///
+/// `step` and `cursor` belong to the target: the engine resets them when a new operation starts
+/// ([`Plan::begin`]) and never touches them otherwise, so a target with several phases keeps its
+/// place there between `plan` and each `complete`.
 #[derive(Debug, Default, Clone)]
 pub struct Plan {
     ios: [Option<FileIo>; MAX_PLAN_IOS],
+    /// Bit `i`: I/O `i` is linked to I/O `i + 1`.
+    links: u8,
     len: usize,
-    pub linked: bool,
-    /// Which phase this is; targets with several phases keep their place here.
-    pub phase: u32,
-    /// Where the next phase resumes (a target's own bookkeeping, e.g. a read's next offset).
+    /// Which phase this is, in the target's own numbering.
+    pub step: u32,
+    /// Where the next phase resumes (e.g. a read's next offset).
     pub cursor: u64,
 }
 
+// `links` has a bit for every I/O a plan may hold.
+const _: () = assert!(MAX_PLAN_IOS <= 8);
+
 impl Plan {
+    /// Empties the plan and resets the target's step and cursor: a new operation starts.
+    pub fn begin(&mut self) {
+        self.clear();
+        self.step = 0;
+        self.cursor = 0;
+    }
+    /// Empties the plan for the next phase of the same operation (step and cursor stay).
     pub fn clear(&mut self) {
         self.len = 0;
-        self.linked = false;
+        self.links = 0;
     }
     pub fn is_full(&self) -> bool {
         self.len == MAX_PLAN_IOS
     }
+    /// Adds an I/O that runs concurrently with the others.
+    #[inline]
     pub fn push(&mut self, io: FileIo) {
         assert!(
             self.len < MAX_PLAN_IOS,
@@ -155,6 +175,18 @@ impl Plan {
         );
         self.ios[self.len] = Some(io);
         self.len += 1;
+    }
+    /// Adds an I/O that starts only once the one pushed before it succeeded (the first of a
+    /// plan simply starts).
+    pub fn then(&mut self, io: FileIo) {
+        if self.len > 0 {
+            self.links |= 1 << (self.len - 1);
+        }
+        self.push(io);
+    }
+    /// Whether I/O `i` is linked to the one after it.
+    pub fn linked(&self, i: usize) -> bool {
+        i + 1 < self.len && self.links & (1 << i) != 0
     }
     pub fn ios(&self) -> impl Iterator<Item = &FileIo> {
         self.ios[..self.len].iter().flatten()

@@ -38,8 +38,9 @@ enum Park {
     ForRoom,
 }
 
-/// `Plan::cursor` of a write-like request parked until a commit makes room in the block map.
-const WAITING_FOR_ROOM: u64 = u64::MAX;
+/// `Plan::step` of a write-like request parked until a commit makes room in the block map (every
+/// other phase is step 0).
+const WAITING_FOR_ROOM: u32 = 1;
 /// Most bytes one BLOCK_STATUS reply describes (the client asks again for the rest).
 const BLOCK_STATUS_MAX_BYTES: u64 = 1 << 30;
 
@@ -432,9 +433,8 @@ impl VolumeTarget {
         what: &'static str,
         f: impl FnOnce(&mut Volume<FileStorage>) -> Result<(), VolumeError>,
     ) -> Result<bool, TargetError> {
-        // A write-like request's cursor says only whether it waits for room (a slot's plan
-        // keeps the cursor of its last request).
-        plan.cursor = 0;
+        // A write-like request's step says only whether it waits for room.
+        plan.step = 0;
         let parked = self.with_write_locks(|v| {
             if v.state().must_wait_for_commit() {
                 return Ok(Some(Park::ForRoom));
@@ -466,7 +466,7 @@ impl VolumeTarget {
                 Ok(true)
             }
             Some(Park::ForRoom) => {
-                plan.cursor = WAITING_FOR_ROOM;
+                plan.step = WAITING_FOR_ROOM;
                 self.plan_wait(plan)?;
                 Ok(true)
             }
@@ -679,8 +679,7 @@ impl BlockTarget for VolumeTarget {
             op,
             TargetOp::Write { .. } | TargetOp::Trim { .. } | TargetOp::Zero { .. }
         );
-        // (`plan` resets the cursor of every write-like request, so a stale one cannot match.)
-        if write_like && plan.cursor == WAITING_FOR_ROOM && Self::is_wait(plan) {
+        if write_like && plan.step == WAITING_FOR_ROOM && Self::is_wait(plan) {
             let res = results.first().copied().unwrap_or(-libc::EIO);
             self.wait_result(plan, res, "making room in the block map")
                 .inspect_err(|_| self.count_error())?;
