@@ -22,6 +22,9 @@ command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 # A FUSE file system without fallocate for the pool (tests/pool.rs; skipped without /dev/fuse).
 command -v bindfs >/dev/null || need_pkgs+=(bindfs)
+# The pair (tests/pair.rs): protoc to build the etcd client, and an etcd of the tests' own.
+command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

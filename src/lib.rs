@@ -22,6 +22,7 @@
 //! wires it all together and `cli` turns the command line into its config.
 
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod mgmt;
 pub mod names;

@@ -213,7 +213,7 @@ fn request(
     r
 }
 
-fn run(conn: &Conn, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> ExitCode {
+pub(super) fn run(conn: &Conn, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> ExitCode {
     finish(conn, request(conn, req, fd))
 }
 
@@ -543,6 +543,7 @@ fn json(r: &Response) -> String {
         Response::Verify(x) => serde_json::to_value(x),
         Response::Check(x) => serde_json::to_value(x),
         Response::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
+        Response::Pair(x) => serde_json::to_value(x),
         Response::Cancelled(x) => serde_json::to_value(x),
     };
     serde_json::to_string_pretty(&v.unwrap_or_default()).unwrap_or_default()
@@ -551,6 +552,7 @@ fn json(r: &Response) -> String {
 fn render(r: &Response) -> String {
     match r {
         Response::Status(s) => render_status(s),
+        Response::Pair(p) => super::pair::render(p),
         Response::Image(i) => render_image(i),
         Response::Images(list) => table(
             &[
@@ -607,7 +609,7 @@ fn image_state(i: &ImageInfo) -> &'static str {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -634,7 +636,7 @@ fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-fn fields(rows: &[(&str, String)]) -> String {
+pub(super) fn fields(rows: &[(&str, String)]) -> String {
     let w = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{:<w$}  {v}\n", format!("{k}:")))

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 pub mod manage;
+pub mod pair;
 
 use crate::engine::EngineConfig;
 use crate::server::{ExportSpec, PoolConfig, ServeConfig};
@@ -29,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: serve the pool's volumes and images over NBD (and any --export raw files)
     /// until SIGTERM or SIGINT, with the management socket for the commands below.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Golden images: import, list, show, verify, delete, capture.
     Image(manage::ImageCmd),
     /// OS volumes: create (thin clone or blank), list, show, resize, delete.
@@ -40,6 +41,8 @@ pub enum Command {
     Check(manage::CheckCmd),
     /// End a long command (import, capture, verify, check) that `status` lists as running.
     Cancel(manage::CancelCmd),
+    /// The mirrored pair this node belongs to (nodes up or down, the peer link, etcd).
+    Pair(pair::PairCmd),
 }
 
 /// The system's pool directory: root's default, and the systemd unit's.
@@ -151,6 +154,26 @@ pub struct ServeArgs {
     /// Seconds a negotiating client may go without sending a whole option.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub handshake_timeout: u64,
+    /// etcd endpoints (comma separated, e.g. http://127.0.0.1:2379): the node joins the
+    /// mirrored pair --pair as node --node, with its peer link on --peer-listen. Without it the
+    /// node runs alone, as before.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', requires_all = ["node", "pair", "peer_listen"])]
+    pub etcd: Vec<String>,
+    /// This node's name in its pair (its identity for good; two processes cannot share it).
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    pub node: Option<String>,
+    /// The pair's name (several pairs may share one etcd).
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    pub pair: Option<String>,
+    /// The address the peer link listens on, as the other node dials it (port 0: any free port).
+    #[arg(long, value_name = "ADDR:PORT", requires = "etcd")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Seconds the peer may answer nothing before it is taken for gone.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub peer_timeout: u64,
+    /// Seconds of this node's presence lease in etcd: a node that dies is seen down within it.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub lease: u64,
 }
 
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -229,7 +252,33 @@ impl ServeArgs {
         if let Some(t) = self.threads {
             engine.threads = usize::from(t);
         }
+        let pair = match (self.node, self.pair, self.peer_listen) {
+            (Some(node), Some(pair), Some(peer_listen)) if !self.etcd.is_empty() => {
+                for (flag, name) in [("--node", &node), ("--pair", &pair)] {
+                    crate::names::validate_name(name).map_err(|e| format!("{flag}: {e}"))?;
+                }
+                if peer_listen.ip().is_unspecified() {
+                    return Err(format!(
+                        "--peer-listen {peer_listen}: give the address the other node dials, \
+                         not a wildcard"
+                    ));
+                }
+                if pool.is_none() {
+                    return Err("a node of a pair serves a pool: give --data-dir".into());
+                }
+                Some(crate::cluster::PairConfig {
+                    node,
+                    pair,
+                    etcd: self.etcd,
+                    peer_listen,
+                    peer_timeout: Duration::from_secs(self.peer_timeout.max(1)),
+                    lease_ttl: Duration::from_secs(self.lease.max(1)),
+                })
+            }
+            _ => None,
+        };
         Ok(ServeConfig {
+            pair,
             pool,
             listen,
             socket: self.socket,
@@ -274,5 +323,6 @@ pub fn main() -> ExitCode {
         Command::Status(c) => manage::status(c),
         Command::Check(c) => manage::check(c),
         Command::Cancel(c) => manage::cancel(c),
+        Command::Pair(c) => pair::pair(c),
     }
 }

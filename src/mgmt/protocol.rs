@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 /// What the node reports travels as the node says it: these are the node's own types, and
 /// their serde form is the wire's.
 pub use crate::node::info::{
-    CheckInfo, ClientInfo, ImageInfo, JobInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck,
-    VolumeInfo,
+    CheckInfo, ClientInfo, ImageInfo, JobInfo, LinkInfo, PairInfo, PairNodeInfo, PoolSpace,
+    StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 
 /// The protocol version this build speaks. A server refuses other versions with an error that
@@ -92,6 +92,8 @@ pub enum Request {
     Cancel {
         id: u64,
     },
+    /// The pair this node belongs to: its nodes, the peer link, etcd.
+    PairStatus,
 }
 
 impl Request {
@@ -127,7 +129,8 @@ impl Request {
             | Request::VolumeShow { .. }
             | Request::VolumeResize { .. }
             | Request::VolumeDelete { .. }
-            | Request::Cancel { .. } => false,
+            | Request::Cancel { .. }
+            | Request::PairStatus => false,
         }
     }
 }
@@ -234,6 +237,7 @@ pub enum Response {
     Check(CheckInfo),
     Deleted { name: String },
     Cancelled(JobInfo),
+    Pair(PairInfo),
 }
 
 /// Parses a request line: the version first, so a client of another version is told so.

@@ -478,6 +478,7 @@ fn run(
     }
     match request {
         Request::Status => Ok(Response::Status(node.status())),
+        Request::PairStatus => node.pair_status().map(Response::Pair),
         Request::ImageImport {
             name,
             format,

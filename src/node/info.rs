@@ -131,3 +131,42 @@ pub struct PoolSpace {
     /// Disk space taken by images and volumes.
     pub used_bytes: u64,
 }
+
+/// The pair a node belongs to (`streamer pair status`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PairInfo {
+    pub pair: String,
+    /// This node.
+    pub node: String,
+    pub etcd: Vec<String>,
+    /// Set while etcd does not answer: why, and since when (seconds since the epoch).
+    pub etcd_error: Option<String>,
+    pub etcd_failing_since_unix: Option<u64>,
+    /// The pair's nodes; empty while etcd does not answer.
+    pub nodes: Vec<PairNodeInfo>,
+    pub link: LinkInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PairNodeInfo {
+    pub name: String,
+    /// Where its peer link listens.
+    pub peer_addr: String,
+    /// Its presence is in etcd (it runs and keeps its lease alive).
+    pub up: bool,
+    pub this_node: bool,
+    pub pid: Option<u32>,
+    pub since_unix: Option<u64>,
+}
+
+/// The peer link as this node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkInfo {
+    pub up: bool,
+    /// The peer it is connected to (when up).
+    pub peer: Option<String>,
+    /// Why it is down (when down).
+    pub reason: Option<String>,
+    /// Up or down since (seconds since the epoch).
+    pub since_unix: u64,
+}

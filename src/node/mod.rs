@@ -25,11 +25,13 @@ use info::{
 pub mod info;
 mod jobs;
 mod pace;
+mod pair;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
 pub use jobs::{Job, JobGuard, Jobs, Liveness, Refused};
 use pace::Pacer;
+pub use pair::PairHandle;
 
 /// Export name prefix of golden images.
 pub const IMAGE_EXPORT_PREFIX: &str = "image/";
@@ -82,6 +84,8 @@ pub struct Node {
     started: Instant,
     /// Long commands under way.
     pub jobs: Jobs,
+    /// The pair this node belongs to, when started with `--etcd`.
+    pair: Mutex<Option<pair::PairHandle>>,
 }
 
 /// What the node's exports and commands may use.
@@ -159,6 +163,7 @@ impl Node {
             cloning: Mutex::new(HashMap::new()),
             limits,
             started: Instant::now(),
+            pair: Mutex::new(None),
             jobs: Jobs::default(),
         };
         for i in node.pool.images() {
@@ -864,6 +869,7 @@ impl Node {
                 alerts.push(format!("volume {name:?} failed: {why}"));
             }
         }
+        alerts.extend(self.pair_alerts());
         if capacity_bytes > 0 && free_bytes * 10 < capacity_bytes {
             alerts.push(format!(
                 "pool file system is {}% full",

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub cache: CacheMode,
     pub max_connections: usize,
     pub engine: EngineConfig,
+    /// The mirrored pair this node joins (`--etcd`); `None`: a node alone.
+    pub pair: Option<crate::cluster::PairConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,8 @@ pub enum ServeError {
     Signals(nix::Error),
     #[error("opening the pool in {dir}: {message}")]
     Pool { dir: PathBuf, message: String },
+    #[error("joining the pair: {0}")]
+    Pair(String),
 }
 
 enum Listener {
@@ -260,6 +264,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let exports = Arc::new(open_exports(&cfg)?);
     let committers = Committers::start(COMMIT_THREADS).map_err(ServeError::StartingEngine)?;
+    // The pair first: a node that may not join (its name taken, the pair full, etcd out of
+    // reach) stops before it creates or touches its pool.
+    let pair = match &cfg.pair {
+        Some(pc) => Some(join_pair(pc)?),
+        None => None,
+    };
     let (node, mgmt) = match &cfg.pool {
         None => (None, None),
         Some(p) => {
@@ -267,6 +277,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             (Some(node), Some(mgmt))
         }
     };
+    let mut peer_banner = None;
+    if let (Some((handle, addr)), Some(node)) = (pair, &node) {
+        node.set_pair(handle);
+        peer_banner = Some(addr);
+    }
     let listeners = bind(&cfg)?;
     let engine = Arc::new(
         Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?,
@@ -302,6 +317,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(m) = &mgmt {
         let _ = writeln!(banner, "management unix {}", m.path().display());
     }
+    if let Some(addr) = peer_banner {
+        let _ = writeln!(banner, "peer tcp {addr}");
+    }
     let mut out = io::stdout().lock();
     let _ = out.write_all(&banner);
     let _ = writeln!(out, "ready");
@@ -325,6 +343,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let _ = acceptor.join();
     if let Some(m) = mgmt {
         m.stop();
+    }
+    // The peer sees this node leave now rather than when its lease runs out.
+    if let Some(node) = &node {
+        node.leave_pair();
     }
     // Long commands end now, undone (an import is not published), and their clients are told.
     if let Some(node) = &node {
@@ -354,6 +376,27 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the peer link, joins the pair in etcd (advertising the bound address) and starts the
+/// link; returns it and its address.
+fn join_pair(
+    pc: &crate::cluster::PairConfig,
+) -> Result<(crate::node::PairHandle, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(pc.peer_listen).map_err(|source| ServeError::Listening {
+        addr: format!("{} (--peer-listen)", pc.peer_listen),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Pair(e.to_string()))?;
+    let mut pc = pc.clone();
+    pc.peer_listen = local;
+    let cluster =
+        Arc::new(crate::cluster::Cluster::join(pc).map_err(|e| ServeError::Pair(e.to_string()))?);
+    let link = crate::peer::link::PeerLink::start(listener, cluster.clone())
+        .map_err(|e| ServeError::Pair(format!("starting the peer link: {e}")))?;
+    Ok((crate::node::PairHandle { cluster, link }, local))
 }
 
 fn accept_loop(listeners: &[Listener], engine: &Engine, stop: &EventFd, max_connections: usize) {

@@ -1,0 +1,448 @@
+//! The pair's membership and control link (issue 23): real `streamer serve` processes, a real
+//! etcd on loopback ports of its own, kill -9, and hostile bytes on the peer port. Every wait is
+//! bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Scratch, Server, run_with_status};
+use streamer::peer::wire::{self, Header, Hello, Kind};
+
+/// An etcd of the test's own: loopback, free ports, a data directory in a scratch dir; killed
+/// at drop.
+struct Etcd {
+    child: Option<Child>,
+    url: String,
+    _dir: Scratch,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = Scratch::new("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.path("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (Debian etcd-server) is installed");
+        let etcd = Etcd {
+            child: Some(child),
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !etcd.healthy() {
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    fn healthy(&self) -> bool {
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        r.contains("\"health\":\"true\"")
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node of pair `p1`: its own scratch dir and pool.
+struct Node {
+    server: Server,
+    dir: Scratch,
+}
+
+fn node_args<'a>(
+    dir: &'a Scratch,
+    pool: &'a str,
+    name: &'a str,
+    etcd: &'a str,
+    lease: &'a str,
+) -> Vec<String> {
+    vec![
+        "--data-dir".into(),
+        dir.path(pool).to_str().unwrap().into(),
+        "--node".into(),
+        name.into(),
+        "--pair".into(),
+        "p1".into(),
+        "--etcd".into(),
+        etcd.into(),
+        "--peer-listen".into(),
+        "127.0.0.1:0".into(),
+        "--lease".into(),
+        lease.into(),
+        "--peer-timeout".into(),
+        "2".into(),
+    ]
+}
+
+impl Node {
+    fn start(name: &str, etcd: &Etcd, lease: &str) -> Node {
+        let dir = Scratch::new(&format!("node-{name}"));
+        Node::start_in(dir, name, etcd, lease)
+    }
+
+    fn start_in(dir: Scratch, name: &str, etcd: &Etcd, lease: &str) -> Node {
+        let args = node_args(&dir, "pool", name, &etcd.url, lease);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start(&dir, &args);
+        Node { server, dir }
+    }
+
+    fn mgmt(&self) -> String {
+        self.dir.path("pool/streamer.sock").to_str().unwrap().into()
+    }
+
+    /// `streamer pair status --json` of this node.
+    fn pair_status(&self) -> serde_json::Value {
+        let out = run_with_status(
+            BIN,
+            &["pair", "status", "--json", "--mgmt-socket", &self.mgmt()],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "pair status: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    fn alerts(&self) -> Vec<String> {
+        let out = run_with_status(BIN, &["status", "--json", "--mgmt-socket", &self.mgmt()]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The peer address the node printed (`peer tcp ADDR`), from its pair record.
+    fn peer_addr(&self) -> String {
+        let s = self.pair_status();
+        let me = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["this_node"] == true)
+            .expect("this node is listed")
+            .clone();
+        me["peer_addr"].as_str().unwrap().to_string()
+    }
+}
+
+/// Polls `f` until it holds, at most `secs` seconds; panics with `what` otherwise.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "waited {secs}s for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn node_up(status: &serde_json::Value, name: &str) -> Option<bool> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["up"] == true)
+}
+
+fn link_up(status: &serde_json::Value) -> bool {
+    status["link"]["up"] == true
+}
+
+#[test]
+fn two_nodes_form_a_pair_and_see_each_other() {
+    let etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "5");
+    let b = Node::start("b", &etcd, "5");
+    wait_until(15, "both links up", || {
+        link_up(&a.pair_status()) && link_up(&b.pair_status())
+    });
+    for (n, me, other) in [(&a, "a", "b"), (&b, "b", "a")] {
+        let s = n.pair_status();
+        assert_eq!(s["pair"], "p1");
+        assert_eq!(s["node"], me);
+        assert_eq!(s["link"]["peer"], other);
+        assert_eq!(node_up(&s, "a"), Some(true));
+        assert_eq!(node_up(&s, "b"), Some(true));
+        assert!(s["etcd_error"].is_null());
+        assert!(
+            n.alerts()
+                .iter()
+                .all(|a| !a.contains("peer") && !a.contains("etcd")),
+            "{:?}",
+            n.alerts()
+        );
+    }
+    // The human form says the same.
+    let out = run_with_status(BIN, &["pair", "status", "--mgmt-socket", &a.mgmt()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("peer link:  up to b"), "{text}");
+    assert!(text.contains("a (this node)"), "{text}");
+    b.server.stop();
+    a.server.stop();
+}
+
+#[test]
+fn a_third_node_and_a_second_process_of_a_node_are_refused() {
+    let etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "5");
+    let _b = Node::start("b", &etcd, "5");
+    let a_addr = a.peer_addr();
+    let refused = |name: &str| {
+        let dir = Scratch::new("refused");
+        let args = node_args(&dir, "pool", name, &etcd.url, "5");
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--create");
+        let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
+        full.extend(args);
+        let out = run_with_status(BIN, &full);
+        assert!(!out.status.success(), "{name} started");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        // Refused before its pool was made.
+        assert!(!dir.path("pool").exists(), "{name} created its pool");
+        err
+    };
+    let err = refused("c");
+    assert!(
+        err.contains("pair p1 already has two nodes (a and b)"),
+        "{err}"
+    );
+    let err = refused("a");
+    assert!(
+        err.contains("node a of pair p1 is already running"),
+        "{err}"
+    );
+    // The refused second `a` changed nothing of the running one's record.
+    assert_eq!(a.peer_addr(), a_addr);
+}
+
+#[test]
+fn a_killed_peer_is_seen_down_within_its_lease_and_rejoins() {
+    let etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "2");
+    let b = Node::start("b", &etcd, "2");
+    wait_until(15, "link up", || link_up(&a.pair_status()));
+    let b_dir = b.dir;
+    let mut b_server = b.server;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b_server.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = b_server.child.take().unwrap().wait();
+    // The link notices at once (the connection drops); etcd within the 2 s lease.
+    wait_until(10, "b down on a", || {
+        let s = a.pair_status();
+        node_up(&s, "b") == Some(false) && !link_up(&s)
+    });
+    let alerts = a.alerts();
+    assert!(
+        alerts.iter().any(|x| x.contains("peer b is down")),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts.iter().any(|x| x.contains("peer link down")),
+        "{alerts:?}"
+    );
+    // b comes back with the same pool and name.
+    let b = Node::start_in(b_dir, "b", &etcd, "2");
+    wait_until(15, "b back", || {
+        let s = a.pair_status();
+        node_up(&s, "b") == Some(true) && link_up(&s)
+    });
+    assert!(a.alerts().iter().all(|x| !x.contains("peer")));
+    b.server.stop();
+    a.server.stop();
+}
+
+#[test]
+fn a_clean_stop_is_seen_at_once_not_after_the_lease() {
+    let etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "60");
+    let b = Node::start("b", &etcd, "60");
+    wait_until(15, "link up", || link_up(&a.pair_status()));
+    b.server.stop();
+    // Far sooner than the 60 s lease: b withdrew its presence as it stopped.
+    wait_until(5, "b down on a", || {
+        node_up(&a.pair_status(), "b") == Some(false)
+    });
+    a.server.stop();
+}
+
+fn frame(h: &Header, payload: &[u8]) -> Vec<u8> {
+    let mut b = h.encode().to_vec();
+    b.extend_from_slice(payload);
+    b
+}
+
+#[test]
+fn the_peer_port_refuses_strangers_and_keeps_serving_its_peer() {
+    let etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "5");
+    let b = Node::start("b", &etcd, "5");
+    wait_until(15, "link up", || link_up(&a.pair_status()));
+    let addr = a.peer_addr();
+
+    // Garbage: the connection is closed, and the node says why.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0x5a; 200]).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "garbage got an answer");
+
+    // A well-formed HELLO from another pair: refused with EPERM, then closed.
+    let hello = Hello {
+        version: wire::VERSION,
+        pair: "p2".into(),
+        from: "x".into(),
+        to: "a".into(),
+    }
+    .encode();
+    let h = Header::request(Kind::Hello, 7).with_payload(&hello);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&frame(&h, &hello)).unwrap();
+    let mut reply = [0u8; wire::HEADER_BYTES];
+    s.read_exact(&mut reply).unwrap();
+    let r = Header::decode(&reply).unwrap().unwrap();
+    assert!(r.reply && r.kind == Kind::Hello && r.cookie == 7);
+    assert_eq!(i32::from(r.status), libc::EPERM);
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "still open after a refusal"
+    );
+
+    // A HELLO whose payload checksum is wrong: nothing is answered.
+    let mut bad = frame(
+        &Header::request(Kind::Hello, 8).with_payload(&hello),
+        &hello,
+    );
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&bad).unwrap();
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "a bad checksum got an answer"
+    );
+
+    // The strangers cost the pair nothing.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(link_up(&b.pair_status()), "{}", b.pair_status());
+    let log = a.server.log();
+    assert!(log.contains("bad magic"), "{log}");
+    assert!(
+        log.contains("HELLO refused: it is node x of pair p2"),
+        "{log}"
+    );
+    assert!(log.contains("payload checksum mismatch"), "{log}");
+    b.server.stop();
+    a.server.stop();
+}
+
+#[test]
+fn etcd_out_of_reach_is_an_alert_and_refuses_a_start() {
+    let mut etcd = Etcd::start();
+    let a = Node::start("a", &etcd, "2");
+    etcd.kill();
+    wait_until(20, "etcd alert", || {
+        a.alerts().iter().any(|x| x.contains("etcd unreachable"))
+    });
+    let s = a.pair_status();
+    assert!(s["etcd_error"].is_string(), "{s}");
+    // The node goes on serving its pool meanwhile.
+    let out = run_with_status(BIN, &["volume", "list", "--mgmt-socket", &a.mgmt()]);
+    assert!(out.status.success());
+
+    // A node cannot start without reaching etcd.
+    let dir = Scratch::new("no-etcd");
+    let args = node_args(&dir, "pool", "b", &etcd.url, "2");
+    let mut full: Vec<&str> = vec!["serve", "--listen", "127.0.0.1:0", "--create"];
+    full.extend(args.iter().map(String::as_str));
+    let out = run_with_status(BIN, &full);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach etcd at"), "{err}");
+    a.server.stop();
+}
+
+#[test]
+fn a_node_without_etcd_is_not_in_a_pair() {
+    let dir = Scratch::new("alone");
+    let pool = dir.path("pool");
+    let server = Server::start(&dir, &["--data-dir", pool.to_str().unwrap()]);
+    let sock = dir.path("pool/streamer.sock");
+    let out = run_with_status(
+        BIN,
+        &["pair", "status", "--mgmt-socket", sock.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in a pair"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And its flags are all or nothing.
+    let out = run_with_status(BIN, &["serve", "--node", "a", "--data-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd"));
+    server.stop();
+}
