@@ -12,11 +12,97 @@ use std::time::{Duration, Instant};
 use common::{BIN, Scratch, Server, run_with_status};
 use streamer::peer::wire::{self, Header, Hello, Kind};
 
+/// A network namespace of the test's own, loopback up, deleted at drop (after everything in it
+/// was stopped: declare it first). Links inside it are cut with nftables rules of its own, so
+/// no other test's traffic is touched.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("st-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        let ns = Netns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The prefix that runs a program inside the namespace (it execs: the pid is the program's).
+    fn wrapper(&self) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.name]
+    }
+
+    fn run(&self, cmd: &[&str]) -> std::process::Output {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Drops every TCP segment to or from these ports inside the namespace.
+    fn cut(&self, ports: &[u16]) {
+        let set = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let set = format!("{{ {set} }}");
+        self.run(&["nft", "add", "table", "inet", "streamer_cut"]);
+        self.run(&[
+            "nft",
+            "add chain inet streamer_cut input { type filter hook input priority 0 ; }",
+        ]);
+        for dir in ["dport", "sport"] {
+            self.run(&[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "streamer_cut",
+                "input",
+                "tcp",
+                dir,
+                &set,
+                "drop",
+            ]);
+        }
+    }
+
+    fn heal(&self) {
+        self.run(&["nft", "delete", "table", "inet", "streamer_cut"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
 /// An etcd of the test's own: loopback, free ports, a data directory in a scratch dir; killed
 /// at drop.
 struct Etcd {
     child: Option<Child>,
     url: String,
+    /// Runs inside this namespace (its loopback), if any.
+    netns: Option<String>,
     _dir: Scratch,
 }
 
@@ -30,11 +116,23 @@ fn free_port() -> u16 {
 
 impl Etcd {
     fn start() -> Etcd {
+        Etcd::start_in(None)
+    }
+
+    fn start_in(netns: Option<&Netns>) -> Etcd {
         let dir = Scratch::new("etcd");
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let log = std::fs::File::create(dir.path("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(dir.path("data"))
             .args([
@@ -59,6 +157,7 @@ impl Etcd {
         let etcd = Etcd {
             child: Some(child),
             url,
+            netns: netns.map(|n| n.name.clone()),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -71,6 +170,19 @@ impl Etcd {
 
     fn healthy(&self) -> bool {
         let addr = self.url.trim_start_matches("http://");
+        if let Some(ns) = &self.netns {
+            // The namespace's loopback is out of the test's reach: ask from inside it.
+            let (host, port) = addr.split_once(':').unwrap();
+            let script = format!(
+                "exec 3<>/dev/tcp/{host}/{port} && printf 'GET /health HTTP/1.0\\r\\n\\r\\n' >&3 \
+                 && timeout 2 cat <&3"
+            );
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "bash", "-c", &script])
+                .output()
+                .unwrap();
+            return String::from_utf8_lossy(&out.stdout).contains("\"health\":\"true\"");
+        }
         let Ok(mut s) = TcpStream::connect(addr) else {
             return false;
         };
@@ -127,6 +239,17 @@ fn node_args<'a>(
 }
 
 impl Node {
+    /// A node inside `ns`, its peer link on a fixed port (the namespace is the test's own).
+    fn start_in_netns(ns: &Netns, name: &str, etcd: &Etcd, peer_port: u16) -> Node {
+        let dir = Scratch::new(&format!("ns-node-{name}"));
+        let mut args = node_args(&dir, "pool", name, &etcd.url, "5");
+        let at = args.iter().position(|a| a == "127.0.0.1:0").unwrap();
+        args[at] = format!("127.0.0.1:{peer_port}");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start_as(&dir, &ns.wrapper(), &args);
+        Node { server, dir }
+    }
+
     fn start(name: &str, etcd: &Etcd, lease: &str) -> Node {
         let dir = Scratch::new(&format!("node-{name}"));
         Node::start_in(dir, name, etcd, lease)
@@ -324,6 +447,17 @@ fn a_clean_stop_is_seen_at_once_not_after_the_lease() {
     a.server.stop();
 }
 
+/// The node closed the connection (a reset counts; a timeout, i.e. still open, does not).
+fn assert_closed(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: answered {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: still open ({e})"),
+    }
+}
+
 fn frame(h: &Header, payload: &[u8]) -> Vec<u8> {
     let mut b = h.encode().to_vec();
     b.extend_from_slice(payload);
@@ -342,8 +476,7 @@ fn the_peer_port_refuses_strangers_and_keeps_serving_its_peer() {
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(&[0x5a; 200]).unwrap();
-    let mut buf = [0u8; 64];
-    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "garbage got an answer");
+    assert_closed(&mut s, "garbage");
 
     // A well-formed HELLO from another pair: refused with EPERM, then closed.
     let hello = Hello {
@@ -362,11 +495,7 @@ fn the_peer_port_refuses_strangers_and_keeps_serving_its_peer() {
     let r = Header::decode(&reply).unwrap().unwrap();
     assert!(r.reply && r.kind == Kind::Hello && r.cookie == 7);
     assert_eq!(i32::from(r.status), libc::EPERM);
-    assert_eq!(
-        s.read(&mut buf).unwrap_or(0),
-        0,
-        "still open after a refusal"
-    );
+    assert_closed(&mut s, "a refused HELLO");
 
     // A HELLO whose payload checksum is wrong: nothing is answered.
     let mut bad = frame(
@@ -378,11 +507,43 @@ fn the_peer_port_refuses_strangers_and_keeps_serving_its_peer() {
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(&bad).unwrap();
-    assert_eq!(
-        s.read(&mut buf).unwrap_or(0),
-        0,
-        "a bad checksum got an answer"
-    );
+    assert_closed(&mut s, "a bad checksum");
+
+    // A node name that is not the pair's other member: refused, though pair and receiver fit.
+    let hello = Hello {
+        version: wire::VERSION,
+        pair: "p1".into(),
+        from: "mallory".into(),
+        to: "a".into(),
+    }
+    .encode();
+    let h = Header::request(Kind::Hello, 9).with_payload(&hello);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&frame(&h, &hello)).unwrap();
+    s.read_exact(&mut reply).unwrap();
+    let r = Header::decode(&reply).unwrap().unwrap();
+    assert_eq!(i32::from(r.status), libc::EPERM);
+    assert_closed(&mut s, "a HELLO from a non-member");
+
+    // One that trickles its HELLO: cut off after the HELLO deadline (5 s), not kept.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let started = Instant::now();
+    for b in frame(
+        &Header::request(Kind::Hello, 10).with_payload(&hello),
+        &hello,
+    )
+    .iter()
+    .take(20)
+    {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_closed(&mut s, "a trickled HELLO");
+    assert!(started.elapsed() < Duration::from_secs(12));
 
     // The strangers cost the pair nothing.
     std::thread::sleep(Duration::from_secs(2));
@@ -394,6 +555,8 @@ fn the_peer_port_refuses_strangers_and_keeps_serving_its_peer() {
         "{log}"
     );
     assert!(log.contains("payload checksum mismatch"), "{log}");
+    assert!(log.contains("calls itself mallory, not a member"), "{log}");
+    assert!(log.contains("no whole frame in time"), "{log}");
     b.server.stop();
     a.server.stop();
 }
@@ -445,4 +608,48 @@ fn a_node_without_etcd_is_not_in_a_pair() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd"));
     server.stop();
+}
+
+/// A link cut (nftables, in a namespace of the test's own) is not a node down: both nodes stay
+/// up in etcd, each sees the link down within the peer timeout (no answer, not a refusal), and
+/// the link comes back by itself when the cut heals.
+#[test]
+fn a_cut_link_is_down_while_both_nodes_stay_up_and_heals() {
+    let ns = Netns::new("cut");
+    let etcd = Etcd::start_in(Some(&ns));
+    let a = Node::start_in_netns(&ns, "a", &etcd, 7001);
+    let b = Node::start_in_netns(&ns, "b", &etcd, 7002);
+    wait_until(15, "links up", || {
+        link_up(&a.pair_status()) && link_up(&b.pair_status())
+    });
+    ns.cut(&[7001, 7002]);
+    let cut_at = Instant::now();
+    wait_until(15, "both links down", || {
+        !link_up(&a.pair_status()) && !link_up(&b.pair_status())
+    });
+    for n in [&a, &b] {
+        let s = n.pair_status();
+        let reason = s["link"]["reason"].as_str().unwrap().to_string();
+        // No answer (the pings, then the reconnections, time out): not a refusal.
+        assert!(
+            reason.contains("no answer within the peer timeout") || reason.contains("timed out"),
+            "{reason}"
+        );
+        assert_eq!(node_up(&s, "a"), Some(true), "{s}");
+        assert_eq!(node_up(&s, "b"), Some(true), "{s}");
+        let alerts = n.alerts();
+        assert!(
+            alerts.iter().any(|x| x.contains("peer link down")),
+            "{alerts:?}"
+        );
+        assert!(!alerts.iter().any(|x| x.contains("is down:")), "{alerts:?}");
+    }
+    // A 10 s cut, then the link heals by itself.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed()));
+    ns.heal();
+    wait_until(20, "links up again", || {
+        link_up(&a.pair_status()) && link_up(&b.pair_status())
+    });
+    b.server.stop();
+    a.server.stop();
 }

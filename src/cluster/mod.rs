@@ -87,6 +87,9 @@ pub enum ClusterError {
 struct Health {
     /// The last failure, and since when etcd has been failing (`None`: answering).
     failing: Option<(String, SystemTime)>,
+    /// This node's presence could not be restored after its lease expired (another process
+    /// took its name meanwhile): stays until the node restarts.
+    presence_lost: Option<String>,
 }
 
 /// A node's membership of its pair, held for as long as it runs.
@@ -120,9 +123,12 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(ClusterError::Runtime)?;
+        // HTTP/2 pings find a dead connection (etcd gone from the network) within seconds.
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
         let mut client = rt
             .block_on(Client::connect(&cfg.etcd, Some(options)))
             .map_err(|source| ClusterError::Unreachable {
@@ -304,13 +310,18 @@ impl Cluster {
         self.health.lock().failing.clone()
     }
 
+    /// Why this node no longer holds its presence, if it lost it for good.
+    pub fn presence_lost(&self) -> Option<String> {
+        self.health.lock().presence_lost.clone()
+    }
+
     fn note<T>(&self, r: &Result<T, ClusterError>) {
         note(&self.health, r.as_ref().err().map(ToString::to_string));
     }
 
     /// Leaves cleanly: the presence goes at once (the peer sees this node down now, not after
-    /// the lease).
-    pub fn leave(self) {
+    /// the lease). The runtime stops when the last holder drops it.
+    pub fn leave(&self) {
         self.keepalive.abort();
         let mut client = self.client.clone();
         let lease = *self.lease.lock();
@@ -320,7 +331,6 @@ impl Cluster {
         if !matches!(revoked, Ok(Ok(_))) {
             tracing::warn!("could not withdraw this node's presence; it expires with its lease");
         }
-        self.rt.shutdown_timeout(Duration::from_secs(1));
     }
 }
 
@@ -352,9 +362,19 @@ fn note(health: &Mutex<Health>, failure: Option<String>) {
     }
 }
 
-/// Keeps the presence lease alive, three times per lease. A lease that expired (etcd was out
-/// of reach for longer than the lease) is granted again and the presence re-created, unless
-/// another process took this node's name meanwhile (then the node says so, loudly).
+/// How a keep-alive stream ended.
+enum Ended {
+    /// etcd says the lease is gone (it was out of reach for longer than the lease).
+    Expired,
+    /// The stream closed or went silent (etcd restarted, the connection dropped): the lease
+    /// may well be alive; a new stream is opened on it.
+    Stream,
+}
+
+/// Keeps the presence lease alive, three times per lease. Every answer is awaited at most a
+/// period: a silent etcd is noticed then, not when TCP gives up minutes later. A lease that
+/// expired is granted again and the presence re-created, unless another process took this
+/// node's name meanwhile: then the node says so in every `status` until it restarts.
 async fn keep_alive(
     mut client: Client,
     cfg: PairConfig,
@@ -368,25 +388,36 @@ async fn keep_alive(
             let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
             loop {
                 keeper.keep_alive().await?;
-                match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => note(&health, None),
-                    _ => return Ok::<bool, etcd_client::Error>(false),
+                match tokio::time::timeout(period, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => note(&health, None),
+                    Ok(Ok(Some(_))) => return Ok::<Ended, etcd_client::Error>(Ended::Expired),
+                    Ok(Ok(None)) => return Ok(Ended::Stream),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        note(&health, Some("no answer to the lease keep-alive".into()));
+                        return Ok(Ended::Stream);
+                    }
                 }
                 tokio::time::sleep(period).await;
             }
         }
         .await;
         match result {
-            Ok(_) => {
-                // The lease expired: come back as a new presence.
+            Ok(Ended::Stream) => {}
+            Ok(Ended::Expired) => {
                 tracing::warn!("this node's presence lease expired; registering again");
                 match Cluster::register(&mut client, &cfg).await {
                     Ok(new) => {
                         *lease.lock() = new;
                         note(&health, None);
                     }
+                    Err(e @ ClusterError::AlreadyUp { .. }) => {
+                        tracing::error!("this node lost its presence in etcd: {e}");
+                        health.lock().presence_lost = Some(e.to_string());
+                        return;
+                    }
                     Err(e) => {
-                        tracing::error!("registering this node again: {e}");
+                        tracing::warn!("registering this node again: {e}");
                         note(&health, Some(e.to_string()));
                     }
                 }

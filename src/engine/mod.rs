@@ -156,6 +156,10 @@ impl Engine {
                         };
                     if let Err(e) = w.run() {
                         tracing::error!(worker = i, "I/O worker stopped: {e}");
+                        // Its connections' memory may still be the kernel's (closing a ring
+                        // does not wait for what is in flight): leak the worker whole rather
+                        // than free memory the kernel may write.
+                        std::mem::forget(w);
                     }
                 })?;
             ready_rx

@@ -197,7 +197,9 @@ pub(super) fn is_transient(e: &io::Error) -> bool {
 
 /// A worker's io_uring.
 pub(super) struct Ring {
-    // Dropped first: the ring is torn down before the memory its last operations point at.
+    // Closing the ring does not wait for operations in flight (the kernel cancels them later),
+    // so nothing they point at may be freed while any is outstanding: connections are freed
+    // only at zero `kernel_ops`, and a worker that fails is leaked whole (`Engine::start`).
     ring: IoUring,
     /// Entries (whole linked chains) that found the submission queue full, oldest first.
     backlog: VecDeque<Vec<squeue::Entry>>,
@@ -209,6 +211,9 @@ pub(super) struct Ring {
     /// addresses are stable while the kernel holds them.
     wake_buf: Box<u64>,
     tick: Box<types::Timespec>,
+    /// Tests: `push_chain` does not submit to make room, so a full queue goes to the backlog.
+    #[cfg(test)]
+    hold_submissions: bool,
 }
 
 impl Ring {
@@ -234,6 +239,8 @@ impl Ring {
             run: Vec::with_capacity(crate::target::MAX_PLAN_IOS),
             wake_buf: Box::new(0),
             tick: Box::new(types::Timespec::from(tick)),
+            #[cfg(test)]
+            hold_submissions: false,
         })
     }
 
@@ -338,7 +345,12 @@ impl Ring {
             if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return;
             }
-            if let Err(e) = self.ring.submit()
+            #[cfg(test)]
+            let hold = self.hold_submissions;
+            #[cfg(not(test))]
+            let hold = false;
+            if !hold
+                && let Err(e) = self.ring.submit()
                 && !is_transient(&e)
             {
                 tracing::warn!("io_uring submit while queue full: {e}");
@@ -616,19 +628,44 @@ mod tests {
         assert_eq!(UserData::decode(u64::MAX), None);
     }
 
-    /// A full submission queue hands entries to the backlog instead of spinning, and they all
-    /// run, in order, once the loop submits again.
+    /// A full submission queue hands entries to the backlog instead of spinning (here the queue
+    /// is kept full on purpose), a linked chain that does not fit waits whole, and everything
+    /// runs, in order, once the loop submits again.
     #[test]
-    fn a_full_submission_queue_backlogs_in_order() {
+    fn a_full_submission_queue_backlogs_whole_chains_in_order() {
         let mut ring = Ring::new(std::time::Duration::from_secs(1)).unwrap();
-        let n = RING_ENTRIES as usize * 3;
-        for i in 0..n {
-            let e = opcode::Nop::new().build();
+        ring.hold_submissions = true;
+        let ud = |i: usize| UserData::new(Tag::Io, 1, 0, i as u16);
+        let mut sub = 0;
+        for _ in 0..RING_ENTRIES - 1 {
             // SAFETY: a no-op points at no memory.
-            unsafe { ring.push(e, UserData::new(Tag::Io, 1, 0, i as u16)) };
+            unsafe { ring.push(opcode::Nop::new().build(), ud(sub)) };
+            sub += 1;
         }
+        assert!(ring.backlog.is_empty());
+        // Three linked no-ops with one free entry: the chain must not be split.
+        let chain: Vec<squeue::Entry> = (0..3)
+            .map(|k| {
+                let e = opcode::Nop::new().build().user_data(ud(sub + k).encode());
+                if k < 2 {
+                    e.flags(squeue::Flags::IO_LINK)
+                } else {
+                    e
+                }
+            })
+            .collect();
+        // SAFETY: as above.
+        unsafe { ring.push_chain(&chain) };
+        sub += 3;
+        assert_eq!(ring.backlog.len(), 1, "the chain waits whole");
+        // A single entry after it waits behind it, though one entry would fit.
+        // SAFETY: as above.
+        unsafe { ring.push(opcode::Nop::new().build(), ud(sub)) };
+        sub += 1;
+        assert_eq!(ring.backlog.len(), 2);
+        ring.hold_submissions = false;
         let mut done = Vec::new();
-        while done.len() < n {
+        while done.len() < sub {
             ring.submit_and_wait().unwrap();
             ring.reap(&mut done);
         }
@@ -636,7 +673,19 @@ mod tests {
             .iter()
             .map(|&(ud, _)| UserData::decode(ud).unwrap().sub)
             .collect();
-        assert_eq!(subs, (0..n as u16).collect::<Vec<_>>());
+        // Every entry ran once; the ones queued before the backlog in order, and the chain's in
+        // its order (an entry queued beside a chain may overtake the chain's later links).
+        let mut sorted = subs.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..sub as u16).collect::<Vec<_>>());
+        let first = RING_ENTRIES as usize - 1;
+        assert_eq!(subs[..first], (0..first as u16).collect::<Vec<_>>()[..]);
+        let at = |s: usize| subs.iter().position(|&x| x as usize == s).unwrap();
+        assert!(at(first) < at(first + 1) && at(first + 1) < at(first + 2));
+        assert!(
+            done.iter().all(|&(_, res)| res == 0),
+            "a chain entry was cancelled"
+        );
         assert!(ring.backlog.is_empty());
     }
 }

@@ -9,10 +9,36 @@ use super::{Node, NodeError};
 use crate::cluster::Cluster;
 use crate::peer::link::{LinkState, PeerLink};
 
-/// A running pair membership: held by the node until it stops.
+/// A running pair membership: held by the node until it stops. Dropping it leaves the pair
+/// (the link stops, the presence is withdrawn), also when start-up fails after joining, so a
+/// failed start never leaves a presence that refuses the next one.
 pub struct PairHandle {
     pub cluster: Arc<Cluster>,
-    pub link: PeerLink,
+    link: Option<PeerLink>,
+}
+
+impl PairHandle {
+    pub fn new(cluster: Arc<Cluster>, link: PeerLink) -> PairHandle {
+        PairHandle {
+            cluster,
+            link: Some(link),
+        }
+    }
+
+    fn link_state(&self) -> LinkState {
+        self.link
+            .as_ref()
+            .map_or(LinkState::stopped(), PeerLink::state)
+    }
+}
+
+impl Drop for PairHandle {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.stop();
+        }
+        self.cluster.leave();
+    }
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -27,14 +53,7 @@ impl Node {
 
     /// Leaves the pair: the link stops and the node's presence is withdrawn (at shutdown).
     pub fn leave_pair(&self) {
-        let Some(pair) = self.pair.lock().take() else {
-            return;
-        };
-        pair.link.stop();
-        match Arc::try_unwrap(pair.cluster) {
-            Ok(c) => c.leave(),
-            Err(_) => tracing::warn!("the pair's etcd client is still in use; not withdrawn"),
-        }
+        drop(self.pair.lock().take());
     }
 
     pub fn pair_status(&self) -> Result<PairInfo, NodeError> {
@@ -45,7 +64,7 @@ impl Node {
             ));
         };
         let cfg = pair.cluster.config();
-        let link = match pair.link.state() {
+        let link = match pair.link_state() {
             LinkState::Up { peer, since } => LinkInfo {
                 up: true,
                 peer: Some(peer),
@@ -92,6 +111,12 @@ impl Node {
             return Vec::new();
         };
         let mut alerts = Vec::new();
+        if let Some(why) = pair.cluster.presence_lost() {
+            alerts.push(format!(
+                "this node lost its presence in the pair ({why}): restart it once the other \
+                 process is gone"
+            ));
+        }
         if let Some((why, _)) = pair.cluster.etcd_failing() {
             alerts.push(format!(
                 "etcd unreachable ({why}): the pair cannot change state"
@@ -105,6 +130,15 @@ impl Node {
                         m.name
                     ));
                 }
+                if &m.name == me
+                    && presence
+                        .as_ref()
+                        .is_none_or(|p| p.pid != std::process::id())
+                {
+                    alerts.push(
+                        "this node's presence is missing from etcd: the peer sees it down".into(),
+                    );
+                }
             }
             if nodes.iter().all(|(m, _)| &m.name == me) {
                 alerts.push(format!(
@@ -113,7 +147,7 @@ impl Node {
                 ));
             }
         }
-        if let LinkState::Down { reason, .. } = pair.link.state() {
+        if let LinkState::Down { reason, .. } = pair.link_state() {
             alerts.push(format!("peer link down: {reason}"));
         }
         alerts

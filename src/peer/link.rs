@@ -12,7 +12,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,8 +23,14 @@ use crate::cluster::Cluster;
 
 /// How often the dialer pings the peer (and retries a connection).
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// Most peer connections served at once: the peer makes one; the rest is someone else.
-const MAX_INCOMING: usize = 4;
+/// Most peer connections served at once: the peer makes one (a new one supersedes the old);
+/// the rest is someone else, and gets at most `HELLO_WITHIN` to prove otherwise.
+const MAX_INCOMING: usize = 8;
+/// A connection must deliver its whole HELLO within this.
+const HELLO_WITHIN: Duration = Duration::from_secs(5);
+/// Largest frame payload the control link takes (a HELLO is at most 4 + 3 * 256 bytes):
+/// nothing is allocated for a stranger's claimed 32 MiB.
+const MAX_CONTROL_PAYLOAD: u32 = 1024;
 
 /// The link as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +41,26 @@ pub enum LinkState {
     Down { reason: String, since: SystemTime },
 }
 
+impl LinkState {
+    pub fn stopped() -> LinkState {
+        LinkState::Down {
+            reason: "the link is stopped".into(),
+            since: SystemTime::now(),
+        }
+    }
+}
+
 struct Shared {
     state: Mutex<LinkState>,
     stop: AtomicBool,
     incoming: AtomicUsize,
+    /// The connections being served (to shut down at stop), by id, and their threads.
+    served: Mutex<Vec<(u64, TcpStream)>>,
+    serving: Mutex<Vec<JoinHandle<()>>>,
+    /// The id of the peer's newest accepted connection: older ones from it end.
+    current_peer_conn: AtomicU64,
+    next_id: AtomicU64,
+    cluster: Arc<Cluster>,
     node: String,
     pair: String,
     timeout: Duration,
@@ -90,6 +112,11 @@ impl PeerLink {
             }),
             stop: AtomicBool::new(false),
             incoming: AtomicUsize::new(0),
+            served: Mutex::new(Vec::new()),
+            serving: Mutex::new(Vec::new()),
+            current_peer_conn: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            cluster: cluster.clone(),
             node: cfg.node.clone(),
             pair: cfg.pair.clone(),
             timeout: cfg.peer_timeout,
@@ -117,9 +144,18 @@ impl PeerLink {
         self.local
     }
 
+    /// Stops listening and dialing and ends every connection (the peer sees the link go down
+    /// at once); returns when all of the link's threads have.
     pub fn stop(self) {
         self.shared.stop.store(true, Ordering::Release);
         for t in self.threads {
+            let _ = t.join();
+        }
+        for (_, s) in self.shared.served.lock().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let serving = std::mem::take(&mut *self.shared.serving.lock());
+        for t in serving {
             let _ = t.join();
         }
     }
@@ -146,18 +182,31 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     tracing::warn!(%from, "peer link refused: too many peer connections");
                     continue;
                 }
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                if let Ok(c) = stream.try_clone() {
+                    shared.served.lock().push((id, c));
+                }
                 let s = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("streamer-peer-conn".into())
                     .spawn(move || {
-                        if let Err(why) = serve_incoming(stream, &s) {
+                        if let Err(why) = serve_incoming(stream, id, &s) {
                             tracing::warn!(%from, "peer link closed: {why}");
                         }
+                        s.served.lock().retain(|(i, _)| *i != id);
                         s.incoming.fetch_sub(1, Ordering::AcqRel);
                     });
-                if let Err(e) = spawned {
-                    shared.incoming.fetch_sub(1, Ordering::AcqRel);
-                    tracing::warn!("serving a peer connection: {e}");
+                match spawned {
+                    Ok(t) => {
+                        let mut serving = shared.serving.lock();
+                        serving.retain(|t| !t.is_finished());
+                        serving.push(t);
+                    }
+                    Err(e) => {
+                        shared.served.lock().retain(|(i, _)| *i != id);
+                        shared.incoming.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!("serving a peer connection: {e}");
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -182,13 +231,48 @@ enum LinkError {
     Refused(String),
 }
 
-/// Reads one whole frame (header and payload), checked.
-fn read_frame(s: &mut TcpStream) -> Result<(Header, Vec<u8>), LinkError> {
+/// Fills `buf` from `s`, all of it by `deadline` (a per-read timeout alone would let a sender
+/// trickling a byte at a time hold the connection forever).
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut n = 0;
+    while n < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no whole frame in time",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[n..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => n += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one whole frame (header and payload) by `deadline`, checked; the control link takes
+/// no payload over `MAX_CONTROL_PAYLOAD`.
+fn read_frame(s: &mut TcpStream, deadline: Instant) -> Result<(Header, Vec<u8>), LinkError> {
     let mut h = [0u8; HEADER_BYTES];
-    s.read_exact(&mut h)?;
+    read_by(s, &mut h, deadline)?;
     let header = Header::decode(&h)?.expect("a whole header");
+    if header.payload_len > MAX_CONTROL_PAYLOAD {
+        return Err(LinkError::Refused(format!(
+            "a {:?} frame with a {} byte payload on the control link",
+            header.kind, header.payload_len
+        )));
+    }
     let mut payload = vec![0u8; header.payload_len as usize];
-    s.read_exact(&mut payload)?;
+    read_by(s, &mut payload, deadline)?;
     header.check_payload(&payload)?;
     Ok((header, payload))
 }
@@ -199,15 +283,14 @@ fn write_frame(s: &mut TcpStream, h: &Header, payload: &[u8]) -> io::Result<()> 
     s.write_all(&b)
 }
 
-/// Serves a connection from the peer: HELLO first, checked against this pair and node, then
-/// PINGs. Nothing else is served on the control link.
-fn serve_incoming(mut s: TcpStream, shared: &Shared) -> Result<(), LinkError> {
+/// Serves a connection from the peer: HELLO first (whole within `HELLO_WITHIN`), checked
+/// against this pair, this node and the pair's other member, then PINGs. Nothing else is
+/// served on the control link. A newer connection from the peer supersedes this one.
+fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), LinkError> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
-    // The peer pings every second; twice the timeout of silence ends the connection.
-    s.set_read_timeout(Some(shared.timeout * 2))?;
     s.set_write_timeout(Some(shared.timeout))?;
-    let (h, payload) = read_frame(&mut s)?;
+    let (h, payload) = read_frame(&mut s, Instant::now() + HELLO_WITHIN)?;
     if h.kind != Kind::Hello || h.reply {
         return Err(LinkError::Refused(format!(
             "the first frame was {:?}, not HELLO",
@@ -241,7 +324,25 @@ fn serve_incoming(mut s: TcpStream, shared: &Shared) -> Result<(), LinkError> {
             ),
         ))
     } else {
-        None
+        match shared.cluster.peer() {
+            Ok(Some(m)) if m.name == hello.from => None,
+            Ok(other) => Some((
+                libc::EPERM,
+                format!(
+                    "it calls itself {}, not a member of pair {} ({})",
+                    hello.from,
+                    shared.pair,
+                    other.map_or("no other member yet".into(), |m| format!(
+                        "the other member is {}",
+                        m.name
+                    ))
+                ),
+            )),
+            Err(e) => Some((
+                libc::EAGAIN,
+                format!("the pair's members cannot be read from etcd: {e}"),
+            )),
+        }
     };
     if let Some((errno, why)) = refusal {
         let _ = write_frame(&mut s, &h.reply_to(errno as u16), &[]);
@@ -249,11 +350,27 @@ fn serve_incoming(mut s: TcpStream, shared: &Shared) -> Result<(), LinkError> {
         return Err(LinkError::Refused(format!("HELLO refused: {why}")));
     }
     write_frame(&mut s, &h.reply_to(0), &[])?;
+    shared.current_peer_conn.store(id, Ordering::Release);
     tracing::info!(peer = %hello.from, "peer connected");
     loop {
-        let (h, _) = match read_frame(&mut s) {
+        if shared.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if shared.current_peer_conn.load(Ordering::Acquire) != id {
+            return Err(LinkError::Refused(
+                "superseded by a newer connection from the peer".into(),
+            ));
+        }
+        // The peer pings every second; twice the timeout of silence ends the connection.
+        let (h, _) = match read_frame(&mut s, Instant::now() + shared.timeout * 2) {
             Ok(f) => f,
             Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(LinkError::Refused(format!(
+                    "the peer sent nothing for {} s",
+                    (shared.timeout * 2).as_secs()
+                )));
+            }
             Err(e) => return Err(e),
         };
         match (h.kind, h.reply) {
@@ -299,7 +416,6 @@ fn dial(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) -> Result<(),
         .map_err(|_| LinkError::Refused(format!("{addr:?} is not an address")))?;
     let mut s = TcpStream::connect_timeout(&target, shared.timeout)?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(shared.timeout))?;
     s.set_write_timeout(Some(shared.timeout))?;
     let hello = Hello {
         version: wire::VERSION,
@@ -311,7 +427,7 @@ fn dial(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) -> Result<(),
     *cookie += 1;
     let h = Header::request(Kind::Hello, *cookie).with_payload(&hello);
     write_frame(&mut s, &h, &hello)?;
-    expect_reply(&mut s, &h)?;
+    expect_reply(&mut s, &h, shared.timeout)?;
     shared.set(LinkState::Up {
         peer: name.into(),
         since: SystemTime::now(),
@@ -324,14 +440,14 @@ fn dial(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) -> Result<(),
         *cookie += 1;
         let h = Header::request(Kind::Ping, *cookie);
         write_frame(&mut s, &h, &[])?;
-        expect_reply(&mut s, &h)?;
+        expect_reply(&mut s, &h, shared.timeout)?;
     }
 }
 
-/// Reads the reply to `req`: it must be one, to it, and say done.
-fn expect_reply(s: &mut TcpStream, req: &Header) -> Result<(), LinkError> {
-    let (h, _) = read_frame(s).map_err(|e| match e {
-        LinkError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => LinkError::Refused(
+/// Reads the reply to `req` within the peer timeout: it must be one, to it, and say done.
+fn expect_reply(s: &mut TcpStream, req: &Header, timeout: Duration) -> Result<(), LinkError> {
+    let (h, _) = read_frame(s, Instant::now() + timeout).map_err(|e| match e {
+        LinkError::Io(e) if e.kind() == io::ErrorKind::TimedOut => LinkError::Refused(
             "no answer within the peer timeout (the peer is slow or gone)".into(),
         ),
         other => other,

@@ -238,9 +238,11 @@ impl Header {
     fn check_shape(&self) -> Result<(), WireError> {
         let has_payload = self.payload_len > 0;
         if self.reply {
-            // Payloads in replies: OPEN's generation and token, READ's data.
+            // Payloads in replies: OPEN's generation and token (always, when it succeeded),
+            // READ's data. The echoed fields (cookie, token, handle) are the requester's to
+            // match against what it sent.
             let ok = match self.kind {
-                Kind::Open => !has_payload || self.payload_len as usize == OPEN_REPLY_BYTES,
+                Kind::Open if self.status == 0 => self.payload_len as usize == OPEN_REPLY_BYTES,
                 Kind::Read => self.status != 0 || u64::from(self.payload_len) == self.range,
                 _ => !has_payload,
             };
@@ -249,20 +251,33 @@ impl Header {
             }
             return Ok(());
         }
-        if self.kind.is_data() {
-            if self.token == 0 {
-                return Err(self.malformed("carries no fencing token"));
-            }
-            if self.sequence == 0 {
-                return Err(self.malformed("carries no sequence number"));
-            }
-        } else if self.kind != Kind::Open && (self.token != 0 || self.sequence != 0) {
-            return Err(self.malformed("carries a token or sequence"));
+        // Every frame about a volume carries its fencing token; only data operations are
+        // ordered by a sequence.
+        let about_volume = !matches!(self.kind, Kind::Hello | Kind::Ping);
+        if about_volume && self.token == 0 {
+            return Err(self.malformed("carries no fencing token"));
+        }
+        if !about_volume && self.token != 0 {
+            return Err(self.malformed("carries a token"));
+        }
+        if self.kind.is_data() && self.sequence == 0 {
+            return Err(self.malformed("carries no sequence number"));
+        }
+        if !self.kind.is_data() && self.sequence != 0 {
+            return Err(self.malformed("carries a sequence number"));
         }
         match self.kind {
             Kind::Hello | Kind::Open => {
                 if !has_payload {
                     return Err(self.malformed("has no payload"));
+                }
+                let most = if self.kind == Kind::Hello {
+                    MAX_HELLO_BYTES
+                } else {
+                    MAX_OPEN_BYTES
+                };
+                if self.payload_len as usize > most {
+                    return Err(self.malformed("has a payload longer than its fields allow"));
                 }
                 if self.handle != 0 || self.offset != 0 || self.range != 0 {
                     return Err(self.malformed("names a volume handle or range"));
@@ -328,6 +343,10 @@ pub struct Hello {
 
 /// Bytes of OPEN's reply payload: generation (16) and the highest token seen (8).
 pub const OPEN_REPLY_BYTES: usize = 24;
+/// Longest HELLO payload: the version and three names of at most 255 bytes, each with its length.
+pub const MAX_HELLO_BYTES: usize = 4 + 3 * 256;
+/// Longest OPEN payload: one name with its length.
+pub const MAX_OPEN_BYTES: usize = 256;
 
 fn put_name(out: &mut Vec<u8>, s: &str) {
     let len = u8::try_from(s.len()).expect("names are at most 255 bytes");
@@ -441,6 +460,8 @@ mod tests {
         assert_eq!(Header::decode(&ping.encode()), Ok(Some(ping)));
     }
 
+    /// The header checksum catches any single flipped bit (the checks behind it have their own
+    /// test, `malformed_frames_are_refused_by_name`, with valid checksums).
     #[test]
     fn every_flipped_bit_of_a_header_is_refused() {
         let b = write(&[1u8; 512]).encode();
@@ -508,9 +529,47 @@ mod tests {
             (
                 Header {
                     range: u64::from(MAX_PAYLOAD_BYTES) + 1,
+                    token: 1,
                     ..Header::request(Kind::Read, 1)
                 },
                 "within the limit",
+            ),
+            (
+                Header {
+                    range: 4096,
+                    ..Header::request(Kind::Read, 1)
+                },
+                "fencing token",
+            ),
+            (
+                Header {
+                    token: 1,
+                    sequence: 3,
+                    ..Header::request(Kind::Open, 1)
+                }
+                .with_payload(&encode_open("v")),
+                "sequence",
+            ),
+            (
+                Header::request(Kind::Open, 1).with_payload(&encode_open("v")),
+                "fencing token",
+            ),
+            (
+                Header {
+                    token: 1,
+                    ..Header::request(Kind::Open, 1)
+                }
+                .with_payload(&[1u8; 300]),
+                "longer than its fields allow",
+            ),
+            (
+                Header {
+                    token: 1,
+                    ..Header::request(Kind::Open, 1)
+                }
+                .with_payload(&encode_open("v"))
+                .reply_to(0),
+                "wrong payload",
             ),
             (
                 Header {

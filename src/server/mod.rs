@@ -344,10 +344,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(m) = mgmt {
         m.stop();
     }
-    // The peer sees this node leave now rather than when its lease runs out.
-    if let Some(node) = &node {
-        node.leave_pair();
-    }
     // Long commands end now, undone (an import is not published), and their clients are told.
     if let Some(node) = &node {
         node.jobs
@@ -365,6 +361,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     // Requests parked on a commit were answered while the engine drained; none wait now.
     committers.stop();
+    // Drained and synced: the peer sees this node leave now rather than when its lease runs
+    // out.
+    if let Some(node) = &node {
+        node.leave_pair();
+    }
     if let Some(node) = &node
         && all_synced
     {
@@ -396,7 +397,7 @@ fn join_pair(
         Arc::new(crate::cluster::Cluster::join(pc).map_err(|e| ServeError::Pair(e.to_string()))?);
     let link = crate::peer::link::PeerLink::start(listener, cluster.clone())
         .map_err(|e| ServeError::Pair(format!("starting the peer link: {e}")))?;
-    Ok((crate::node::PairHandle { cluster, link }, local))
+    Ok((crate::node::PairHandle::new(cluster, link), local))
 }
 
 fn accept_loop(listeners: &[Listener], engine: &Engine, stop: &EventFd, max_connections: usize) {

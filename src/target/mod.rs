@@ -177,9 +177,22 @@ impl Plan {
         self.len += 1;
     }
     /// Adds an I/O that starts only once the one pushed before it succeeded (the first of a
-    /// plan simply starts).
+    /// plan simply starts). Only I/Os that complete whole may be linked: the kernel takes a
+    /// short read or write for a failure and cancels the rest of the chain, while the engine
+    /// would resume the transfer; and zero fills never reach the kernel.
     pub fn then(&mut self, io: FileIo) {
+        let whole = |io: &FileIo| {
+            matches!(
+                io,
+                FileIo::Fallocate { .. } | FileIo::Fdatasync { .. } | FileIo::Fadvise { .. }
+            )
+        };
         if self.len > 0 {
+            let prev = self.ios[self.len - 1].as_ref().expect("pushed");
+            assert!(
+                whole(prev) && whole(&io),
+                "only fallocate, fdatasync and fadvise may be linked: {prev:?} then {io:?}"
+            );
             self.links |= 1 << (self.len - 1);
         }
         self.push(io);
