@@ -14,6 +14,8 @@
 //!             (the mirror later), the export list        pool/   images and volumes on disk, by
 //!                                                                directory descriptor
 //!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md)
+//!   cluster/  the pair's shared state in etcd: members, presence
+//!   personality/ servers' personalities as validated data, rendered for cloud-init
 //!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it
 //! ```
 //! Dependencies run downward: `nbd` depends on nothing; `target` only on `nbd::wire` for the one
@@ -29,6 +31,7 @@ pub mod names;
 pub mod nbd;
 pub mod node;
 pub mod peer;
+pub mod personality;
 pub mod pool;
 pub mod server;
 pub mod target;

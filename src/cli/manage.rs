@@ -127,6 +127,20 @@ enum VolumeSub {
         #[arg(long)]
         force: bool,
     },
+    /// Set a volume's personality from FILE (TOML, or JSON; see docs/personality.md), or
+    /// remove it (--clear). Each change gives the volume a new instance id.
+    Personality {
+        name: String,
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "clear",
+            required_unless_present = "clear"
+        )]
+        set: Option<PathBuf>,
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -512,6 +526,22 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
         VolumeSub::Show { name } => Request::VolumeShow { name },
         VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
+        VolumeSub::Personality { name, set, .. } => {
+            let personality = match set {
+                None => None,
+                Some(path) => {
+                    let text = match std::fs::read_to_string(&path) {
+                        Ok(t) => t,
+                        Err(e) => return fail(&c.conn, format!("{}: {e}", path.display())),
+                    };
+                    match crate::personality::Personality::parse(&text) {
+                        Ok(p) => Some(Box::new(p)),
+                        Err(e) => return fail(&c.conn, format!("{}: {e}", path.display())),
+                    }
+                }
+            };
+            Request::VolumePersonality { name, personality }
+        }
     };
     run(&c.conn, req, None)
 }
@@ -666,7 +696,7 @@ fn render_image(i: &ImageInfo) -> String {
 
 fn render_volume(v: &VolumeInfo) -> String {
     let c = &v.counters;
-    fields(&[
+    let mut rows = vec![
         ("name", v.name.clone()),
         ("size", format!("{} ({} bytes)", HumanBytes(v.size), v.size)),
         ("disk", HumanBytes(v.allocated_bytes).to_string()),
@@ -696,7 +726,25 @@ fn render_volume(v: &VolumeInfo) -> String {
         ("errors", c.errors.to_string()),
         ("commit", v.commit.to_string()),
         ("generation", v.generation.clone()),
-    ]) + &render_clients(&v.connections)
+    ];
+    // A personality adds its host name, addresses and instance id.
+    if let Some(p) = &v.personality {
+        let addresses: Vec<String> = p.addresses().iter().map(ToString::to_string).collect();
+        rows.push((
+            "hostname",
+            p.fqdn.clone().unwrap_or_else(|| p.hostname.clone()),
+        ));
+        rows.push((
+            "addresses",
+            if addresses.is_empty() {
+                "dhcp".into()
+            } else {
+                addresses.join(", ")
+            },
+        ));
+        rows.push(("instance id", p.instance_id.clone()));
+    }
+    fields(&rows) + &render_clients(&v.connections)
 }
 
 /// One line per client connection: peer, export, how long, bytes each way.

@@ -94,6 +94,11 @@ pub enum Request {
     },
     /// The pair this node belongs to: its nodes, the peer link, etcd.
     PairStatus,
+    /// Sets (or with `null` removes) a volume's personality; answered with the volume.
+    VolumePersonality {
+        name: String,
+        personality: Option<Box<crate::personality::Personality>>,
+    },
 }
 
 impl Request {
@@ -130,7 +135,8 @@ impl Request {
             | Request::VolumeResize { .. }
             | Request::VolumeDelete { .. }
             | Request::Cancel { .. }
-            | Request::PairStatus => false,
+            | Request::PairStatus
+            | Request::VolumePersonality { .. } => false,
         }
     }
 }

@@ -479,6 +479,9 @@ fn run(
     match request {
         Request::Status => Ok(Response::Status(node.status())),
         Request::PairStatus => node.pair_status().map(Response::Pair),
+        Request::VolumePersonality { name, personality } => node
+            .set_personality(&name, personality)
+            .map(Response::Volume),
         Request::ImageImport {
             name,
             format,

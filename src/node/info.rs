@@ -48,6 +48,9 @@ pub struct VolumeInfo {
     /// Its client connections.
     #[serde(default)]
     pub connections: Vec<ClientInfo>,
+    /// Its personality (hostname, network, keys), if it has one.
+    #[serde(default)]
+    pub personality: Option<Box<crate::personality::Personality>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -26,6 +26,7 @@ pub mod info;
 mod jobs;
 mod pace;
 mod pair;
+mod personality;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
@@ -86,6 +87,9 @@ pub struct Node {
     pub jobs: Jobs,
     /// The pair this node belongs to, when started with `--etcd`.
     pair: Mutex<Option<pair::PairHandle>>,
+    /// Held while a personality changes: its addresses are checked against every other
+    /// volume's, so two changes must not check at once.
+    personalities: Mutex<()>,
 }
 
 /// What the node's exports and commands may use.
@@ -164,6 +168,7 @@ impl Node {
             limits,
             started: Instant::now(),
             pair: Mutex::new(None),
+            personalities: Mutex::new(()),
             jobs: Jobs::default(),
         };
         for i in node.pool.images() {
@@ -685,6 +690,7 @@ impl Node {
                 commit: 0,
                 damaged: Some(why),
                 connections: vec![],
+                personality: None,
             });
         }
         let e = self.pool.volume(name)?;
@@ -716,6 +722,7 @@ impl Node {
             commit,
             damaged: None,
             connections: self.clients_of(Some(name)),
+            personality: self.personality_of(name).map(Box::new),
         })
     }
 

@@ -39,6 +39,8 @@ const VOLUME_DATA: &str = "volume.data";
 const CLEAN_STOP: &str = ".clean-stop";
 /// Beside an image whose last verification failed: why.
 const VERIFY_FAILED: &str = "verify-failed";
+/// Beside a volume's files: its personality (JSON), when it has one.
+const PERSONALITY: &str = "personality.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -803,6 +805,49 @@ impl Pool {
             .sync_dir(&Path::new("images").join(name))
             .map_err(err)?;
         Ok(())
+    }
+
+    /// Volume `name`'s personality record (JSON), if it has one.
+    pub fn personality(&self, name: &str) -> Result<Option<Vec<u8>>, PoolError> {
+        self.volume(name)?;
+        let rel = Self::volume_file(name, PERSONALITY);
+        match self.dir.open_file(&rel, Access::Read) {
+            Ok(mut f) => {
+                let mut b = Vec::new();
+                // A record is a few KiB; a huge file is not one of ours.
+                (&mut f)
+                    .take(1 << 20)
+                    .read_to_end(&mut b)
+                    .map_err(io_err(format!("reading volume {name:?}'s personality")))?;
+                Ok(Some(b))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(format!("reading volume {name:?}'s personality"))(e)),
+        }
+    }
+
+    /// Replaces volume `name`'s personality record (or removes it), atomically and durably: the
+    /// new record is written and synced beside the old, renamed over it, and the directory
+    /// synced, so a crash leaves the old record or the new, never a mix. It goes with the volume
+    /// when the volume is deleted.
+    pub fn set_personality(&self, name: &str, record: Option<&[u8]>) -> Result<(), PoolError> {
+        self.volume(name)?;
+        let rel = Self::volume_file(name, PERSONALITY);
+        let err = io_err(format!("recording volume {name:?}'s personality"));
+        match record {
+            Some(bytes) => {
+                let tmp = Self::volume_file(name, ".personality.tmp");
+                let _ = self.dir.remove_all(&tmp);
+                let mut f = self.dir.open_file(&tmp, Access::CreateNew).map_err(&err)?;
+                std::io::Write::write_all(&mut f, bytes).map_err(&err)?;
+                f.sync_all().map_err(&err)?;
+                self.dir.rename(&tmp, &rel, false).map_err(&err)?;
+            }
+            None => self.dir.remove_all(&rel).map_err(&err)?,
+        }
+        self.dir
+            .sync_dir(&Path::new("volumes").join(name))
+            .map_err(err)
     }
 
     /// Re-reads image `name` and checks it against its digest.
