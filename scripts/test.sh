@@ -25,6 +25,9 @@ command -v bindfs >/dev/null || need_pkgs+=(bindfs)
 # The pair (tests/pair.rs): protoc to build the etcd client, and an etcd of the tests' own.
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+# Personalities' NoCloud seeds checked by real tools (tests/personality.rs).
+command -v fsck.fat >/dev/null || need_pkgs+=(dosfstools)
+command -v mtype >/dev/null || need_pkgs+=(mtools)
 # Link cuts in a network namespace of the test's own (tests/pair.rs).
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)

@@ -93,6 +93,10 @@ fn a_personality_is_set_shown_replaced_and_kept() {
     assert!(text.contains("web-01.rack1.example.com"), "{text}");
     assert!(text.contains("10.0.0.11"), "{text}");
 
+    // Its NoCloud seed is exported as seed/web-1: a FAT file system labelled CIDATA that the
+    // real tools accept, holding the three documents.
+    check_seed(&server, &dir, "web-1", &first_id);
+
     // The same file again: a new instance id (first-boot tools run again).
     ok(
         &dir,
@@ -197,10 +201,14 @@ print(s.makefile().readline())
         show(&dir, "web-1")["personality"]["instance_id"],
         second_id.as_str()
     );
+    // The seed is made again at start, from the record.
+    check_seed(&server, &dir, "web-1", &second_id);
 
     // Cleared, then set on web-2 (its address is free again).
     ok(&dir, &["volume", "personality", "web-1", "--clear"]);
     assert!(show(&dir, "web-1")["personality"].is_null());
+    let list = common::stdout(&common::run("nbdinfo", &["--list", &server.uri("")]));
+    assert!(!list.contains("seed/web-1"), "{list}");
     ok(
         &dir,
         &[
@@ -216,5 +224,149 @@ print(s.makefile().readline())
     ok(&dir, &["volume", "delete", "web-2"]);
     ok(&dir, &["volume", "create", "web-2", "--size", "64M"]);
     assert!(show(&dir, "web-2")["personality"].is_null());
+    server.stop();
+}
+
+/// Copies `seed/NAME` out over NBD and checks it with dosfstools and mtools.
+fn check_seed(server: &Server, dir: &Scratch, name: &str, instance_id: &str) {
+    let img = dir.path(&format!("{name}-seed.img"));
+    let _ = std::fs::remove_file(&img);
+    common::run(
+        "nbdcopy",
+        &[&server.uri(&format!("seed/{name}")), img.to_str().unwrap()],
+    );
+    let img = img.to_str().unwrap();
+    common::run("fsck.fat", &["-n", img]);
+    let label = common::stdout(&common::run("fatlabel", &[img]));
+    assert_eq!(label.trim(), "CIDATA");
+    let mtype =
+        |file: &str| common::stdout(&common::run("mtype", &["-i", img, &format!("::{file}")]));
+    let meta: serde_json::Value = serde_json::from_str(&mtype("meta-data")).unwrap();
+    assert_eq!(meta["instance-id"], instance_id);
+    assert_eq!(meta["local-hostname"], "web-01");
+    let user = mtype("user-data");
+    assert!(user.starts_with("#cloud-config\n"), "{user}");
+    assert!(user.contains("web-01.rack1.example.com"), "{user}");
+    let net: serde_json::Value = serde_json::from_str(&mtype("network-config")).unwrap();
+    assert_eq!(net["version"], 2);
+    assert_eq!(net["ethernets"]["eno1"]["addresses"][0], "10.0.0.11/24");
+    assert_eq!(
+        net["ethernets"]["eno1"]["match"]["macaddress"],
+        "52:54:00:aa:00:01"
+    );
+}
+
+/// IP pools: addresses handed out lowest first, never twice, freed with the volume (or a new
+/// personality), a used-up pool refused by name, a pool with held addresses kept, and all of it
+/// across a restart.
+#[test]
+fn ip_pools_hand_out_each_address_once_and_take_it_back() {
+    let dir = Scratch::new("ippool");
+    let server = start(&dir);
+    let err = fails(
+        &dir,
+        &[
+            "ippool",
+            "create",
+            "bad",
+            "--subnet",
+            "10.0.0.5/24",
+            "--first",
+            "10.0.0.100",
+            "--last",
+            "10.0.0.102",
+        ],
+    );
+    assert!(
+        err.contains("subnet") && err.contains("10.0.0.5/24"),
+        "{err}"
+    );
+    ok(
+        &dir,
+        &[
+            "ippool",
+            "create",
+            "rack1",
+            "--subnet",
+            "10.0.0.0/24",
+            "--first",
+            "10.0.0.100",
+            "--last",
+            "10.0.0.102",
+            "--gateway",
+            "10.0.0.1",
+            "--dns",
+            "10.0.0.53",
+        ],
+    );
+    let file = dir.path("p.toml");
+    let set = |vol: &str, host: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "hostname = \"{host}\"\n[[interfaces]]\nname = \"eth0\"\naddresses = [\"pool:rack1\"]\n"
+            ),
+        )
+        .unwrap();
+        cli(
+            &dir,
+            &[
+                "volume",
+                "personality",
+                vol,
+                "--set",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
+    let addr = |vol: &str| {
+        show(&dir, vol)["personality"]["interfaces"][0]["addresses"][0]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (i, v) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
+        ok(&dir, &["volume", "create", v, "--size", "64M"]);
+        let out = set(v, &format!("host-{i}"));
+        if i < 3 {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(addr(v), format!("10.0.0.{}/24", 100 + i));
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("IP pool \"rack1\" has no free address (all 3 are held)")
+                    && err.contains("interfaces[0].addresses[0]"),
+                "{err}"
+            );
+            assert!(show(&dir, v)["personality"].is_null());
+        }
+    }
+    // The pool's gateway and name servers came with the address.
+    let p = &show(&dir, "s1")["personality"]["interfaces"][0];
+    assert_eq!(p["gateway"], "10.0.0.1");
+    assert_eq!(p["dns"]["servers"][0], "10.0.0.53");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["ippool", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["held"].as_array().unwrap().len(), 3);
+
+    // A pool with held addresses stays.
+    let err = fails(&dir, &["ippool", "delete", "rack1"]);
+    assert!(err.contains("3 address(es) held"), "{err}");
+
+    // Deleting a volume frees its address, for the next one to take (after a restart too).
+    ok(&dir, &["volume", "delete", "s2"]);
+    server.stop();
+    let server = start(&dir);
+    assert!(set("s4", "host-3").status.success());
+    assert_eq!(addr("s4"), "10.0.0.101/24");
+    // A personality set again keeps to the lowest free address, its own included.
+    assert!(set("s1", "host-0").status.success());
+    assert_eq!(addr("s1"), "10.0.0.100/24");
+    let text = ok(&dir, &["ippool", "list"]);
+    assert!(text.contains("10.0.0.101 held by volume s4"), "{text}");
     server.stop();
 }

@@ -574,6 +574,8 @@ fn json(r: &Response) -> String {
         Response::Check(x) => serde_json::to_value(x),
         Response::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
         Response::Pair(x) => serde_json::to_value(x),
+        Response::IpPool(x) => serde_json::to_value(x),
+        Response::IpPools(x) => serde_json::to_value(x),
         Response::Cancelled(x) => serde_json::to_value(x),
     };
     serde_json::to_string_pretty(&v.unwrap_or_default()).unwrap_or_default()
@@ -583,6 +585,8 @@ fn render(r: &Response) -> String {
     match r {
         Response::Status(s) => render_status(s),
         Response::Pair(p) => super::pair::render(p),
+        Response::IpPool(p) => super::ippool::render(std::slice::from_ref(&**p)),
+        Response::IpPools(list) => super::ippool::render(list),
         Response::Image(i) => render_image(i),
         Response::Images(list) => table(
             &[

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub mod ippool;
 pub mod manage;
 pub mod pair;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Cancel(manage::CancelCmd),
     /// The mirrored pair this node belongs to (nodes up or down, the peer link, etcd).
     Pair(pair::PairCmd),
+    /// IP pools: subnets whose addresses personalities take with `pool:NAME`.
+    Ippool(ippool::IpPoolCmd),
 }
 
 /// The system's pool directory: root's default, and the systemd unit's.
@@ -324,5 +327,6 @@ pub fn main() -> ExitCode {
         Command::Check(c) => manage::check(c),
         Command::Cancel(c) => manage::cancel(c),
         Command::Pair(c) => pair::pair(c),
+        Command::Ippool(c) => ippool::ippool(c),
     }
 }

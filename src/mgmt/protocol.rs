@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 /// What the node reports travels as the node says it: these are the node's own types, and
 /// their serde form is the wire's.
 pub use crate::node::info::{
-    CheckInfo, ClientInfo, ImageInfo, JobInfo, LinkInfo, PairInfo, PairNodeInfo, PoolSpace,
-    StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
+    CheckInfo, ClientInfo, HeldAddress, ImageInfo, IpPoolInfo, JobInfo, LinkInfo, PairInfo,
+    PairNodeInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 
 /// The protocol version this build speaks. A server refuses other versions with an error that
@@ -99,6 +99,13 @@ pub enum Request {
         name: String,
         personality: Option<Box<crate::personality::Personality>>,
     },
+    IpPoolCreate {
+        pool: Box<crate::personality::ippool::IpPool>,
+    },
+    IpPoolList,
+    IpPoolDelete {
+        name: String,
+    },
 }
 
 impl Request {
@@ -136,7 +143,10 @@ impl Request {
             | Request::VolumeDelete { .. }
             | Request::Cancel { .. }
             | Request::PairStatus
-            | Request::VolumePersonality { .. } => false,
+            | Request::VolumePersonality { .. }
+            | Request::IpPoolCreate { .. }
+            | Request::IpPoolList
+            | Request::IpPoolDelete { .. } => false,
         }
     }
 }
@@ -244,6 +254,8 @@ pub enum Response {
     Deleted { name: String },
     Cancelled(JobInfo),
     Pair(PairInfo),
+    IpPool(Box<IpPoolInfo>),
+    IpPools(Vec<IpPoolInfo>),
 }
 
 /// Parses a request line: the version first, so a client of another version is told so.

@@ -479,6 +479,13 @@ fn run(
     match request {
         Request::Status => Ok(Response::Status(node.status())),
         Request::PairStatus => node.pair_status().map(Response::Pair),
+        Request::IpPoolCreate { pool } => node
+            .create_ip_pool(*pool)
+            .map(|p| Response::IpPool(Box::new(p))),
+        Request::IpPoolList => node.ip_pools().map(Response::IpPools),
+        Request::IpPoolDelete { name } => node
+            .delete_ip_pool(&name)
+            .map(|()| Response::Deleted { name }),
         Request::VolumePersonality { name, personality } => node
             .set_personality(&name, personality)
             .map(Response::Volume),

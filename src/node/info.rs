@@ -173,3 +173,20 @@ pub struct LinkInfo {
     /// Up or down since (seconds since the epoch).
     pub since_unix: u64,
 }
+
+/// An IP pool and what is handed out of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IpPoolInfo {
+    #[serde(flatten)]
+    pub pool: crate::personality::ippool::IpPool,
+    /// Addresses in the range.
+    pub size: u64,
+    /// Addresses of the range held by volumes' personalities, with the volume.
+    pub held: Vec<HeldAddress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldAddress {
+    pub address: std::net::IpAddr,
+    pub volume: String,
+}

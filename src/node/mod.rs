@@ -36,6 +36,8 @@ pub use pair::PairHandle;
 
 /// Export name prefix of golden images.
 pub const IMAGE_EXPORT_PREFIX: &str = "image/";
+/// Export name prefix of personalities' NoCloud seeds.
+pub const SEED_EXPORT_PREFIX: &str = "seed/";
 
 /// How long a withdrawn export's clients get to be disconnected.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -63,6 +65,8 @@ pub enum NodeError {
 struct Served {
     volumes: BTreeMap<String, Arc<VolumeTarget>>,
     images: BTreeMap<String, Arc<FileTarget>>,
+    /// Each personality's NoCloud seed, exported read-only as `seed/NAME`.
+    seeds: BTreeMap<String, Arc<FileTarget>>,
     /// Volumes that could not be opened, with the reason (shown as alerts).
     broken: BTreeMap<String, String>,
     /// Images whose bytes could not be opened (a symbolic link in the pool), with the reason.
@@ -195,6 +199,11 @@ impl Node {
                     .lock()
                     .broken
                     .insert(v.name.clone(), e.to_string());
+            }
+            if let Some(p) = node.personality_of(&v.name)
+                && let Err(e) = node.serve_seed(&v.name, &p)
+            {
+                tracing::error!(volume = %v.name, "seed not served: {e}");
             }
         }
         Ok(node)
@@ -765,6 +774,7 @@ impl Node {
             return Err(e.into());
         }
         self.served.lock().broken.remove(name);
+        self.withdraw_seed(name);
         Ok(())
     }
 

@@ -7,6 +7,8 @@
 //! ...`). The documents are written as JSON, which is YAML: cloud-init reads them as it reads
 //! YAML, and no YAML emitter is needed.
 
+pub mod ippool;
+pub mod seed;
 mod validate;
 
 use std::net::IpAddr;
@@ -15,6 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 pub use validate::Invalid;
+
+/// The address of an `ADDR/PREFIX`, if it is one.
+pub fn validate_cidr(s: &str) -> Option<IpAddr> {
+    validate::parse_cidr(s).ok().map(|(ip, _)| ip)
+}
 
 /// A server's personality. `instance_id` is not the operator's: the node sets a new one each
 /// time the personality changes, so cloud-init runs its first-boot steps again.
@@ -173,6 +180,22 @@ impl Personality {
             .flat_map(|a| a.addresses.iter())
             .filter_map(|a| validate::parse_cidr(a).ok().map(|(ip, _)| ip))
             .collect()
+    }
+
+    /// Every link's addressing, with its field path (`interfaces[0]`), for the node to hand out
+    /// pool addresses into.
+    pub fn links_mut(&mut self) -> Vec<(String, &mut Addressing)> {
+        let mut out: Vec<(String, &mut Addressing)> = Vec::new();
+        for (i, x) in self.interfaces.iter_mut().enumerate() {
+            out.push((format!("interfaces[{i}]"), &mut x.ip));
+        }
+        for (i, x) in self.bonds.iter_mut().enumerate() {
+            out.push((format!("bonds[{i}]"), &mut x.ip));
+        }
+        for (i, x) in self.vlans.iter_mut().enumerate() {
+            out.push((format!("vlans[{i}]"), &mut x.ip));
+        }
+        out
     }
 
     /// The NoCloud documents (JSON, which cloud-init reads as YAML).

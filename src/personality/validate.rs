@@ -38,7 +38,7 @@ fn domain_ok(d: &str) -> bool {
 }
 
 /// `ADDR/PREFIX`, the prefix within the family's range (a host route `/32` or `/128` is fine).
-pub(super) fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let bad = || format!("{s:?} is not an address with a prefix (ADDR/PREFIX, e.g. 10.0.0.5/24)");
     let (a, p) = s.split_once('/').ok_or_else(bad)?;
     let ip: IpAddr = a.parse().map_err(|_| bad())?;
@@ -207,8 +207,16 @@ fn addressing(
     seen: &mut BTreeMap<IpAddr, String>,
 ) -> Check {
     let mut nets = Vec::new();
+    let mut from_pools = false;
     for (i, s) in a.addresses.iter().enumerate() {
         let f = format!("{field}.addresses[{i}]");
+        if let Some(pool) = s.strip_prefix(super::ippool::POOL_REF) {
+            // The node hands out the address (and checks the rest again once it has).
+            crate::names::validate_name(pool)
+                .map_err(|m| Invalid::new(&f, format!("{s:?}: {m}")))?;
+            from_pools = true;
+            continue;
+        }
         let (ip, prefix) = parse_cidr(s).map_err(|m| Invalid::new(&f, m))?;
         usable(ip, prefix).map_err(|m| Invalid::new(&f, m))?;
         if let Some(other) = seen.insert(ip, f.clone()) {
@@ -219,7 +227,7 @@ fn addressing(
         }
         nets.push((ip, prefix));
     }
-    if let Some(gw) = a.gateway {
+    if let Some(gw) = a.gateway.filter(|_| !from_pools) {
         let f = format!("{field}.gateway");
         if a.addresses.is_empty() {
             return Err(Invalid::new(

@@ -3,6 +3,8 @@
 //! ```text
 //! DIR/images/NAME/   image.raw  image.meta      a sealed golden image
 //! DIR/volumes/NAME/  volume.meta  volume.data   a volume (a thin clone, or blank)
+//!                    personality.json           its personality, if it has one
+//! DIR/ippools/NAME.json                         an IP pool
 //! DIR/.staging/ID/   an object being built      removed when the pool opens
 //! DIR/.trash/ID/     an object being deleted    removed when the pool opens
 //! ```
@@ -41,6 +43,8 @@ const CLEAN_STOP: &str = ".clean-stop";
 const VERIFY_FAILED: &str = "verify-failed";
 /// Beside a volume's files: its personality (JSON), when it has one.
 const PERSONALITY: &str = "personality.json";
+/// The IP pools' records, one JSON file each.
+const IPPOOLS: &str = "ippools";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -848,6 +852,64 @@ impl Pool {
         self.dir
             .sync_dir(&Path::new("volumes").join(name))
             .map_err(err)
+    }
+
+    /// The IP pools' records (JSON), by name.
+    pub fn ip_pools(&self) -> Result<Vec<(String, Vec<u8>)>, PoolError> {
+        let err = io_err("listing the IP pools".to_string());
+        let names = match self.dir.entries(Path::new(IPPOOLS)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err(e)),
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let Some(name) = n.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue; // a temporary file, or not ours
+            };
+            let mut b = Vec::new();
+            let mut f = self
+                .dir
+                .open_file(&Path::new(IPPOOLS).join(&n), Access::Read)
+                .map_err(&err)?;
+            (&mut f).take(1 << 20).read_to_end(&mut b).map_err(&err)?;
+            out.push((name.to_owned(), b));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Records a new IP pool, atomically (refused if one of that name exists).
+    pub fn create_ip_pool(&self, name: &str, record: &[u8]) -> Result<(), PoolError> {
+        validate_name(name).map_err(PoolError::Invalid)?;
+        let err = io_err(format!("recording IP pool {name:?}"));
+        self.dir.ensure_dir(Path::new(IPPOOLS)).map_err(&err)?;
+        let rel = Path::new(IPPOOLS).join(format!("{name}.json"));
+        let tmp = Path::new(IPPOOLS).join(format!(".{name}.tmp"));
+        let _ = self.dir.remove_all(&tmp);
+        let mut f = self.dir.open_file(&tmp, Access::CreateNew).map_err(&err)?;
+        std::io::Write::write_all(&mut f, record).map_err(&err)?;
+        f.sync_all().map_err(&err)?;
+        match self.dir.rename(&tmp, &rel, true) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let _ = self.dir.remove_all(&tmp);
+                return Err(PoolError::Exists {
+                    kind: "IP pool",
+                    name: name.to_owned(),
+                });
+            }
+            Err(e) => return Err(err(e)),
+        }
+        self.dir.sync_dir(Path::new(IPPOOLS)).map_err(err)
+    }
+
+    /// Removes IP pool `name`'s record.
+    pub fn delete_ip_pool(&self, name: &str) -> Result<(), PoolError> {
+        let err = io_err(format!("deleting IP pool {name:?}"));
+        let rel = Path::new(IPPOOLS).join(format!("{name}.json"));
+        self.dir.remove_all(&rel).map_err(&err)?;
+        self.dir.sync_dir(Path::new(IPPOOLS)).map_err(err)
     }
 
     /// Re-reads image `name` and checks it against its digest.
