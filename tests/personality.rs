@@ -357,16 +357,78 @@ fn ip_pools_hand_out_each_address_once_and_take_it_back() {
     let err = fails(&dir, &["ippool", "delete", "rack1"]);
     assert!(err.contains("3 address(es) held"), "{err}");
 
-    // Deleting a volume frees its address, for the next one to take (after a restart too).
+    // Deleting a volume frees its address (after a restart too). A personality changed
+    // meanwhile keeps its own address rather than moving to the lower one now free; the next
+    // volume takes that one.
     ok(&dir, &["volume", "delete", "s2"]);
     server.stop();
     let server = start(&dir);
+    assert!(set("s3", "host-2-renamed").status.success());
+    assert_eq!(
+        addr("s3"),
+        "10.0.0.102/24",
+        "a changed personality was renumbered"
+    );
     assert!(set("s4", "host-3").status.success());
     assert_eq!(addr("s4"), "10.0.0.101/24");
-    // A personality set again keeps to the lowest free address, its own included.
-    assert!(set("s1", "host-0").status.success());
-    assert_eq!(addr("s1"), "10.0.0.100/24");
     let text = ok(&dir, &["ippool", "list"]);
     assert!(text.contains("10.0.0.101 held by volume s4"), "{text}");
+
+    // A record that cannot be read holds its addresses still: nothing is handed out (fails
+    // closed) and the error names the volume.
+    std::fs::write(dir.path("pool/volumes/s1/personality.json"), b"{ torn").unwrap();
+    ok(&dir, &["volume", "create", "s5", "--size", "64M"]);
+    let out = set("s5", "host-5");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("volume \"s1\"'s personality record cannot be read"),
+        "{err}"
+    );
+    server.stop();
+}
+
+/// A volume created with its personality gets both in one step (its seed exported at once); a
+/// refused personality creates no volume.
+#[test]
+fn a_volume_is_created_with_its_personality_or_not_at_all() {
+    let dir = Scratch::new("create-with");
+    let server = start(&dir);
+    let file = dir.path("p.toml");
+    std::fs::write(&file, WEB1).unwrap();
+    ok(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "web-1",
+            "--size",
+            "64M",
+            "--personality",
+            file.to_str().unwrap(),
+        ],
+    );
+    let v = show(&dir, "web-1");
+    assert_eq!(v["personality"]["hostname"], "web-01");
+    let list = common::stdout(&common::run("nbdinfo", &["--list", &server.uri("")]));
+    assert!(list.contains("seed/web-1"), "{list}");
+    // The same address again: refused, and no volume made.
+    let err = fails(
+        &dir,
+        &[
+            "volume",
+            "create",
+            "web-2",
+            "--size",
+            "64M",
+            "--personality",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("already the address of volume \"web-1\""),
+        "{err}"
+    );
+    let out = cli(&dir, &["volume", "show", "web-2"]);
+    assert!(!out.status.success(), "web-2 exists");
     server.stop();
 }

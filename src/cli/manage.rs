@@ -110,6 +110,10 @@ enum VolumeSub {
         /// Size (10G, 512M, bytes); at least the image's.
         #[arg(long, value_parser = super::parse_bytes, allow_hyphen_values = true)]
         size: Option<u64>,
+        /// Its personality (a file as for `volume personality --set`), created with it in one
+        /// step: after a crash the volume exists with it, or not at all.
+        #[arg(long, value_name = "FILE")]
+        personality: Option<PathBuf>,
     },
     /// List volumes: size, disk use, image, clients.
     List,
@@ -513,37 +517,50 @@ fn check_image(file: &Path, format: &str) -> Result<(), String> {
 
 pub fn volume(c: VolumeCmd) -> ExitCode {
     let req = match c.cmd {
-        VolumeSub::Create { name, image, size } => {
+        VolumeSub::Create {
+            name,
+            image,
+            size,
+            personality,
+        } => {
             if image.is_none() && size.is_none() {
                 return fail(
                     &c.conn,
                     "a blank volume needs --size (or give --image to clone one)",
                 );
             }
-            Request::VolumeCreate { name, image, size }
+            let personality = match personality.map(|p| read_personality(&p)).transpose() {
+                Ok(p) => p,
+                Err(e) => return fail(&c.conn, e),
+            };
+            Request::VolumeCreate {
+                name,
+                image,
+                size,
+                personality,
+            }
         }
         VolumeSub::List => Request::VolumeList,
         VolumeSub::Show { name } => Request::VolumeShow { name },
         VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
         VolumeSub::Personality { name, set, .. } => {
-            let personality = match set {
-                None => None,
-                Some(path) => {
-                    let text = match std::fs::read_to_string(&path) {
-                        Ok(t) => t,
-                        Err(e) => return fail(&c.conn, format!("{}: {e}", path.display())),
-                    };
-                    match crate::personality::Personality::parse(&text) {
-                        Ok(p) => Some(Box::new(p)),
-                        Err(e) => return fail(&c.conn, format!("{}: {e}", path.display())),
-                    }
-                }
+            let personality = match set.map(|p| read_personality(&p)).transpose() {
+                Ok(p) => p,
+                Err(e) => return fail(&c.conn, e),
             };
             Request::VolumePersonality { name, personality }
         }
     };
     run(&c.conn, req, None)
+}
+
+/// Reads and checks a personality file (TOML or JSON); the error names the file and the field.
+fn read_personality(path: &Path) -> Result<Box<crate::personality::Personality>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::personality::Personality::parse(&text)
+        .map(Box::new)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub fn status(c: StatusCmd) -> ExitCode {

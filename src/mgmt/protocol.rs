@@ -69,6 +69,9 @@ pub enum Request {
         name: String,
         image: Option<String>,
         size: Option<u64>,
+        /// Published with the volume, in the same step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        personality: Option<Box<crate::personality::Personality>>,
     },
     VolumeList,
     VolumeShow {
@@ -289,6 +292,7 @@ mod tests {
                 name: "web-1".into(),
                 image: Some("debian".into()),
                 size: Some(10 << 30),
+                personality: None,
             },
         };
         let line = serde_json::to_string(&e).unwrap();

@@ -522,8 +522,13 @@ fn run(
         Request::ImageCapture { name, from } => node
             .capture(&name, &from, job, progress)
             .map(Response::Image),
-        Request::VolumeCreate { name, image, size } => node
-            .create_volume(&name, image.as_deref(), size)
+        Request::VolumeCreate {
+            name,
+            image,
+            size,
+            personality,
+        } => node
+            .create_volume(&name, image.as_deref(), size, personality)
             .map(Response::Volume),
         Request::VolumeList => node.volumes().map(Response::Volumes),
         Request::VolumeShow { name } => node.volume_info(&name).map(Response::Volume),

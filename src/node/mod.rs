@@ -201,7 +201,7 @@ impl Node {
                     .insert(v.name.clone(), e.to_string());
             }
             if let Some(p) = node.personality_of(&v.name)
-                && let Err(e) = node.serve_seed(&v.name, &p)
+                && let Err(e) = node.serve_seed_of(&v.name, &p)
             {
                 tracing::error!(volume = %v.name, "seed not served: {e}");
             }
@@ -654,6 +654,7 @@ impl Node {
         name: &str,
         image: Option<&str>,
         size: Option<u64>,
+        personality: Option<Box<crate::personality::Personality>>,
     ) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
         let _cloning = image.map(|i| self.cloning(i)).transpose()?;
@@ -678,8 +679,26 @@ impl Node {
                 "an export named {name:?} already exists (a --export raw file)"
             )));
         }
-        self.pool.create_volume(name, image, size)?;
+        // With a personality: checked and its pool addresses handed out under the personalities'
+        // lock, held until the volume and its record are published together.
+        let _one_at_a_time = personality.as_ref().map(|_| self.personalities.lock());
+        let prepared = match personality {
+            Some(p) => Some(self.prepare_personality(name, *p)?),
+            None => None,
+        };
+        self.pool.create_volume_with(
+            name,
+            image,
+            size,
+            prepared.as_ref().map(|p| p.record.as_slice()),
+        )?;
         self.serve_volume(name)?;
+        if let Some(p) = prepared
+            && let Err(e) = self.serve_seed(name, p.seed)
+        {
+            // The volume and its record exist; the seed is made again at the next start.
+            tracing::error!(volume = name, "seed not served: {e}");
+        }
         self.volume_info(name)
     }
 

@@ -13,6 +13,16 @@ use crate::personality::ippool::{IpPool, POOL_REF};
 use crate::personality::{Personality, seed};
 use crate::target::{BlockTarget, Export, FileTarget};
 
+/// Largest personality record (compact JSON): its seed must fit the seed's file system with
+/// room to spare.
+const MAX_RECORD_BYTES: usize = 64 << 10;
+
+/// A personality checked and completed for storing: its record and its seed image.
+pub(super) struct Prepared {
+    pub record: Vec<u8>,
+    pub seed: Vec<u8>,
+}
+
 impl Node {
     /// Volume `name`'s personality, if it has a readable one (a record that cannot be read is
     /// reported by `set_personality`, which is what replaces it).
@@ -38,51 +48,89 @@ impl Node {
         let _busy = self.busy("volume", name)?;
         let _one_at_a_time = self.personalities.lock();
         self.pool.volume(name)?;
-        let record = match personality {
-            None => None,
-            Some(mut p) => {
-                p.validate()
-                    .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
-                // Every other volume's addresses: none may be taken twice, and pools hand out
-                // only what none of them holds.
-                let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
-                let mine: BTreeSet<IpAddr> = p.addresses().into_iter().collect();
-                for (other, theirs) in self.held_addresses(Some(name)) {
-                    if mine.contains(&theirs) {
-                        return Err(NodeError::Invalid(format!(
-                            "personality: {theirs} is already the address of volume {other:?}"
-                        )));
-                    }
-                    taken.insert(theirs);
-                }
-                taken.extend(mine);
-                self.hand_out(&mut p, &mut taken)?;
-                p.validate()
-                    .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
-                p.instance_id =
-                    format!("i-{}", volume_format::image::hex(&crate::pool::random_id()));
-                Some(serde_json::to_vec_pretty(&p).expect("a personality serialises"))
+        match personality {
+            None => {
+                self.pool.set_personality(name, None)?;
+                self.withdraw_seed(name);
             }
-        };
-        self.pool.set_personality(name, record.as_deref())?;
-        self.withdraw_seed(name);
-        if let Some(bytes) = &record {
-            let p: Personality = serde_json::from_slice(bytes).expect("just serialised");
-            self.serve_seed(name, &p)?;
+            Some(p) => {
+                let prepared = self.prepare_personality(name, *p)?;
+                self.pool.set_personality(name, Some(&prepared.record))?;
+                // The new seed replaces the old in one step: a server attaching now finds one.
+                self.serve_seed(name, prepared.seed)?;
+            }
         }
         self.volume_info(name)
     }
 
-    /// Exports `p`'s NoCloud seed as `seed/NAME`: built in memory (a sealed memfd; it is
-    /// derived data, made again from the record at every start) and served read-only.
-    pub(super) fn serve_seed(&self, name: &str, p: &Personality) -> Result<(), NodeError> {
+    /// Checks `p` for volume `name` (again: the request is outside input), refuses an address
+    /// another volume holds, hands out its pool addresses, and gives it a new instance id. The
+    /// caller holds the personalities' lock until the result is stored.
+    pub(super) fn prepare_personality(
+        &self,
+        name: &str,
+        mut p: Personality,
+    ) -> Result<Prepared, NodeError> {
+        p.validate()
+            .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+        // Every other volume's addresses: none may be taken twice, and pools hand out only
+        // what none of them holds.
+        let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
+        let mine: BTreeSet<IpAddr> = p.addresses().into_iter().collect();
+        let held = self.held_addresses()?;
+        // What this volume holds now: a changed personality keeps its pool addresses (adding
+        // a key must not renumber the server).
+        let own: Vec<IpAddr> = held
+            .iter()
+            .filter(|(v, _)| v == name)
+            .map(|(_, a)| *a)
+            .collect();
+        for (other, theirs) in held.into_iter().filter(|(v, _)| v != name) {
+            if mine.contains(&theirs) {
+                return Err(NodeError::Invalid(format!(
+                    "personality: {theirs} is already the address of volume {other:?}"
+                )));
+            }
+            taken.insert(theirs);
+        }
+        taken.extend(mine);
+        self.hand_out(&mut p, &mut taken, &own)?;
+        p.validate()
+            .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+        p.instance_id = format!("i-{}", volume_format::image::hex(&crate::pool::random_id()));
+        let record = serde_json::to_vec(&p).expect("a personality serialises");
+        if record.len() > MAX_RECORD_BYTES {
+            return Err(NodeError::Invalid(format!(
+                "personality: {} bytes, more than the {MAX_RECORD_BYTES} a personality may take",
+                record.len()
+            )));
+        }
+        // The seed is built before anything is stored: a personality whose seed cannot be
+        // made is refused, not recorded to fail at every start.
+        let seed = seed::image(&p.nocloud()).map_err(|e| {
+            NodeError::Invalid(format!("personality: its seed cannot be made: {e}"))
+        })?;
+        Ok(Prepared { record, seed })
+    }
+
+    /// Builds `p`'s seed and exports it (at start, from the stored record).
+    pub(super) fn serve_seed_of(&self, name: &str, p: &Personality) -> Result<(), NodeError> {
+        let bytes = seed::image(&p.nocloud())
+            .map_err(|e| NodeError::Io(format!("building volume {name:?}'s seed: {e}")))?;
+        self.serve_seed(name, bytes)
+    }
+
+    /// Exports a NoCloud seed as `seed/NAME`, replacing the one before in one step: kept in
+    /// memory (a sealed memfd; it is derived data, made again from the record at every start)
+    /// and served read-only.
+    pub(super) fn serve_seed(&self, name: &str, bytes: Vec<u8>) -> Result<(), NodeError> {
         let io = |e: std::io::Error| NodeError::Io(format!("building volume {name:?}'s seed: {e}"));
-        let bytes = seed::image(&p.nocloud()).map_err(io)?;
-        let fd = rustix::fs::memfd_create(
-            format!("streamer-seed-{name}"),
-            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(|e| io(e.into()))?;
+        let memfd = |flags| rustix::fs::memfd_create(format!("streamer-seed-{name}"), flags);
+        let base = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+        // Not executable (kernels from 6.3 warn without it; older ones refuse the flag).
+        let fd = memfd(base | rustix::fs::MemfdFlags::NOEXEC_SEAL)
+            .or_else(|_| memfd(base))
+            .map_err(|e| io(e.into()))?;
         let mut file = std::fs::File::from(fd);
         file.write_all(&bytes).map_err(io)?;
         // Sealed: nobody, the node included, can change a seed a server may be reading.
@@ -97,14 +145,12 @@ impl Node {
         let shown = std::path::PathBuf::from(format!("(seed of volume {name})"));
         let target = Arc::new(FileTarget::from_files(file, None, &shown, true).map_err(io)?);
         let export = format!("{SEED_EXPORT_PREFIX}{name}");
-        self.exports
-            .add(Export {
-                name: export.clone(),
-                description: format!("cloud-init NoCloud seed of volume {name} (read-only)"),
-                target: target.clone() as Arc<dyn BlockTarget>,
-                max_payload_bytes: self.limits.max_payload_bytes,
-            })
-            .map_err(|_| NodeError::InUse(format!("an export named {export:?} already exists")))?;
+        self.exports.replace(Export {
+            name: export,
+            description: format!("cloud-init NoCloud seed of volume {name} (read-only)"),
+            target: target.clone() as Arc<dyn BlockTarget>,
+            max_payload_bytes: self.limits.max_payload_bytes,
+        });
         self.served.lock().seeds.insert(name.to_owned(), target);
         Ok(())
     }
@@ -117,23 +163,49 @@ impl Node {
         }
     }
 
-    /// Every address held by a volume's personality, with the volume (but `except`'s).
-    fn held_addresses(&self, except: Option<&str>) -> Vec<(String, IpAddr)> {
+    /// Every address held by a volume's personality, with the volume, damaged volumes
+    /// included. Fails closed: a record that cannot be read is an error naming its volume, not
+    /// an address set free while a server may still use it.
+    fn held_addresses(&self) -> Result<Vec<(String, IpAddr)>, NodeError> {
+        let mut names: Vec<String> = self.pool.volumes().into_iter().map(|v| v.name).collect();
+        names.extend(
+            self.pool
+                .damaged()
+                .into_iter()
+                .filter(|(kind, _, _)| *kind == "volume")
+                .map(|(_, n, _)| n),
+        );
         let mut out = Vec::new();
-        for v in self.pool.volumes() {
-            if Some(v.name.as_str()) == except {
+        for name in names {
+            let unreadable = |why: String| {
+                NodeError::Io(format!(
+                    "volume {name:?}'s personality record cannot be read ({why}): the addresses \
+                     it holds are unknown, so none are handed out until it is fixed or the \
+                     volume deleted"
+                ))
+            };
+            let Some(bytes) = self
+                .pool
+                .personality_record(&name)
+                .map_err(|e| unreadable(e.to_string()))?
+            else {
                 continue;
-            }
-            if let Some(p) = self.personality_of(&v.name) {
-                out.extend(p.addresses().into_iter().map(|a| (v.name.clone(), a)));
-            }
+            };
+            let p: Personality =
+                serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+            out.extend(p.addresses().into_iter().map(|a| (name.clone(), a)));
         }
-        out
+        Ok(out)
     }
 
     /// Replaces each `pool:NAME` address of `p` with the pool's next free address (lowest
     /// first), and gives the link the pool's gateway and name servers where it names none.
-    fn hand_out(&self, p: &mut Personality, taken: &mut BTreeSet<IpAddr>) -> Result<(), NodeError> {
+    fn hand_out(
+        &self,
+        p: &mut Personality,
+        taken: &mut BTreeSet<IpAddr>,
+        own: &[IpAddr],
+    ) -> Result<(), NodeError> {
         let pools = self.load_ip_pools()?;
         for (field, link) in p.links_mut() {
             for (i, a) in link.addresses.iter_mut().enumerate() {
@@ -146,7 +218,12 @@ impl Node {
                         "personality: {f}: there is no IP pool {pool_name:?}"
                     )));
                 };
-                let Some(addr) = pool.next_free(taken) else {
+                // An address of this pool the volume holds already comes first.
+                let kept = own
+                    .iter()
+                    .find(|ip| pool.in_range(**ip) && !taken.contains(ip))
+                    .map(|ip| format!("{ip}/{}", pool.net().1));
+                let Some(addr) = kept.or_else(|| pool.next_free(taken)) else {
                     return Err(NodeError::Invalid(format!(
                         "personality: {f}: IP pool {pool_name:?} has no free address (all {} \
                          are held)",
@@ -198,7 +275,7 @@ impl Node {
 
     pub fn ip_pools(&self) -> Result<Vec<IpPoolInfo>, NodeError> {
         let _one_at_a_time = self.personalities.lock();
-        let held = self.held_addresses(None);
+        let held = self.held_addresses()?;
         Ok(self
             .load_ip_pools()?
             .into_iter()
@@ -212,7 +289,7 @@ impl Node {
         let _one_at_a_time = self.personalities.lock();
         let record = serde_json::to_vec_pretty(&pool).expect("a pool serialises");
         self.pool.create_ip_pool(&pool.name, &record)?;
-        Ok(self.ip_pool_info(pool, &self.held_addresses(None)))
+        Ok(self.ip_pool_info(pool, &self.held_addresses()?))
     }
 
     /// Deletes IP pool `name`; refused while a volume holds one of its addresses.
@@ -221,7 +298,7 @@ impl Node {
         let Some(pool) = self.load_ip_pools()?.into_iter().find(|p| p.name == name) else {
             return Err(NodeError::NotFound(format!("no IP pool {name:?}")));
         };
-        let info = self.ip_pool_info(pool, &self.held_addresses(None));
+        let info = self.ip_pool_info(pool, &self.held_addresses()?);
         if let Some(h) = info.held.first() {
             return Err(NodeError::InUse(format!(
                 "IP pool {name:?} has {} address(es) held (volume {:?} holds {}); change those \

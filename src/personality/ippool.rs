@@ -69,8 +69,12 @@ impl IpPool {
         crate::names::validate_name(&self.name).map_err(|m| Invalid::new("name", m))?;
         let (net, prefix) = parse_cidr(&self.subnet).map_err(|m| Invalid::new("subnet", m))?;
         let width = if net.is_ipv4() { 32 } else { 128 };
-        let host_bits = (num(net)) & (u128::MAX >> (128 - (width - u32::from(prefix))));
-        if u32::from(prefix) < width && host_bits != 0 {
+        // The host part's mask; none for a /32 or /128 (a shift by the whole width would
+        // overflow).
+        let host_bits = u128::MAX
+            .checked_shr(128 - (width - u32::from(prefix)))
+            .unwrap_or(0);
+        if num(net) & host_bits != 0 {
             return Err(Invalid::new(
                 "subnet",
                 format!(
@@ -84,6 +88,14 @@ impl IpPool {
                 return Err(Invalid::new(
                     field,
                     format!("{ip} is outside the subnet {}", self.subnet),
+                ));
+            }
+        }
+        for (field, ip) in [("first", self.first), ("last", self.last)] {
+            if !usable(ip, prefix) {
+                return Err(Invalid::new(
+                    field,
+                    format!("{ip} is the subnet's network or broadcast address"),
                 ));
             }
         }
@@ -112,7 +124,14 @@ impl IpPool {
                     format!("{gw} is inside the range handed out"),
                 ));
             }
+            if !usable(gw, prefix) {
+                return Err(Invalid::new(
+                    "gateway",
+                    format!("{gw} is the subnet's network or broadcast address"),
+                ));
+            }
         }
+        super::validate::dns("dns", &self.dns)?;
         Ok(())
     }
 
@@ -129,15 +148,18 @@ impl IpPool {
 
     /// Addresses of the range handed out now, among `taken`.
     pub fn used(&self, taken: &BTreeSet<IpAddr>) -> usize {
-        taken
-            .iter()
-            .filter(|ip| (num(self.first)..=num(self.last)).contains(&num(**ip)))
-            .filter(|ip| ip.is_ipv4() == self.first.is_ipv4())
-            .count()
+        taken.iter().filter(|ip| self.in_range(**ip)).count()
     }
 
+    /// Addresses the pool can hand out.
     pub fn size(&self) -> u128 {
         num(self.last) - num(self.first) + 1
+    }
+
+    /// Whether `ip` is one of the addresses this pool hands out.
+    pub fn in_range(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.first.is_ipv4()
+            && (num(self.first)..=num(self.last)).contains(&num(ip))
     }
 }
 
@@ -182,6 +204,29 @@ mod tests {
         assert_eq!(p.next_free(&taken).unwrap(), "10.0.0.101/24");
     }
 
+    /// A single-address subnet is a valid pool (it used to overflow the host mask: a node
+    /// abort with overflow checks on).
+    #[test]
+    fn host_route_pools_validate() {
+        let p = IpPool {
+            subnet: "10.0.0.7/32".into(),
+            first: "10.0.0.7".parse().unwrap(),
+            last: "10.0.0.7".parse().unwrap(),
+            gateway: None,
+            ..pool()
+        };
+        p.validate().unwrap();
+        assert_eq!(p.next_free(&BTreeSet::new()).unwrap(), "10.0.0.7/32");
+        let v6 = IpPool {
+            subnet: "2001:db8::7/128".into(),
+            first: "2001:db8::7".parse().unwrap(),
+            last: "2001:db8::7".parse().unwrap(),
+            gateway: None,
+            ..pool()
+        };
+        v6.validate().unwrap();
+    }
+
     #[test]
     fn bad_pools_are_refused_by_field() {
         let cases: Vec<(IpPool, &str)> = vec![
@@ -219,6 +264,30 @@ mod tests {
                     ..pool()
                 },
                 "name",
+            ),
+            (
+                IpPool {
+                    first: "10.0.0.0".parse().unwrap(),
+                    ..pool()
+                },
+                "first",
+            ),
+            (
+                IpPool {
+                    gateway: Some("10.0.0.0".parse().unwrap()),
+                    ..pool()
+                },
+                "gateway",
+            ),
+            (
+                IpPool {
+                    dns: Dns {
+                        servers: vec![],
+                        search: vec!["bad domain".into()],
+                    },
+                    ..pool()
+                },
+                "dns.search[0]",
             ),
         ];
         for (p, field) in cases {

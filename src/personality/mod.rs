@@ -42,7 +42,8 @@ pub struct Personality {
     /// Name servers and search domains for every interface that names none of its own.
     #[serde(default, skip_serializing_if = "Dns::is_empty")]
     pub dns: Dns,
-    /// OpenSSH public keys (`ssh-ed25519 AAAA... comment`) for the default user.
+    /// OpenSSH public keys (`ssh-ed25519 AAAA... comment`, without options) for the default
+    /// user, and for `user` too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_authorized_keys: Vec<String>,
     /// A user with a password (given as a crypt(3) hash, never in clear).
@@ -156,7 +157,8 @@ impl Personality {
         let p: Personality = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| Invalid::new("", e.to_string()))?
         } else {
-            toml::from_str(text).map_err(|e| Invalid::new("", e.message().to_string()))?
+            toml::from_str(text)
+                .map_err(|e| Invalid::new("", e.to_string().trim_end().to_string()))?
         };
         p.validate()?;
         Ok(p)
@@ -256,7 +258,12 @@ impl Personality {
             .map(|b| {
                 let mut v = self.link(&b.ip, b.mtu);
                 v.insert("interfaces".into(), json!(b.members));
-                v.insert("parameters".into(), json!({ "mode": b.mode }));
+                // Link monitoring on (netplan's default is off: an active-backup bond would
+                // never fail over).
+                v.insert(
+                    "parameters".into(),
+                    json!({ "mode": b.mode, "mii-monitor-interval": 100 }),
+                );
                 (b.name.clone(), Value::Object(v))
             })
             .collect();
@@ -299,8 +306,9 @@ impl Personality {
             v.insert("routes".into(), json!([{ "to": to, "via": gw }]));
         }
         let dns = a.dns.as_ref().unwrap_or(&self.dns);
-        // Only links with static addresses need name servers given; DHCP brings its own.
-        if !dns.is_empty() && !a.addresses.is_empty() {
+        // A link's own name servers are always written; the personality's global ones only on
+        // links with static addresses (DHCP brings its own).
+        if !dns.is_empty() && (a.dns.is_some() || !a.addresses.is_empty()) {
             let mut d = Map::new();
             if !dns.servers.is_empty() {
                 d.insert("addresses".into(), json!(dns.servers));

@@ -221,3 +221,42 @@ fn bad_fields_are_refused_by_name_and_value() {
         assert!(e.to_string().contains(needle), "{text}\n=> {e}");
     }
 }
+
+#[test]
+fn unknown_fields_inside_links_are_refused() {
+    let e = Personality::parse("hostname = \"a\"\n[[interfaces]]\nname = \"eth0\"\nbogus = 1\n");
+    assert!(e.is_err(), "{e:?}");
+}
+
+#[test]
+fn review_cases_link_local_gateways_vlans_and_bond_monitoring() {
+    // An IPv6 router is reached by its link-local address.
+    let p = Personality::parse(
+        "hostname = \"a\"\n[[interfaces]]\nname = \"eth0\"\naddresses = [\"2001:db8::5/64\"]\ngateway = \"fe80::1\"\n",
+    )
+    .unwrap();
+    let net: Value = serde_json::from_str(&p.nocloud().network_config).unwrap();
+    assert_eq!(net["ethernets"]["eth0"]["routes"][0]["to"], "::/0");
+    // Two VLANs with one id on one link, a VLAN on a bond member, an interface called "..".
+    let bond = "hostname = \"a\"\n[[interfaces]]\nname = \"eth0\"\n[[interfaces]]\nname = \"eth1\"\n\
+                [[bonds]]\nname = \"bond0\"\nmembers = [\"eth0\", \"eth1\"]\nmode = \"active-backup\"\n";
+    let e = Personality::parse(&format!(
+        "{bond}[[vlans]]\nname = \"v1\"\nid = 5\nlink = \"bond0\"\n[[vlans]]\nname = \"v2\"\nid = 5\nlink = \"bond0\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "vlans[1].id", "{e}");
+    let e = Personality::parse(&format!(
+        "{bond}[[vlans]]\nname = \"v1\"\nid = 5\nlink = \"eth0\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "vlans[0].link", "{e}");
+    let e = Personality::parse("hostname = \"a\"\n[[interfaces]]\nname = \"..\"\n").unwrap_err();
+    assert_eq!(e.field, "interfaces[0].name", "{e}");
+    // Bonds are monitored (netplan's default is not to, and then never fails over).
+    let p = Personality::parse(bond).unwrap();
+    let net: Value = serde_json::from_str(&p.nocloud().network_config).unwrap();
+    assert_eq!(
+        net["bonds"]["bond0"]["parameters"]["mii-monitor-interval"],
+        100
+    );
+}

@@ -112,7 +112,9 @@ fn mac_ok(m: &str) -> Result<(), String> {
 
 /// A Linux interface name: 1 to 15 of letters, digits, `.`, `_`, `-`.
 fn ifname_ok(n: &str) -> bool {
-    (1..=15).contains(&n.len())
+    n != "."
+        && n != ".."
+        && (1..=15).contains(&n.len())
         && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
@@ -155,7 +157,7 @@ fn ssh_key_ok(k: &str) -> Result<(), String> {
 
 fn password_hash_ok(h: &str) -> Result<(), String> {
     // `$id$...$hash`: SHA-512 ($6$), SHA-256 ($5$), yescrypt ($y$), bcrypt ($2b$/$2y$).
-    let ids = ["$6$", "$5$", "$y$", "$2b$", "$2y$", "$gy$"];
+    let ids = ["$6$", "$5$", "$y$", "$2a$", "$2b$", "$2y$", "$gy$"];
     let ok = ids.iter().any(|id| h.starts_with(id))
         && h.matches('$').count() >= 3
         && !h.contains(char::is_whitespace)
@@ -179,7 +181,7 @@ fn user_name_ok(n: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
 }
 
-fn dns(field: &str, d: &Dns) -> Check {
+pub(super) fn dns(field: &str, d: &Dns) -> Check {
     for (i, s) in d.search.iter().enumerate() {
         if !domain_ok(s) {
             return Err(Invalid::new(
@@ -235,7 +237,10 @@ fn addressing(
                 "a gateway needs a static address beside it (DHCP brings its own)",
             ));
         }
-        if !nets.iter().any(|&(ip, p)| in_subnet(gw, ip, p)) {
+        // An IPv6 router is usually reached by its link-local address.
+        let link_local = matches!(gw, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80)
+            && nets.iter().any(|(ip, _)| ip.is_ipv6());
+        if !link_local && !nets.iter().any(|&(ip, p)| in_subnet(gw, ip, p)) {
             return Err(Invalid::new(
                 &f,
                 format!(
@@ -379,8 +384,24 @@ pub(super) fn personality(p: &Personality) -> Check {
         }
         addressing(&field, &b.ip, b.mtu, &mut seen)?;
     }
+    let mut vlan_ids: BTreeMap<(&str, u16), String> = BTreeMap::new();
     for (i, v) in p.vlans.iter().enumerate() {
         let field = format!("vlans[{i}]");
+        if let Some(bond) = in_bond.get(v.link.as_str()) {
+            return Err(Invalid::new(
+                format!("{field}.link"),
+                format!(
+                    "{:?} is a member of bond {bond:?}; put the VLAN on the bond",
+                    v.link
+                ),
+            ));
+        }
+        if let Some(other) = vlan_ids.insert((v.link.as_str(), v.id), field.clone()) {
+            return Err(Invalid::new(
+                format!("{field}.id"),
+                format!("VLAN {} on {:?} is already {other}", v.id, v.link),
+            ));
+        }
         name(format!("{field}.name"), &v.name)?;
         if !names.insert(&v.name) {
             return Err(Invalid::new(

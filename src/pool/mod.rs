@@ -559,6 +559,18 @@ impl Pool {
         image: Option<&str>,
         size: Option<u64>,
     ) -> Result<VolumeEntry, PoolError> {
+        self.create_volume_with(name, image, size, None)
+    }
+
+    /// `create_volume`, with a personality record published with the volume in the same
+    /// rename: after a crash the volume exists with its personality, or not at all.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        personality: Option<&[u8]>,
+    ) -> Result<VolumeEntry, PoolError> {
         let res = self.reserve("volume", name)?;
         let backing = match image {
             Some(i) => Some(self.image(i)?),
@@ -615,6 +627,15 @@ impl Pool {
             .map_err(io_err(format!("creating volume {name:?}")))?;
         v.close()
             .map_err(vol_err(format!("creating volume {name:?}")))?;
+        if let Some(record) = personality {
+            let err = io_err(format!("creating volume {name:?}"));
+            let mut f = self
+                .dir
+                .open_file(&staged.join(PERSONALITY), Access::CreateNew)
+                .map_err(&err)?;
+            std::io::Write::write_all(&mut f, record).map_err(&err)?;
+            f.sync_all().map_err(err)?;
+        }
         self.publish(&staged, "volumes", name)?;
         cleanup.disarm();
         let entry = VolumeEntry {
@@ -814,15 +835,28 @@ impl Pool {
     /// Volume `name`'s personality record (JSON), if it has one.
     pub fn personality(&self, name: &str) -> Result<Option<Vec<u8>>, PoolError> {
         self.volume(name)?;
+        self.personality_record(name)
+    }
+
+    /// Volume `name`'s personality record, for a name the pool listed (a damaged volume's
+    /// too: its record still holds its addresses). A record larger than any personality is
+    /// refused, not cut short.
+    pub fn personality_record(&self, name: &str) -> Result<Option<Vec<u8>>, PoolError> {
+        validate_existing_name(name).map_err(PoolError::Invalid)?;
         let rel = Self::volume_file(name, PERSONALITY);
         match self.dir.open_file(&rel, Access::Read) {
             Ok(mut f) => {
                 let mut b = Vec::new();
                 // A record is a few KiB; a huge file is not one of ours.
                 (&mut f)
-                    .take(1 << 20)
+                    .take((1 << 20) + 1)
                     .read_to_end(&mut b)
                     .map_err(io_err(format!("reading volume {name:?}'s personality")))?;
+                if b.len() > 1 << 20 {
+                    return Err(PoolError::Invalid(format!(
+                        "volume {name:?}'s personality record is larger than 1 MiB"
+                    )));
+                }
                 Ok(Some(b))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -884,6 +918,8 @@ impl Pool {
         validate_name(name).map_err(PoolError::Invalid)?;
         let err = io_err(format!("recording IP pool {name:?}"));
         self.dir.ensure_dir(Path::new(IPPOOLS)).map_err(&err)?;
+        // The directory's own entry, if it was just made.
+        self.dir.sync_dir(Path::new(".")).map_err(&err)?;
         let rel = Path::new(IPPOOLS).join(format!("{name}.json"));
         let tmp = Path::new(IPPOOLS).join(format!(".{name}.tmp"));
         let _ = self.dir.remove_all(&tmp);

@@ -430,6 +430,17 @@ impl Exports {
         Ok(())
     }
 
+    /// Adds an export, or puts it in place of the one of that name, in one step: a client
+    /// negotiating meanwhile finds the old or the new, never none. Connections already using
+    /// the old one are untouched.
+    pub fn replace(&self, export: Export) {
+        let mut list = self.list.write();
+        match list.iter_mut().find(|e| e.name == export.name) {
+            Some(e) => *e = export,
+            None => list.push(export),
+        }
+    }
+
     /// Withdraws an export from new negotiations; connections already using it are untouched.
     pub fn remove(&self, name: &str) -> Option<Export> {
         let mut list = self.list.write();
