@@ -31,6 +31,13 @@ command -v mtype >/dev/null || need_pkgs+=(mtools)
 # Link cuts in a network namespace of the test's own (tests/pair.rs).
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+# cloud-init itself checks the seeds' documents (tests/personality.rs); without its
+# recommendations, which would bring a network stack and services the tests do not need.
+if ! command -v cloud-init >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends cloud-init
+fi
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

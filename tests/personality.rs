@@ -53,6 +53,10 @@ ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGqT0Vb5Q6p0n0Jw9cQ2
 [dns]
 servers = ["10.0.0.53"]
 
+[user]
+name = "admin"
+password_hash = "$6$rounds=4096$saltsalt$3MEaFFq3YtJ4ExzvYPtTGlU3CxTtHpPHyk8Fj1tQgnhVvVnSf5Q9M0R3xGK9o2d1vM0Zr0rFPA8nWYQy4vQZ/"
+
 [[interfaces]]
 name = "eno1"
 mac = "52:54:00:aa:00:01"
@@ -247,6 +251,43 @@ fn check_seed(server: &Server, dir: &Scratch, name: &str, instance_id: &str) {
     let user = mtype("user-data");
     assert!(user.starts_with("#cloud-config\n"), "{user}");
     assert!(user.contains("web-01.rack1.example.com"), "{user}");
+    // cloud-init itself accepts the user-data (its schema) and reads the network-config (it
+    // converts it to ifupdown's form, with the address and the default route).
+    let docs = dir.path(&format!("{name}-docs"));
+    let _ = std::fs::remove_dir_all(&docs);
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("user-data"), &user).unwrap();
+    std::fs::write(docs.join("network-config"), mtype("network-config")).unwrap();
+    let schema = common::stdout(&common::run(
+        "cloud-init",
+        &[
+            "schema",
+            "--config-file",
+            docs.join("user-data").to_str().unwrap(),
+        ],
+    ));
+    assert!(schema.contains("Valid cloud-config"), "{schema}");
+    common::run(
+        "cloud-init",
+        &[
+            "devel",
+            "net-convert",
+            "--network-data",
+            docs.join("network-config").to_str().unwrap(),
+            "--kind",
+            "yaml",
+            "--distro",
+            "debian",
+            "--output-kind",
+            "eni",
+            "-d",
+            docs.join("out").to_str().unwrap(),
+        ],
+    );
+    let eni =
+        std::fs::read_to_string(docs.join("out/etc/network/interfaces.d/50-cloud-init")).unwrap();
+    assert!(eni.contains("address 10.0.0.11/24"), "{eni}");
+    assert!(eni.contains("default gw 10.0.0.1"), "{eni}");
     let net: serde_json::Value = serde_json::from_str(&mtype("network-config")).unwrap();
     assert_eq!(net["version"], 2);
     assert_eq!(net["ethernets"]["eno1"]["addresses"][0], "10.0.0.11/24");

@@ -222,15 +222,16 @@ impl Personality {
             );
         }
         if let Some(u) = &self.user {
-            user.insert(
-                "users".into(),
-                json!(["default", {
-                    "name": u.name,
-                    "lock_passwd": false,
-                    "passwd": u.password_hash,
-                    "ssh_authorized_keys": self.ssh_authorized_keys,
-                }]),
-            );
+            let mut entry = json!({
+                "name": u.name,
+                "lock_passwd": false,
+                "passwd": u.password_hash,
+            });
+            // cloud-init's schema refuses an empty key list here.
+            if !self.ssh_authorized_keys.is_empty() {
+                entry["ssh_authorized_keys"] = json!(self.ssh_authorized_keys);
+            }
+            user.insert("users".into(), json!(["default", entry]));
         }
         let mut net = Map::new();
         net.insert("version".into(), json!(2));
