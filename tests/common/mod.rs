@@ -84,7 +84,13 @@ impl Server {
     /// (so that the child's pid is the server's).
     pub fn start_as(dir: &Scratch, wrapper: &[&str], extra: &[&str]) -> Server {
         let socket = dir.path("nbd.sock");
-        let stderr_path = dir.path(&format!("server-{}.log", std::process::id()));
+        // One log per server, also when a test starts several in one scratch directory.
+        static N: AtomicU32 = AtomicU32::new(0);
+        let stderr_path = dir.path(&format!(
+            "server-{}-{}.log",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = match wrapper.split_first() {
             None => Command::new(BIN),
