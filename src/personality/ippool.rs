@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::Dns;
-use super::validate::{Invalid, parse_cidr};
+use super::validate::{Invalid, bits, in_subnet, parse_cidr, usable};
 
 /// How a personality names a pool where an address goes.
 pub const POOL_REF: &str = "pool:";
@@ -33,10 +33,7 @@ pub struct IpPool {
 }
 
 fn num(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v) => u128::from(u32::from(v)),
-        IpAddr::V6(v) => u128::from(v),
-    }
+    bits(ip).0
 }
 
 fn from_num(like: IpAddr, n: u128) -> IpAddr {
@@ -57,12 +54,7 @@ impl IpPool {
 
     fn contains(&self, ip: IpAddr) -> bool {
         let (net, prefix) = self.net();
-        if ip.is_ipv4() != net.is_ipv4() {
-            return false;
-        }
-        let width = if ip.is_ipv4() { 32 } else { 128 };
-        let shift = width - u32::from(prefix);
-        num(ip).checked_shr(shift) == num(net).checked_shr(shift)
+        in_subnet(ip, net, prefix)
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -92,7 +84,7 @@ impl IpPool {
             }
         }
         for (field, ip) in [("first", self.first), ("last", self.last)] {
-            if !usable(ip, prefix) {
+            if usable(ip, prefix).is_err() {
                 return Err(Invalid::new(
                     field,
                     format!("{ip} is the subnet's network or broadcast address"),
@@ -124,7 +116,7 @@ impl IpPool {
                     format!("{gw} is inside the range handed out"),
                 ));
             }
-            if !usable(gw, prefix) {
+            if usable(gw, prefix).is_err() {
                 return Err(Invalid::new(
                     "gateway",
                     format!("{gw} is the subnet's network or broadcast address"),
@@ -142,13 +134,8 @@ impl IpPool {
         let (_, prefix) = self.net();
         (num(self.first)..=num(self.last))
             .map(|n| from_num(self.first, n))
-            .find(|ip| !taken.contains(ip) && usable(*ip, prefix))
+            .find(|ip| !taken.contains(ip) && usable(*ip, prefix).is_ok())
             .map(|ip| format!("{ip}/{prefix}"))
-    }
-
-    /// Addresses of the range handed out now, among `taken`.
-    pub fn used(&self, taken: &BTreeSet<IpAddr>) -> usize {
-        taken.iter().filter(|ip| self.in_range(**ip)).count()
     }
 
     /// Addresses the pool can hand out.
@@ -160,16 +147,6 @@ impl IpPool {
     pub fn in_range(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.first.is_ipv4()
             && (num(self.first)..=num(self.last)).contains(&num(ip))
-    }
-}
-
-fn usable(ip: IpAddr, prefix: u8) -> bool {
-    match ip {
-        IpAddr::V4(v) if prefix <= 30 => {
-            let host = u32::from(v) & (u32::MAX >> prefix);
-            host != 0 && host != u32::MAX >> prefix
-        }
-        _ => true,
     }
 }
 
@@ -199,7 +176,7 @@ mod tests {
             taken.insert(parse_cidr(&got).unwrap().0);
         }
         assert_eq!(p.next_free(&taken), None);
-        assert_eq!(p.used(&taken), 3);
+        assert_eq!(taken.iter().filter(|ip| p.in_range(**ip)).count(), 3);
         taken.remove(&"10.0.0.101".parse().unwrap());
         assert_eq!(p.next_free(&taken).unwrap(), "10.0.0.101/24");
     }

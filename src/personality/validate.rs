@@ -54,7 +54,7 @@ pub(crate) fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((ip, prefix))
 }
 
-fn bits(ip: IpAddr) -> (u128, u8) {
+pub(super) fn bits(ip: IpAddr) -> (u128, u8) {
     match ip {
         IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
         IpAddr::V6(v) => (u128::from(v), 128),
@@ -62,7 +62,7 @@ fn bits(ip: IpAddr) -> (u128, u8) {
 }
 
 /// Whether `ip` lies in `net/prefix` (same family).
-fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+pub(super) fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     if ip.is_ipv4() != net.is_ipv4() {
         return false;
     }
@@ -72,7 +72,7 @@ fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     a.checked_shr(shift) == b.checked_shr(shift)
 }
 
-fn usable(ip: IpAddr, prefix: u8) -> Result<(), String> {
+pub(super) fn usable(ip: IpAddr, prefix: u8) -> Result<(), String> {
     if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
         return Err(format!("{ip} cannot be an interface's address"));
     }
