@@ -66,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(wire::encode_open(&name), payload);
                 }
             }
+            Kind::Control => assert!(!payload.is_empty() && payload.len() <= wire::MAX_CONTROL_BYTES),
             _ => assert_eq!(payload.len() as u64, if h.kind == Kind::Write { h.range } else { 0 }),
         }
     }

@@ -8,9 +8,14 @@
 //! - `up/NODE`: the node's presence, on a lease it keeps alive (`--lease` seconds): present while
 //!   the node runs, gone within the lease after it dies. Created only if absent, so two
 //!   processes can never both be node `NODE`.
+//! - `volumes/NAME` and `next_volume_id`: the pair's volumes (`volumes.rs`).
+
+mod volumes;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use volumes::VolumeRecord;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use parking_lot::Mutex;
@@ -76,8 +81,10 @@ pub enum ClusterError {
     },
     #[error("the pair's record {key} in etcd is not valid: {message}")]
     Corrupt { key: String, message: String },
-    #[error("the pair's membership kept changing while this node joined; try again")]
+    #[error("the pair's records in etcd kept changing meanwhile; try again")]
     Contended,
+    #[error("pair {pair} already has a volume named {name:?}")]
+    VolumeExists { pair: String, name: String },
     #[error("starting the etcd client's thread: {0}")]
     Runtime(std::io::Error),
 }

@@ -17,6 +17,7 @@
 
 mod bufpool;
 mod conn;
+mod peer;
 mod ring;
 pub mod sched;
 mod worker;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 pub use bufpool::{BUF_ALIGN, Buf, BufPool};
+pub use peer::PeerSocket;
 
 use crate::target::Exports;
 
@@ -85,6 +87,14 @@ impl Default for EngineConfig {
     }
 }
 
+/// What a worker's inbox carries.
+pub(crate) enum Inbox {
+    /// A client connection from the acceptor.
+    Conn(Incoming),
+    /// A data link to the pair's other node from the link's dialer (`peer.rs`).
+    Peer(PeerSocket),
+}
+
 /// A socket handed from the acceptor to a worker.
 pub struct Incoming {
     pub fd: OwnedFd,
@@ -106,7 +116,7 @@ pub enum Transport {
 }
 
 struct WorkerHandle {
-    tx: Sender<Incoming>,
+    tx: Sender<Inbox>,
     wake: Arc<EventFd>,
     conns: Arc<AtomicUsize>,
     join: JoinHandle<()>,
@@ -191,11 +201,28 @@ impl Engine {
             .min_by_key(|w| w.conns.load(Ordering::Relaxed))
             .expect("at least one worker");
         w.conns.fetch_add(1, Ordering::Relaxed);
-        if w.tx.send(incoming).is_ok() {
+        if w.tx.send(Inbox::Conn(incoming)).is_ok() {
             wake(&w.wake);
         } else {
             w.conns.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Gives worker `w` its data link to the peer (in place of any it had). False when the
+    /// worker is gone.
+    pub fn attach_peer(&self, w: usize, link: PeerSocket) -> bool {
+        let Some(w) = self.workers.get(w) else {
+            return false;
+        };
+        let ok = w.tx.send(Inbox::Peer(link)).is_ok();
+        if ok {
+            wake(&w.wake);
+        }
+        ok
     }
 
     /// Stops every worker: in-flight requests finish (within the grace period), then connections

@@ -34,6 +34,9 @@ pub(super) enum Tag {
     Io = 5,
     /// A step of a write payload spliced from the socket into the file (see `conn/splice.rs`).
     Splice = 6,
+    /// The worker's peer link (`peer.rs`): a receive of replies, a send of frames.
+    PeerRecv = 7,
+    PeerSend = 8,
 }
 
 /// A completion's owner: tag, connection id (24 bits), slot and sub-operation.
@@ -80,6 +83,8 @@ impl UserData {
             4 => Tag::Send,
             5 => Tag::Io,
             6 => Tag::Splice,
+            7 => Tag::PeerRecv,
+            8 => Tag::PeerSend,
             _ => return None,
         };
         Some(UserData {
@@ -432,6 +437,7 @@ impl Ring {
                 .build(),
             FileIo::Wait { fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build(),
             FileIo::Zero { .. } => unreachable!("the connection fills zeroes itself"),
+            FileIo::Peer(_) => unreachable!("peer I/O goes to the peer link"),
         };
         let mut flags = squeue::Flags::empty();
         if link {
@@ -617,6 +623,8 @@ mod tests {
             Tag::Send,
             Tag::Io,
             Tag::Splice,
+            Tag::PeerRecv,
+            Tag::PeerSend,
         ] {
             for (conn, slot, sub) in [(0, 0, 0), (MAX_CONN_ID, u16::MAX, u16::MAX), (77, 3, 9)] {
                 let ud = UserData::new(tag, conn, slot, sub);
@@ -624,7 +632,7 @@ mod tests {
             }
         }
         assert_eq!(UserData::decode(0), None);
-        assert_eq!(UserData::decode(7 << 56), None);
+        assert_eq!(UserData::decode(9 << 56), None);
         assert_eq!(UserData::decode(u64::MAX), None);
     }
 

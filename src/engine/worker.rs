@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 
 use super::conn::{Conn, Io};
+use super::peer::PeerChan;
 use super::ring::{ASYNC_MIN_BYTES, MAX_CONN_ID, RING_ENTRIES, Ring, Tag, UserData, is_transient};
-use super::{EngineConfig, Incoming};
+use super::{EngineConfig, Inbox};
 use crate::target::Exports;
 
 const TICK: Duration = Duration::from_secs(1);
@@ -27,12 +28,17 @@ pub(super) struct Worker {
     exports: Arc<Exports>,
     conns: Vec<Option<Box<Conn>>>,
     free_ids: Vec<u32>,
-    inbox: Receiver<Incoming>,
+    inbox: Receiver<Inbox>,
     wake: Arc<EventFd>,
     open_conns: Arc<AtomicUsize>,
     shutdown: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     next_serial: u64,
+    /// Dead peer links the kernel still holds buffers of (dropped once idle).
+    retired_links: Vec<PeerChan>,
+    next_link_id: u32,
+    /// Request I/Os the peer link completed, waiting to be delivered.
+    peer_done: Vec<(UserData, i32)>,
 }
 
 impl Worker {
@@ -40,7 +46,7 @@ impl Worker {
         id: usize,
         cfg: EngineConfig,
         exports: Arc<Exports>,
-        inbox: Receiver<Incoming>,
+        inbox: Receiver<Inbox>,
         wake: Arc<EventFd>,
         open_conns: Arc<AtomicUsize>,
         shutdown: Arc<AtomicBool>,
@@ -59,6 +65,9 @@ impl Worker {
             shutdown,
             shutdown_deadline: None,
             next_serial: 0,
+            retired_links: Vec::new(),
+            next_link_id: 0,
+            peer_done: Vec::new(),
         })
     }
 
@@ -120,11 +129,18 @@ impl Worker {
             *gap = (*gap * 7 + waiting_since.elapsed()) / 8;
             completions.clear();
             self.io.ring.reap(&mut completions);
+            touched.clear();
             for &(ud, res) in &completions {
                 self.complete(ud, res);
             }
+            // Request I/Os the peer link completed (its replies, or its failure).
+            touched.extend(self.peer_done.iter().map(|(ud, _)| ud.conn));
+            self.deliver_peer_done();
+            // Frames queued in this round go out in one sendmsg.
+            if let Some(p) = self.io.peer.as_mut() {
+                p.flush(&mut self.io.ring);
+            }
             // Replies that became ready in this round go out now, one sendmsg per connection.
-            touched.clear();
             touched.extend(completions.iter().filter_map(|&(ud, _)| {
                 let ud = UserData::decode(ud)?;
                 matches!(ud.tag, Tag::Recv | Tag::Send | Tag::Io | Tag::Splice).then_some(ud.conn)
@@ -144,6 +160,15 @@ impl Worker {
                 last_busy = Instant::now();
             }
             if self.shutdown_deadline.is_some() && self.conns.iter().all(Option::is_none) {
+                // The kernel must give back the peer links' buffers before the worker goes.
+                if let Some(mut p) = self.io.peer.take() {
+                    p.kill("the server is stopping".into(), &mut self.peer_done);
+                    self.retired_links.push(p);
+                }
+                self.retired_links.retain(|p| !p.is_idle());
+                if !self.retired_links.is_empty() {
+                    continue;
+                }
                 tracing::debug!(worker = self.id, "worker drained");
                 return Ok(());
             }
@@ -199,6 +224,24 @@ impl Worker {
                 self.on_tick();
                 self.arm_tick();
             }
+            Tag::PeerRecv | Tag::PeerSend => {
+                let chan = match self.io.peer.as_mut() {
+                    Some(p) if p.id == ud.conn => p,
+                    _ => match self.retired_links.iter_mut().find(|p| p.id == ud.conn) {
+                        Some(p) => p,
+                        None => {
+                            tracing::error!(worker = self.id, ?ud, "completion for a missing link");
+                            return;
+                        }
+                    },
+                };
+                chan.complete(&mut self.io.ring, ud.tag, res, &mut self.peer_done);
+                if self.io.peer.as_ref().is_some_and(PeerChan::is_dead) {
+                    let p = self.io.peer.take().expect("checked");
+                    self.retired_links.push(p);
+                }
+                self.retired_links.retain(|p| !p.is_idle());
+            }
             Tag::Recv | Tag::Send | Tag::Io | Tag::Splice => {
                 if matches!(ud.tag, Tag::Io | Tag::Splice) {
                     self.io.ring.file_io_done();
@@ -247,8 +290,51 @@ impl Worker {
         }
     }
 
+    /// Hands the peer link's completed request I/Os to their connections.
+    fn deliver_peer_done(&mut self) {
+        while !self.peer_done.is_empty() {
+            let done = std::mem::take(&mut self.peer_done);
+            for (ud, res) in done {
+                let Some(conn) = self
+                    .conns
+                    .get_mut(ud.conn as usize)
+                    .and_then(Option::as_mut)
+                else {
+                    tracing::error!(worker = self.id, ?ud, "peer reply for a missing connection");
+                    continue;
+                };
+                conn.complete(&mut self.io, &self.exports, ud, res);
+                self.reap(ud.conn);
+            }
+        }
+    }
+
+    /// A new data link to the peer: it replaces the one the worker had (which is killed; its
+    /// frames fail and its buffers come back before it is dropped).
+    fn attach_peer(&mut self, link: super::PeerSocket) {
+        if let Some(mut old) = self.io.peer.take() {
+            old.kill("replaced by a new link".into(), &mut self.peer_done);
+            self.retired_links.push(old);
+        }
+        self.retired_links.retain(|p| !p.is_idle());
+        self.next_link_id = (self.next_link_id + 1) & MAX_CONN_ID;
+        let mut chan = PeerChan::new(self.next_link_id, link);
+        chan.begin(&mut self.io.ring);
+        self.io.peer = Some(chan);
+        self.deliver_peer_done();
+    }
+
     fn accept_new(&mut self) {
-        while let Ok(incoming) = self.inbox.try_recv() {
+        while let Ok(msg) = self.inbox.try_recv() {
+            let incoming = match msg {
+                Inbox::Conn(c) => c,
+                Inbox::Peer(link) => {
+                    if self.shutdown_deadline.is_none() {
+                        self.attach_peer(link);
+                    }
+                    continue;
+                }
+            };
             if self.shutdown_deadline.is_some() {
                 self.open_conns.fetch_sub(1, Ordering::Relaxed);
                 continue; // dropping the socket closes it
@@ -289,6 +375,13 @@ impl Worker {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if let Some(p) = self.io.peer.as_mut() {
+            p.check_timeout(now, &mut self.peer_done);
+            if p.is_dead() {
+                let p = self.io.peer.take().expect("checked");
+                self.retired_links.push(p);
+            }
+        }
         let force = self.shutdown_deadline.is_some_and(|d| now >= d);
         for cid in 0..self.conns.len() {
             if let Some(c) = self.conns[cid].as_mut() {

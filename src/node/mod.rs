@@ -27,6 +27,7 @@ mod jobs;
 mod pace;
 mod pair;
 mod personality;
+mod replicas;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
@@ -94,6 +95,10 @@ pub struct Node {
     /// Held while a personality changes: its addresses are checked against every other
     /// volume's, so two changes must not check at once.
     personalities: Mutex<()>,
+    /// The pair's volumes as this node serves them (empty on a single node).
+    pair_volumes: replicas::PairVolumes,
+    /// This node, for what outlives a call (the replicas' token records); set with the pair.
+    me: std::sync::OnceLock<std::sync::Weak<Node>>,
 }
 
 /// What the node's exports and commands may use.
@@ -174,6 +179,8 @@ impl Node {
             pair: Mutex::new(None),
             personalities: Mutex::new(()),
             jobs: Jobs::default(),
+            pair_volumes: replicas::PairVolumes::default(),
+            me: std::sync::OnceLock::new(),
         };
         for i in node.pool.images() {
             if let Err(e) = node.serve_image(&i.name) {
@@ -193,7 +200,16 @@ impl Node {
             if unclean {
                 node.reclaim_leaks(&v.name);
             }
-            if let Err(e) = node.serve_volume(&v.name) {
+            // A pair volume is served once the node has joined its pair (`set_pair`).
+            if let Ok(Some(r)) = node.pair_record(&v.name) {
+                node.pair_volumes.unserved.lock().insert(
+                    v.name.clone(),
+                    format!(
+                        "it belongs to pair {}: start the node with --etcd to serve it",
+                        r.pair
+                    ),
+                );
+            } else if let Err(e) = node.serve_volume(&v.name) {
                 tracing::error!(volume = %v.name, "not served: {e}");
                 node.served
                     .lock()
@@ -308,11 +324,22 @@ impl Node {
             Some(i) => format!("volume {name} (clone of {i})"),
             None => format!("volume {name}"),
         };
+        let exported: Arc<dyn BlockTarget> = match self.pair_record(name)? {
+            Some(local) => {
+                let t = self.pair_target(name, &target, &local);
+                if t.is_err() {
+                    // Not served: its files close with the target.
+                    self.forget_pair_volume(name);
+                }
+                t?
+            }
+            None => target.clone(),
+        };
         self.exports
             .add(Export {
                 name: name.to_owned(),
                 description,
-                target: target.clone() as Arc<dyn BlockTarget>,
+                target: exported,
                 max_payload_bytes: self.limits.max_payload_bytes,
             })
             .map_err(|_| NodeError::InUse(format!("an export named {name:?} already exists")))?;
@@ -362,6 +389,7 @@ impl Node {
         self.exports.remove(name);
         t.revoke();
         wait_disconnected(|| t.clients(), name)?;
+        self.forget_pair_volume(name);
         self.served.lock().volumes.remove(name);
         if let Err(e) = t.close() {
             tracing::error!(volume = %name, "closing: {e}");
@@ -686,12 +714,12 @@ impl Node {
             Some(p) => Some(self.prepare_personality(name, *p)?),
             None => None,
         };
-        self.pool.create_volume_with(
-            name,
-            image,
-            size,
-            prepared.as_ref().map(|p| p.record.as_slice()),
-        )?;
+        let record = prepared.as_ref().map(|p| p.record.as_slice());
+        if self.pair.lock().is_some() {
+            self.create_pair_volume(name, image, size, record)?;
+        } else {
+            self.pool.create_volume_with(name, image, size, record)?;
+        }
         self.serve_volume(name)?;
         if let Some(p) = prepared
             && let Err(e) = self.serve_seed(name, p.seed)
@@ -787,7 +815,24 @@ impl Node {
         }
         self.pool.volume(name)?;
         let _busy = self.busy("volume", name)?;
+        let paired = self.pair_record(name)?;
+        if let Some(local) = &paired
+            && let Some(why) = self.pair_volumes.unserved.lock().get(name)
+            && self.pair.lock().is_none()
+        {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} is not served ({why}); a pair volume is deleted from its pair                  (pair {})",
+                local.pair
+            )));
+        }
         self.offline_volume(name, if force { Force::Yes } else { Force::Offered })?;
+        if let Some(local) = &paired
+            && let Err(e) = self.delete_pair_volume(name, local)
+        {
+            let _ = self.serve_volume(name);
+            return Err(e);
+        }
+        self.pair_volumes.unserved.lock().remove(name);
         if let Err(e) = self.pool.delete_volume(name) {
             let _ = self.serve_volume(name);
             return Err(e.into());

@@ -25,7 +25,11 @@ impl PairHandle {
         }
     }
 
-    fn link_state(&self) -> LinkState {
+    pub fn link(&self) -> Option<&PeerLink> {
+        self.link.as_ref()
+    }
+
+    pub(super) fn link_state(&self) -> LinkState {
         self.link
             .as_ref()
             .map_or(LinkState::stopped(), PeerLink::state)
@@ -46,9 +50,42 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Node {
-    /// The node joined a pair (`streamer serve --etcd`).
-    pub fn set_pair(&self, pair: PairHandle) {
+    /// The node joined a pair (`streamer serve --etcd`): the peer link serves this node's
+    /// replicas from now on, creations a crash interrupted are undone, and the pair volumes
+    /// are served (mirrored where this node owns them).
+    pub fn set_pair(self: &Arc<Self>, pair: PairHandle) {
+        let _ = self.me.set(Arc::downgrade(self));
+        if let Some(link) = pair.link() {
+            link.serve_replicas(Arc::new(super::replicas::ReplicaService(Arc::downgrade(
+                self,
+            ))));
+        }
         *self.pair.lock() = Some(pair);
+        self.finish_interrupted_creates();
+        let waiting = std::mem::take(&mut *self.pair_volumes.unserved.lock());
+        for name in waiting.keys() {
+            if let Err(e) = self.serve_volume(name) {
+                tracing::error!(volume = %name, "not served: {e}");
+                self.pair_volumes
+                    .unserved
+                    .lock()
+                    .insert(name.clone(), e.to_string());
+            }
+        }
+    }
+
+    /// Hands the engine's workers their data links to the peer from now on.
+    pub fn start_data_links(&self, workers: usize, attach: crate::peer::link::AttachData) {
+        if let Some(link) = self.pair.lock().as_ref().and_then(|p| p.link()) {
+            link.start_data_links(workers, attach);
+        }
+    }
+
+    /// Stops handing data links to the engine (before it shuts down).
+    pub fn stop_data_links(&self) {
+        if let Some(link) = self.pair.lock().as_ref().and_then(|p| p.link()) {
+            link.stop_data_links();
+        }
     }
 
     /// Leaves the pair: the link stops and the node's presence is withdrawn (at shutdown).
@@ -150,6 +187,8 @@ impl Node {
         if let LinkState::Down { reason, .. } = pair.link_state() {
             alerts.push(format!("peer link down: {reason}"));
         }
+        drop(guard);
+        alerts.extend(self.pair_volume_alerts());
         alerts
     }
 }

@@ -18,14 +18,24 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::wire::{self, HEADER_BYTES, Header, Hello, Kind, WireError};
+use super::replica::{self, Replicas};
+use super::wire::{
+    self, CONTROL_CALL, CONTROL_LINK, HEADER_BYTES, Header, Hello, Kind, MAX_CONTROL_BYTES,
+    WireError,
+};
 use crate::cluster::Cluster;
+use crate::engine::PeerSocket;
+
+/// Where the dialer hands the data links it made: `(worker, link)`; false when the worker is
+/// gone.
+pub type AttachData = Box<dyn Fn(usize, PeerSocket) -> bool + Send + Sync>;
 
 /// How often the dialer pings the peer (and retries a connection).
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// Most peer connections served at once: the peer makes one (a new one supersedes the old);
-/// the rest is someone else, and gets at most `HELLO_WITHIN` to prove otherwise.
-const MAX_INCOMING: usize = 8;
+/// Most peer connections served at once: the peer makes one control link and one data link
+/// per I/O worker (a new one supersedes the old); the rest is someone else, and gets at most
+/// `HELLO_WITHIN` to prove otherwise.
+const MAX_INCOMING: usize = 64;
 /// A connection must deliver its whole HELLO within this.
 const HELLO_WITHIN: Duration = Duration::from_secs(5);
 /// Largest frame payload the control link takes (a HELLO is at most 4 + 3 * 256 bytes):
@@ -57,8 +67,13 @@ struct Shared {
     /// The connections being served (to shut down at stop), by id, and their threads.
     served: Mutex<Vec<(u64, TcpStream)>>,
     serving: Mutex<Vec<JoinHandle<()>>>,
-    /// The id of the peer's newest accepted connection: older ones from it end.
-    current_peer_conn: AtomicU64,
+    /// The id of the peer's newest accepted connection of each link (control, data link of
+    /// worker n): older ones of the same link end.
+    current_peer_conn: Mutex<std::collections::HashMap<u16, u64>>,
+    /// This node's replicas and control answers, once the node has opened its pool.
+    replicas: std::sync::OnceLock<Arc<dyn Replicas>>,
+    /// The data links: the engine's workers, how to hand them a link, and whether each has one.
+    data: std::sync::OnceLock<DataLinks>,
     next_id: AtomicU64,
     cluster: Arc<Cluster>,
     node: String,
@@ -114,7 +129,9 @@ impl PeerLink {
             incoming: AtomicUsize::new(0),
             served: Mutex::new(Vec::new()),
             serving: Mutex::new(Vec::new()),
-            current_peer_conn: AtomicU64::new(0),
+            current_peer_conn: Mutex::new(std::collections::HashMap::new()),
+            replicas: std::sync::OnceLock::new(),
+            data: std::sync::OnceLock::new(),
             next_id: AtomicU64::new(1),
             cluster: cluster.clone(),
             node: cfg.node.clone(),
@@ -138,6 +155,35 @@ impl PeerLink {
 
     pub fn state(&self) -> LinkState {
         self.shared.state.lock().clone()
+    }
+
+    /// Serves the peer's data links and control requests from now on (before this, they are
+    /// refused with `EAGAIN`: the node is still opening its pool).
+    pub fn serve_replicas(&self, replicas: Arc<dyn Replicas>) {
+        let _ = self.shared.replicas.set(replicas);
+    }
+
+    /// Dials one data link per I/O worker from now on, handing each to `attach`.
+    pub fn start_data_links(&self, workers: usize, attach: AttachData) {
+        let _ = self.shared.data.set(DataLinks {
+            up: (0..workers)
+                .map(|_| Arc::new(AtomicBool::new(false)))
+                .collect(),
+            attach: Mutex::new(Some(attach)),
+        });
+    }
+
+    /// Stops handing data links to the engine (before it shuts down): returns once no hand-off
+    /// is under way, and `attach` (with what it holds) is dropped.
+    pub fn stop_data_links(&self) {
+        if let Some(d) = self.shared.data.get() {
+            drop(d.attach.lock().take());
+        }
+    }
+
+    /// Sends a CONTROL request to the peer on a connection of its own and returns the answer.
+    pub fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        control_call(&self.shared, request)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -350,19 +396,38 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
         return Err(LinkError::Refused(format!("HELLO refused: {why}")));
     }
     write_frame(&mut s, &h.reply_to(0), &[])?;
-    shared.current_peer_conn.store(id, Ordering::Release);
-    tracing::info!(peer = %hello.from, "peer connected");
+    if hello.link != CONTROL_CALL {
+        shared.current_peer_conn.lock().insert(hello.link, id);
+    }
+    let superseded = || {
+        hello.link != CONTROL_CALL && shared.current_peer_conn.lock().get(&hello.link) != Some(&id)
+    };
+    if hello.link != CONTROL_LINK && hello.link != CONTROL_CALL {
+        tracing::info!(peer = %hello.from, link = hello.link, "peer data link connected");
+        let Some(replicas) = shared.replicas.get() else {
+            return Err(LinkError::Refused(
+                "a data link before this node opened its pool".into(),
+            ));
+        };
+        keep_alive(&s, shared.timeout);
+        let stop = || shared.stop.load(Ordering::Acquire) || superseded();
+        return replica::serve_data(&mut s, replicas.as_ref(), &stop)
+            .map_err(|e| LinkError::Refused(format!("data link {}: {e}", hello.link)));
+    }
+    if hello.link == CONTROL_LINK {
+        tracing::info!(peer = %hello.from, "peer connected");
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        if shared.current_peer_conn.load(Ordering::Acquire) != id {
+        if superseded() {
             return Err(LinkError::Refused(
                 "superseded by a newer connection from the peer".into(),
             ));
         }
         // The peer pings every second; twice the timeout of silence ends the connection.
-        let (h, _) = match read_frame(&mut s, Instant::now() + shared.timeout * 2) {
+        let (h, payload) = match read_frame(&mut s, Instant::now() + shared.timeout * 2) {
             Ok(f) => f,
             Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
@@ -375,6 +440,25 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
         };
         match (h.kind, h.reply) {
             (Kind::Ping, false) => write_frame(&mut s, &h.reply_to(0), &[])?,
+            (Kind::Control, false) => {
+                let (status, answer) = match shared.replicas.get() {
+                    None => (
+                        libc::EAGAIN,
+                        b"this node is still opening its pool".to_vec(),
+                    ),
+                    Some(r) => match r.control(&payload) {
+                        Ok(a) => (0, a),
+                        Err(why) => (libc::EINVAL, why.into_bytes()),
+                    },
+                };
+                let mut answer = answer;
+                answer.truncate(MAX_CONTROL_BYTES);
+                write_frame(
+                    &mut s,
+                    &h.reply_to(status as u16).with_payload(&answer),
+                    &answer,
+                )?;
+            }
             (kind, _) => {
                 return Err(LinkError::Refused(format!(
                     "{kind:?} is not served on the control link"
@@ -382,6 +466,132 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
             }
         }
     }
+}
+
+/// TCP keep-alive on a data link: a peer that vanished (a cut link, no FIN) is found within
+/// seconds even when no frame is due.
+fn keep_alive(s: &TcpStream, timeout: Duration) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let idle = timeout.as_secs().clamp(1, 60) as u32;
+    let _ = setsockopt(s, sockopt::KeepAlive, &true);
+    let _ = setsockopt(s, sockopt::TcpKeepIdle, &idle);
+    let _ = setsockopt(s, sockopt::TcpKeepInterval, &1);
+    let _ = setsockopt(s, sockopt::TcpKeepCount, &3);
+}
+
+/// The data links the dialer keeps: one per I/O worker.
+struct DataLinks {
+    /// Whether worker n has a live link (it clears the flag when its link dies).
+    up: Vec<Arc<AtomicBool>>,
+    /// `None` once stopped.
+    attach: Mutex<Option<AttachData>>,
+}
+
+/// Connects to the peer and says HELLO as `link`; the connected stream, or why not.
+fn connect(
+    name: &str,
+    addr: &str,
+    shared: &Shared,
+    link: u16,
+    cookie: &mut u64,
+) -> Result<TcpStream, LinkError> {
+    let target: SocketAddr = addr
+        .parse()
+        .map_err(|_| LinkError::Refused(format!("{addr:?} is not an address")))?;
+    let mut s = TcpStream::connect_timeout(&target, shared.timeout)?;
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(shared.timeout))?;
+    let hello = Hello {
+        version: wire::VERSION,
+        pair: shared.pair.clone(),
+        from: shared.node.clone(),
+        to: name.into(),
+        link,
+    }
+    .encode();
+    *cookie += 1;
+    let h = Header::request(Kind::Hello, *cookie).with_payload(&hello);
+    write_frame(&mut s, &h, &hello)?;
+    expect_reply(&mut s, &h, shared.timeout)?;
+    Ok(s)
+}
+
+/// Makes the data links that are missing (workers whose link died, or never had one).
+fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
+    let Some(data) = shared.data.get() else {
+        return;
+    };
+    for (w, up) in data.up.iter().enumerate() {
+        if up.load(Ordering::Acquire) {
+            continue;
+        }
+        let link = match u16::try_from(w + 1) {
+            Ok(l) if l != CONTROL_CALL => l,
+            _ => return,
+        };
+        match connect(name, addr, shared, link, cookie) {
+            Ok(s) => {
+                keep_alive(&s, shared.timeout);
+                let _ = s.set_write_timeout(None);
+                up.store(true, Ordering::Release);
+                let sock = PeerSocket {
+                    fd: std::os::fd::OwnedFd::from(s),
+                    up: up.clone(),
+                    timeout: shared.timeout,
+                };
+                let attached = data.attach.lock().as_ref().is_some_and(|a| a(w, sock));
+                if !attached {
+                    up.store(false, Ordering::Release);
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!("data link {link} to {name}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// One CONTROL request on a connection of its own (the control link's thread keeps pinging).
+fn control_call(shared: &Shared, request: &[u8]) -> Result<Vec<u8>, String> {
+    let peer = shared
+        .cluster
+        .peer()
+        .map_err(|e| format!("cannot learn the peer's address: {e}"))?
+        .ok_or_else(|| format!("no other node has joined pair {} yet", shared.pair))?;
+    let mut cookie = 0;
+    let mut s = connect(
+        &peer.name,
+        &peer.peer_addr,
+        shared,
+        CONTROL_CALL,
+        &mut cookie,
+    )
+    .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+    let h = Header::request(Kind::Control, 1).with_payload(request);
+    write_frame(&mut s, &h, request).map_err(|e| e.to_string())?;
+    // Control requests may create a volume's replica: seconds, not the ping's budget.
+    let (r, payload) = read_frame(
+        &mut s,
+        Instant::now() + shared.timeout.max(Duration::from_secs(30)),
+    )
+    .map_err(|e| format!("{}: {e}", peer.name))?;
+    let _ = s.shutdown(Shutdown::Both);
+    if !r.reply || r.kind != Kind::Control || r.cookie != 1 {
+        return Err(format!(
+            "{} answered {:?} to a control request",
+            peer.name, r.kind
+        ));
+    }
+    if r.status != 0 {
+        return Err(format!(
+            "{}: {}",
+            peer.name,
+            String::from_utf8_lossy(&payload)
+        ));
+    }
+    Ok(payload)
 }
 
 fn dial_loop(cluster: Arc<Cluster>, shared: Arc<Shared>) {
@@ -409,30 +619,16 @@ fn dial_loop(cluster: Arc<Cluster>, shared: Arc<Shared>) {
     }
 }
 
-/// Connects to the peer, says HELLO, then pings until something fails (or the link stops).
+/// Connects to the peer, says HELLO, then pings until something fails (or the link stops);
+/// while the control link is up, keeps a data link per I/O worker.
 fn dial(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) -> Result<(), LinkError> {
-    let target: SocketAddr = addr
-        .parse()
-        .map_err(|_| LinkError::Refused(format!("{addr:?} is not an address")))?;
-    let mut s = TcpStream::connect_timeout(&target, shared.timeout)?;
-    s.set_nodelay(true)?;
-    s.set_write_timeout(Some(shared.timeout))?;
-    let hello = Hello {
-        version: wire::VERSION,
-        pair: shared.pair.clone(),
-        from: shared.node.clone(),
-        to: name.into(),
-    }
-    .encode();
-    *cookie += 1;
-    let h = Header::request(Kind::Hello, *cookie).with_payload(&hello);
-    write_frame(&mut s, &h, &hello)?;
-    expect_reply(&mut s, &h, shared.timeout)?;
+    let mut s = connect(name, addr, shared, CONTROL_LINK, cookie)?;
     shared.set(LinkState::Up {
         peer: name.into(),
         since: SystemTime::now(),
     });
     loop {
+        dial_data(name, addr, shared, cookie);
         if nap(shared, PING_EVERY) {
             let _ = s.shutdown(Shutdown::Both);
             return Ok(());

@@ -2,7 +2,9 @@
 //!
 //! `wire` is the protocol's bytes and nothing else, like `nbd/` for NBD: every byte from the
 //! other node is decoded and checked there before anything acts on it. `link` is the control
-//! link: identity (HELLO) and liveness (PING).
+//! link (identity, liveness, control requests) and the dialer of the data links, which the I/O
+//! workers drive (`engine/peer.rs`); `replica` applies what arrives on the peer's data links.
 
 pub mod link;
+pub mod replica;
 pub mod wire;

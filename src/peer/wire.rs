@@ -27,6 +27,7 @@ pub enum Kind {
     Flush = 6,
     Read = 7,
     Ping = 8,
+    Control = 9,
 }
 
 impl Kind {
@@ -40,6 +41,7 @@ impl Kind {
             6 => Kind::Flush,
             7 => Kind::Read,
             8 => Kind::Ping,
+            9 => Kind::Control,
             _ => return None,
         })
     }
@@ -49,7 +51,7 @@ impl Kind {
         match self {
             Kind::Write | Kind::Trim => FLAG_FUA,
             Kind::Zero => FLAG_FUA | FLAG_NO_HOLE,
-            Kind::Hello | Kind::Open | Kind::Flush | Kind::Read | Kind::Ping => 0,
+            Kind::Hello | Kind::Open | Kind::Flush | Kind::Read | Kind::Ping | Kind::Control => 0,
         }
     }
 
@@ -244,16 +246,18 @@ impl Header {
             let ok = match self.kind {
                 Kind::Open if self.status == 0 => self.payload_len as usize == OPEN_REPLY_BYTES,
                 Kind::Read => self.status != 0 || u64::from(self.payload_len) == self.range,
+                // A control answer (or the refusal's reason) is a JSON document.
+                Kind::Control => self.payload_len as usize <= MAX_CONTROL_BYTES,
                 _ => !has_payload,
             };
-            if !ok || (self.status != 0 && has_payload) {
+            if !ok || (self.status != 0 && has_payload && self.kind != Kind::Control) {
                 return Err(self.malformed("reply has the wrong payload"));
             }
             return Ok(());
         }
         // Every frame about a volume carries its fencing token; only data operations are
         // ordered by a sequence.
-        let about_volume = !matches!(self.kind, Kind::Hello | Kind::Ping);
+        let about_volume = !matches!(self.kind, Kind::Hello | Kind::Ping | Kind::Control);
         if about_volume && self.token == 0 {
             return Err(self.malformed("carries no fencing token"));
         }
@@ -267,14 +271,14 @@ impl Header {
             return Err(self.malformed("carries a sequence number"));
         }
         match self.kind {
-            Kind::Hello | Kind::Open => {
+            Kind::Hello | Kind::Open | Kind::Control => {
                 if !has_payload {
                     return Err(self.malformed("has no payload"));
                 }
-                let most = if self.kind == Kind::Hello {
-                    MAX_HELLO_BYTES
-                } else {
-                    MAX_OPEN_BYTES
+                let most = match self.kind {
+                    Kind::Hello => MAX_HELLO_BYTES,
+                    Kind::Open => MAX_OPEN_BYTES,
+                    _ => MAX_CONTROL_BYTES,
                 };
                 if self.payload_len as usize > most {
                     return Err(self.malformed("has a payload longer than its fields allow"));
@@ -339,12 +343,24 @@ pub struct Hello {
     pub pair: String,
     pub from: String,
     pub to: String,
+    /// Which link this connection is: [`CONTROL_LINK`], or the data link of the sender's I/O
+    /// worker `n` (`n + 1`). A newer connection of the same link supersedes an older one.
+    pub link: u16,
 }
+
+/// [`Hello::link`] of the control link.
+pub const CONTROL_LINK: u16 = 0;
+/// [`Hello::link`] of a connection made for one CONTROL request (many may run at once; none
+/// supersedes another).
+pub const CONTROL_CALL: u16 = u16::MAX;
+/// Longest CONTROL payload (request or answer): a JSON document.
+pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 
 /// Bytes of OPEN's reply payload: generation (16) and the highest token seen (8).
 pub const OPEN_REPLY_BYTES: usize = 24;
-/// Longest HELLO payload: the version and three names of at most 255 bytes, each with its length.
-pub const MAX_HELLO_BYTES: usize = 4 + 3 * 256;
+/// Longest HELLO payload: the version, three names of at most 255 bytes, each with its length,
+/// and the link.
+pub const MAX_HELLO_BYTES: usize = 4 + 3 * 256 + 2;
 /// Longest OPEN payload: one name with its length.
 pub const MAX_OPEN_BYTES: usize = 256;
 
@@ -374,6 +390,7 @@ impl Hello {
         put_name(&mut out, &self.pair);
         put_name(&mut out, &self.from);
         put_name(&mut out, &self.to);
+        out.extend_from_slice(&self.link.to_le_bytes());
         out
     }
 
@@ -386,7 +403,11 @@ impl Hello {
         let pair = take_name(b, &mut at)?;
         let from = take_name(b, &mut at)?;
         let to = take_name(b, &mut at)?;
-        if at != b.len() {
+        let link = b
+            .get(at..at + 2)
+            .map(|v| u16::from_le_bytes([v[0], v[1]]))
+            .ok_or(WireError::BadPayload("truncated HELLO"))?;
+        if at + 2 != b.len() {
             return Err(WireError::BadPayload("bytes after HELLO"));
         }
         Ok(Hello {
@@ -394,6 +415,7 @@ impl Hello {
             pair,
             from,
             to,
+            link,
         })
     }
 }
@@ -598,6 +620,7 @@ mod tests {
             pair: "p1".into(),
             from: "a".into(),
             to: "b".into(),
+            link: 0,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
         let mut long = h.encode();

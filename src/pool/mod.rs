@@ -43,6 +43,9 @@ const CLEAN_STOP: &str = ".clean-stop";
 const VERIFY_FAILED: &str = "verify-failed";
 /// Beside a volume's files: its personality (JSON), when it has one.
 const PERSONALITY: &str = "personality.json";
+/// Beside a volume's files, on a node of a pair: the volume's id in the pair and the highest
+/// fencing token its replica has seen (JSON; `docs/pair.md` §2).
+pub const PAIR_RECORD: &str = "pair.json";
 /// The IP pools' records, one JSON file each.
 const IPPOOLS: &str = "ippools";
 
@@ -571,6 +574,19 @@ impl Pool {
         size: Option<u64>,
         personality: Option<&[u8]>,
     ) -> Result<VolumeEntry, PoolError> {
+        let files: Vec<(&str, &[u8])> = personality.map(|p| (PERSONALITY, p)).into_iter().collect();
+        self.create_volume_with_files(name, image, size, &files)
+    }
+
+    /// `create_volume`, with records (personality, pair record) beside the volume's files,
+    /// published with it in the same rename.
+    pub fn create_volume_with_files(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        files: &[(&str, &[u8])],
+    ) -> Result<VolumeEntry, PoolError> {
         let res = self.reserve("volume", name)?;
         let backing = match image {
             Some(i) => Some(self.image(i)?),
@@ -627,11 +643,11 @@ impl Pool {
             .map_err(io_err(format!("creating volume {name:?}")))?;
         v.close()
             .map_err(vol_err(format!("creating volume {name:?}")))?;
-        if let Some(record) = personality {
+        for (file, record) in files {
             let err = io_err(format!("creating volume {name:?}"));
             let mut f = self
                 .dir
-                .open_file(&staged.join(PERSONALITY), Access::CreateNew)
+                .open_file(&staged.join(file), Access::CreateNew)
                 .map_err(&err)?;
             std::io::Write::write_all(&mut f, record).map_err(&err)?;
             f.sync_all().map_err(err)?;
@@ -842,8 +858,13 @@ impl Pool {
     /// too: its record still holds its addresses). A record larger than any personality is
     /// refused, not cut short.
     pub fn personality_record(&self, name: &str) -> Result<Option<Vec<u8>>, PoolError> {
+        self.volume_record(name, PERSONALITY)
+    }
+
+    /// A record beside volume `name`'s files (`file`: `personality.json`, `pair.json`).
+    pub fn volume_record(&self, name: &str, file: &str) -> Result<Option<Vec<u8>>, PoolError> {
         validate_existing_name(name).map_err(PoolError::Invalid)?;
-        let rel = Self::volume_file(name, PERSONALITY);
+        let rel = Self::volume_file(name, file);
         match self.dir.open_file(&rel, Access::Read) {
             Ok(mut f) => {
                 let mut b = Vec::new();
@@ -851,16 +872,16 @@ impl Pool {
                 (&mut f)
                     .take((1 << 20) + 1)
                     .read_to_end(&mut b)
-                    .map_err(io_err(format!("reading volume {name:?}'s personality")))?;
+                    .map_err(io_err(format!("reading volume {name:?}'s {file}")))?;
                 if b.len() > 1 << 20 {
                     return Err(PoolError::Invalid(format!(
-                        "volume {name:?}'s personality record is larger than 1 MiB"
+                        "volume {name:?}'s {file} is larger than 1 MiB"
                     )));
                 }
                 Ok(Some(b))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(format!("reading volume {name:?}'s personality"))(e)),
+            Err(e) => Err(io_err(format!("reading volume {name:?}'s {file}"))(e)),
         }
     }
 
@@ -869,12 +890,23 @@ impl Pool {
     /// synced, so a crash leaves the old record or the new, never a mix. It goes with the volume
     /// when the volume is deleted.
     pub fn set_personality(&self, name: &str, record: Option<&[u8]>) -> Result<(), PoolError> {
+        self.set_volume_record(name, PERSONALITY, record)
+    }
+
+    /// Replaces (or removes) the record `file` beside volume `name`'s files, atomically and
+    /// durably, as [`Pool::set_personality`] does.
+    pub fn set_volume_record(
+        &self,
+        name: &str,
+        file: &str,
+        record: Option<&[u8]>,
+    ) -> Result<(), PoolError> {
         self.volume(name)?;
-        let rel = Self::volume_file(name, PERSONALITY);
-        let err = io_err(format!("recording volume {name:?}'s personality"));
+        let rel = Self::volume_file(name, file);
+        let err = io_err(format!("recording volume {name:?}'s {file}"));
         match record {
             Some(bytes) => {
-                let tmp = Self::volume_file(name, ".personality.tmp");
+                let tmp = Self::volume_file(name, &format!(".{file}.tmp"));
                 let _ = self.dir.remove_all(&tmp);
                 let mut f = self.dir.open_file(&tmp, Access::CreateNew).map_err(&err)?;
                 std::io::Write::write_all(&mut f, bytes).map_err(&err)?;

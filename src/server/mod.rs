@@ -286,6 +286,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let engine = Arc::new(
         Engine::start(cfg.engine.clone(), exports.clone()).map_err(ServeError::StartingEngine)?,
     );
+    // Each I/O worker gets its data link to the peer from the link's dialer (and a new one
+    // whenever its link died).
+    if let Some(node) = &node {
+        let e = engine.clone();
+        node.start_data_links(
+            engine.workers(),
+            Box::new(move |w, link| e.attach_peer(w, link)),
+        );
+    }
 
     // Everything that serves exists before "ready" is announced: scripts and tests that see it
     // can connect at once and observe a fully started process.
@@ -349,8 +358,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         node.jobs
             .cancel_all("the node is stopping", Duration::from_secs(10));
     }
+    // The dialer lets go of the engine before it shuts down.
+    if let Some(node) = &node {
+        node.stop_data_links();
+    }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.shutdown();
+    }
+    // Drained: the peer sees this node leave now rather than when its lease runs out, and its
+    // data links stop writing the replicas here before they are synced and the committers stop.
+    if let Some(node) = &node {
+        node.leave_pair();
     }
     let mut all_synced = true;
     for (name, target) in exports.snapshot() {
@@ -361,11 +379,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     // Requests parked on a commit were answered while the engine drained; none wait now.
     committers.stop();
-    // Drained and synced: the peer sees this node leave now rather than when its lease runs
-    // out.
-    if let Some(node) = &node {
-        node.leave_pair();
-    }
     if let Some(node) = &node
         && all_synced
     {

@@ -3,7 +3,9 @@
 //! back until the target says the operation is done. A raw file is one target; thin-clone volumes and
 //! mirrored volumes plug in behind the same trait, so the protocol code never knows which it serves.
 
+pub mod blocking;
 mod file;
+mod mirror;
 mod volume;
 
 use std::io;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use file::{CacheMode, FileTarget};
+pub use mirror::{Mirror, ReadOnly};
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
@@ -67,8 +70,6 @@ pub enum TargetOp {
 }
 
 /// One I/O the engine performs for a target. Buffer positions are relative to the request buffer.
-/// (The mirror adds its kind here: bytes sent to the peer and its answer, in the same plan as
-/// the local write.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileIo {
     Read {
@@ -116,6 +117,40 @@ pub enum FileIo {
         buf_start: u32,
         len: u32,
     },
+    /// An operation sent to the pair's other node on the worker's peer link (`engine/peer.rs`,
+    /// `docs/peer-protocol.md`). Completes with 0 once the peer answered that it is done, or
+    /// `-errno`: the peer's refusal, `ENOTCONN` when the worker has no link, `ETIMEDOUT` when
+    /// the peer did not answer within the peer timeout. A target that sends one may be
+    /// mirrored; the engine never knows more than that a second copy exists.
+    Peer(PeerIo),
+}
+
+/// What a [`FileIo::Peer`] asks of the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIo {
+    pub op: PeerOp,
+    /// The volume's id in the pair (the same on both nodes).
+    pub volume: u32,
+    /// The owner's fencing token (`docs/pair.md` §2).
+    pub token: u64,
+    /// The owner's order of the volume's data operations.
+    pub sequence: u64,
+    pub offset: u64,
+    /// Bytes the operation covers; for a write, the payload: `buf_start..buf_start + len` of
+    /// the request buffer.
+    pub len: u64,
+    pub buf_start: u32,
+    pub fua: bool,
+    /// For a zeroing: the range must stay allocated.
+    pub no_hole: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerOp {
+    Write,
+    Zero,
+    Trim,
+    Flush,
 }
 
 /// Largest [`FileIo::WriteZeroes`]; the engine's zero buffer has this size (aligned for
@@ -146,6 +181,19 @@ pub struct Plan {
     pub step: u32,
     /// Where the next phase resumes (e.g. a read's next offset).
     pub cursor: u64,
+    /// The state of a target that wraps another (the mirror around a volume), which leaves
+    /// `step` and `cursor` to the target it wraps. Reset by [`Plan::begin`] too.
+    pub outer: Outer,
+}
+
+/// A wrapping target's own place in an operation (see [`Plan::outer`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    pub step: u32,
+    /// The result of the wrapper's own I/O, once it completed.
+    pub result: Option<i32>,
+    /// An id the wrapper gave the operation (e.g. its entry among writes in flight).
+    pub ticket: u64,
 }
 
 // `links` has a bit for every I/O a plan may hold.
@@ -157,6 +205,7 @@ impl Plan {
         self.clear();
         self.step = 0;
         self.cursor = 0;
+        self.outer = Outer::default();
     }
     /// Empties the plan for the next phase of the same operation (step and cursor stay).
     pub fn clear(&mut self) {
@@ -209,6 +258,18 @@ impl Plan {
     }
     pub fn get_mut(&mut self, i: usize) -> Option<&mut FileIo> {
         self.ios[..self.len].get_mut(i).and_then(Option::as_mut)
+    }
+    /// Takes the last I/O off the plan (a wrapper's own, before the wrapped target sees it).
+    pub fn pop(&mut self) -> Option<FileIo> {
+        if self.len == 0 {
+            return None;
+        }
+        self.len -= 1;
+        self.links &= !(1 << self.len);
+        if self.len > 0 {
+            self.links &= !(1 << (self.len - 1));
+        }
+        self.ios[self.len].take()
     }
     pub fn len(&self) -> usize {
         self.len

@@ -38,13 +38,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::bufpool::BufPool;
+use super::peer::PeerChan;
 use super::ring::{Submit, Tag, UserData};
 use super::{EngineConfig, Incoming, Transport};
 use crate::nbd::ReplyMode;
 use crate::nbd::handshake::Handshake;
 use crate::nbd::request::Session;
 use crate::target::{BlockTarget, Client, Exports};
-use send::empty_msghdr;
+pub(super) use send::empty_msghdr;
 use slot::{HEADER_KEEP_BYTES, Slot, SlotState};
 use splice::SplicePipe;
 
@@ -65,6 +66,8 @@ pub(super) struct Io<R> {
     pub buffer_limit: u64,
     /// Connections that stopped reading until the worker's buffer memory has room again.
     pub memory_waiters: Vec<u32>,
+    /// The worker's data link to the pair's other node, when it has one.
+    pub peer: Option<PeerChan>,
 }
 
 impl<R> Io<R> {
@@ -83,6 +86,7 @@ impl<R> Io<R> {
                 .max(2 * u64::from(cfg.max_payload_bytes)),
             buffer_bytes: 0,
             memory_waiters: Vec::new(),
+            peer: None,
         }
     }
 
@@ -419,7 +423,9 @@ impl Conn {
             Tag::Send => self.on_send(io, exports, res),
             Tag::Io => self.on_io(io, ud.slot, ud.sub, res),
             Tag::Splice => self.on_splice(io, ud.slot, ud.sub, res),
-            Tag::Wake | Tag::Tick => unreachable!("the worker's own completions"),
+            Tag::Wake | Tag::Tick | Tag::PeerRecv | Tag::PeerSend => {
+                unreachable!("the worker's own completions")
+            }
         }
     }
 

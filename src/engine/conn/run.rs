@@ -59,12 +59,38 @@ impl Conn {
         }
         let buf = slot.buf_ptr();
         let cid = self.cid;
-        let kernel_ios = slot.pending;
+        // Peer I/O goes to the worker's peer link; without one it fails at once.
+        let mut file_ios = slot.pending;
+        for i in 0..n {
+            if let Some(FileIo::Peer(op)) = slot.plan.get(i) {
+                file_ios -= 1;
+                let ud = UserData::new(Tag::Io, cid, sid, i as u16);
+                // SAFETY: the slot keeps its buffer (and stays `Running`) until this I/O's
+                // completion is delivered, which the link does only after its send completed.
+                let queued = io
+                    .peer
+                    .as_mut()
+                    .is_some_and(|p| unsafe { p.submit(ud, op, buf) });
+                if queued {
+                    self.kernel_ops += 1;
+                } else {
+                    slot.results[i] = -libc::ENOTCONN;
+                    slot.pending -= 1;
+                }
+            }
+        }
+        if slot.pending == 0 {
+            self.phase_done(io, sid);
+            return;
+        }
+        if file_ios == 0 {
+            return;
+        }
         let plan = &slot.plan;
         let ios = plan
             .ios()
             .enumerate()
-            .filter(|(_, file_io)| !matches!(file_io, FileIo::Zero { .. }))
+            .filter(|(_, file_io)| !matches!(file_io, FileIo::Zero { .. } | FileIo::Peer(_)))
             .map(|(i, file_io)| {
                 let ud = UserData::new(Tag::Io, cid, sid, i as u16);
                 (ud, file_io, plan.linked(i))
@@ -73,7 +99,7 @@ impl Conn {
         // until every I/O of the plan has completed; the target, which owns the file descriptors,
         // is kept alive by `self.phase` for the connection's whole life.
         unsafe { io.ring.file_ios(ios, buf) };
-        self.kernel_ops += kernel_ios as u32;
+        self.kernel_ops += file_ios as u32;
     }
 
     pub fn on_io(&mut self, io: &mut Io<impl Submit>, sid: u16, sub: u16, res: i32) {

@@ -234,7 +234,7 @@ impl Conn {
     }
 }
 
-pub(super) fn empty_msghdr() -> libc::msghdr {
+pub(in crate::engine) fn empty_msghdr() -> libc::msghdr {
     libc::msghdr {
         msg_name: std::ptr::null_mut(),
         msg_namelen: 0,

@@ -1,0 +1,185 @@
+//! The pair's volume records in etcd (`docs/pair.md` §2): `volumes/NAME` holds the volume's id
+//! in the pair, its owner and fencing token, and what it was made from. Every change is a
+//! transaction guarded by the key's revision, so two nodes can never both create a name, take
+//! the same id, or both take ownership.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use super::{Cluster, ClusterError};
+
+/// A volume of the pair, as etcd records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// The volume's id in the pair: data frames name the replica by it.
+    pub id: u32,
+    /// The node that orders the volume's writes.
+    pub owner: String,
+    /// The fencing token: rises with every change of owner.
+    pub token: u64,
+    pub image: Option<String>,
+    pub size: u64,
+    /// False while it is being created: set once both replicas exist.
+    pub ready: bool,
+}
+
+/// The counter the next volume id comes from.
+const NEXT_ID: &str = "next_volume_id";
+
+impl Cluster {
+    fn volume_key(&self, name: &str) -> String {
+        Self::key(&self.cfg.pair, &format!("volumes/{name}"))
+    }
+
+    fn decode_record(key: &str, value: &[u8]) -> Result<VolumeRecord, ClusterError> {
+        serde_json::from_slice(value).map_err(|e| ClusterError::Corrupt {
+            key: key.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Records a new volume owned by this node (`ready: false`), with the next free id and
+    /// token 1. Refused when the pair already has a volume of that name.
+    pub fn create_volume_record(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: u64,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let key = self.volume_key(name);
+        let counter = Self::key(&self.cfg.pair, NEXT_ID);
+        let mut client = self.client.clone();
+        let owner = self.cfg.node.clone();
+        let pair = self.cfg.pair.clone();
+        let image = image.map(str::to_owned);
+        let name = name.to_owned();
+        let result = self.rt.block_on(async move {
+            for _ in 0..16 {
+                let c = client.get(counter.clone(), None).await?;
+                let (next, rev) = match c.kvs().first() {
+                    Some(kv) => {
+                        let n: u32 = std::str::from_utf8(kv.value())
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .ok_or_else(|| ClusterError::Corrupt {
+                                key: counter.clone(),
+                                message: "not a number".into(),
+                            })?;
+                        (n, kv.mod_revision())
+                    }
+                    None => (1, 0),
+                };
+                let rec = VolumeRecord {
+                    id: next,
+                    owner: owner.clone(),
+                    token: 1,
+                    image: image.clone(),
+                    size,
+                    ready: false,
+                };
+                let counter_guard = if rev == 0 {
+                    Compare::create_revision(counter.clone(), CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(counter.clone(), CompareOp::Equal, rev)
+                };
+                let txn = Txn::new()
+                    .when([
+                        counter_guard,
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([
+                        TxnOp::put(counter.clone(), (next + 1).to_string(), None),
+                        TxnOp::put(
+                            key.clone(),
+                            serde_json::to_vec(&rec).expect("a record serialises"),
+                            None,
+                        ),
+                    ]);
+                if client.txn(txn).await?.succeeded() {
+                    return Ok(rec);
+                }
+                if !client.get(key.clone(), None).await?.kvs().is_empty() {
+                    return Err(ClusterError::VolumeExists {
+                        pair: pair.clone(),
+                        name: name.clone(),
+                    });
+                }
+            }
+            Err(ClusterError::Contended)
+        });
+        self.note(&result);
+        result
+    }
+
+    /// Marks a volume's record ready (both replicas exist), unless it changed meanwhile.
+    pub fn set_volume_ready(&self, name: &str, rec: &VolumeRecord) -> Result<(), ClusterError> {
+        let key = self.volume_key(name);
+        let mut client = self.client.clone();
+        let expected = serde_json::to_vec(rec).expect("a record serialises");
+        let ready = serde_json::to_vec(&VolumeRecord {
+            ready: true,
+            ..rec.clone()
+        })
+        .expect("a record serialises");
+        let result = self.rt.block_on(async move {
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, expected)])
+                .and_then([TxnOp::put(key.clone(), ready, None)]);
+            if client.txn(txn).await?.succeeded() {
+                Ok(())
+            } else {
+                Err(ClusterError::Contended)
+            }
+        });
+        self.note(&result);
+        result
+    }
+
+    pub fn volume_record(&self, name: &str) -> Result<Option<VolumeRecord>, ClusterError> {
+        let key = self.volume_key(name);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let r = client.get(key.clone(), None).await?;
+            r.kvs()
+                .first()
+                .map(|kv| Self::decode_record(&key, kv.value()))
+                .transpose()
+        });
+        self.note(&result);
+        result
+    }
+
+    /// Every volume record of the pair, by name.
+    pub fn volume_records(&self) -> Result<BTreeMap<String, VolumeRecord>, ClusterError> {
+        let prefix = self.volume_key("");
+        let mut client: Client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let r = client
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await?;
+            let mut out = BTreeMap::new();
+            for kv in r.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let name = key[prefix.len()..].to_owned();
+                out.insert(name, Self::decode_record(&key, kv.value())?);
+            }
+            Ok(out)
+        });
+        self.note(&result);
+        result
+    }
+
+    /// Removes a volume's record (it is gone from the pair).
+    pub fn delete_volume_record(&self, name: &str) -> Result<(), ClusterError> {
+        let key = self.volume_key(name);
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+}

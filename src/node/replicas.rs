@@ -1,0 +1,438 @@
+//! The pair's volumes on this node (`docs/pair.md` §2-§3): created on both nodes, served as a
+//! [`Mirror`] by their owner and as a read-only replica by the other node, whose copy the
+//! peer link writes ([`Replica`]).
+//!
+//! A pair volume has a record beside its files (`pair.json`: the pair, the volume's id in it,
+//! the highest fencing token its replica has seen) and one in etcd (`volumes/NAME`: id, owner,
+//! token, image, size, ready). Creation, on the node that will own the volume:
+//!
+//! 1. the etcd record, `ready: false`, with a new id (refused if the pair has the name);
+//! 2. the local volume with its `pair.json`, published in one rename;
+//! 3. a CONTROL request: the peer makes its replica (the same clone, its own `pair.json`);
+//! 4. the etcd record `ready: true`; the volume is served, mirrored.
+//!
+//! A failure at 2 or 3 undoes what was done (the peer's replica, the local volume, the etcd
+//! record). A crash between 1 and 4 leaves a record that is not ready: the owner deletes it
+//! and its local volume when it starts; a replica the peer made for it has no record then, is
+//! not served, and is named in `status` for the operator to delete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::{Node, NodeError};
+use crate::cluster::VolumeRecord;
+use crate::peer::replica::{Replica, Replicas};
+use crate::pool::PAIR_RECORD;
+use crate::target::{BlockTarget, Mirror, ReadOnly, VolumeTarget};
+
+/// `pair.json` beside a pair volume's files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct PairRecord {
+    pub pair: String,
+    pub id: u32,
+    /// The highest fencing token this copy has seen.
+    pub token: u64,
+}
+
+/// The pair volumes this node serves.
+#[derive(Default)]
+pub(super) struct PairVolumes {
+    /// Replicas this node holds for the peer, by id (what the peer's data links write).
+    replicas: RwLock<HashMap<u32, Arc<Replica>>>,
+    /// Volumes this node owns, by name.
+    mirrors: Mutex<BTreeMap<String, Arc<Mirror>>>,
+    /// Local pair volumes not served, with the reason (orphans, volumes of another pair).
+    pub unserved: Mutex<BTreeMap<String, String>>,
+}
+
+/// A CONTROL request from the peer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Control {
+    /// Make this node's replica of pair volume `name` as its etcd record says.
+    CreateReplica { name: String },
+    /// Delete this node's replica of pair volume `name` (its record is gone).
+    DeleteReplica { name: String, id: u32 },
+}
+
+/// What the peer link asks of the node (its replicas, its control answers).
+pub(crate) struct ReplicaService(pub Weak<Node>);
+
+impl Replicas for ReplicaService {
+    fn replica(&self, id: u32) -> Option<Arc<Replica>> {
+        self.0
+            .upgrade()?
+            .pair_volumes
+            .replicas
+            .read()
+            .get(&id)
+            .cloned()
+    }
+
+    fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let node = self.0.upgrade().ok_or("the node is stopping")?;
+        let req: Control =
+            serde_json::from_slice(request).map_err(|e| format!("a bad control request: {e}"))?;
+        match req {
+            Control::CreateReplica { name } => node.create_replica(&name),
+            Control::DeleteReplica { name, id } => node.delete_replica(&name, id),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(b"{}".to_vec())
+    }
+}
+
+fn pair_err(e: crate::cluster::ClusterError) -> NodeError {
+    NodeError::Io(format!("the pair's records: {e}"))
+}
+
+impl Node {
+    /// The volume's `pair.json`, if it is a pair volume.
+    pub(super) fn pair_record(&self, name: &str) -> Result<Option<PairRecord>, NodeError> {
+        let Some(bytes) = self.pool.volume_record(name, PAIR_RECORD)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| NodeError::Invalid(format!("volume {name:?}'s {PAIR_RECORD}: {e}")))
+    }
+
+    fn this_node(&self) -> Option<(Arc<crate::cluster::Cluster>, String)> {
+        let p = self.pair.lock();
+        let c = p.as_ref()?.cluster.clone();
+        let me = c.config().node.clone();
+        Some((c, me))
+    }
+
+    /// What pair volume `name` (its local copy `target`) is exported as: its mirror when this
+    /// node owns it, its read-only replica otherwise. Refused when the pair does not know it.
+    pub(super) fn pair_target(
+        &self,
+        name: &str,
+        target: &Arc<VolumeTarget>,
+        local: &PairRecord,
+    ) -> Result<Arc<dyn BlockTarget>, NodeError> {
+        let Some((cluster, me)) = self.this_node() else {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} belongs to pair {}: start the node with --etcd to serve it",
+                local.pair
+            )));
+        };
+        if cluster.config().pair != local.pair {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} belongs to pair {}, this node is in pair {}",
+                local.pair,
+                cluster.config().pair
+            )));
+        }
+        let rec = cluster.volume_record(name).map_err(pair_err)?;
+        let rec = match rec {
+            Some(r) if r.id == local.id => r,
+            Some(r) => {
+                return Err(NodeError::Invalid(format!(
+                    "volume {name:?} is id {} here and id {} in the pair's records: an orphan \
+                     of an earlier volume of that name; delete it",
+                    local.id, r.id
+                )));
+            }
+            None => {
+                return Err(NodeError::Invalid(format!(
+                    "volume {name:?} (id {}) is not in the pair's records: an orphan; delete it",
+                    local.id
+                )));
+            }
+        };
+        if rec.owner == me {
+            if local.token > rec.token {
+                return Err(NodeError::Invalid(format!(
+                    "volume {name:?}: this copy has seen fencing token {}, above the owner's \
+                     {}: refusing to write with an older token",
+                    local.token, rec.token
+                )));
+            }
+            let m = Arc::new(Mirror::new(target.clone(), rec.id, rec.token));
+            self.pair_volumes
+                .mirrors
+                .lock()
+                .insert(name.to_owned(), m.clone());
+            return Ok(m);
+        }
+        let weak = self.me.get().cloned().unwrap_or_default();
+        let vol = name.to_owned();
+        let id = local.id;
+        let pair = local.pair.clone();
+        let store = Box::new(move |token: u64| {
+            let node = weak.upgrade().ok_or("the node is stopping")?;
+            let rec = PairRecord {
+                pair: pair.clone(),
+                id,
+                token,
+            };
+            node.pool
+                .set_volume_record(
+                    &vol,
+                    PAIR_RECORD,
+                    Some(&serde_json::to_vec(&rec).expect("a record serialises")),
+                )
+                .map_err(|e| e.to_string())
+        });
+        let replica = Arc::new(Replica::new(
+            name.to_owned(),
+            target.clone(),
+            local.token,
+            store,
+        ));
+        self.pair_volumes.replicas.write().insert(local.id, replica);
+        Ok(Arc::new(ReadOnly(target.clone())))
+    }
+
+    /// The volume left this node's service (offline or deleted): the link no longer writes it.
+    pub(super) fn forget_pair_volume(&self, name: &str) {
+        self.pair_volumes.mirrors.lock().remove(name);
+        self.pair_volumes
+            .replicas
+            .write()
+            .retain(|_, r| r.name != name);
+    }
+
+    /// Creates pair volume `name` on both nodes, owned by this one (see the module doc).
+    /// `files`: records to publish beside it (its personality).
+    pub(super) fn create_pair_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        personality: Option<&[u8]>,
+    ) -> Result<(), NodeError> {
+        let Some((cluster, _)) = self.this_node() else {
+            unreachable!("only called on a node of a pair");
+        };
+        self.require_link()?;
+        let size = match (size, image) {
+            (Some(s), _) => s,
+            (None, Some(i)) => self.pool.image(i)?.info.size.max(1).div_ceil(4096) * 4096,
+            (None, None) => return Err(NodeError::Invalid("a blank volume needs --size".into())),
+        };
+        let rec = cluster
+            .create_volume_record(name, image, size)
+            .map_err(|e| match e {
+                e @ crate::cluster::ClusterError::VolumeExists { .. } => {
+                    NodeError::InUse(e.to_string())
+                }
+                e => pair_err(e),
+            })?;
+        let undo_record = || {
+            if let Err(e) = cluster.delete_volume_record(name) {
+                tracing::error!(volume = name, "removing the unfinished record: {e}");
+            }
+        };
+        let local = PairRecord {
+            pair: cluster.config().pair.clone(),
+            id: rec.id,
+            token: rec.token,
+        };
+        let local_bytes = serde_json::to_vec(&local).expect("a record serialises");
+        let mut files: Vec<(&str, &[u8])> = vec![(PAIR_RECORD, &local_bytes)];
+        if let Some(p) = personality {
+            files.push(("personality.json", p));
+        }
+        if let Err(e) = self
+            .pool
+            .create_volume_with_files(name, image, Some(size), &files)
+        {
+            undo_record();
+            return Err(e.into());
+        }
+        let req = serde_json::to_vec(&Control::CreateReplica { name: name.into() })
+            .expect("a request serialises");
+        let made = self.peer_control(&req);
+        let done = made.and_then(|_| cluster.set_volume_ready(name, &rec).map_err(pair_err));
+        if let Err(e) = done {
+            let del = serde_json::to_vec(&Control::DeleteReplica {
+                name: name.into(),
+                id: rec.id,
+            })
+            .expect("a request serialises");
+            let _ = self.peer_control(&del);
+            if let Err(e) = self.pool.delete_volume(name) {
+                tracing::error!(volume = name, "removing the unfinished volume: {e}");
+            }
+            undo_record();
+            return Err(NodeError::Io(format!(
+                "creating volume {name:?} on the peer: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn require_link(&self) -> Result<(), NodeError> {
+        let p = self.pair.lock();
+        match p.as_ref().map(|p| p.link_state()) {
+            Some(crate::peer::link::LinkState::Up { .. }) => Ok(()),
+            Some(crate::peer::link::LinkState::Down { reason, .. }) => {
+                Err(NodeError::InUse(format!(
+                    "the peer is not reachable ({reason}): a pair volume is made on both nodes"
+                )))
+            }
+            None => Err(NodeError::Invalid("this node is not in a pair".into())),
+        }
+    }
+
+    fn peer_control(&self, req: &[u8]) -> Result<Vec<u8>, NodeError> {
+        let p = self.pair.lock();
+        let link = p
+            .as_ref()
+            .and_then(|p| p.link())
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        link.control(req).map_err(NodeError::Io)
+    }
+
+    /// The peer asks for its replica of `name`: made as the etcd record says.
+    fn create_replica(&self, name: &str) -> Result<(), NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let Some((cluster, me)) = self.this_node() else {
+            return Err(NodeError::Invalid("this node is not in a pair".into()));
+        };
+        let rec: VolumeRecord = cluster
+            .volume_record(name)
+            .map_err(pair_err)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        if rec.owner == me {
+            return Err(NodeError::Invalid(format!(
+                "this node owns {name:?}: it makes no replica of it for the peer"
+            )));
+        }
+        if let Some(local) = self.pair_record(name).ok().flatten()
+            && local.id == rec.id
+        {
+            return Ok(()); // asked again: made already
+        }
+        if self.pool.volume(name).is_ok() {
+            return Err(NodeError::InUse(format!(
+                "this node already has a volume named {name:?}"
+            )));
+        }
+        let _cloning = rec.image.as_deref().map(|i| self.cloning(i)).transpose()?;
+        let local = PairRecord {
+            pair: cluster.config().pair.clone(),
+            id: rec.id,
+            token: rec.token,
+        };
+        let bytes = serde_json::to_vec(&local).expect("a record serialises");
+        self.pool.create_volume_with_files(
+            name,
+            rec.image.as_deref(),
+            Some(rec.size),
+            &[(PAIR_RECORD, &bytes)],
+        )?;
+        if let Err(e) = self.serve_volume(name) {
+            let _ = self.pool.delete_volume(name);
+            return Err(e);
+        }
+        tracing::info!(volume = name, id = rec.id, owner = %rec.owner, "replica created");
+        Ok(())
+    }
+
+    /// The peer undoes (or deletes) pair volume `name`: this node's replica goes.
+    fn delete_replica(&self, name: &str, id: u32) -> Result<(), NodeError> {
+        match self.pair_record(name) {
+            Ok(Some(local)) if local.id == id => {}
+            _ => return Ok(()), // not here (or another volume of that name): nothing to do
+        }
+        let _busy = self.busy("volume", name)?;
+        self.offline_volume(name, super::Force::Yes)?;
+        self.pool.delete_volume(name)?;
+        self.pair_volumes.unserved.lock().remove(name);
+        self.served.lock().broken.remove(name);
+        tracing::info!(volume = name, id, "replica deleted");
+        Ok(())
+    }
+
+    /// Deletes pair volume `name` from the pair: refused on the node that does not own it.
+    /// The record goes first (the peer stops serving it as a pair volume), then the local
+    /// copy, then the peer's.
+    pub(super) fn delete_pair_volume(
+        &self,
+        name: &str,
+        local: &PairRecord,
+    ) -> Result<(), NodeError> {
+        let Some((cluster, me)) = self.this_node() else {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} belongs to pair {}: start the node with --etcd to delete it",
+                local.pair
+            )));
+        };
+        match cluster.volume_record(name).map_err(pair_err)? {
+            Some(r) if r.id == local.id && r.owner != me => {
+                return Err(NodeError::Invalid(format!(
+                    "node {} owns volume {name:?}: delete it there",
+                    r.owner
+                )));
+            }
+            Some(r) if r.id == local.id => {
+                cluster.delete_volume_record(name).map_err(pair_err)?;
+            }
+            _ => {} // an orphan: only the local copy goes
+        }
+        let req = serde_json::to_vec(&Control::DeleteReplica {
+            name: name.into(),
+            id: local.id,
+        })
+        .expect("a request serialises");
+        if let Err(e) = self.peer_control(&req) {
+            tracing::warn!(
+                volume = name,
+                "the peer's replica stays (an orphan there): {e}"
+            );
+        }
+        Ok(())
+    }
+
+    /// At start, on the pair: records this node made but never finished (a crash during
+    /// `volume create`) go, with the local volume they name.
+    pub(super) fn finish_interrupted_creates(&self) {
+        let Some((cluster, me)) = self.this_node() else {
+            return;
+        };
+        let Ok(records) = cluster.volume_records() else {
+            return;
+        };
+        for (name, rec) in records {
+            if rec.owner != me || rec.ready {
+                continue;
+            }
+            tracing::warn!(volume = %name, "removing a volume whose creation was interrupted");
+            if let Ok(Some(local)) = self.pair_record(&name)
+                && local.id == rec.id
+            {
+                let _ = self.offline_volume(&name, super::Force::Yes);
+                if let Err(e) = self.pool.delete_volume(&name) {
+                    tracing::error!(volume = %name, "{e}");
+                    continue;
+                }
+                self.served.lock().broken.remove(&name);
+            }
+            let _ = cluster.delete_volume_record(&name);
+        }
+    }
+
+    /// Alerts about pair volumes: copies that differ, copies not served.
+    pub(super) fn pair_volume_alerts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, m) in self.pair_volumes.mirrors.lock().iter() {
+            if let Some((_, why)) = m.diverged() {
+                out.push(format!(
+                    "volume {name}: the replicas may differ ({why}); writes fail until the peer \
+                     answers, and resync is not built yet"
+                ));
+            }
+        }
+        for (name, why) in self.pair_volumes.unserved.lock().iter() {
+            out.push(format!("volume {name} not served: {why}"));
+        }
+        out
+    }
+}

@@ -1,0 +1,202 @@
+//! The replica side of the data link: the owner's WRITE, ZERO, TRIM and FLUSH frames applied to
+//! this node's copy of the volume (`docs/pair.md` §3, `docs/peer-protocol.md`).
+//!
+//! A frame is applied only after it was checked whole: the header by `wire`, the payload
+//! against its checksum, the volume id against this node's replicas, the range against the
+//! volume's size, and the fencing token against the highest this replica has recorded. A
+//! higher token is recorded durably before the frame is applied (an owner that took over
+//! fences the old one from then on, even across a restart); a lower one is refused (`ESTALE`).
+//! The write then goes through the volume's own code ([`target::blocking`]): copy-up, map and
+//! commit exactly as a local write, and FUA or FLUSH answer only once durable here.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::wire::{FLAG_FUA, FLAG_NO_HOLE, HEADER_BYTES, Header, Kind};
+use crate::engine::{Buf, BufPool};
+use crate::target::{BlockTarget, TargetOp, VolumeTarget, blocking};
+
+/// What the node lends the peer link: its replicas, and the answers to control requests.
+pub trait Replicas: Send + Sync {
+    /// This node's replica of the pair's volume `id`, if it has one.
+    fn replica(&self, id: u32) -> Option<Arc<Replica>>;
+    /// Answers a CONTROL request (a JSON document) from the peer: the answer, or why not.
+    fn control(&self, request: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// Records a replica's new highest token durably (the volume's `pair.json`).
+pub type StoreToken = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+
+/// A volume's copy on this node, as the peer link writes it.
+pub struct Replica {
+    pub name: String,
+    pub target: Arc<VolumeTarget>,
+    /// The highest fencing token seen; held while a frame is admitted and while a higher one
+    /// is recorded.
+    token: Mutex<u64>,
+    store: StoreToken,
+}
+
+impl Replica {
+    pub fn new(name: String, target: Arc<VolumeTarget>, token: u64, store: StoreToken) -> Replica {
+        Replica {
+            name,
+            target,
+            token: Mutex::new(token),
+            store,
+        }
+    }
+
+    pub fn token(&self) -> u64 {
+        *self.token.lock()
+    }
+
+    /// Admits a frame with `token`: refused (`ESTALE`) below the highest recorded; a higher
+    /// one is recorded durably first.
+    fn admit(&self, token: u64) -> Result<(), i32> {
+        let mut t = self.token.lock();
+        if token < *t {
+            tracing::warn!(
+                volume = %self.name,
+                "refused a write with fencing token {token}: this replica has seen {}",
+                *t
+            );
+            return Err(libc::ESTALE);
+        }
+        if token > *t {
+            (self.store)(token).map_err(|why| {
+                tracing::error!(volume = %self.name, "recording fencing token {token}: {why}");
+                libc::EIO
+            })?;
+            *t = token;
+        }
+        Ok(())
+    }
+
+    /// Applies one checked data frame; `payload` holds a WRITE's data.
+    pub fn apply(&self, h: &Header, payload: &mut [u8]) -> Result<(), i32> {
+        debug_assert!(h.kind.is_data());
+        self.admit(h.token)?;
+        let size = self.target.geometry().size_bytes;
+        if h.kind != Kind::Flush && h.offset + h.range > size {
+            tracing::warn!(
+                volume = %self.name,
+                "refused {:?} of {} bytes at {}: past the end ({size})",
+                h.kind,
+                h.range,
+                h.offset
+            );
+            return Err(libc::EINVAL);
+        }
+        let fua = h.flags & FLAG_FUA != 0;
+        let op = match h.kind {
+            Kind::Write => TargetOp::Write {
+                offset: h.offset,
+                len: u32::try_from(h.range).map_err(|_| libc::EINVAL)?,
+                fua,
+            },
+            Kind::Zero => TargetOp::Zero {
+                offset: h.offset,
+                len: h.range,
+                fua,
+                may_trim: h.flags & FLAG_NO_HOLE == 0,
+                fast: false,
+            },
+            Kind::Trim => TargetOp::Trim {
+                offset: h.offset,
+                len: h.range,
+                fua,
+            },
+            Kind::Flush => TargetOp::Flush,
+            other => unreachable!("{other:?} is not a data operation"),
+        };
+        blocking::run(self.target.as_ref(), &op, payload).map_err(|e| {
+            tracing::warn!(volume = %self.name, "applying {:?} from the peer: {e}", h.kind);
+            e.errno().wire() as i32
+        })
+    }
+}
+
+/// Why a data link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum DataLinkError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed frame: {0}")]
+    Wire(#[from] super::wire::WireError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Serves a data link after its HELLO: applies each frame in order and answers it. Ends at the
+/// first malformed frame (nothing of it applied) or when the socket does.
+pub fn serve_data(
+    s: &mut TcpStream,
+    replicas: &dyn Replicas,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), DataLinkError> {
+    s.set_read_timeout(None)?;
+    let mut pool = BufPool::new(64 << 20);
+    let mut h = [0u8; HEADER_BYTES];
+    loop {
+        if stop() {
+            return Ok(());
+        }
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let header = Header::decode(&h)?.expect("a whole header");
+        if header.reply {
+            return Err(DataLinkError::Refused(format!(
+                "a {:?} reply on a data link, which carries requests",
+                header.kind
+            )));
+        }
+        let mut buf: Option<Buf> = None;
+        if header.payload_len > 0 {
+            let mut b = pool.get(header.payload_len as usize);
+            let bytes = b.slice_mut(0, header.payload_len as usize);
+            s.read_exact(bytes)?;
+            header.check_payload(bytes)?;
+            buf = Some(b);
+        }
+        let status = match header.kind {
+            Kind::Ping => 0,
+            kind if kind.is_data() => match replicas.replica(header.handle) {
+                None => {
+                    tracing::warn!(
+                        "refused {kind:?} for volume id {}: no replica of it here",
+                        header.handle
+                    );
+                    libc::ENOENT
+                }
+                Some(r) => {
+                    let n = header.payload_len as usize;
+                    let payload = match buf.as_mut() {
+                        Some(b) => b.slice_mut(0, n),
+                        None => &mut [],
+                    };
+                    match r.apply(&header, payload) {
+                        Ok(()) => 0,
+                        Err(errno) => errno,
+                    }
+                }
+            },
+            other => {
+                return Err(DataLinkError::Refused(format!(
+                    "{other:?} is not served on a data link"
+                )));
+            }
+        };
+        if let Some(b) = buf {
+            pool.put(b);
+        }
+        let reply = header.reply_to(u16::try_from(status).unwrap_or(libc::EIO as u16));
+        s.write_all(&reply.encode())?;
+    }
+}

@@ -1,0 +1,577 @@
+//! A volume mirrored to the pair's other node (`docs/pair.md` §3), as the owner serves it.
+//!
+//! `Mirror` wraps the local [`VolumeTarget`]: reads are the volume's; a write, zeroing, trim or
+//! flush is planned as the volume's own I/O **plus** a [`FileIo::Peer`] with the same operation,
+//! issued together in the first phase, and the request completes only when both did. The peer
+//! I/O carries the volume's id in the pair, the owner's fencing token and a sequence number.
+//!
+//! Order: overlapping writes must land in the same order on both nodes, and the two copies are
+//! written concurrently by different machines. So the owner never has two overlapping
+//! write-like operations of a volume in flight: one that overlaps a write in flight parks (a
+//! `Wait` on an eventfd of its own) until that one ended, then tries again. Non-overlapping
+//! operations land in any order on either side, which is the same result.
+//!
+//! A failed peer operation fails the request (`EIO`), even when the local copy succeeded: a
+//! write is acknowledged only when it is on both nodes. The replicas may then differ in that
+//! range (the client was told the write failed, so either content is allowed), and the mirror
+//! records it: `diverged` says since when. Degraded mode (recording the peer stale in etcd and
+//! tracking the blocks in a dirty bitmap, then acknowledging writes alone) and resync are the
+//! next layers (`docs/pair.md` §4-§5); until they exist a volume whose peer is gone refuses
+//! writes: data protection before availability.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use parking_lot::Mutex;
+
+use super::{
+    BlockTarget, FileIo, Geometry, PeerIo, PeerOp, Plan, Progress, TargetError, TargetOp,
+    VolumeTarget,
+};
+
+/// `Outer::step`: the operation waits for an overlapping write to end.
+const WAITING_FOR_RANGE: u32 = 1;
+/// `Outer::step`: the operation runs (its peer I/O went with its first phase).
+const RUNNING: u32 = 2;
+
+/// Writes in flight and the requests parked behind them.
+#[derive(Default)]
+struct InFlight {
+    /// `[start, end)` and the ticket of each write-like operation in flight.
+    ranges: Vec<(u64, u64, u64)>,
+    next_ticket: u64,
+    /// Parked requests, by the eventfd their `Wait` polls: every ended write signals them all.
+    parked: HashMap<RawFd, EventFd>,
+}
+
+pub struct Mirror {
+    inner: Arc<VolumeTarget>,
+    /// The volume's id in the pair: the peer names its replica by it.
+    id: u32,
+    token: AtomicU64,
+    sequence: AtomicU64,
+    inflight: Mutex<InFlight>,
+    diverged: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Mirror {
+    pub fn new(inner: Arc<VolumeTarget>, id: u32, token: u64) -> Mirror {
+        assert!(token > 0, "a mirrored volume has a fencing token");
+        Mirror {
+            inner,
+            id,
+            token: AtomicU64::new(token),
+            sequence: AtomicU64::new(0),
+            inflight: Mutex::new(InFlight::default()),
+            diverged: Mutex::new(None),
+        }
+    }
+
+    pub fn volume(&self) -> &Arc<VolumeTarget> {
+        &self.inner
+    }
+
+    /// Since when, and why, the replicas may differ (a peer operation failed).
+    pub fn diverged(&self) -> Option<(SystemTime, String)> {
+        self.diverged.lock().clone()
+    }
+
+    fn peer_io(&self, op: &TargetOp) -> Option<PeerIo> {
+        let (op, offset, len, fua, no_hole) = match *op {
+            TargetOp::Write { offset, len, fua } if len > 0 => {
+                (PeerOp::Write, offset, u64::from(len), fua, false)
+            }
+            // An empty FUA write asks for durability only.
+            TargetOp::Write { fua: true, .. } | TargetOp::Flush => {
+                (PeerOp::Flush, 0, 0, false, false)
+            }
+            TargetOp::Write { .. } => return None,
+            TargetOp::Zero {
+                offset,
+                len,
+                fua,
+                may_trim,
+                ..
+            } => (PeerOp::Zero, offset, len, fua, !may_trim),
+            TargetOp::Trim { offset, len, fua } => (PeerOp::Trim, offset, len, fua, false),
+            TargetOp::Read { .. } | TargetOp::Cache { .. } => return None,
+        };
+        Some(PeerIo {
+            op,
+            volume: self.id,
+            token: self.token.load(Ordering::Acquire),
+            sequence: self.sequence.fetch_add(1, Ordering::AcqRel) + 1,
+            offset,
+            len,
+            buf_start: 0,
+            fua,
+            no_hole,
+        })
+    }
+
+    /// The byte range a write-like operation changes (none for a flush).
+    fn range(op: &TargetOp) -> Option<(u64, u64)> {
+        match *op {
+            TargetOp::Write { offset, len, .. } if len > 0 => {
+                Some((offset, offset + u64::from(len)))
+            }
+            TargetOp::Zero { offset, len, .. } | TargetOp::Trim { offset, len, .. } => {
+                Some((offset, offset + len))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the range for the operation, or parks it (`plan` gets a `Wait`) behind an
+    /// overlapping write in flight.
+    fn acquire(&self, op: &TargetOp, plan: &mut Plan) -> Result<bool, TargetError> {
+        let Some((start, end)) = Self::range(op) else {
+            return Ok(true);
+        };
+        let mut f = self.inflight.lock();
+        if f.ranges.iter().any(|&(s, e, _)| s < end && start < e) {
+            let efd =
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| TargetError::Writing {
+                        offset: start,
+                        source: e.into(),
+                    })?;
+            let fd = efd.as_fd().as_raw_fd();
+            f.parked.insert(fd, efd);
+            plan.outer.step = WAITING_FOR_RANGE;
+            plan.push(FileIo::Wait { fd });
+            return Ok(false);
+        }
+        f.next_ticket += 1;
+        let ticket = f.next_ticket;
+        f.ranges.push((start, end, ticket));
+        plan.outer.ticket = ticket;
+        Ok(true)
+    }
+
+    fn release(&self, plan: &mut Plan) {
+        let ticket = std::mem::take(&mut plan.outer.ticket);
+        if ticket == 0 {
+            return;
+        }
+        let mut f = self.inflight.lock();
+        let before = f.ranges.len();
+        f.ranges.retain(|&(_, _, t)| t != ticket);
+        assert_eq!(
+            f.ranges.len() + 1,
+            before,
+            "ticket {ticket} was in flight once"
+        );
+        for efd in f.parked.values() {
+            // One write per ended operation, read never: cannot overflow.
+            let _ = efd.write(1);
+        }
+    }
+
+    /// Plans the operation's first phase: the volume's I/O and the peer's, together.
+    fn start(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        if !self.acquire(op, plan)? {
+            return Ok(());
+        }
+        plan.outer.step = RUNNING;
+        plan.outer.result = None;
+        if let Err(e) = self.inner.plan(op, plan) {
+            self.release(plan);
+            return Err(e);
+        }
+        match self.peer_io(op) {
+            Some(p) => plan.push(FileIo::Peer(p)),
+            None => plan.outer.result = Some(0),
+        }
+        Ok(())
+    }
+}
+
+impl BlockTarget for Mirror {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        match op {
+            TargetOp::Read { .. } | TargetOp::Cache { .. } => self.inner.plan(op, plan),
+            _ => self.start(op, plan),
+        }
+    }
+
+    fn complete(
+        &self,
+        op: &TargetOp,
+        plan: &mut Plan,
+        results: &[i32],
+    ) -> Result<Progress, TargetError> {
+        if matches!(op, TargetOp::Read { .. } | TargetOp::Cache { .. }) {
+            return self.inner.complete(op, plan, results);
+        }
+        if plan.outer.step == WAITING_FOR_RANGE {
+            let Some(&FileIo::Wait { fd }) = plan.get(0) else {
+                unreachable!("a range wait holds one Wait I/O");
+            };
+            self.inflight.lock().parked.remove(&fd);
+            plan.clear();
+            self.start(op, plan)?;
+            return Ok(Progress::Again);
+        }
+        assert_eq!(plan.outer.step, RUNNING, "a mirrored operation runs");
+        let mut results = results;
+        if plan.outer.result.is_none() {
+            let peer = plan.pop();
+            assert!(
+                matches!(peer, Some(FileIo::Peer(_))),
+                "the peer I/O is last"
+            );
+            let (last, rest) = results.split_last().expect("the peer I/O's result");
+            plan.outer.result = Some(*last);
+            results = rest;
+        }
+        let local = self.inner.complete(op, plan, results);
+        if matches!(local, Ok(Progress::Again)) {
+            return Ok(Progress::Again);
+        }
+        self.release(plan);
+        let peer = plan.outer.result.expect("set above");
+        if peer < 0 {
+            let e = std::io::Error::from_raw_os_error(-peer);
+            let why = format!("the peer failed {op:?}: {e}");
+            tracing::warn!(volume = self.inner.name(), "{why}");
+            self.diverged
+                .lock()
+                .get_or_insert((SystemTime::now(), why.clone()));
+            local?;
+            return Err(TargetError::Volume {
+                what: "mirroring to the peer",
+                errno: libc::EIO,
+                message: why,
+            });
+        }
+        local
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<(), TargetError> {
+        self.inner.block_status(offset, len, max_extents, out)
+    }
+
+    fn sync(&self) -> Result<(), TargetError> {
+        self.inner.sync()
+    }
+
+    fn attach(&self) {
+        self.inner.attach()
+    }
+
+    fn detach(&self) {
+        self.inner.detach()
+    }
+
+    fn revoked(&self) -> bool {
+        self.inner.revoked()
+    }
+
+    fn change_count(&self) -> Option<&AtomicU64> {
+        self.inner.change_count()
+    }
+}
+
+/// A replica served by the node that does not own it: reads only, since writes are ordered by
+/// the owner (forwarding them to it is `docs/pair.md` §8, not built yet). Its data is as fresh
+/// as the owner's: the owner acknowledges a write only after this replica applied it.
+pub struct ReadOnly(pub Arc<VolumeTarget>);
+
+impl BlockTarget for ReadOnly {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            read_only: true,
+            can_trim: false,
+            can_zero: false,
+            can_fast_zero: false,
+            ..self.0.geometry()
+        }
+    }
+
+    fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        match op {
+            TargetOp::Read { .. } | TargetOp::Cache { .. } | TargetOp::Flush => {
+                self.0.plan(op, plan)
+            }
+            _ => Err(TargetError::Volume {
+                what: "writing",
+                errno: libc::EROFS,
+                message: "this node is not the volume's owner".into(),
+            }),
+        }
+    }
+
+    fn complete(
+        &self,
+        op: &TargetOp,
+        plan: &mut Plan,
+        results: &[i32],
+    ) -> Result<Progress, TargetError> {
+        self.0.complete(op, plan, results)
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<(), TargetError> {
+        self.0.block_status(offset, len, max_extents, out)
+    }
+
+    fn sync(&self) -> Result<(), TargetError> {
+        self.0.sync()
+    }
+
+    fn attach(&self) {
+        self.0.attach()
+    }
+
+    fn detach(&self) {
+        self.0.detach()
+    }
+
+    fn revoked(&self) -> bool {
+        self.0.revoked()
+    }
+
+    // No read-ahead: the replica changes by writes the engine does not see (the peer link's).
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Pool;
+    use crate::target::{Committers, MAX_PLAN_IOS, blocking};
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A mirror over a blank 1 MiB volume of a pool in a temp dir.
+    fn mirror(tag: &str) -> (Mirror, Dir, Arc<Committers>) {
+        let d = std::env::temp_dir().join(format!("streamer-mirror-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let pool = Pool::open_or_create(&d, true).unwrap();
+        pool.create_volume("v", None, Some(1 << 20)).unwrap();
+        let vol = pool.open_volume("v").unwrap();
+        let committers = Committers::start(1).unwrap();
+        let t = Arc::new(VolumeTarget::new("v", vol, &committers).unwrap());
+        (Mirror::new(t, 9, 4), Dir(d), committers)
+    }
+
+    fn peer_ios(plan: &Plan) -> Vec<PeerIo> {
+        plan.ios()
+            .filter_map(|io| match io {
+                FileIo::Peer(p) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the plan's phases to the end, the peer answering `peer` to every peer I/O.
+    fn finish(
+        m: &Mirror,
+        op: &TargetOp,
+        plan: &mut Plan,
+        buf: &mut [u8],
+        peer: i32,
+    ) -> Result<(), TargetError> {
+        loop {
+            let mut results = [0i32; MAX_PLAN_IOS];
+            for (i, io) in plan.ios().enumerate() {
+                results[i] = match io {
+                    FileIo::Peer(_) => peer,
+                    io => blocking::perform(io, buf),
+                };
+            }
+            let n = plan.len();
+            match m.complete(op, plan, &results[..n])? {
+                Progress::Done => return Ok(()),
+                Progress::Again => {}
+            }
+        }
+    }
+
+    /// A write is planned as the volume's write and the peer's, in one phase: same range,
+    /// the volume's id in the pair, the fencing token, a rising sequence; FUA goes with it, and
+    /// a flush is a flush on both.
+    #[test]
+    fn writes_and_flushes_go_to_the_volume_and_the_peer_together() {
+        let (m, _d, _c) = mirror("plan");
+        let mut buf = vec![5u8; 8192];
+        let w = TargetOp::Write {
+            offset: 4096,
+            len: 8192,
+            fua: true,
+        };
+        let mut plan = Plan::default();
+        plan.begin();
+        m.plan(&w, &mut plan).unwrap();
+        let p = peer_ios(&plan);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (
+                p[0].op,
+                p[0].volume,
+                p[0].token,
+                p[0].offset,
+                p[0].len,
+                p[0].fua
+            ),
+            (PeerOp::Write, 9, 4, 4096, 8192, true)
+        );
+        assert!(plan.ios().any(|io| matches!(
+            io,
+            FileIo::Write {
+                offset: 4096,
+                len: 8192,
+                ..
+            }
+        )));
+        finish(&m, &w, &mut plan, &mut buf, 0).unwrap();
+
+        let z = TargetOp::Zero {
+            offset: 0,
+            len: 4096,
+            fua: false,
+            may_trim: false,
+            fast: false,
+        };
+        plan.begin();
+        m.plan(&z, &mut plan).unwrap();
+        let q = peer_ios(&plan);
+        assert_eq!((q[0].op, q[0].no_hole), (PeerOp::Zero, true));
+        assert!(q[0].sequence > p[0].sequence);
+        finish(&m, &z, &mut plan, &mut buf, 0).unwrap();
+
+        plan.begin();
+        m.plan(&TargetOp::Flush, &mut plan).unwrap();
+        assert_eq!(peer_ios(&plan)[0].op, PeerOp::Flush);
+        finish(&m, &TargetOp::Flush, &mut plan, &mut buf, 0).unwrap();
+
+        // Reads are the volume's alone.
+        plan.begin();
+        m.plan(
+            &TargetOp::Read {
+                offset: 4096,
+                len: 4096,
+            },
+            &mut plan,
+        )
+        .unwrap();
+        assert!(peer_ios(&plan).is_empty());
+        let mut out = vec![0u8; 4096];
+        finish(
+            &m,
+            &TargetOp::Read {
+                offset: 4096,
+                len: 4096,
+            },
+            &mut plan,
+            &mut out,
+            0,
+        )
+        .unwrap();
+        assert_eq!(out, vec![5u8; 4096]);
+        assert!(m.diverged().is_none());
+    }
+
+    /// A write the peer did not take fails, though the local copy was written: it is not
+    /// acknowledged alone, and the mirror says the replicas may differ.
+    #[test]
+    fn a_write_the_peer_refused_fails_and_marks_the_replicas_diverged() {
+        let (m, _d, _c) = mirror("refused");
+        let mut buf = vec![1u8; 4096];
+        let w = TargetOp::Write {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        let mut plan = Plan::default();
+        plan.begin();
+        m.plan(&w, &mut plan).unwrap();
+        let e = finish(&m, &w, &mut plan, &mut buf, -libc::ETIMEDOUT).unwrap_err();
+        assert_eq!(e.errno(), crate::nbd::NbdErrno::Io);
+        let (_, why) = m.diverged().expect("recorded");
+        assert!(why.contains("timed out"), "{why}");
+        // Its range was released: the next write of it is not parked.
+        plan.begin();
+        m.plan(&w, &mut plan).unwrap();
+        assert_eq!(peer_ios(&plan).len(), 1);
+        finish(&m, &w, &mut plan, &mut buf, 0).unwrap();
+    }
+
+    /// Overlapping writes never run together (they would land in different orders on the two
+    /// nodes): the second parks until the first ended, then runs whole; a write elsewhere runs
+    /// meanwhile.
+    #[test]
+    fn an_overlapping_write_waits_for_the_one_in_flight() {
+        let (m, _d, _c) = mirror("overlap");
+        let mut buf = vec![1u8; 8192];
+        let first = TargetOp::Write {
+            offset: 0,
+            len: 8192,
+            fua: false,
+        };
+        let second = TargetOp::Write {
+            offset: 4096,
+            len: 4096,
+            fua: false,
+        };
+        let elsewhere = TargetOp::Trim {
+            offset: 65536,
+            len: 4096,
+            fua: false,
+        };
+        let (mut p1, mut p2, mut p3) = (Plan::default(), Plan::default(), Plan::default());
+        p1.begin();
+        m.plan(&first, &mut p1).unwrap();
+        p2.begin();
+        m.plan(&second, &mut p2).unwrap();
+        let Some(&FileIo::Wait { fd }) = p2.get(0) else {
+            panic!("the overlapping write parks: {p2:?}");
+        };
+        assert_eq!(p2.len(), 1);
+        p3.begin();
+        m.plan(&elsewhere, &mut p3).unwrap();
+        assert_eq!(peer_ios(&p3).len(), 1, "a write elsewhere is not held");
+        finish(&m, &elsewhere, &mut p3, &mut buf, 0).unwrap();
+        // Still parked: its eventfd was signalled by the trim's end, and it plans again into
+        // another wait while the first write is in flight.
+        let r = blocking::perform(&FileIo::Wait { fd }, &mut buf);
+        assert!(r > 0);
+        assert_eq!(m.complete(&second, &mut p2, &[r]).unwrap(), Progress::Again);
+        assert!(matches!(p2.get(0), Some(FileIo::Wait { .. })) && p2.len() == 1);
+        // The first ends: the second runs, peer I/O and all.
+        finish(&m, &first, &mut p1, &mut buf, 0).unwrap();
+        let Some(&FileIo::Wait { fd }) = p2.get(0) else {
+            unreachable!()
+        };
+        let r = blocking::perform(&FileIo::Wait { fd }, &mut buf);
+        assert_eq!(m.complete(&second, &mut p2, &[r]).unwrap(), Progress::Again);
+        assert_eq!(peer_ios(&p2).len(), 1);
+        finish(&m, &second, &mut p2, &mut buf[..4096], 0).unwrap();
+        assert!(m.inflight.lock().ranges.is_empty());
+        assert!(m.inflight.lock().parked.is_empty());
+    }
+}

@@ -1,0 +1,351 @@
+//! The pair's mirrored data path (issue 23): a volume created on both nodes, every write on
+//! both before it is acknowledged, the replica's checks on what the peer link brings. Real
+//! `streamer serve` processes, a real etcd, real NBD clients (fio, nbdcopy, python libnbd),
+//! kill -9. Every wait is bounded.
+
+#[path = "common/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use cluster::{Etcd, Node, wait_until};
+use common::{BIN, Scratch, data_file, run, run_with, run_with_status, stdout};
+use streamer::peer::wire::{self, Header, Hello, Kind};
+
+/// `streamer ARGS --mgmt-socket` of `node`.
+fn cli(node: &Node, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    let sock = node.mgmt();
+    a.extend(["--mgmt-socket", &sock]);
+    stdout(&run(BIN, &a))
+}
+
+/// Like `cli`, expecting a refusal: its message.
+fn cli_fails(node: &Node, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    let sock = node.mgmt();
+    a.extend(["--mgmt-socket", &sock]);
+    let out = run_with(BIN, &a, true);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Two nodes of pair p1 with their link up and the same golden image `g` (16 MiB) on both.
+fn pair_with_image(etcd: &Etcd, scratch: &Scratch) -> (Node, Node) {
+    let a = Node::start("a", etcd, "5");
+    let b = Node::start("b", etcd, "5");
+    wait_until(20, "both links up", || {
+        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
+    });
+    let raw = scratch.path("g.raw");
+    data_file(&raw, 16 << 20, 7);
+    for n in [&a, &b] {
+        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
+    }
+    (a, b)
+}
+
+/// The whole export, read with nbdcopy.
+fn contents(node: &Node, export: &str, scratch: &Scratch, tag: &str) -> Vec<u8> {
+    let out = scratch.path(tag);
+    run(
+        "nbdcopy",
+        &[&node.server.uri(export), out.to_str().unwrap()],
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn fio_verify(uri: &str, jobs: &str, runtime: &str) {
+    let out = run(
+        "fio",
+        &[
+            "--name=mirror",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k,64k",
+            "--iodepth=16",
+            &format!("--numjobs={jobs}"),
+            "--offset_increment=8M",
+            "--size=8M",
+            &format!("--runtime={runtime}"),
+            "--time_based",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--group_reporting",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("err= 0") && !text.contains("verify:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_volume_lives_on_both_nodes_and_every_write_reaches_both() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-both");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    // The replica exists on b at once, from the same image.
+    assert!(cli(&b, &["volume", "list"]).contains("v1"));
+    assert_eq!(
+        contents(&a, "v1", &scratch, "a0"),
+        contents(&b, "v1", &scratch, "b0")
+    );
+
+    // Two clients on the owner, 4 KiB and 64 KiB writes, verified by fio.
+    fio_verify(&a.server.uri("v1"), "2", "4");
+    // The replica holds the same bytes: it applied every write before the owner answered.
+    let (ca, cb) = (
+        contents(&a, "v1", &scratch, "a1"),
+        contents(&b, "v1", &scratch, "b1"),
+    );
+    assert!(ca == cb, "the replicas differ after fio");
+    assert!(ca != contents(&a, "image/g", &scratch, "g"), "fio wrote");
+
+    // Trims and zeroes travel too (python libnbd: trim, zero with and without NO_HOLE).
+    let code = "import nbd, sys\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.trim(1 << 20, 0)\n\
+                h.zero(65536, 3 << 20)\n\
+                h.zero(8192, 5 << 20, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)\n\
+                h.pwrite(b'x' * 4096, 7 << 20, nbd.CMD_FLAG_FUA)\n\
+                h.flush()\n\
+                print('ok')\n";
+    let out = stdout(&run("/usr/bin/python3", &["-c", code, &a.server.uri("v1")]));
+    assert_eq!(out.trim(), "ok");
+    let (ca, cb) = (
+        contents(&a, "v1", &scratch, "a2"),
+        contents(&b, "v1", &scratch, "b2"),
+    );
+    assert!(ca == cb, "the replicas differ after trims and zeroes");
+    assert!(ca[(3 << 20)..(3 << 20) + 65536].iter().all(|&x| x == 0));
+    assert_eq!(&ca[7 << 20..(7 << 20) + 4096], &[b'x'; 4096][..]);
+
+    // The replica serves reads but refuses writes: the owner orders them.
+    let info = stdout(&run("nbdinfo", &["--json", &b.server.uri("v1")]));
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    let code = "import nbd, sys\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                print(h.is_read_only())\n";
+    let out = stdout(&run("/usr/bin/python3", &["-c", code, &b.server.uri("v1")]));
+    assert_eq!(out.trim(), "True");
+
+    // Both nodes know the name: neither can create it again.
+    let e = cli_fails(&b, &["volume", "create", "v1", "--image", "g"]);
+    assert!(e.contains("already"), "{e}");
+    // Delete belongs to the owner, and takes both copies.
+    let e = cli_fails(&b, &["volume", "delete", "v1"]);
+    assert!(e.contains("node a owns volume \"v1\""), "{e}");
+    cli(&a, &["volume", "delete", "v1"]);
+    assert!(!cli(&a, &["volume", "list"]).contains("v1"));
+    wait_until(10, "the replica deleted", || {
+        !cli(&b, &["volume", "list"]).contains("v1")
+    });
+
+    // A volume b owns is mirrored to a: the pair is active-active.
+    cli(&b, &["volume", "create", "v2", "--image", "g"]);
+    fio_verify(&b.server.uri("v2"), "1", "2");
+    assert!(
+        contents(&a, "v2", &scratch, "a3") == contents(&b, "v2", &scratch, "b3"),
+        "the replicas of v2 differ"
+    );
+    // Both stop cleanly, and start again serving the same roles.
+    let dir_a = a.dir;
+    let dir_b = b.dir;
+    a.server.stop();
+    b.server.stop();
+    let a = Node::start_in(dir_a, "a", &etcd, "5");
+    let b = Node::start_in(dir_b, "b", &etcd, "5");
+    wait_until(20, "both links up again", || {
+        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
+    });
+    fio_verify(&b.server.uri("v2"), "1", "2");
+    assert!(
+        contents(&a, "v2", &scratch, "a4") == contents(&b, "v2", &scratch, "b4"),
+        "the replicas of v2 differ after a restart"
+    );
+    b.server.stop();
+    a.server.stop();
+}
+
+#[test]
+fn a_volume_is_not_created_without_the_peer() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-nopeer");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+    b.server.stop();
+    wait_until(20, "the link down", || !cluster::link_up(&a.pair_status()));
+    let e = cli_fails(&a, &["volume", "create", "v1", "--image", "g"]);
+    assert!(e.contains("a pair volume is made on both nodes"), "{e}");
+    assert!(!cli(&a, &["volume", "list"]).contains("v1"));
+    a.server.stop();
+}
+
+/// A write is acknowledged only when it is on both nodes: with the peer killed, writes fail
+/// (within the peer timeout) instead of being acknowledged by the owner alone, reads go on,
+/// and the alert says the replicas may differ.
+#[test]
+fn a_dead_peer_fails_writes_rather_than_acknowledging_them_alone() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-dead");
+    let (a, mut b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let code = "import nbd, sys, time, errno\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.pwrite(b'a' * 4096, 0); h.flush()\n\
+                print('ready', flush=True)\n\
+                sys.stdin.readline()\n\
+                t = time.time()\n\
+                try:\n\
+                \x20   h.pwrite(b'b' * 4096, 4096); h.flush(); print('acknowledged')\n\
+                except nbd.Error as e:\n\
+                \x20   print('failed', e.errnum == errno.EIO, round(time.time() - t))\n\
+                print('read', h.pread(4096, 0) == b'a' * 4096)\n";
+    let mut child = std::process::Command::new("timeout")
+        .args(["60", "/usr/bin/python3", "-c", code, &a.server.uri("v1")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut line = [0u8; 6];
+    out.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"ready\n");
+    let pid = nix::unistd::Pid::from_raw(b.server.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(10, "b gone", || !b.server.alive());
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    child.wait().unwrap();
+    let mut lines = rest.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(first.starts_with("failed True"), "{rest}");
+    // The peer timeout is 2 s (node_args); the tick adds up to a second.
+    let secs: u64 = first.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs <= 10, "the write waited {secs} s: {rest}");
+    assert_eq!(lines.next(), Some("read True"), "{rest}");
+    let alerts = a.alerts().join("\n");
+    assert!(
+        alerts.contains("volume v1: the replicas may differ"),
+        "{alerts}"
+    );
+    a.server.stop();
+}
+
+/// What arrives on a data link is checked before a byte is written: a stranger's frames, a bad
+/// payload checksum, an unknown volume id, a write past the end, and a fencing token below the
+/// highest the replica has seen are all refused, and the replica's bytes do not change.
+#[test]
+fn the_replica_refuses_bad_frames_and_old_tokens() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-hostile");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let before = contents(&b, "v1", &scratch, "b0");
+    let peer = b.peer_addr();
+
+    // A data link as node a would open one (link 9: no worker of a has that number).
+    let connect = |peer: &str| {
+        let mut s = TcpStream::connect(peer).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let hello = Hello {
+            version: wire::VERSION,
+            pair: "p1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            link: 9,
+        }
+        .encode();
+        let h = Header::request(Kind::Hello, 1).with_payload(&hello);
+        s.write_all(&h.encode()).unwrap();
+        s.write_all(&hello).unwrap();
+        let mut r = [0u8; 64];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!(Header::decode(&r).unwrap().unwrap().status, 0);
+        s
+    };
+    let write = |s: &mut TcpStream, token: u64, id: u32, offset: u64, data: &[u8]| {
+        let h = Header {
+            token,
+            sequence: 1,
+            offset,
+            range: data.len() as u64,
+            handle: id,
+            ..Header::request(Kind::Write, 2)
+        }
+        .with_payload(data);
+        s.write_all(&h.encode()).unwrap();
+        s.write_all(data).unwrap();
+        let mut r = [0u8; 64];
+        s.read_exact(&mut r).unwrap();
+        Header::decode(&r).unwrap().unwrap().status
+    };
+    let id = 1; // the pair's first volume
+    let mut s = connect(&peer);
+    // An unknown volume, and a range past the end: refused, the link goes on.
+    assert_eq!(write(&mut s, 1, 77, 0, &[1; 4096]), libc::ENOENT as u16);
+    assert_eq!(
+        write(&mut s, 1, id, 16 << 20, &[1; 4096]),
+        libc::EINVAL as u16
+    );
+    // A new owner's token (3) is recorded; the old owner's (1) is fenced from then on.
+    assert_eq!(write(&mut s, 3, id, 0, &[3; 4096]), 0);
+    assert_eq!(write(&mut s, 1, id, 8192, &[1; 4096]), libc::ESTALE as u16);
+    // A payload that does not match its checksum ends the link; nothing of it is written.
+    let data = [9u8; 4096];
+    let mut h = Header {
+        token: 3,
+        sequence: 2,
+        offset: 4096,
+        range: 4096,
+        handle: id,
+        ..Header::request(Kind::Write, 3)
+    }
+    .with_payload(&data);
+    h.payload_crc ^= 1;
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(&data).unwrap();
+    let mut r = [0u8; 1];
+    assert!(matches!(s.read(&mut r), Ok(0) | Err(_)), "the link ends");
+
+    let after = contents(&b, "v1", &scratch, "b1");
+    assert_eq!(
+        &after[..4096],
+        &[3u8; 4096][..],
+        "the fresh token's write landed"
+    );
+    assert_eq!(&after[4096..], &before[4096..], "nothing else changed");
+    // The token survives a restart of the replica: still fenced.
+    let dir_b = b.dir;
+    b.server.stop();
+    let b = Node::start_in(dir_b, "b", &etcd, "5");
+    wait_until(20, "b's link up", || cluster::link_up(&b.pair_status()));
+    let peer = b.peer_addr();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        // The replica is served once b rejoined; until then frames get ENOENT.
+        let mut s = connect(&peer);
+        if write(&mut s, 3, id, 0, &[3; 4096]) == 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "b serves its replica again");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(write(&mut s, 2, id, 8192, &[2; 4096]), libc::ESTALE as u16);
+    let log = b.server.log();
+    assert!(log.contains("fencing token 2"), "the refusal is logged");
+    drop(s);
+    b.server.stop();
+    a.server.stop();
+    let _ = run_with_status("true", &[]);
+}
