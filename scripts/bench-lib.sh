@@ -127,7 +127,8 @@ fio_cell() {
     shift 7
     json=$WORKDIR/fio-$round-$row-$tr-$srv.json
     s0=$(cpu_steal)
-    t0=$(cpu_ticks "$pid")
+    # PID may be a comma-separated list (a pair: both nodes' CPU counts).
+    t0=$(cpu_ticks_sum ${pid//,/ })
     # shellcheck disable=SC2046
     if ! timeout $((RUNTIME + 60)) fio --name="$row" --ioengine=nbd --uri="$uri" \
             $(row_fio_args "$row") "$@" --group_reporting --time_based --runtime="$RUNTIME" \
@@ -137,7 +138,7 @@ fio_cell() {
         log "warning: fio failed for round $round $row $tr $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
         return 0
     fi
-    t1=$(cpu_ticks "$pid" 2>/dev/null) || t1=
+    t1=$(cpu_ticks_sum ${pid//,/ } 2>/dev/null) || t1=
     s1=$(cpu_steal)
     "$stop" "$srv"
     if [ -z "$t1" ]; then
@@ -206,8 +207,10 @@ def fmt(x):
         return "n/a"
     return "%.0f" % x if x >= 1000 else "%.3g" % x
 
-refs = [s for s in servers if s != "streamer"] if "streamer" in servers else []
-hdr = ["test", "transport", "metric"] + servers + ["streamer/%s" % r for r in refs]
+import os
+ref = os.environ.get("BENCH_REF", "streamer")
+refs = [s for s in servers if s != ref] if ref in servers else []
+hdr = ["test", "transport", "metric"] + servers + ["%s/%s" % (ref, r) for r in refs]
 print("| " + " | ".join(hdr) + " |")
 print("|" + "---|" * len(hdr))
 for row in rows:
@@ -220,12 +223,12 @@ for row in rows:
             m = {s: med((row, tr, s, name)) for s in servers}
             cells = [fmt(m[s]) for s in servers]
             for r in refs:
-                cells.append(ratio(row, tr, name, "streamer", r))
+                cells.append(ratio(row, tr, name, ref, r))
             print("| " + " | ".join([titles[row], tr, name] + cells) + " |")
 print()
 print("iops/MB/s: higher is better; latency and CPU us/IO (server utime+stime"
       " per I/O): lower is better. Server columns are medians over the rounds; ratios are"
-      " streamer / other within each round, their median (and range over the rounds).")
+      " %s / other within each round, their median (and range over the rounds)." % ref)
 # On a virtual machine the host may take CPU time away in the middle of a cell ("steal" in
 # /proc/stat); such a cell measures the host, not the server. Say how much there was.
 if steals:

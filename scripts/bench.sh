@@ -41,9 +41,10 @@ TITLES="rr1=4k randread QD1|rr32=4k randread QD32|rw32=4k randwrite QD32|sr8=1Mi
 
 usage() {
     cat <<EOF
-usage: $0 [--mode nbd|clone|storm|mgmt] [options]
+usage: $0 [--mode nbd|clone|storm|mgmt|pair] [options]
   --mode MODE              nbd (default): raw-file exports, options below;
-                           clone, storm, mgmt: see scripts/bench-clone.sh --help
+                           clone, storm, mgmt: see scripts/bench-clone.sh --help;
+                           pair: mirrored vs single node, see scripts/bench-pair.sh --help
   --cache direct|buffered  server cache mode (default $CACHE)
   --rounds N               rounds, cells alternate servers (default $ROUNDS)
   --runtime SECS           fio runtime per cell (default $RUNTIME)
@@ -338,7 +339,8 @@ main() {
         case "${2:-}" in
             nbd) shift 2 ;;
             clone|storm|mgmt) exec "$(dirname "$0")/bench-clone.sh" "$@" ;;
-            *) die "--mode must be nbd, clone, storm or mgmt" ;;
+            pair) shift 2; exec "$(dirname "$0")/bench-pair.sh" "$@" ;;
+            *) die "--mode must be nbd, clone, storm, mgmt or pair" ;;
         esac
     fi
     parse_args "$@"

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# The pair's cost (run as `scripts/bench.sh --mode pair ...` or directly): the same workload on a
+# volume mirrored by a pair and on a volume of a single node, interleaved in one run.
+#
+#   single  one `streamer serve` node (no etcd), volume `vol`: a clone of the golden image.
+#   pair    two nodes `a` and `b` of pair `bench` (one etcd on loopback), volume `vol` created
+#           on `a` (its owner) and mirrored to `b`; fio writes to `a`. CPU is both nodes'.
+#
+# All three nodes, etcd and fio share this machine's CPUs: the pair's second copy costs CPU
+# the single node does not pay, on the same cores fio uses. So beside IOPS and latency the table
+# reports the servers' CPU time per I/O (utime+stime of every thread, io_uring workers
+# included; for the pair, both nodes summed).
+#
+# Both volumes are written whole once before the cells (1 MiB sequential writes, then a flush):
+# the cells measure the steady state of written blocks, not first writes (copy-up and block
+# allocation are the volume's cost, the same for both). The nodes keep running for the whole
+# run; cells are interleaved (for round, for row, for server) so drift affects both alike.
+#
+# usage: scripts/bench-pair.sh [--rounds N] [--runtime S] [--size SIZE] [--rows LIST]
+#          [--streamer PATH] [--out FILE] [--dir DIR]
+set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
+
+ROUNDS=3
+RUNTIME=5
+SIZE=1G
+STREAMER=target/release/streamer
+OUT=
+ROWS="rw1,rw32,sw8,rr32"
+SERVERS="pair single"
+WORKDIR=
+TITLES="rw1=4k randwrite QD1|rw32=4k randwrite QD32|sw8=1MiB seq write QD8|rr32=4k randread QD32|rwf1=4k randwrite QD1 + fsync each"
+
+usage() {
+    cat <<EOF
+usage: $0 [options]
+  --rounds N        rounds (default $ROUNDS)
+  --runtime SECS    fio runtime per cell (default $RUNTIME)
+  --size SIZE       golden image and volume size (default $SIZE)
+  --rows LIST       subset of rw1,rw32,sw8,rr32,rwf1 (default $ROWS)
+  --streamer PATH   streamer binary (default $STREAMER)
+  --out FILE        also write the report to FILE
+  --dir DIR         work directory (default: mktemp -d under /var/tmp)
+EOF
+}
+
+parse_args() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --rounds) ROUNDS=$2; shift ;;
+            --runtime) RUNTIME=$2; shift ;;
+            --size) SIZE=$2; shift ;;
+            --rows) ROWS=$2; shift ;;
+            --streamer) STREAMER=$2; shift ;;
+            --out) OUT=$2; shift ;;
+            --dir) WORKDIR=$2; shift ;;
+            -h|--help) usage; exit 0 ;;
+            *) usage >&2; exit 2 ;;
+        esac
+        shift
+    done
+    ROWS=${ROWS//,/ }
+    [ -x "$STREAMER" ] || die "streamer binary $STREAMER not found (cargo build --release)"
+    for x in fio nbdinfo etcd numfmt; do command -v "$x" >/dev/null || die "$x not found"; done
+}
+
+row_fio_args() {
+    case $1 in
+        rw1) echo --rw=randwrite --bs=4k --iodepth=1 ;;
+        rw32) echo --rw=randwrite --bs=4k --iodepth=32 ;;
+        sw8) echo --rw=write --bs=1M --iodepth=8 ;;
+        rr32) echo --rw=randread --bs=4k --iodepth=32 ;;
+        rwf1) echo --rw=randwrite --bs=4k --iodepth=1 --fsync=1 ;;
+        *) die "unknown row $1" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- etcd and the nodes
+
+ETCD_PID=
+declare -A PID PORT
+etcd_start() {
+    local client peer
+    client=$(free_port); peer=$(free_port)
+    ETCD_URL=http://127.0.0.1:$client
+    etcd --data-dir "$WORKDIR/etcd" --listen-client-urls "$ETCD_URL" \
+        --advertise-client-urls "$ETCD_URL" --listen-peer-urls "http://127.0.0.1:$peer" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+        --initial-cluster "default=http://127.0.0.1:$peer" > "$WORKDIR/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    local i
+    for ((i = 0; i < 100; i++)); do
+        curl -fsS "$ETCD_URL/health" 2>/dev/null | grep -q true && return 0
+        sleep 0.1
+    done
+    die "etcd did not start (see $WORKDIR/etcd.log)"
+}
+
+# node_start NAME [PAIR ARGS...]: a node with its own pool, serving NBD on a free port.
+node_start() {
+    local name=$1 logf=$WORKDIR/$1.log
+    shift
+    PORT[$name]=$(free_port)
+    "$STREAMER" serve --create --data-dir "$WORKDIR/$name" --listen "127.0.0.1:${PORT[$name]}" "$@" \
+        > "$logf" 2>&1 &
+    PID[$name]=$!
+    local i
+    for ((i = 0; i < 200; i++)); do
+        grep -qx ready "$logf" && return 0
+        kill -0 "${PID[$name]}" 2>/dev/null || { cat "$logf" >&2; die "node $name exited"; }
+        sleep 0.1
+    done
+    die "node $name not ready (see $logf)"
+}
+
+cli() { local n=$1; shift; timeout 600 "$STREAMER" "$@" --mgmt-socket "$WORKDIR/$n/streamer.sock"; }
+
+uri() {
+    case $1 in
+        pair) echo "nbd://127.0.0.1:${PORT[a]}/vol" ;;
+        single) echo "nbd://127.0.0.1:${PORT[s]}/vol" ;;
+    esac
+}
+
+pids() {
+    case $1 in
+        pair) echo "${PID[a]},${PID[b]}" ;;
+        single) echo "${PID[s]}" ;;
+    esac
+}
+
+setup() {
+    local bytes golden=$WORKDIR/golden.raw
+    bytes=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
+    log "golden image: $SIZE of random data"
+    head -c "$bytes" /dev/urandom > "$golden"
+    etcd_start
+    local pair=(--etcd "$ETCD_URL" --pair bench --peer-listen 127.0.0.1:0)
+    node_start a "${pair[@]}" --node a
+    node_start b "${pair[@]}" --node b
+    node_start s
+    local i
+    for ((i = 0; i < 100; i++)); do
+        cli a pair status --json | grep -q '"up": *true' && break
+        sleep 0.2
+    done
+    for n in a b s; do cli "$n" image import golden "$golden" > /dev/null; done
+    rm -f "$golden"
+    cli a volume create vol --image golden > /dev/null
+    cli s volume create vol --image golden > /dev/null
+    for srv in $SERVERS; do
+        log "writing $srv's volume once"
+        fio --name=fill --ioengine=nbd --uri="$(uri "$srv")" --rw=write --bs=1M --iodepth=8 \
+            --end_fsync=1 > "$WORKDIR/fill-$srv.log" 2>&1 || die "filling $srv's volume failed"
+    done
+}
+
+no_stop() { :; }
+
+print_header() {
+    echo "# streamer pair benchmark: mirrored vs single node"
+    echo
+    echo "- date: $(date -Is)"
+    echo "- host: $(uname -sr), $(nproc) CPUs shared by both nodes of the pair, the single node, etcd and fio"
+    echo "- fio: $(fio --version), ioengine=nbd over TCP loopback, $ROUNDS rounds (medians), runtime ${RUNTIME}s per cell"
+    echo "- volumes: a clone of a $SIZE golden image of random data, written whole once before the cells"
+    echo "- pair: \`streamer serve --etcd URL --node a|b --pair bench --peer-listen ...\`, volume created on a (its owner), mirrored to b over the peer link; CPU us/IO is both nodes' together"
+    echo "- single: \`streamer serve --data-dir POOL --listen ...\` (no etcd)"
+}
+
+cleanup() {
+    local n
+    for n in a b s; do
+        [ -z "${PID[$n]:-}" ] || stop_pid "${PID[$n]}"
+    done
+    [ -z "$ETCD_PID" ] || stop_pid "$ETCD_PID"
+    [ "${CLEAN_WORKDIR:-0}" = 0 ] || rm -rf "$WORKDIR"
+}
+
+main() {
+    parse_args "$@"
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    make_workdir
+    setup
+    local header round row srv
+    header=$(print_header)
+    echo "$header" >&2
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for row in $ROWS; do
+            for srv in $SERVERS; do
+                sync
+                fio_cell "$round" "$row" tcp "$srv" "$(uri "$srv")" "$(pids "$srv")" no_stop
+            done
+        done
+    done
+    local report
+    report=$(printf '%s\n\n%s\n' "$header" "$(BENCH_REF=pair print_table "$RESULTS" "$SERVERS" "$ROWS" tcp "$TITLES" "sw8" "rw1 rwf1")")
+    echo "$report"
+    if [ -n "$OUT" ]; then echo "$report" > "$OUT"; fi
+}
+
+main "$@"
