@@ -35,10 +35,18 @@ pub const MAGIC: [u8; 8] = *b"STRMVOL1";
 pub const MAP_MAGIC: [u8; 8] = *b"STRMMAP1";
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Incompatible feature flags known to this version (none yet; see SPEC.md §5).
-pub const INCOMPAT_KNOWN: u64 = 0;
-/// Reserved: a persistent per-peer dirty bitmap for resync (incompatible when set).
+/// Incompatible feature flags known to this version (SPEC.md §5, §10).
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_PEER_DIRTY_BITMAP;
+/// The volume holds a peer dirty bitmap (SPEC.md §10): the blocks written since the pair's
+/// other replica last had them. A build that does not know it must not write the volume (its
+/// writes would not be recorded), so the bit is incompatible.
 pub const INCOMPAT_PEER_DIRTY_BITMAP: u64 = 1 << 0;
+/// The peer dirty bitmap's pages are numbered from here (their slots sit at
+/// `slot_offset(PEER_PAGE_BASE + q, s)`, far past any block map page: a 64 TiB volume has
+/// 532,611 map pages). The metadata file is sparse, so the gap costs nothing.
+pub const PEER_PAGE_BASE: u32 = 1 << 20;
+/// Where the peer dirty bitmap's slots begin in the metadata file.
+pub const PEER_OFFSET: u64 = MAP_OFFSET + 2 * PEER_PAGE_BASE as u64 * MAP_SLOT_BYTES as u64;
 /// Read-only-compatible flags known to this version.
 pub const RO_COMPAT_KNOWN: u64 = 0;
 
@@ -64,8 +72,9 @@ const _: () = assert!(
     MAP_SLOT_BYTES as u64 == BLOCK_BYTES,
     "one slot, one atomic page"
 );
+// The peer bitmap's page numbers start past the last map page of the largest volume.
 const _: () = assert!(
-    INCOMPAT_KNOWN & INCOMPAT_PEER_DIRTY_BITMAP == 0,
-    "reserved, not yet known"
+    ((1u64 << 46) / BLOCK_BYTES).div_ceil(BLOCKS_PER_MAP_PAGE) < PEER_PAGE_BASE as u64,
+    "peer bitmap pages must not collide with map pages"
 );
 const _: () = assert!(IMAGE_CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));

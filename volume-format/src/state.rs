@@ -65,9 +65,23 @@ pub struct Commit {
     sb: Superblock,
 }
 
+/// The peer dirty bitmap (SPEC.md §10) while the volume keeps one: a bit per block, set when a
+/// write, zeroing or trim of the block completes, cleared when the resync made the peer's copy
+/// of it equal. Its pages are committed with the block map's, by the same protocol, and always
+/// held in memory (32 KiB per GiB).
+struct PeerBitmap {
+    map: BlockMap,
+    versions: Vec<Option<PageVersion>>,
+}
+
 pub struct VolumeState {
     sb: Superblock,
     map: BlockMap,
+    peer: Option<PeerBitmap>,
+    /// Slots of the peer bitmap's region holding versions of a commit that never completed:
+    /// `(page, slot)`. The next commit zeroes them (unless it writes that slot), whether or not
+    /// a bitmap is kept then: their number is the one it takes.
+    peer_orphans: Vec<(u32, u8)>,
     versions: Vec<Option<PageVersion>>,
     /// The superblock changed (size, epoch, generation) and must be committed.
     sb_dirty: bool,
@@ -128,9 +142,15 @@ impl VolumeState {
         let map = BlockMap::new(blocks);
         let pages = map.pages() as usize;
         let committed = Box::new(sb.encode());
+        let peer = (sb.incompat & INCOMPAT_PEER_DIRTY_BITMAP != 0).then(|| PeerBitmap {
+            map: BlockMap::new(blocks),
+            versions: vec![None; pages],
+        });
         VolumeState {
             sb,
             map,
+            peer,
+            peer_orphans: Vec::new(),
             versions: vec![None; pages],
             sb_dirty: false,
             orphans: Vec::new(),
@@ -338,8 +358,72 @@ impl VolumeState {
         Ok(())
     }
 
+    /// Loads peer bitmap page `q` from its two slots (read whether or not the volume keeps a
+    /// bitmap: orphans there must be found either way). A version counts if the current bitmap
+    /// wrote it (numbered from `peer_since` up to the superblock's commit); older ones belong to
+    /// an earlier bitmap and are ignored; newer ones are orphans.
+    pub fn load_peer_page(
+        &mut self,
+        q: u32,
+        slots: [&[u8; MAP_SLOT_BYTES]; 2],
+    ) -> Result<(), FormatError> {
+        let index = PEER_PAGE_BASE + q;
+        let since = self.sb.peer_since;
+        let mut best: Option<(u8, slot::Slot)> = None;
+        for (s, bytes) in slots.iter().enumerate() {
+            let s = s as u8;
+            match slot::decode(bytes, index, s, &self.sb.volume_id) {
+                Ok(None) => {}
+                Ok(Some(v)) if v.seq > self.sb.sequence => {
+                    self.notes.push(format!(
+                        "peer bitmap page {q} slot {s}: from commit {} that never completed",
+                        v.seq
+                    ));
+                    self.peer_orphans.push((q, s));
+                }
+                Ok(Some(v)) if self.peer.is_none() || v.seq < since => {}
+                Ok(Some(v)) => {
+                    if best.as_ref().is_none_or(|(_, b)| v.seq > b.seq) {
+                        best = Some((s, v));
+                    }
+                }
+                Err(e) => self.notes.push(format!("peer bitmap: not usable: {e}")),
+            }
+        }
+        if let Some((s, v)) = best {
+            let peer = self.peer.as_mut().expect("checked above");
+            if q as usize >= peer.versions.len() {
+                return Err(FormatError::invariant(
+                    format!("peer bitmap page {q} slot {s}"),
+                    "a committed peer bitmap page beyond the end of the volume",
+                ));
+            }
+            peer.map.load_page(q, &v.words)?;
+            peer.versions[q as usize] = Some(PageVersion {
+                slot: s,
+                seq: v.seq,
+                crc: v.crc,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that the loaded pages are exactly the committed map.
     pub fn finish_load(mut self) -> Result<VolumeState, FormatError> {
+        if let Some(peer) = &mut self.peer {
+            let digest = peer_digest(&peer.versions);
+            if digest != self.sb.peer_digest {
+                return Err(FormatError::invariant(
+                    "peer dirty bitmap",
+                    format!(
+                        "digest {digest:#018x} does not match the committed {:#018x}: a \
+                         committed bitmap page is missing or damaged",
+                        self.sb.peer_digest
+                    ),
+                ));
+            }
+            peer.map.take_dirty();
+        }
         let digest = self.digest();
         if digest != self.sb.map_digest {
             let detail = if self.notes.is_empty() {
@@ -466,6 +550,93 @@ impl VolumeState {
         }
     }
 
+    // ---- the peer dirty bitmap (SPEC.md §10) ----
+
+    /// Whether the volume keeps a peer dirty bitmap.
+    pub fn peer_bitmap(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Starts a peer dirty bitmap (if none is kept): from now on every completed change sets
+    /// its blocks' bits. `peer_generation` records which generation the peer's replica was
+    /// left at. Durable with the next commit, which also numbers the bitmap (`peer_since`).
+    pub fn start_peer_bitmap(&mut self) {
+        if self.peer.is_some() {
+            return;
+        }
+        let blocks = self.map.blocks();
+        self.peer = Some(PeerBitmap {
+            map: BlockMap::new(blocks),
+            versions: vec![None; self.map.pages() as usize],
+        });
+        self.sb.incompat |= INCOMPAT_PEER_DIRTY_BITMAP;
+        self.sb.peer_generation = self.sb.generation;
+        self.sb.peer_digest = 0;
+        self.sb.peer_since = 0; // set by the commit that makes it durable
+        self.sb_dirty = true;
+    }
+
+    /// Sets the bits of `count` blocks from `first` (their change completed), if a bitmap is
+    /// kept.
+    pub fn mark_peer_dirty(&mut self, first: u64, count: u64) {
+        if let Some(p) = &mut self.peer {
+            let count = count.min(p.map.blocks().saturating_sub(first));
+            if count > 0 {
+                p.map.set(first, count, BlockState::Own);
+            }
+        }
+    }
+
+    /// Clears the bits of `count` blocks from `first` (the peer's copy of them is equal now).
+    pub fn clear_peer_dirty(&mut self, first: u64, count: u64) {
+        if let Some(p) = &mut self.peer {
+            let count = count.min(p.map.blocks().saturating_sub(first));
+            if count > 0 {
+                p.map.set(first, count, BlockState::Inherited);
+            }
+        }
+    }
+
+    /// Blocks whose bit is set.
+    pub fn peer_dirty_blocks(&self) -> u64 {
+        self.peer.as_ref().map_or(0, |p| p.map.own_blocks())
+    }
+
+    /// The first run of set bits at or after block `from`, at most `max` blocks long.
+    pub fn next_peer_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let p = self.peer.as_ref()?;
+        let blocks = p.map.blocks();
+        if from >= blocks {
+            return None;
+        }
+        p.map
+            .runs(from, blocks - from)
+            .find(|&(_, _, state)| state == BlockState::Own)
+            .map(|(start, count, _)| (start, count.min(max)))
+    }
+
+    /// Ends the bitmap once no bit is set (the peer is in sync again). Durable with the next
+    /// commit. Refused (false) while bits are set.
+    pub fn end_peer_bitmap(&mut self) -> bool {
+        match &self.peer {
+            None => return true,
+            Some(p) if p.map.own_blocks() > 0 => return false,
+            Some(_) => {}
+        }
+        self.peer = None;
+        self.sb.incompat &= !INCOMPAT_PEER_DIRTY_BITMAP;
+        self.sb.peer_since = 0;
+        self.sb.peer_digest = 0;
+        self.sb.peer_generation = [0; 16];
+        self.sb_dirty = true;
+        true
+    }
+
+    /// The generation the peer's replica was left at, while a bitmap is kept.
+    pub fn peer_generation(&self) -> Option<[u8; 16]> {
+        self.peer.as_ref().map(|_| self.sb.peer_generation)
+    }
+
     /// Arms a new epoch: the next write adopts `next_generation` (committed before it is done).
     pub fn begin_epoch(&mut self, epoch: u64, next_generation: [u8; 16]) {
         self.sb.epoch = epoch;
@@ -498,6 +669,10 @@ impl VolumeState {
         }
         self.map.grow(blocks_of(size));
         self.versions.resize(self.map.pages() as usize, None);
+        if let Some(p) = &mut self.peer {
+            p.map.grow(blocks_of(size));
+            p.versions.resize(self.map.pages() as usize, None);
+        }
         self.last_used.resize(self.map.pages() as usize, 0);
         self.sb.size_bytes = size;
         self.sb_dirty = true;
@@ -506,12 +681,14 @@ impl VolumeState {
 
     /// Whether a commit has anything to write.
     pub fn needs_commit(&self) -> bool {
-        self.sb_dirty || self.map.has_dirty()
+        self.sb_dirty
+            || self.map.has_dirty()
+            || self.peer.as_ref().is_some_and(|p| p.map.has_dirty())
     }
 
     /// Plans the next commit (step 1 of the protocol), or `None` when nothing changed.
     pub fn plan_commit(&mut self) -> Option<Commit> {
-        if !self.needs_commit() && self.orphans.is_empty() {
+        if !self.needs_commit() && self.orphans.is_empty() && self.peer_orphans.is_empty() {
             return None;
         }
         assert!(
@@ -543,10 +720,45 @@ impl VolumeState {
                 pages.push((slot::slot_offset(p, s), Box::new([0u8; MAP_SLOT_BYTES])));
             }
         }
+        // The peer bitmap's pages, by the same rule, numbered from PEER_PAGE_BASE. A bitmap
+        // started since the last commit is numbered from this one.
+        let mut peer_digest_now = self.sb.peer_digest;
+        let mut written: Vec<(u32, u8)> = Vec::new();
+        if let Some(peer) = &mut self.peer {
+            if self.sb.peer_since == 0 {
+                self.sb.peer_since = seq;
+            }
+            for q in peer.map.take_dirty() {
+                let old = peer.versions[q as usize];
+                let s = old.map_or(0, |v| 1 - v.slot);
+                let index = PEER_PAGE_BASE + q;
+                let (bytes, crc) =
+                    slot::encode(index, &self.sb.volume_id, seq, &peer.map.page_words(q));
+                if let Some(v) = old {
+                    peer_digest_now ^= slot::digest_share(index, v.seq, v.crc);
+                }
+                peer_digest_now ^= slot::digest_share(index, seq, crc);
+                pages.push((slot::slot_offset(index, s), Box::new(bytes)));
+                versions.push((index, PageVersion { slot: s, seq, crc }));
+                written.push((q, s));
+            }
+        }
+        // Orphans in the peer region are overwritten now: their number is this commit's.
+        for &(q, s) in &self.peer_orphans {
+            if !written.contains(&(q, s)) {
+                let at = slot::slot_offset(PEER_PAGE_BASE + q, s);
+                pages.push((at, Box::new([0u8; MAP_SLOT_BYTES])));
+            }
+        }
         self.sb_dirty = false;
         let mut sb = self.sb.clone();
         sb.sequence = seq;
         sb.map_digest = digest;
+        sb.peer_digest = if self.peer.is_some() {
+            peer_digest_now
+        } else {
+            0
+        };
         let bytes = Box::new(sb.encode());
         let previous = (self.b_seq != self.sb.sequence).then(|| self.committed.clone());
         self.commit_in_flight = true;
@@ -563,8 +775,22 @@ impl VolumeState {
     /// Installs a commit whose every step completed (step 5).
     pub fn commit_done(&mut self, c: Commit) {
         for (p, v) in c.versions {
+            if p >= PEER_PAGE_BASE {
+                // Only into the bitmap this commit wrote: one ended (or ended and started
+                // again, numbered from a later commit) after it was planned keeps none.
+                if let Some(peer) = &mut self.peer
+                    && self.sb.peer_since == c.sb.peer_since
+                {
+                    peer.versions[(p - PEER_PAGE_BASE) as usize] = Some(v);
+                }
+                continue;
+            }
             self.versions[p as usize] = Some(v);
         }
+        if self.peer.is_some() && self.sb.peer_since == c.sb.peer_since {
+            self.sb.peer_digest = c.sb.peer_digest;
+        }
+        self.peer_orphans.clear();
         // Fields changed in memory after planning (a later epoch or size) set `sb_dirty` again
         // and go with the next commit.
         self.sb.sequence = c.sb.sequence;
@@ -574,6 +800,15 @@ impl VolumeState {
         self.b_seq = c.seq; // the driver wrote copy B last
         self.commit_in_flight = false;
     }
+}
+
+/// The peer bitmap's digest: as the map's (SPEC.md §6), over its pages' current versions.
+fn peer_digest(versions: &[Option<PageVersion>]) -> u64 {
+    versions
+        .iter()
+        .enumerate()
+        .filter_map(|(q, v)| v.map(|v| slot::digest_share(PEER_PAGE_BASE + q as u32, v.seq, v.crc)))
+        .fold(0, |a, b| a ^ b)
 }
 
 fn check_size(size: u64, backing: Option<&ImageRef>) -> Result<(), String> {

@@ -23,8 +23,11 @@ mod at {
     pub const SEQUENCE: usize = 160;
     pub const FLAGS: usize = 168;
     pub const NEXT_GENERATION: usize = 176;
+    pub const PEER_SINCE: usize = 192;
+    pub const PEER_DIGEST: usize = 200;
+    pub const PEER_GENERATION: usize = 208;
     /// First byte after the fields; the rest of the slot is zero up to the checksum.
-    pub const END: usize = 192;
+    pub const END: usize = 224;
     pub const CRC: usize = super::SUPERBLOCK_SLOT_BYTES - 4;
 }
 
@@ -60,6 +63,12 @@ pub struct Superblock {
     pub flags: u64,
     /// The generation the first write of the current epoch adopts (while `FLAG_GENERATION_ARMED`).
     pub next_generation: [u8; 16],
+    /// With `INCOMPAT_PEER_DIRTY_BITMAP` (SPEC.md §10): the commit that started the peer dirty
+    /// bitmap (its page versions are numbered from it), the bitmap's digest, and the generation
+    /// the peer's replica was left at. All zero without the feature.
+    pub peer_since: u64,
+    pub peer_digest: u64,
+    pub peer_generation: [u8; 16],
 }
 
 impl Superblock {
@@ -81,6 +90,9 @@ impl Superblock {
             sequence: 1,
             flags: 0,
             next_generation: [0; 16],
+            peer_since: 0,
+            peer_digest: 0,
+            peer_generation: [0; 16],
         }
     }
 
@@ -118,6 +130,17 @@ impl Superblock {
             "a next generation without an armed epoch",
         )?;
         inv(self.sequence > 0, "sequence zero")?;
+        if self.incompat & INCOMPAT_PEER_DIRTY_BITMAP != 0 {
+            inv(
+                self.peer_since > 0 && self.peer_since <= self.sequence,
+                "a peer dirty bitmap started by no commit, or by a later one",
+            )?;
+        } else {
+            inv(
+                self.peer_since == 0 && self.peer_digest == 0 && self.peer_generation == [0; 16],
+                "peer dirty bitmap fields without the feature",
+            )?;
+        }
         Ok(())
     }
 
@@ -146,6 +169,9 @@ impl Superblock {
         put(at::SEQUENCE, &self.sequence.to_le_bytes());
         put(at::FLAGS, &self.flags.to_le_bytes());
         put(at::NEXT_GENERATION, &self.next_generation);
+        put(at::PEER_SINCE, &self.peer_since.to_le_bytes());
+        put(at::PEER_DIGEST, &self.peer_digest.to_le_bytes());
+        put(at::PEER_GENERATION, &self.peer_generation);
         let crc = crc32c::crc32c(&b[..at::CRC]);
         b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -224,6 +250,11 @@ impl Superblock {
             next_generation: b[at::NEXT_GENERATION..at::NEXT_GENERATION + 16]
                 .try_into()
                 .expect("16 bytes"),
+            peer_since: u64_at(at::PEER_SINCE),
+            peer_digest: u64_at(at::PEER_DIGEST),
+            peer_generation: b[at::PEER_GENERATION..at::PEER_GENERATION + 16]
+                .try_into()
+                .expect("16 bytes"),
         };
         sb.check()?;
         Ok(sb)
@@ -290,17 +321,17 @@ mod tests {
 
     #[test]
     fn unknown_incompatible_feature_and_version_are_refused() {
-        let mut sb = sample();
-        sb.incompat = INCOMPAT_PEER_DIRTY_BITMAP;
-        // Encode bypasses nothing: set the bit in raw bytes and re-checksum.
+        // A feature bit this build does not know (bit 1): encode bypasses nothing, so set it
+        // in raw bytes and re-checksum.
+        let unknown = 1u64 << 1;
+        assert_eq!(INCOMPAT_KNOWN & unknown, 0);
         let mut b = sample().encode();
-        b[at::INCOMPAT..at::INCOMPAT + 8].copy_from_slice(&sb.incompat.to_le_bytes());
+        b[at::INCOMPAT..at::INCOMPAT + 8]
+            .copy_from_slice(&(unknown | INCOMPAT_KNOWN).to_le_bytes());
         reseal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
-            Err(FormatError::UnknownIncompatibleFeatures(
-                INCOMPAT_PEER_DIRTY_BITMAP
-            ))
+            Err(FormatError::UnknownIncompatibleFeatures(unknown))
         );
         let mut b = sample().encode();
         b[at::VERSION..at::VERSION + 4].copy_from_slice(&2u32.to_le_bytes());

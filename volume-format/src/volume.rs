@@ -410,7 +410,9 @@ impl<S: Storage> Volume<S> {
                 pos = piece_end;
             }
             Ok(())
-        })
+        })?;
+        self.mark_peer_dirty(offset, data.len() as u64);
+        Ok(())
     }
 
     // ---- the asynchronous data path (the io_uring engine) -------------------------------------
@@ -495,6 +497,7 @@ impl<S: Storage> Volume<S> {
             let first = offset / BLOCK_BYTES;
             let last = (offset + len - 1) / BLOCK_BYTES;
             self.st.mark_own(first, last - first + 1);
+            self.st.mark_peer_dirty(first, last - first + 1);
         }
     }
 
@@ -593,7 +596,19 @@ impl<S: Storage> Volume<S> {
                 pos = piece_end;
             }
             Ok(())
-        })
+        })?;
+        self.mark_peer_dirty(offset, len);
+        Ok(())
+    }
+
+    /// Sets the peer dirty bits of the blocks `[offset, offset+len)` touches (after a change
+    /// of them completed), if the volume keeps a peer bitmap.
+    fn mark_peer_dirty(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            let first = offset / BLOCK_BYTES;
+            let last = (offset + len - 1) / BLOCK_BYTES;
+            self.st.mark_peer_dirty(first, last - first + 1);
+        }
     }
 
     pub fn trim(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -658,6 +673,69 @@ impl<S: Storage> Volume<S> {
             v.st.grow(size).map_err(VolumeError::Invalid)?;
             v.commit()
         })
+    }
+
+    // ---- the peer dirty bitmap (SPEC.md §10) -------------------------------------------------
+
+    /// Starts keeping a peer dirty bitmap (the pair's other replica stopped taking writes):
+    /// every change completed from now on sets its blocks' bits, and `extra` (changes that
+    /// completed before, which the peer did not take) are set now. Committed before it returns,
+    /// so the volume is known to keep one from then on, whatever happens.
+    pub fn start_peer_bitmap(&mut self, extra: &[(u64, u64)]) -> Result<(), VolumeError> {
+        self.live()?;
+        self.latching(|v| {
+            v.st.start_peer_bitmap();
+            for &(offset, len) in extra {
+                v.mark_peer_dirty(offset, len);
+            }
+            v.commit()
+        })
+    }
+
+    /// Sets the bits of `[offset, offset+len)` (a change the peer did not take).
+    pub fn mark_peer_dirty_range(&mut self, offset: u64, len: u64) {
+        self.mark_peer_dirty(offset, len);
+    }
+
+    /// Whether the volume keeps a peer dirty bitmap.
+    pub fn peer_bitmap(&self) -> bool {
+        self.st.peer_bitmap()
+    }
+
+    /// Blocks whose peer dirty bit is set.
+    pub fn peer_dirty_blocks(&self) -> u64 {
+        self.st.peer_dirty_blocks()
+    }
+
+    /// The first run of set bits at or after block `from`, at most `max` blocks.
+    pub fn next_peer_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        self.st.next_peer_dirty(from, max)
+    }
+
+    /// Clears the bits of `count` blocks from `first`: the peer's copy of them is equal (and
+    /// durable there). Durable here with the next commit; until then a crash sets them again,
+    /// which only repeats work.
+    pub fn clear_peer_dirty(&mut self, first: u64, count: u64) {
+        self.st.clear_peer_dirty(first, count);
+    }
+
+    /// Stops keeping the bitmap once no bit is set, committed before it returns. False while
+    /// bits are set (nothing changes).
+    pub fn end_peer_bitmap(&mut self) -> Result<bool, VolumeError> {
+        self.live()?;
+        if self.st.peer_dirty_blocks() > 0 {
+            return Ok(false);
+        }
+        self.latching(|v| {
+            let ended = v.st.end_peer_bitmap();
+            v.commit()?;
+            Ok(ended)
+        })
+    }
+
+    /// The generation the peer's replica was left at, while a bitmap is kept.
+    pub fn peer_generation(&self) -> Option<[u8; 16]> {
+        self.st.peer_generation()
     }
 
     /// Starts a new epoch (replication): the first write after it adopts `next_generation`.
@@ -804,20 +882,8 @@ pub(crate) fn load_state<S: Storage>(
     let mut st = VolumeState::begin_load(&a, &b)?;
     st.set_cache_pages(cache_pages);
     // Pages ever written are the ones with allocated slots; a fresh clone has none.
-    let mut pages = Vec::new();
-    let mut pos = MAP_OFFSET;
-    while let Some(d) = meta.seek_data(pos)? {
-        let d = d.max(MAP_OFFSET);
-        let h = meta.seek_hole(d)?.max(d + 1);
-        let first = (d - MAP_OFFSET) / (2 * MAP_SLOT_BYTES as u64);
-        let last = (h - 1 - MAP_OFFSET) / (2 * MAP_SLOT_BYTES as u64);
-        for p in first..=last {
-            if pages.last() != Some(&p) {
-                pages.push(p);
-            }
-        }
-        pos = h;
-    }
+    let pages = written_pages(meta, MAP_OFFSET, PEER_OFFSET)?;
+    let peer_pages = written_pages(meta, PEER_OFFSET, u64::MAX)?;
     for p in pages {
         let p = u32::try_from(p).map_err(|_| {
             FormatError::invariant("block map", "metadata file holds a page beyond any volume")
@@ -828,6 +894,19 @@ pub(crate) fn load_state<S: Storage>(
         }
         st.load_page(p, [&slots[0], &slots[1]])?;
     }
+    for q in peer_pages {
+        let q = u32::try_from(q)
+            .ok()
+            .filter(|&q| q < u32::MAX - PEER_PAGE_BASE)
+            .ok_or_else(|| {
+                FormatError::invariant("peer dirty bitmap", "a page beyond any volume")
+            })?;
+        let mut slots = [[0u8; MAP_SLOT_BYTES]; 2];
+        for (s, buf) in slots.iter_mut().enumerate() {
+            meta.read_at(crate::slot::slot_offset(PEER_PAGE_BASE + q, s as u8), buf)?;
+        }
+        st.load_peer_page(q, [&slots[0], &slots[1]])?;
+    }
     let mut st = st.finish_load()?;
     // Orphans evicted while loading are read back now: the next commit must rewrite them.
     for p in st.orphans_to_reload() {
@@ -836,6 +915,32 @@ pub(crate) fn load_state<S: Storage>(
         st.reload_page(p, &buf)?;
     }
     Ok(st)
+}
+
+/// The indices (from `from`) of the page slot pairs in `[from, to)` of the metadata file
+/// that hold any data: the pages ever written (a fresh clone has none).
+fn written_pages<S: Storage>(meta: &mut S, from: u64, to: u64) -> Result<Vec<u64>, VolumeError> {
+    let mut pages = Vec::new();
+    let mut pos = from;
+    while pos < to {
+        let Some(d) = meta.seek_data(pos)? else {
+            break;
+        };
+        let d = d.max(from);
+        if d >= to {
+            break;
+        }
+        let h = meta.seek_hole(d)?.max(d + 1).min(to);
+        let first = (d - from) / (2 * MAP_SLOT_BYTES as u64);
+        let last = (h - 1 - from) / (2 * MAP_SLOT_BYTES as u64);
+        for p in first..=last {
+            if pages.last() != Some(&p) {
+                pages.push(p);
+            }
+        }
+        pos = h;
+    }
+    Ok(pages)
 }
 
 /// Writes a planned commit to the metadata file in the order SPEC.md §6 requires: pages (and a
