@@ -190,28 +190,26 @@ fn a_volume_is_not_created_without_the_peer() {
     a.server.stop();
 }
 
-/// A write is acknowledged only when it is on both nodes: with the peer killed, writes fail
-/// (within the peer timeout) instead of being acknowledged by the owner alone, reads go on,
-/// and the alert says the replicas may differ.
-#[test]
-fn a_dead_peer_fails_writes_rather_than_acknowledging_them_alone() {
-    let etcd = Etcd::start();
-    let scratch = Scratch::new("mirror-dead");
-    let (a, mut b) = pair_with_image(&etcd, &scratch);
-    cli(&a, &["volume", "create", "v1", "--image", "g"]);
-    let code = "import nbd, sys, time, errno\n\
-                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
-                h.pwrite(b'a' * 4096, 0); h.flush()\n\
-                print('ready', flush=True)\n\
-                sys.stdin.readline()\n\
-                t = time.time()\n\
-                try:\n\
-                \x20   h.pwrite(b'b' * 4096, 4096); h.flush(); print('acknowledged')\n\
-                except nbd.Error as e:\n\
-                \x20   print('failed', e.errnum == errno.EIO, round(time.time() - t))\n\
-                print('read', h.pread(4096, 0) == b'a' * 4096)\n";
+/// A python libnbd client of `uri` that writes 4 KiB at 0 and flushes, says "ready", waits for
+/// a line on stdin, then writes 4 KiB at 4096 and flushes and reports how that went and how
+/// long it took, and reads block 0 back.
+const WRITER: &str = "import nbd, sys, time, errno\n\
+    h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+    h.pwrite(b'a' * 4096, 0); h.flush()\n\
+    print('ready', flush=True)\n\
+    sys.stdin.readline()\n\
+    t = time.time()\n\
+    try:\n\
+    \x20   h.pwrite(b'b' * 4096, 4096); h.flush(); print('acknowledged', round(time.time() - t))\n\
+    except nbd.Error as e:\n\
+    \x20   print('failed', e.errnum == errno.EIO, round(time.time() - t))\n\
+    print('read', h.pread(4096, 0) == b'a' * 4096)\n";
+
+/// Runs WRITER on `uri`; `between` runs after "ready" and before the second write. Returns the
+/// lines the client printed after "ready".
+fn write_across(uri: &str, between: impl FnOnce()) -> Vec<String> {
     let mut child = std::process::Command::new("timeout")
-        .args(["60", "/usr/bin/python3", "-c", code, &a.server.uri("v1")])
+        .args(["60", "/usr/bin/python3", "-c", WRITER, uri])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -220,25 +218,88 @@ fn a_dead_peer_fails_writes_rather_than_acknowledging_them_alone() {
     let mut line = [0u8; 6];
     out.read_exact(&mut line).unwrap();
     assert_eq!(&line, b"ready\n");
-    let pid = nix::unistd::Pid::from_raw(b.server.pid());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_until(10, "b gone", || !b.server.alive());
+    between();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     child.wait().unwrap();
-    let mut lines = rest.lines();
-    let first = lines.next().unwrap_or_default();
-    assert!(first.starts_with("failed True"), "{rest}");
-    // The peer timeout is 2 s (node_args); the tick adds up to a second.
-    let secs: u64 = first.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(secs <= 10, "the write waited {secs} s: {rest}");
-    assert_eq!(lines.next(), Some("read True"), "{rest}");
+    rest.lines().map(str::to_owned).collect()
+}
+
+fn kill9(server: &mut common::Server) {
+    let pid = nix::unistd::Pid::from_raw(server.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(10, "the process gone", || !server.alive());
+}
+
+/// With the peer killed, the owner records the peer's replica stale in etcd and then
+/// acknowledges writes alone (degraded), within the peer timeout; the blocks written are kept
+/// in the volume's peer dirty bitmap, which survives a restart of the owner; the returning
+/// peer refuses reads of its stale replica instead of serving old data.
+#[test]
+fn a_dead_peer_degrades_the_volume_and_writes_go_on() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-degrade");
+    let (a, mut b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let lines = write_across(&a.server.uri("v1"), || kill9(&mut b.server));
+    assert!(lines[0].starts_with("acknowledged"), "{lines:?}");
+    // The peer timeout is 2 s (node_args); a tick and etcd add a few.
+    let secs: u64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs <= 10, "the write waited {secs} s");
+    assert_eq!(lines[1], "read True");
     let alerts = a.alerts().join("\n");
-    assert!(
-        alerts.contains("volume v1: the replicas may differ"),
-        "{alerts}"
-    );
+    assert!(alerts.contains("volume v1 degraded since"), "{alerts}");
+    // More writes, acknowledged here alone, all in the bitmap (fio verifies them).
+    fio_verify(&a.server.uri("v1"), "1", "2");
+
+    // The owner restarts degraded: the bitmap is in the volume, not in memory.
+    let dir_a = a.dir;
+    a.server.stop();
+    let a = Node::start_in(dir_a, "a", &etcd, "5");
+    let alerts = a.alerts().join("\n");
+    assert!(alerts.contains("volume v1 degraded since"), "{alerts}");
+    assert!(!alerts.contains(" 0 B to resync"), "{alerts}");
+    let lines = write_across(&a.server.uri("v1"), || {});
+    assert!(lines[0].starts_with("acknowledged"), "{lines:?}");
+
+    // The peer returns (once its lease let go of its name): its replica is stale, and reads
+    // of it are refused.
+    wait_until(20, "b's presence expired", || {
+        cluster::node_up(&a.pair_status(), "b") == Some(false)
+    });
+    let b = Node::start_in(b.dir, "b", &etcd, "5");
+    wait_until(20, "the link up", || cluster::link_up(&b.pair_status()));
+    let code = "import nbd, sys, errno\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                try:\n\
+                \x20   h.pread(4096, 0); print('served')\n\
+                except nbd.Error as e:\n\
+                \x20   print('refused', e.errnum == errno.EIO)\n";
+    let out = stdout(&run("/usr/bin/python3", &["-c", code, &b.server.uri("v1")]));
+    assert_eq!(out.trim(), "refused True");
+    b.server.stop();
+    a.server.stop();
+}
+
+/// With the peer and etcd both gone, the owner cannot record the peer stale: writes fail
+/// (`EIO`) rather than being acknowledged on one node unknown to the pair; reads go on.
+#[test]
+fn without_etcd_a_dead_peer_fails_writes() {
+    let mut etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-noetcd");
+    let (a, mut b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let lines = write_across(&a.server.uri("v1"), || {
+        etcd.kill();
+        kill9(&mut b.server);
+    });
+    assert!(lines[0].starts_with("failed True"), "{lines:?}");
+    let secs: u64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs <= 30, "the write waited {secs} s");
+    assert_eq!(lines[1], "read True");
+    let alerts = a.alerts().join("\n");
+    assert!(alerts.contains("could not be recorded stale"), "{alerts}");
     a.server.stop();
 }
 

@@ -15,7 +15,7 @@ mod volumes;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use volumes::VolumeRecord;
+pub use volumes::{ReplicaRecord, VolumeRecord};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use parking_lot::Mutex;
@@ -85,6 +85,8 @@ pub enum ClusterError {
     Contended,
     #[error("pair {pair} already has a volume named {name:?}")]
     VolumeExists { pair: String, name: String },
+    #[error("volume {name:?} is no longer this node's (its record in etcd changed)")]
+    Deposed { name: String },
     #[error("starting the etcd client's thread: {0}")]
     Runtime(std::io::Error),
 }

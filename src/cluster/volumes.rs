@@ -183,3 +183,108 @@ impl Cluster {
         result
     }
 }
+
+/// A replica's state, as etcd records it (`replicas/NAME/NODE`); no record means in sync.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// `stale`: it missed writes since `since_unix` (the owner acknowledged them alone).
+    pub state: String,
+    /// The owner's generation when the replica went stale (hex).
+    pub generation: String,
+    pub since_unix: u64,
+    /// The owner that recorded it, and its fencing token then.
+    pub by: String,
+    pub token: u64,
+}
+
+impl Cluster {
+    fn replica_key(&self, name: &str, node: &str) -> String {
+        Self::key(&self.cfg.pair, &format!("replicas/{name}/{node}"))
+    }
+
+    /// Replica `node` of volume `name`: `None` when in sync (no record).
+    pub fn replica_record(
+        &self,
+        name: &str,
+        node: &str,
+    ) -> Result<Option<ReplicaRecord>, ClusterError> {
+        let key = self.replica_key(name, node);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let r = client.get(key.clone(), None).await?;
+            r.kvs()
+                .first()
+                .map(|kv| {
+                    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Corrupt {
+                        key: key.clone(),
+                        message: e.to_string(),
+                    })
+                })
+                .transpose()
+        });
+        self.note(&result);
+        result
+    }
+
+    /// Records the peer's replica of `name` stale, only while the volume's record is still
+    /// `owned` (this node the owner, with that token): a deposed owner cannot. The write the
+    /// owner then acknowledges alone is known to be missing on the peer before it is
+    /// acknowledged (`docs/pair.md` §4).
+    pub fn mark_replica_stale(
+        &self,
+        name: &str,
+        owned: &VolumeRecord,
+        generation: &str,
+    ) -> Result<(), ClusterError> {
+        let peer = self
+            .peer()?
+            .map(|m| m.name)
+            .ok_or(ClusterError::Contended)?;
+        let vkey = self.volume_key(name);
+        let rkey = self.replica_key(name, &peer);
+        let expected = serde_json::to_vec(owned).expect("a record serialises");
+        let rec = ReplicaRecord {
+            state: "stale".into(),
+            generation: generation.into(),
+            since_unix: super::now_unix(),
+            by: self.cfg.node.clone(),
+            token: owned.token,
+        };
+        let value = serde_json::to_vec(&rec).expect("a record serialises");
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            // An existing stale record stays (its time and generation are the first miss).
+            let txn = Txn::new()
+                .when([
+                    Compare::value(vkey.clone(), CompareOp::Equal, expected),
+                    Compare::create_revision(rkey.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(rkey.clone(), value, None)])
+                .or_else([
+                    TxnOp::get(vkey.clone(), None),
+                    TxnOp::get(rkey.clone(), None),
+                ]);
+            let r = client.txn(txn).await?;
+            if r.succeeded() {
+                return Ok(());
+            }
+            // Failed: either the replica was already stale (fine, if the volume is still ours)
+            // or the volume changed owner.
+            let now = client.get(vkey.clone(), None).await?;
+            let still_ours = now
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == serde_json::to_vec(owned).expect("serialises"));
+            let stale = !client.get(rkey.clone(), None).await?.kvs().is_empty();
+            if still_ours && stale {
+                Ok(())
+            } else {
+                Err(ClusterError::Deposed {
+                    name: name.to_owned(),
+                })
+            }
+        });
+        self.note(&result);
+        result
+    }
+}

@@ -59,7 +59,15 @@ impl Node {
             link.serve_replicas(Arc::new(super::replicas::ReplicaService(Arc::downgrade(
                 self,
             ))));
+            let weak = Arc::downgrade(self);
+            link.on_up(Box::new(move || {
+                if let Some(node) = weak.upgrade() {
+                    node.refresh_stale();
+                }
+            }));
         }
+        // Before any mirror exists: each takes the degrade thread's sender.
+        self.start_degrade_thread();
         *self.pair.lock() = Some(pair);
         self.finish_interrupted_creates();
         let waiting = std::mem::take(&mut *self.pair_volumes.unserved.lock());

@@ -26,7 +26,7 @@ use super::{Node, NodeError};
 use crate::cluster::VolumeRecord;
 use crate::peer::replica::{Replica, Replicas};
 use crate::pool::PAIR_RECORD;
-use crate::target::{BlockTarget, Mirror, ReadOnly, VolumeTarget};
+use crate::target::{BlockTarget, Degrader, Mirror, PeerState, ReadOnly, VolumeTarget};
 
 /// `pair.json` beside a pair volume's files.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +46,10 @@ pub(super) struct PairVolumes {
     mirrors: Mutex<BTreeMap<String, Arc<Mirror>>>,
     /// Local pair volumes not served, with the reason (orphans, volumes of another pair).
     pub unserved: Mutex<BTreeMap<String, String>>,
+    /// Names of mirrors whose peer failed, for the degrade thread (`Node::degrade`).
+    degrade_tx: Mutex<Option<std::sync::mpsc::Sender<String>>>,
+    /// Replicas recorded stale in etcd (their reads refused), by name.
+    stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
 }
 
 /// A CONTROL request from the peer.
@@ -153,7 +157,23 @@ impl Node {
                     local.token, rec.token
                 )));
             }
-            let m = Arc::new(Mirror::new(target.clone(), rec.id, rec.token));
+            // A volume that keeps a peer bitmap is degraded: since when, etcd says.
+            let degraded = target.peer_bitmap().map(|_| {
+                let since = cluster
+                    .peer()
+                    .ok()
+                    .flatten()
+                    .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten())
+                    .map_or(0, |r| r.since_unix);
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(since)
+            });
+            let m = Arc::new(Mirror::new(
+                target.clone(),
+                rec.id,
+                rec.token,
+                degraded,
+                self.degrader(),
+            ));
             self.pair_volumes
                 .mirrors
                 .lock()
@@ -186,12 +206,119 @@ impl Node {
             store,
         ));
         self.pair_volumes.replicas.write().insert(local.id, replica);
-        Ok(Arc::new(ReadOnly(target.clone())))
+        let stale = Arc::new(std::sync::atomic::AtomicBool::new(
+            cluster
+                .replica_record(name, &me)
+                .map_err(pair_err)?
+                .is_some(),
+        ));
+        self.pair_volumes
+            .stale
+            .lock()
+            .insert(name.to_owned(), stale.clone());
+        let link_up = self
+            .pair
+            .lock()
+            .as_ref()
+            .and_then(|p| p.link().map(|l| l.up_flag()))
+            .unwrap_or_default();
+        Ok(Arc::new(ReadOnly::new(target.clone(), stale, link_up)))
+    }
+
+    /// The degrader every mirror of this node calls when its peer failed: hands the volume's
+    /// name to the degrade thread.
+    fn degrader(&self) -> Degrader {
+        let tx = self.pair_volumes.degrade_tx.lock().clone();
+        Arc::new(move |name: &str| {
+            if let Some(tx) = &tx {
+                let _ = tx.send(name.to_owned());
+            }
+        })
+    }
+
+    /// Starts the thread that records peers stale for the mirrors (`docs/pair.md` §4).
+    pub(super) fn start_degrade_thread(self: &Arc<Self>) {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        *self.pair_volumes.degrade_tx.lock() = Some(tx);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("streamer-degrade".into())
+            .spawn(move || {
+                loop {
+                    match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Ok(name) => match weak.upgrade() {
+                            Some(node) => node.degrade(&name),
+                            None => return,
+                        },
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("starting the degrade thread: {e}");
+        }
+    }
+
+    /// Mirror `name`'s peer failed: record the peer's replica stale in etcd (only while this
+    /// node owns the volume with the mirror's token), then start the volume's peer dirty
+    /// bitmap with the ranges the peer missed; the mirror's parked requests then complete.
+    /// Either failing, they fail.
+    fn degrade(&self, name: &str) {
+        let Some(m) = self.pair_volumes.mirrors.lock().get(name).cloned() else {
+            return;
+        };
+        let ranges = m.pending_ranges();
+        let outcome = (|| {
+            let (cluster, me) = self.this_node().ok_or("this node left the pair")?;
+            let rec = cluster
+                .volume_record(name)
+                .map_err(|e| e.to_string())?
+                .ok_or("the volume has no record in etcd")?;
+            if rec.owner != me || rec.token != m.token() {
+                return Err(format!(
+                    "node {} owns the volume now (token {})",
+                    rec.owner, rec.token
+                ));
+            }
+            cluster
+                .mark_replica_stale(name, &rec, &m.volume().generation())
+                .map_err(|e| e.to_string())?;
+            m.volume()
+                .start_peer_bitmap(&ranges)
+                .map_err(|e| format!("starting the peer dirty bitmap: {e}"))
+        })();
+        let retry = if outcome.is_err() { ranges } else { Vec::new() };
+        m.degrade_done(outcome, &retry);
+    }
+
+    /// The control link came up: replicas learn again whether etcd records them stale.
+    pub(super) fn refresh_stale(&self) {
+        let Some((cluster, me)) = self.this_node() else {
+            return;
+        };
+        let stale: Vec<(String, Arc<std::sync::atomic::AtomicBool>)> = self
+            .pair_volumes
+            .stale
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, flag) in stale {
+            if let Ok(r) = cluster.replica_record(&name, &me) {
+                flag.store(r.is_some(), std::sync::atomic::Ordering::Release);
+            }
+        }
     }
 
     /// The volume left this node's service (offline or deleted): the link no longer writes it.
     pub(super) fn forget_pair_volume(&self, name: &str) {
         self.pair_volumes.mirrors.lock().remove(name);
+        self.pair_volumes.stale.lock().remove(name);
         self.pair_volumes
             .replicas
             .write()
@@ -423,10 +550,25 @@ impl Node {
     pub(super) fn pair_volume_alerts(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (name, m) in self.pair_volumes.mirrors.lock().iter() {
+            if let PeerState::Degraded { since } = m.peer_state() {
+                let blocks = m.volume().peer_bitmap().unwrap_or(0);
+                out.push(format!(
+                    "volume {name} degraded since {} s ago: the peer's replica is stale, {} to \
+                     resync (resync is not built yet)",
+                    since.elapsed().map_or(0, |d| d.as_secs()),
+                    indicatif::HumanBytes(blocks * 4096)
+                ));
+            }
+            if let Some((_, why)) = m.degrade_failure() {
+                out.push(format!(
+                    "volume {name}: writes fail: the peer's replica could not be recorded stale \
+                     ({why})"
+                ));
+            }
             if let Some((_, why)) = m.diverged() {
                 out.push(format!(
-                    "volume {name}: the replicas may differ ({why}); writes fail until the peer \
-                     answers, and resync is not built yet"
+                    "volume {name}: the replicas may differ ({why}): a write failed here after \
+                     the peer took it"
                 ));
             }
         }

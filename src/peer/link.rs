@@ -62,6 +62,10 @@ impl LinkState {
 
 struct Shared {
     state: Mutex<LinkState>,
+    /// Whether the control link is up now (what read-only replicas check on every read).
+    up: Arc<AtomicBool>,
+    /// Called (on the dialer's thread) each time the control link comes up.
+    on_up: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     stop: AtomicBool,
     incoming: AtomicUsize,
     /// The connections being served (to shut down at stop), by id, and their threads.
@@ -90,6 +94,8 @@ impl Shared {
             _ => true,
         };
         if changed {
+            self.up
+                .store(matches!(new, LinkState::Up { .. }), Ordering::Release);
             match &new {
                 LinkState::Up { peer, .. } => tracing::info!(peer = %peer, "peer link up"),
                 LinkState::Down { reason, .. } => tracing::warn!("peer link down: {reason}"),
@@ -125,6 +131,8 @@ impl PeerLink {
                 reason: "not connected yet".into(),
                 since: SystemTime::now(),
             }),
+            up: Arc::new(AtomicBool::new(false)),
+            on_up: Mutex::new(None),
             stop: AtomicBool::new(false),
             incoming: AtomicUsize::new(0),
             served: Mutex::new(Vec::new()),
@@ -155,6 +163,16 @@ impl PeerLink {
 
     pub fn state(&self) -> LinkState {
         self.shared.state.lock().clone()
+    }
+
+    /// A flag that is true while the control link is up.
+    pub fn up_flag(&self) -> Arc<AtomicBool> {
+        self.shared.up.clone()
+    }
+
+    /// Calls `f` (on the dialer's thread) each time the control link comes up.
+    pub fn on_up(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.shared.on_up.lock() = Some(f);
     }
 
     /// Serves the peer's data links and control requests from now on (before this, they are
@@ -627,6 +645,9 @@ fn dial(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) -> Result<(),
         peer: name.into(),
         since: SystemTime::now(),
     });
+    if let Some(f) = shared.on_up.lock().as_ref() {
+        f();
+    }
     loop {
         dial_data(name, addr, shared, cookie);
         if nap(shared, PING_EVERY) {

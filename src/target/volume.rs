@@ -293,6 +293,30 @@ impl VolumeTarget {
         Ok(())
     }
 
+    /// Starts the peer dirty bitmap (volume-format SPEC.md §10) with `extra` ranges set (changes
+    /// that completed before, which the peer did not take); committed before it returns.
+    pub fn start_peer_bitmap(&self, extra: &[(u64, u64)]) -> Result<(), VolumeError> {
+        let _commit = self.shared.meta.lock();
+        let mut vol = self.shared.vol.lock();
+        vol.start_peer_bitmap(extra)
+    }
+
+    /// Sets the peer dirty bits of a range (a change the peer did not take).
+    pub fn mark_peer_dirty(&self, offset: u64, len: u64) {
+        self.shared.vol.lock().mark_peer_dirty_range(offset, len);
+    }
+
+    /// Whether the volume keeps a peer dirty bitmap, and how many blocks it has set.
+    pub fn peer_bitmap(&self) -> Option<u64> {
+        let vol = self.shared.vol.lock();
+        vol.peer_bitmap().then(|| vol.peer_dirty_blocks())
+    }
+
+    /// The volume's generation (hex), what a replica left behind is measured from.
+    pub fn generation(&self) -> String {
+        volume_format::image::hex(&self.shared.vol.lock().state().superblock().generation)
+    }
+
     /// Commits everything and makes the superblock's second copy durable (before the volume is
     /// closed or taken offline).
     pub fn close(&self) -> Result<(), TargetError> {
