@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// Seconds of this node's presence lease in etcd: a node that dies is seen down within it.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub lease: u64,
+    /// Bytes per second a resync may send to the peer (the blocks written while it was gone).
+    /// 0: no limit.
+    #[arg(long, default_value = "100M", value_parser = parse_bytes, value_name = "RATE")]
+    pub resync_rate: u64,
 }
 
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -276,6 +280,7 @@ impl ServeArgs {
                     peer_listen,
                     peer_timeout: Duration::from_secs(self.peer_timeout.max(1)),
                     lease_ttl: Duration::from_secs(self.lease.max(1)),
+                    resync_rate: self.resync_rate,
                 })
             }
             _ => None,

@@ -32,6 +32,8 @@ pub struct PairConfig {
     pub peer_timeout: Duration,
     /// The presence lease (`--lease`): a dead node is seen down within it.
     pub lease_ttl: Duration,
+    /// Bytes per second a resync may send (`--resync-rate`, 0: no limit).
+    pub resync_rate: u64,
 }
 
 /// A node of the pair, as `members` records it.

@@ -288,3 +288,36 @@ impl Cluster {
         result
     }
 }
+
+impl Cluster {
+    /// Removes the peer's stale record of `name` (the resync made its replica equal), only while
+    /// the volume's record is still `owned`.
+    pub fn mark_replica_in_sync(
+        &self,
+        name: &str,
+        owned: &VolumeRecord,
+    ) -> Result<(), ClusterError> {
+        let peer = self
+            .peer()?
+            .map(|m| m.name)
+            .ok_or(ClusterError::Contended)?;
+        let vkey = self.volume_key(name);
+        let rkey = self.replica_key(name, &peer);
+        let expected = serde_json::to_vec(owned).expect("a record serialises");
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let txn = Txn::new()
+                .when([Compare::value(vkey, CompareOp::Equal, expected)])
+                .and_then([TxnOp::delete(rkey, None)]);
+            if client.txn(txn).await?.succeeded() {
+                Ok(())
+            } else {
+                Err(ClusterError::Deposed {
+                    name: name.to_owned(),
+                })
+            }
+        });
+        self.note(&result);
+        result
+    }
+}

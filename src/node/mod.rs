@@ -28,6 +28,7 @@ mod pace;
 mod pair;
 mod personality;
 mod replicas;
+mod resync;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };

@@ -69,6 +69,7 @@ impl Node {
         // Before any mirror exists: each takes the degrade thread's sender.
         self.start_degrade_thread();
         *self.pair.lock() = Some(pair);
+        self.start_resync_thread();
         self.finish_interrupted_creates();
         let waiting = std::mem::take(&mut *self.pair_volumes.unserved.lock());
         for name in waiting.keys() {

@@ -43,13 +43,15 @@ pub(super) struct PairVolumes {
     /// Replicas this node holds for the peer, by id (what the peer's data links write).
     replicas: RwLock<HashMap<u32, Arc<Replica>>>,
     /// Volumes this node owns, by name.
-    mirrors: Mutex<BTreeMap<String, Arc<Mirror>>>,
+    pub mirrors: Mutex<BTreeMap<String, Arc<Mirror>>>,
     /// Local pair volumes not served, with the reason (orphans, volumes of another pair).
     pub unserved: Mutex<BTreeMap<String, String>>,
     /// Names of mirrors whose peer failed, for the degrade thread (`Node::degrade`).
     degrade_tx: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     /// Replicas recorded stale in etcd (their reads refused), by name.
     stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
+    /// Resyncs under way, by volume.
+    pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
 }
 
 /// A CONTROL request from the peer.
@@ -60,6 +62,8 @@ enum Control {
     CreateReplica { name: String },
     /// Delete this node's replica of pair volume `name` (its record is gone).
     DeleteReplica { name: String, id: u32 },
+    /// This node's replica of `name` is in sync again (its stale record is gone): serve reads.
+    ReplicaInSync { name: String },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -83,6 +87,11 @@ impl Replicas for ReplicaService {
         match req {
             Control::CreateReplica { name } => node.create_replica(&name),
             Control::DeleteReplica { name, id } => node.delete_replica(&name, id),
+            Control::ReplicaInSync { name } => {
+                tracing::info!(volume = %name, "the owner says this replica is in sync again");
+                node.refresh_stale();
+                Ok(())
+            }
         }
         .map_err(|e| e.to_string())?;
         Ok(b"{}".to_vec())
@@ -104,7 +113,7 @@ impl Node {
             .map_err(|e| NodeError::Invalid(format!("volume {name:?}'s {PAIR_RECORD}: {e}")))
     }
 
-    fn this_node(&self) -> Option<(Arc<crate::cluster::Cluster>, String)> {
+    pub(super) fn this_node(&self) -> Option<(Arc<crate::cluster::Cluster>, String)> {
         let p = self.pair.lock();
         let c = p.as_ref()?.cluster.clone();
         let me = c.config().node.clone();
@@ -408,6 +417,10 @@ impl Node {
         }
     }
 
+    pub(super) fn peer_control_pub(&self, req: &[u8]) -> Result<Vec<u8>, NodeError> {
+        self.peer_control(req)
+    }
+
     fn peer_control(&self, req: &[u8]) -> Result<Vec<u8>, NodeError> {
         let p = self.pair.lock();
         let link = p
@@ -550,11 +563,28 @@ impl Node {
     pub(super) fn pair_volume_alerts(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (name, m) in self.pair_volumes.mirrors.lock().iter() {
+            if let PeerState::Resyncing { .. } = m.peer_state() {
+                let left = m.volume().peer_bitmap().unwrap_or(0) * 4096;
+                let p = self.pair_volumes.progress.lock().get(name).cloned();
+                let done = p.as_ref().map_or(0, |p| {
+                    (p.done_bytes * 100)
+                        .checked_div(p.total_bytes)
+                        .unwrap_or(100)
+                        .min(100)
+                });
+                let eta = p
+                    .and_then(|p| p.eta_secs(left))
+                    .map_or("unknown".into(), |s| format!("{s} s"));
+                out.push(format!(
+                    "volume {name} resyncing: {done}%, {} left, ETA {eta}",
+                    indicatif::HumanBytes(left)
+                ));
+            }
             if let PeerState::Degraded { since } = m.peer_state() {
                 let blocks = m.volume().peer_bitmap().unwrap_or(0);
                 out.push(format!(
                     "volume {name} degraded since {} s ago: the peer's replica is stale, {} to \
-                     resync (resync is not built yet)",
+                     resync",
                     since.elapsed().map_or(0, |d| d.as_secs()),
                     indicatif::HumanBytes(blocks * 4096)
                 ));

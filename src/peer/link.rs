@@ -199,6 +199,29 @@ impl PeerLink {
         }
     }
 
+    /// A data link of its own for a resync (blocking; a newer one supersedes it at the peer).
+    pub fn resync_connection(&self) -> Result<TcpStream, String> {
+        let peer = self
+            .shared
+            .cluster
+            .peer()
+            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
+            .ok_or("no other node has joined the pair")?;
+        let mut cookie = 0;
+        let s = connect(
+            &peer.name,
+            &peer.peer_addr,
+            &self.shared,
+            wire::RESYNC_LINK,
+            &mut cookie,
+        )
+        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+        keep_alive(&s, self.shared.timeout);
+        s.set_read_timeout(Some(self.shared.timeout.max(Duration::from_secs(30))))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
     /// Sends a CONTROL request to the peer on a connection of its own and returns the answer.
     pub fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         control_call(&self.shared, request)
@@ -544,7 +567,7 @@ fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
             continue;
         }
         let link = match u16::try_from(w + 1) {
-            Ok(l) if l != CONTROL_CALL => l,
+            Ok(l) if l < wire::RESYNC_LINK => l,
             _ => return,
         };
         match connect(name, addr, shared, link, cookie) {

@@ -350,6 +350,8 @@ pub struct Hello {
 
 /// [`Hello::link`] of the control link.
 pub const CONTROL_LINK: u16 = 0;
+/// [`Hello::link`] of the owner's resync connection (a data link of its own).
+pub const RESYNC_LINK: u16 = u16::MAX - 1;
 /// [`Hello::link`] of a connection made for one CONTROL request (many may run at once; none
 /// supersedes another).
 pub const CONTROL_CALL: u16 = u16::MAX;

@@ -53,6 +53,9 @@ pub enum PeerState {
     /// The peer's replica is stale (recorded in etcd): writes are done here alone and their
     /// blocks set in the volume's peer dirty bitmap.
     Degraded { since: SystemTime },
+    /// The peer is back and the node copies the bitmap's blocks to it: writes go to both
+    /// again, and the whole blocks both took leave the bitmap.
+    Resyncing { since: SystemTime },
 }
 
 /// What the node does for a mirror whose peer failed: record the peer stale and start the
@@ -69,6 +72,20 @@ struct Degrade {
     waiters: HashMap<RawFd, (EventFd, Option<Result<(), String>>)>,
     /// The last failure to record the peer stale, and when.
     failed: Option<(SystemTime, String)>,
+}
+
+/// A range the resync holds against overlapping writes (`Mirror::lock_range`).
+pub struct RangeGuard<'a> {
+    mirror: &'a Mirror,
+    ticket: u64,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut plan = Plan::default();
+        plan.outer.ticket = self.ticket;
+        self.mirror.release(&mut plan);
+    }
 }
 
 /// Writes in flight and the requests parked behind them.
@@ -91,7 +108,18 @@ pub struct Mirror {
     diverged: Mutex<Option<(SystemTime, String)>>,
     degrade: Mutex<Degrade>,
     degrader: Degrader,
+    /// Mirrored changes completed so far (both nodes answered).
+    completions: AtomicU64,
+    /// 4 MiB extents changed on both nodes since the peer last completed a flush, with the
+    /// `completions` count of their last change: a peer that crashes may lose them, so they
+    /// join the bitmap if the peer fails (what DRBD's activity log does for the peer).
+    unflushed: Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// Peer operations that failed so far (a resync batch whose window saw one keeps its bits).
+    peer_failures: AtomicU64,
 }
+
+/// Granularity of `Mirror::unflushed`.
+const EXTENT_BYTES: u64 = 4 << 20;
 
 impl Mirror {
     /// A mirror of `inner`; `degraded`: the volume keeps a peer bitmap (the peer is stale,
@@ -120,11 +148,84 @@ impl Mirror {
                 ..Degrade::default()
             }),
             degrader,
+            completions: AtomicU64::new(0),
+            unflushed: Mutex::new(std::collections::BTreeMap::new()),
+            peer_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Peer operations that failed so far.
+    pub fn peer_failures(&self) -> u64 {
+        self.peer_failures.load(Ordering::Acquire)
+    }
+
+    /// Degraded to resyncing (the peer is back): true if it was degraded.
+    pub fn begin_resync(&self) -> bool {
+        let mut d = self.degrade.lock();
+        if !matches!(d.state, Some(PeerState::Degraded { .. })) {
+            return false;
+        }
+        d.state = Some(PeerState::Resyncing {
+            since: SystemTime::now(),
+        });
+        true
+    }
+
+    /// The resync ended: in sync (the peer's stale record is gone and the bitmap ended), or
+    /// degraded again (it stopped). Nothing changes if a peer failure degraded it meanwhile.
+    pub fn end_resync(&self, in_sync: bool) {
+        let mut d = self.degrade.lock();
+        if matches!(d.state, Some(PeerState::Resyncing { .. })) {
+            d.state = Some(if in_sync {
+                PeerState::InSync
+            } else {
+                PeerState::Degraded {
+                    since: SystemTime::now(),
+                }
+            });
+        }
+    }
+
+    /// Holds `[start, end)` against overlapping writes (blocking; for the resync, which must
+    /// not send a block a client write is changing): released when the guard drops.
+    pub fn lock_range(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        loop {
+            let (fd, polled) = {
+                let mut f = self.inflight.lock();
+                if !f.ranges.iter().any(|&(s, e, _)| s < end && start < e) {
+                    f.next_ticket += 1;
+                    let ticket = f.next_ticket;
+                    f.ranges.push((start, end, ticket));
+                    return RangeGuard {
+                        mirror: self,
+                        ticket,
+                    };
+                }
+                // Parked like a request: the next write to end signals the eventfd (the map
+                // holds it; this thread polls a duplicate).
+                let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+                    .expect("eventfds can be made");
+                let polled = efd.as_fd().try_clone_to_owned().expect("an eventfd dup");
+                let fd = efd.as_fd().as_raw_fd();
+                f.parked.insert(fd, efd);
+                (fd, polled)
+            };
+            let mut fds = [nix::poll::PollFd::new(
+                polled.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            self.inflight.lock().parked.remove(&fd);
         }
     }
 
     pub fn token(&self) -> u64 {
         self.token.load(Ordering::Acquire)
+    }
+
+    /// The volume's id in the pair.
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     pub fn peer_state(&self) -> PeerState {
@@ -139,7 +240,14 @@ impl Mirror {
     /// The ranges to set in the bitmap when it starts (taken: the degrader starts the bitmap
     /// with them; `degrade_done` sets any that came meanwhile).
     pub fn pending_ranges(&self) -> Vec<(u64, u64)> {
-        std::mem::take(&mut self.degrade.lock().pending)
+        let mut out = std::mem::take(&mut self.degrade.lock().pending);
+        // Changed on both but never flushed on the peer: a crashed peer may have lost them.
+        let size = self.inner.geometry().size_bytes;
+        for (x, _) in std::mem::take(&mut *self.unflushed.lock()) {
+            let start = x * EXTENT_BYTES;
+            out.push((start, EXTENT_BYTES.min(size.saturating_sub(start))));
+        }
+        out
     }
 
     /// The degrader's outcome: `Ok` once the peer is recorded stale and the volume's bitmap
@@ -178,6 +286,29 @@ impl Mirror {
         }
     }
 
+    /// `op` completed on both nodes: its extents wait for the peer's next flush (a flush
+    /// clears those that completed before it was issued); while resyncing, the whole blocks it
+    /// wrote are equal on both and leave the bitmap.
+    fn mirrored(&self, op: &TargetOp, mark: u64) {
+        match Self::range(op) {
+            Some((start, end)) => {
+                let c = self.completions.fetch_add(1, Ordering::AcqRel) + 1;
+                let mut u = self.unflushed.lock();
+                for x in start / EXTENT_BYTES..end.div_ceil(EXTENT_BYTES) {
+                    u.insert(x, c);
+                }
+                drop(u);
+                if matches!(self.degrade.lock().state, Some(PeerState::Resyncing { .. })) {
+                    self.inner.clear_peer_dirty_whole(start, end - start);
+                }
+            }
+            None if matches!(op, TargetOp::Flush) => {
+                self.unflushed.lock().retain(|_, c| *c > mark);
+            }
+            None => {}
+        }
+    }
+
     fn is_degraded(&self) -> bool {
         matches!(self.degrade.lock().state, Some(PeerState::Degraded { .. }))
     }
@@ -185,6 +316,7 @@ impl Mirror {
     /// The peer did not take `op` (done here): parks the request until the peer is recorded
     /// stale, or, if it already is, sets the range in the bitmap. True when parked.
     fn peer_failed(&self, op: &TargetOp, plan: &mut Plan) -> Result<bool, TargetError> {
+        self.peer_failures.fetch_add(1, Ordering::AcqRel);
         let mut d = self.degrade.lock();
         let range = Self::range(op);
         if matches!(d.state, Some(PeerState::Degraded { .. })) {
@@ -207,7 +339,10 @@ impl Mirror {
         plan.clear();
         plan.outer.step = WAITING_FOR_DEGRADE;
         plan.push(FileIo::Wait { fd });
-        let start = d.state == Some(PeerState::InSync);
+        let start = matches!(
+            d.state,
+            Some(PeerState::InSync | PeerState::Resyncing { .. })
+        );
         if start {
             d.state = Some(PeerState::Degrading);
         }
@@ -331,7 +466,13 @@ impl Mirror {
             return Err(e);
         }
         match self.peer_io(op) {
-            Some(p) if !self.is_degraded() => plan.push(FileIo::Peer(p)),
+            Some(p) if !self.is_degraded() => {
+                if p.op == PeerOp::Flush {
+                    // Covers every change that completed on both before it is issued.
+                    plan.outer.mark = self.completions.load(Ordering::Acquire);
+                }
+                plan.push(FileIo::Peer(p));
+            }
             _ => plan.outer.result = Some(0),
         }
         Ok(())
@@ -426,6 +567,8 @@ impl BlockTarget for Mirror {
             if self.peer_failed(op, plan)? {
                 return Ok(Progress::Again);
             }
+        } else if local.is_ok() && plan.outer.step == RUNNING && !self.is_degraded() {
+            self.mirrored(op, plan.outer.mark);
         }
         local
     }

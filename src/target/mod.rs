@@ -194,6 +194,9 @@ pub struct Outer {
     pub result: Option<i32>,
     /// An id the wrapper gave the operation (e.g. its entry among writes in flight).
     pub ticket: u64,
+    /// A counter value the wrapper noted when the operation started (the mirror: how many
+    /// mirrored changes had completed when a flush was issued).
+    pub mark: u64,
 }
 
 // `links` has a bit for every I/O a plan may hold.

@@ -306,6 +306,33 @@ impl VolumeTarget {
         self.shared.vol.lock().mark_peer_dirty_range(offset, len);
     }
 
+    /// Clears the peer dirty bits of the whole blocks of a range (a change both nodes took).
+    pub fn clear_peer_dirty_whole(&self, offset: u64, len: u64) {
+        let first = offset.div_ceil(4096);
+        let end = (offset + len) / 4096;
+        if end > first {
+            self.shared.vol.lock().clear_peer_dirty(first, end - first);
+        }
+    }
+
+    /// Clears the peer dirty bits of `count` blocks from `first` (the resync made the peer's
+    /// copy equal and durable).
+    pub fn clear_peer_dirty(&self, first: u64, count: u64) {
+        self.shared.vol.lock().clear_peer_dirty(first, count);
+    }
+
+    /// The first run of set peer dirty bits at or after block `from`, at most `max` blocks.
+    pub fn next_peer_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        self.shared.vol.lock().next_peer_dirty(from, max)
+    }
+
+    /// Ends the peer dirty bitmap if no bit is set (committed); false otherwise.
+    pub fn end_peer_bitmap(&self) -> Result<bool, VolumeError> {
+        let _commit = self.shared.meta.lock();
+        let mut vol = self.shared.vol.lock();
+        vol.end_peer_bitmap()
+    }
+
     /// Whether the volume keeps a peer dirty bitmap, and how many blocks it has set.
     pub fn peer_bitmap(&self) -> Option<u64> {
         let vol = self.shared.vol.lock();

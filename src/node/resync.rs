@@ -1,0 +1,367 @@
+//! Resync (`docs/pair.md` §5): when the peer is back, the owner of each degraded volume copies
+//! the blocks of its peer dirty bitmap to the peer's replica, then records it in sync.
+//!
+//! One thread per node, one volume at a time, on a data link of its own (`RESYNC_LINK`), at
+//! most `--resync-rate` bytes per second. The mirror turns `Resyncing`: client writes go to
+//! both nodes again, and the whole blocks both took leave the bitmap. The resync walks the
+//! bitmap in chunks of up to 1 MiB of set bits; each chunk is sent under the mirror's range
+//! lock (no client write to it is in flight, so what is read is what the peer ends with): its
+//! holes and zeroes as ZERO frames (nothing allocated, no zeroes on the wire), its data as
+//! WRITE frames. Every 64 MiB, and at the end of a pass, the peer FLUSHes, and only then are
+//! the chunks' bits cleared, unless a peer operation failed meanwhile (the volume is degraded
+//! again and the bits stay). The bits' clearing is durable with the volume's next commit; a
+//! crash of either node before that repeats those blocks, nothing worse: the resync resumes
+//! from the bitmap.
+//!
+//! When a pass leaves no bit set, the whole volume is held against writes for a moment: with
+//! no bit set and nothing in flight, the peer's stale record is removed from etcd (guarded by
+//! the volume's record), the bitmap ended (committed), and the mirror is in sync. The peer is
+//! told (CONTROL `replica_in_sync`) and serves reads again.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Node;
+use crate::peer::wire::{HEADER_BYTES, Header, Kind};
+use crate::target::{BlockTarget, Mirror, PeerState, TargetOp, blocking};
+
+/// Most blocks one chunk sends (1 MiB).
+const CHUNK_BLOCKS: u64 = 256;
+/// Bytes sent between the peer's flushes (and clears of the bitmap).
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// A resync under way, for `status` and `pair status`.
+#[derive(Debug, Clone)]
+pub struct ResyncProgress {
+    /// Bytes to copy when it started, and copied (sent and flushed) so far.
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Bytes per second over the resync so far.
+    pub rate: u64,
+}
+
+impl ResyncProgress {
+    /// Seconds left at the rate so far.
+    pub fn eta_secs(&self, left_bytes: u64) -> Option<u64> {
+        (self.rate > 0).then(|| left_bytes / self.rate)
+    }
+}
+
+impl Node {
+    /// Starts the resync thread: once a second it looks for degraded volumes this node owns
+    /// while the peer link is up, and resyncs them one after the other.
+    pub(super) fn start_resync_thread(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("streamer-resync".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let Some(node) = weak.upgrade() else {
+                        return;
+                    };
+                    if node.pair.lock().is_none() {
+                        return; // left the pair
+                    }
+                    node.resync_degraded();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("starting the resync thread: {e}");
+        }
+    }
+
+    fn link_up(&self) -> bool {
+        matches!(
+            self.pair.lock().as_ref().map(|p| p.link_state()),
+            Some(crate::peer::link::LinkState::Up { .. })
+        )
+    }
+
+    fn resync_degraded(&self) {
+        if !self.link_up() {
+            return;
+        }
+        let degraded: Vec<(String, Arc<Mirror>)> = self
+            .pair_volumes
+            .mirrors
+            .lock()
+            .iter()
+            .filter(|(_, m)| matches!(m.peer_state(), PeerState::Degraded { .. }))
+            .map(|(n, m)| (n.clone(), m.clone()))
+            .collect();
+        for (name, m) in degraded {
+            if !self.link_up() {
+                return;
+            }
+            if !m.begin_resync() {
+                continue;
+            }
+            tracing::info!(volume = %name, "resync started");
+            let outcome = self.resync(&name, &m);
+            self.pair_volumes.progress.lock().remove(&name);
+            match &outcome {
+                Ok(true) => tracing::info!(volume = %name, "resync done: the replicas are equal"),
+                Ok(false) => tracing::info!(volume = %name, "resync stopped; it resumes later"),
+                Err(e) => tracing::warn!(volume = %name, "resync stopped: {e}"),
+            }
+            m.end_resync(matches!(outcome, Ok(true)));
+        }
+    }
+
+    /// Copies the volume's bitmap to the peer; true once the replicas are equal and recorded
+    /// so.
+    fn resync(&self, name: &str, m: &Mirror) -> Result<bool, String> {
+        let link = {
+            let p = self.pair.lock();
+            let l = p.as_ref().and_then(|p| p.link()).ok_or("not in a pair")?;
+            l.resync_connection()?
+        };
+        let rate = self.this_node().map_or(0, |(c, _)| c.config().resync_rate);
+        let vol = m.volume().clone();
+        let total = vol.peer_bitmap().unwrap_or(0) * 4096;
+        let started = Instant::now();
+        let mut progress = ResyncProgress {
+            total_bytes: total,
+            done_bytes: 0,
+            rate: 0,
+        };
+        let mut conn = Conn {
+            s: link,
+            id: m.id(),
+            token: m.token(),
+            sequence: 0,
+            cookie: 0,
+            payload_bytes: 0,
+        };
+        let outcome = self.resync_passes(name, m, &mut conn, &mut progress, rate, started);
+        tracing::info!(
+            volume = name,
+            blocks_bytes = progress.done_bytes,
+            payload_bytes = conn.payload_bytes,
+            "resync sent"
+        );
+        outcome
+    }
+
+    fn resync_passes(
+        &self,
+        name: &str,
+        m: &Mirror,
+        conn: &mut Conn,
+        progress: &mut ResyncProgress,
+        rate: u64,
+        started: Instant,
+    ) -> Result<bool, String> {
+        let vol = m.volume().clone();
+        loop {
+            // One pass over the bitmap, in batches.
+            let mut from = 0;
+            let mut sent_any = false;
+            loop {
+                if !matches!(m.peer_state(), PeerState::Resyncing { .. }) {
+                    return Ok(false); // a peer failure degraded it again
+                }
+                let failures = m.peer_failures();
+                let mut batch = Vec::new();
+                let mut batch_bytes = 0;
+                while batch_bytes < BATCH_BYTES {
+                    let Some((first, count)) = vol.next_peer_dirty(from, CHUNK_BLOCKS) else {
+                        break;
+                    };
+                    self.send_chunk(conn, m, first, count)?;
+                    batch.push((first, count));
+                    from = first + count;
+                    batch_bytes += count * 4096;
+                    progress.done_bytes += count * 4096;
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    progress.rate = (progress.done_bytes as f64 / secs) as u64;
+                    self.pair_volumes
+                        .progress
+                        .lock()
+                        .insert(name.to_owned(), progress.clone());
+                    if rate > 0 {
+                        // Paced: at most `rate` bytes per second since the start.
+                        let due = Duration::from_secs_f64(progress.done_bytes as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                sent_any = true;
+                conn.flush()?;
+                if m.peer_failures() != failures {
+                    return Ok(false);
+                }
+                for (first, count) in batch {
+                    vol.clear_peer_dirty(first, count);
+                }
+            }
+            if !sent_any || vol.peer_bitmap() == Some(0) {
+                break;
+            }
+        }
+        self.finish_resync(name, m)
+    }
+
+    /// Sends blocks `first..first + count` as they are now, under the mirror's range lock.
+    fn send_chunk(
+        &self,
+        conn: &mut Conn,
+        m: &Mirror,
+        first: u64,
+        count: u64,
+    ) -> Result<(), String> {
+        let (offset, len) = (first * 4096, count * 4096);
+        let _held = m.lock_range(offset, offset + len);
+        let vol = m.volume();
+        let mut extents = Vec::new();
+        vol.block_status(offset, len, usize::MAX, &mut extents)
+            .map_err(|e| format!("reading the allocation of {offset}+{len}: {e}"))?;
+        let mut buf = vec![0u8; len as usize];
+        let op = TargetOp::Read {
+            offset,
+            len: len as u32,
+        };
+        blocking::run(vol.as_ref(), &op, &mut buf)
+            .map_err(|e| format!("reading {offset}+{len}: {e}"))?;
+        let mut at = offset;
+        let mut frames = 0;
+        for (elen, flags) in extents {
+            let elen = elen.min(offset + len - at);
+            if elen == 0 {
+                break;
+            }
+            let zero = flags & crate::nbd::wire::STATE_ZERO != 0;
+            let data = &buf[(at - offset) as usize..(at - offset + elen) as usize];
+            if zero || data.iter().all(|&b| b == 0) {
+                conn.send(Kind::Zero, at, elen, &[])?;
+            } else {
+                conn.send(Kind::Write, at, elen, data)?;
+            }
+            frames += 1;
+            at += elen;
+        }
+        if at < offset + len {
+            // Past what block status described (it stops at the volume's end): zero.
+            conn.send(Kind::Zero, at, offset + len - at, &[])?;
+            frames += 1;
+        }
+        for _ in 0..frames {
+            conn.reply()?;
+        }
+        Ok(())
+    }
+
+    /// The bitmap is empty: with the whole volume held against writes, remove the peer's stale
+    /// record, end the bitmap, and tell the peer.
+    fn finish_resync(&self, name: &str, m: &Mirror) -> Result<bool, String> {
+        let (cluster, _) = self.this_node().ok_or("left the pair")?;
+        let size = m.volume().geometry().size_bytes;
+        let held = m.lock_range(0, size);
+        if m.volume().peer_bitmap().unwrap_or(0) > 0 {
+            return Ok(false); // a partial write set bits again: another pass
+        }
+        let rec = cluster
+            .volume_record(name)
+            .map_err(|e| e.to_string())?
+            .ok_or("the volume has no record")?;
+        if rec.token != m.token() {
+            return Err(format!("node {} owns the volume now", rec.owner));
+        }
+        cluster
+            .mark_replica_in_sync(name, &rec)
+            .map_err(|e| e.to_string())?;
+        let ended = m
+            .volume()
+            .end_peer_bitmap()
+            .map_err(|e| format!("ending the bitmap: {e}"))?;
+        debug_assert!(ended, "no bit was set and nothing was in flight");
+        m.end_resync(true);
+        drop(held);
+        let req = serde_json::to_vec(&serde_json::json!({
+            "op": "replica_in_sync",
+            "name": name,
+        }))
+        .expect("a request serialises");
+        if let Err(e) = self.peer_control_pub(&req) {
+            tracing::warn!(volume = name, "telling the peer it is in sync: {e}");
+        }
+        Ok(true)
+    }
+}
+
+/// The resync's data link.
+struct Conn {
+    s: TcpStream,
+    id: u32,
+    token: u64,
+    sequence: u64,
+    cookie: u64,
+    /// Data bytes sent (WRITE payloads): what the link carried beyond headers.
+    payload_bytes: u64,
+}
+
+impl Conn {
+    fn send(&mut self, kind: Kind, offset: u64, range: u64, payload: &[u8]) -> Result<(), String> {
+        self.sequence += 1;
+        self.cookie += 1;
+        let h = Header {
+            token: self.token,
+            sequence: self.sequence,
+            offset,
+            range,
+            handle: self.id,
+            ..Header::request(kind, self.cookie)
+        }
+        .with_payload(payload);
+        self.payload_bytes += payload.len() as u64;
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(payload);
+        self.s
+            .write_all(&b)
+            .map_err(|e| format!("sending to the peer: {e}"))
+    }
+
+    fn reply(&mut self) -> Result<(), String> {
+        let mut h = [0u8; HEADER_BYTES];
+        self.s
+            .read_exact(&mut h)
+            .map_err(|e| format!("the peer's answer: {e}"))?;
+        let h = Header::decode(&h)
+            .map_err(|e| format!("a malformed answer from the peer: {e}"))?
+            .expect("a whole header");
+        if !h.reply || h.payload_len != 0 {
+            return Err(format!("the peer sent {:?} instead of an answer", h.kind));
+        }
+        if h.status != 0 {
+            return Err(format!(
+                "the peer refused {:?} at {}: {}",
+                h.kind,
+                h.offset,
+                std::io::Error::from_raw_os_error(i32::from(h.status))
+            ));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.sequence += 1;
+        self.cookie += 1;
+        let h = Header {
+            token: self.token,
+            sequence: self.sequence,
+            handle: self.id,
+            ..Header::request(Kind::Flush, self.cookie)
+        };
+        self.s
+            .write_all(&h.encode())
+            .map_err(|e| format!("sending to the peer: {e}"))?;
+        self.reply()
+    }
+}
