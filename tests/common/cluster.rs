@@ -253,7 +253,13 @@ impl Node {
     }
 
     pub fn start_in(dir: Scratch, name: &str, etcd: &Etcd, lease: &str) -> Node {
-        let args = node_args(&dir, "pool", name, &etcd.url, lease);
+        Node::start_with(dir, name, etcd, lease, &[])
+    }
+
+    /// `start_in` with more `serve` arguments.
+    pub fn start_with(dir: Scratch, name: &str, etcd: &Etcd, lease: &str, extra: &[&str]) -> Node {
+        let mut args = node_args(&dir, "pool", name, &etcd.url, lease);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let server = Server::start(&dir, &args);
         Node { server, dir }
