@@ -68,7 +68,9 @@ pub(super) struct PeerChan {
     /// until its completion.
     sending: Vec<(u64, Frame)>,
     iov: Vec<libc::iovec>,
-    msg: libc::msghdr,
+    /// Boxed: the channel moves (into the worker's retired list) while a `sendmsg` naming
+    /// this header may still wait in the submission queue.
+    msg: Box<libc::msghdr>,
     /// Bytes of the `sending` frames already sent (a short send resumes there).
     sent_bytes: usize,
     send_in_flight: bool,
@@ -93,7 +95,7 @@ impl PeerChan {
             queue: VecDeque::new(),
             sending: Vec::new(),
             iov: Vec::with_capacity(2 * MAX_FRAMES_PER_SEND),
-            msg: super::conn::empty_msghdr(),
+            msg: Box::new(super::conn::empty_msghdr()),
             sent_bytes: 0,
             send_in_flight: false,
             recv_buf: vec![0u8; RECV_BYTES].into_boxed_slice(),
@@ -247,14 +249,14 @@ impl PeerChan {
             }
         }
         assert!(!self.iov.is_empty(), "a send with nothing left to send");
-        self.msg = super::conn::empty_msghdr();
+        *self.msg = super::conn::empty_msghdr();
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len() as _;
         let ud = UserData::new(Tag::PeerSend, self.id, 0, 0);
         // SAFETY: `msg`, `iov` and the headers in `sending` are this channel's and untouched
         // until the completion (`send_in_flight`); the payloads are requests' buffers, held
         // until their I/O completes, which `deliver` allows only after this send completed.
-        unsafe { ring.sendmsg(ud, self.fd.as_raw_fd(), &self.msg) };
+        unsafe { ring.sendmsg(ud, self.fd.as_raw_fd(), &*self.msg) };
         self.send_in_flight = true;
     }
 

@@ -154,6 +154,10 @@ impl Worker {
                 self.reap(cid);
             }
             self.wake_memory_waiters();
+            // Requests the memory waiters started may have queued frames too.
+            if let Some(p) = self.io.peer.as_mut() {
+                p.flush(&mut self.io.ring);
+            }
             if completions.iter().any(|&(ud, _)| {
                 !matches!(UserData::decode(ud), Some(UserData { tag: Tag::Tick, .. }))
             }) {

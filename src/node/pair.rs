@@ -99,7 +99,11 @@ impl Node {
 
     /// Leaves the pair: the link stops and the node's presence is withdrawn (at shutdown).
     pub fn leave_pair(&self) {
-        drop(self.pair.lock().take());
+        // Taken out first, dropped after the lock is released: stopping the link joins its
+        // threads, which may be asking for the pair (a data link ending refreshes the stale
+        // flags).
+        let pair = self.pair.lock().take();
+        drop(pair);
     }
 
     pub fn pair_status(&self) -> Result<PairInfo, NodeError> {

@@ -50,6 +50,9 @@ pub(super) struct PairVolumes {
     degrade_tx: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     /// Replicas recorded stale in etcd (their reads refused), by name.
     stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
+    /// The dialer's count of data links when the peer last fenced this node's links: a new
+    /// fence is needed before a resync only if a link was replaced since.
+    pub fenced_dials: Mutex<Option<u64>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
 }
@@ -64,6 +67,8 @@ enum Control {
     DeleteReplica { name: String, id: u32 },
     /// This node's replica of `name` is in sync again (its stale record is gone): serve reads.
     ReplicaInSync { name: String },
+    /// The owner recorded this node's replica of `name` stale: stop serving reads of it.
+    ReplicaStale { name: String },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -80,6 +85,13 @@ impl Replicas for ReplicaService {
             .cloned()
     }
 
+    fn data_link_ended(&self) {
+        // The owner may have given up on this node: ask etcd before serving more reads.
+        if let Some(node) = self.0.upgrade() {
+            node.refresh_stale();
+        }
+    }
+
     fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let node = self.0.upgrade().ok_or("the node is stopping")?;
         let req: Control =
@@ -89,6 +101,11 @@ impl Replicas for ReplicaService {
             Control::DeleteReplica { name, id } => node.delete_replica(&name, id),
             Control::ReplicaInSync { name } => {
                 tracing::info!(volume = %name, "the owner says this replica is in sync again");
+                node.refresh_stale();
+                Ok(())
+            }
+            Control::ReplicaStale { name } => {
+                tracing::warn!(volume = %name, "the owner recorded this replica stale");
                 node.refresh_stale();
                 Ok(())
             }
@@ -158,6 +175,11 @@ impl Node {
                 )));
             }
         };
+        if rec.token == 0 {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?}'s record in etcd has fencing token 0"
+            )));
+        }
         if rec.owner == me {
             if local.token > rec.token {
                 return Err(NodeError::Invalid(format!(
@@ -253,18 +275,26 @@ impl Node {
         let spawned = std::thread::Builder::new()
             .name("streamer-degrade".into())
             .spawn(move || {
+                // Volumes whose last attempt failed: tried again each second while requests
+                // or ranges wait.
+                let mut retry: Vec<String> = Vec::new();
                 loop {
-                    match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-                        Ok(name) => match weak.upgrade() {
-                            Some(node) => node.degrade(&name),
-                            None => return,
-                        },
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            if weak.strong_count() == 0 {
-                                return;
-                            }
-                        }
+                    let next = rx.recv_timeout(std::time::Duration::from_secs(1));
+                    let Some(node) = weak.upgrade() else {
+                        return;
+                    };
+                    let mut names = std::mem::take(&mut retry);
+                    match next {
+                        Ok(name) => names.push(name),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    names.sort();
+                    names.dedup();
+                    for name in names {
+                        if !node.degrade(&name) {
+                            retry.push(name);
+                        }
                     }
                 }
             });
@@ -277,10 +307,14 @@ impl Node {
     /// node owns the volume with the mirror's token), then start the volume's peer dirty
     /// bitmap with the ranges the peer missed; the mirror's parked requests then complete.
     /// Either failing, they fail.
-    fn degrade(&self, name: &str) {
+    /// False when it should be tried again (it failed and work waits).
+    fn degrade(&self, name: &str) -> bool {
         let Some(m) = self.pair_volumes.mirrors.lock().get(name).cloned() else {
-            return;
+            return true; // taken offline: its waiters were failed then
         };
+        if !matches!(m.peer_state(), PeerState::Degrading) {
+            return true;
+        }
         let ranges = m.pending_ranges();
         let outcome = (|| {
             let (cluster, me) = self.this_node().ok_or("this node left the pair")?;
@@ -301,8 +335,16 @@ impl Node {
                 .start_peer_bitmap(&ranges)
                 .map_err(|e| format!("starting the peer dirty bitmap: {e}"))
         })();
-        let retry = if outcome.is_err() { ranges } else { Vec::new() };
+        let ok = outcome.is_ok();
+        let retry = if ok { Vec::new() } else { ranges };
         m.degrade_done(outcome, &retry);
+        if ok {
+            // Tell the peer (if it can still hear) that reads of its replica must stop.
+            let req = serde_json::to_vec(&Control::ReplicaStale { name: name.into() })
+                .expect("a request serialises");
+            let _ = self.peer_control(&req);
+        }
+        ok || !m.degrade_pending()
     }
 
     /// The control link came up: replicas learn again whether etcd records them stale.
@@ -326,7 +368,9 @@ impl Node {
 
     /// The volume left this node's service (offline or deleted): the link no longer writes it.
     pub(super) fn forget_pair_volume(&self, name: &str) {
-        self.pair_volumes.mirrors.lock().remove(name);
+        if let Some(m) = self.pair_volumes.mirrors.lock().remove(name) {
+            m.abandon("the volume was taken out of service");
+        }
         self.pair_volumes.stale.lock().remove(name);
         self.pair_volumes
             .replicas

@@ -73,6 +73,40 @@ impl Node {
         }
     }
 
+    /// Asks the peer to end this node's data links and waits until new ones are up.
+    fn fence_peer(&self) -> Result<(), String> {
+        let dials = || {
+            let p = self.pair.lock();
+            p.as_ref().and_then(|p| p.link()).map(|l| l.data_dials())
+        };
+        if *self.pair_volumes.fenced_dials.lock() == dials() {
+            return Ok(()); // no link replaced since the last fence
+        }
+        let req = serde_json::to_vec(&serde_json::json!({ "op": "fence_data_links" }))
+            .expect("a request serialises");
+        self.peer_control_pub(&req)
+            .map_err(|e| format!("fencing the peer's data links: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The workers see their links end, the dialer makes new ones (within a second).
+        std::thread::sleep(Duration::from_millis(100));
+        loop {
+            let up = {
+                let p = self.pair.lock();
+                p.as_ref()
+                    .and_then(|p| p.link())
+                    .is_some_and(|l| l.data_links_up())
+            };
+            if up {
+                *self.pair_volumes.fenced_dials.lock() = dials();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("the data links did not come back within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn link_up(&self) -> bool {
         matches!(
             self.pair.lock().as_ref().map(|p| p.link_state()),
@@ -94,6 +128,13 @@ impl Node {
             .collect();
         for (name, m) in degraded {
             if !self.link_up() {
+                return;
+            }
+            // The peer first drops the data links it had from this node (frames sent before
+            // the peer was given up on must not land after the resync's), and this node's
+            // workers dial new ones.
+            if let Err(e) = self.fence_peer() {
+                tracing::warn!(volume = %name, "resync waits: {e}");
                 return;
             }
             if !m.begin_resync() {
@@ -263,27 +304,32 @@ impl Node {
     fn finish_resync(&self, name: &str, m: &Mirror) -> Result<bool, String> {
         let (cluster, _) = self.this_node().ok_or("left the pair")?;
         let size = m.volume().geometry().size_bytes;
+        let failures = m.peer_failures();
         let held = m.lock_range(0, size);
         if m.volume().peer_bitmap().unwrap_or(0) > 0 {
             return Ok(false); // a partial write set bits again: another pass
         }
-        let rec = cluster
-            .volume_record(name)
-            .map_err(|e| e.to_string())?
-            .ok_or("the volume has no record")?;
-        if rec.token != m.token() {
-            return Err(format!("node {} owns the volume now", rec.owner));
-        }
-        cluster
-            .mark_replica_in_sync(name, &rec)
-            .map_err(|e| e.to_string())?;
-        let ended = m
-            .volume()
-            .end_peer_bitmap()
-            .map_err(|e| format!("ending the bitmap: {e}"))?;
-        debug_assert!(ended, "no bit was set and nothing was in flight");
-        m.end_resync(true);
+        let done = m.finish_resync(failures, || {
+            let rec = cluster
+                .volume_record(name)
+                .map_err(|e| e.to_string())?
+                .ok_or("the volume has no record")?;
+            if rec.token != m.token() {
+                return Err(format!("node {} owns the volume now", rec.owner));
+            }
+            cluster
+                .mark_replica_in_sync(name, &rec)
+                .map_err(|e| e.to_string())?;
+            match m.volume().end_peer_bitmap() {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("bits were set while nothing was in flight".into()),
+                Err(e) => Err(format!("ending the bitmap: {e}")),
+            }
+        })?;
         drop(held);
+        if !done {
+            return Ok(false);
+        }
         let req = serde_json::to_vec(&serde_json::json!({
             "op": "replica_in_sync",
             "name": name,

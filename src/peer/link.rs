@@ -74,6 +74,8 @@ struct Shared {
     /// The id of the peer's newest accepted connection of each link (control, data link of
     /// worker n): older ones of the same link end.
     current_peer_conn: Mutex<std::collections::HashMap<u16, u64>>,
+    /// The data links being served (connection ids), for `fence_data_links`.
+    data_ids: Mutex<std::collections::HashSet<u64>>,
     /// This node's replicas and control answers, once the node has opened its pool.
     replicas: std::sync::OnceLock<Arc<dyn Replicas>>,
     /// The data links: the engine's workers, how to hand them a link, and whether each has one.
@@ -139,6 +141,7 @@ impl PeerLink {
             serving: Mutex::new(Vec::new()),
             current_peer_conn: Mutex::new(std::collections::HashMap::new()),
             replicas: std::sync::OnceLock::new(),
+            data_ids: Mutex::new(std::collections::HashSet::new()),
             data: std::sync::OnceLock::new(),
             next_id: AtomicU64::new(1),
             cluster: cluster.clone(),
@@ -187,6 +190,7 @@ impl PeerLink {
             up: (0..workers)
                 .map(|_| Arc::new(AtomicBool::new(false)))
                 .collect(),
+            dials: AtomicU64::new(0),
             attach: Mutex::new(Some(attach)),
         });
     }
@@ -197,6 +201,23 @@ impl PeerLink {
         if let Some(d) = self.shared.data.get() {
             drop(d.attach.lock().take());
         }
+    }
+
+    /// Whether every I/O worker has a data link to the peer now.
+    pub fn data_links_up(&self) -> bool {
+        self.shared
+            .data
+            .get()
+            .is_some_and(|d| d.up.iter().all(|u| u.load(Ordering::Acquire)))
+    }
+
+    /// How many data links the dialer has made so far (a link replaced since a count was
+    /// taken shows as a higher count).
+    pub fn data_dials(&self) -> u64 {
+        self.shared
+            .data
+            .get()
+            .map_or(0, |d| d.dials.load(Ordering::Acquire))
     }
 
     /// A data link of its own for a resync (blocking; a newer one supersedes it at the peer).
@@ -451,9 +472,12 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
             ));
         };
         keep_alive(&s, shared.timeout);
+        shared.data_ids.lock().insert(id);
         let stop = || shared.stop.load(Ordering::Acquire) || superseded();
-        return replica::serve_data(&mut s, replicas.as_ref(), &stop)
-            .map_err(|e| LinkError::Refused(format!("data link {}: {e}", hello.link)));
+        let served = replica::serve_data(&mut s, replicas.as_ref(), &stop);
+        shared.data_ids.lock().remove(&id);
+        replicas.data_link_ended();
+        return served.map_err(|e| LinkError::Refused(format!("data link {}: {e}", hello.link)));
     }
     if hello.link == CONTROL_LINK {
         tracing::info!(peer = %hello.from, "peer connected");
@@ -481,6 +505,17 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
         };
         match (h.kind, h.reply) {
             (Kind::Ping, false) => write_frame(&mut s, &h.reply_to(0), &[])?,
+            (Kind::Control, false) if is_fence(&payload) => {
+                let (status, answer) = match fence_data_links(shared) {
+                    Ok(()) => (0, b"{}".to_vec()),
+                    Err(why) => (libc::ETIMEDOUT, why.into_bytes()),
+                };
+                write_frame(
+                    &mut s,
+                    &h.reply_to(status as u16).with_payload(&answer),
+                    &answer,
+                )?;
+            }
             (Kind::Control, false) => {
                 let (status, answer) = match shared.replicas.get() {
                     None => (
@@ -509,6 +544,40 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
     }
 }
 
+/// Whether a CONTROL request is `{"op": "fence_data_links"}`.
+fn is_fence(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .is_ok_and(|v| v.get("op").and_then(|o| o.as_str()) == Some("fence_data_links"))
+}
+
+/// Ends every data link being served and waits (at most 10 s) until their threads are done:
+/// no frame the owner sent before it asked can be applied after. The owner asks before a
+/// resync (its data links carry nothing while its volumes are degraded) and dials new ones.
+fn fence_data_links(shared: &Shared) -> Result<(), String> {
+    let ids: Vec<u64> = shared.data_ids.lock().iter().copied().collect();
+    for (id, s) in shared.served.lock().iter() {
+        if ids.contains(id) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = {
+            let live = shared.data_ids.lock();
+            ids.iter().filter(|i| live.contains(i)).count()
+        };
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{left} data link(s) still applying frames after 10 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// TCP keep-alive on a data link: a peer that vanished (a cut link, no FIN) is found within
 /// seconds even when no frame is due.
 fn keep_alive(s: &TcpStream, timeout: Duration) {
@@ -524,6 +593,8 @@ fn keep_alive(s: &TcpStream, timeout: Duration) {
 struct DataLinks {
     /// Whether worker n has a live link (it clears the flag when its link dies).
     up: Vec<Arc<AtomicBool>>,
+    /// Data links made so far.
+    dials: AtomicU64,
     /// `None` once stopped.
     attach: Mutex<Option<AttachData>>,
 }
@@ -580,6 +651,7 @@ fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
                     up: up.clone(),
                     timeout: shared.timeout,
                 };
+                data.dials.fetch_add(1, Ordering::AcqRel);
                 let attached = data.attach.lock().as_ref().is_some_and(|a| a(w, sock));
                 if !attached {
                     up.store(false, Ordering::Release);

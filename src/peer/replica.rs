@@ -24,6 +24,8 @@ pub trait Replicas: Send + Sync {
     fn replica(&self, id: u32) -> Option<Arc<Replica>>;
     /// Answers a CONTROL request (a JSON document) from the peer: the answer, or why not.
     fn control(&self, request: &[u8]) -> Result<Vec<u8>, String>;
+    /// A data link from the peer ended.
+    fn data_link_ended(&self) {}
 }
 
 /// Records a replica's new highest token durably (the volume's `pair.json`).
@@ -162,6 +164,10 @@ pub fn serve_data(
         have += n;
         let mut at = 0;
         while let Some(h) = buf[at..have].get(..HEADER_BYTES) {
+            // A superseded or fenced link applies nothing more, not even what it has read.
+            if stop() {
+                return Ok(());
+            }
             let header = Header::decode(h)?.expect("a whole header");
             if header.reply {
                 return Err(DataLinkError::Refused(format!(

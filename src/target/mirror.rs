@@ -41,6 +41,9 @@ const WAITING_FOR_RANGE: u32 = 1;
 const RUNNING: u32 = 2;
 /// `Outer::step`: done here, its peer I/O failed: waits until the peer is recorded stale.
 const WAITING_FOR_DEGRADE: u32 = 3;
+/// `Outer::step`: done here while degraded, its bit set after its own commit: waits for a
+/// commit that makes the bit durable too (a FUA operation or a flush).
+const WAITING_FOR_COMMIT: u32 = 4;
 
 /// Whether the peer's replica takes this volume's writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +99,9 @@ struct InFlight {
     next_ticket: u64,
     /// Parked requests, by the eventfd their `Wait` polls: every ended write signals them all.
     parked: HashMap<RawFd, EventFd>,
+    /// Ranges the resync waits to lock (`Mirror::lock_range`): new writes to them wait behind
+    /// it, so a busy volume cannot starve it.
+    waiting: Vec<(u64, u64)>,
 }
 
 pub struct Mirror {
@@ -193,6 +199,9 @@ impl Mirror {
             let (fd, polled) = {
                 let mut f = self.inflight.lock();
                 if !f.ranges.iter().any(|&(s, e, _)| s < end && start < e) {
+                    if let Some(i) = f.waiting.iter().position(|&w| w == (start, end)) {
+                        f.waiting.swap_remove(i);
+                    }
                     f.next_ticket += 1;
                     let ticket = f.next_ticket;
                     f.ranges.push((start, end, ticket));
@@ -200,6 +209,9 @@ impl Mirror {
                         mirror: self,
                         ticket,
                     };
+                }
+                if !f.waiting.contains(&(start, end)) {
+                    f.waiting.push((start, end));
                 }
                 // Parked like a request: the next write to end signals the eventfd (the map
                 // holds it; this thread polls a duplicate).
@@ -251,15 +263,18 @@ impl Mirror {
     }
 
     /// The degrader's outcome: `Ok` once the peer is recorded stale and the volume's bitmap
-    /// started (the parked requests complete), or why not (they fail; the ranges stay pending
-    /// for the next attempt).
+    /// started: the ranges that came meanwhile (and the extents the peer had not flushed) are
+    /// set and committed, then the parked requests complete. `Err`: they fail, the ranges stay
+    /// pending and the volume stays degrading (writes the peer does not take fail) until the
+    /// degrader, which tries again, succeeds.
     pub fn degrade_done(&self, outcome: Result<(), String>, retry: &[(u64, u64)]) {
+        let outcome = match outcome {
+            Ok(()) => self.settle_pending(),
+            Err(why) => Err(why),
+        };
         let mut d = self.degrade.lock();
         match &outcome {
             Ok(()) => {
-                for (offset, len) in std::mem::take(&mut d.pending) {
-                    self.inner.mark_peer_dirty(offset, len);
-                }
                 d.state = Some(PeerState::Degraded {
                     since: SystemTime::now(),
                 });
@@ -272,10 +287,9 @@ impl Mirror {
             Err(why) => {
                 tracing::error!(
                     volume = self.inner.name(),
-                    "the peer could not be recorded stale ({why}): writes fail"
+                    "the peer could not be recorded stale ({why}): writes it misses fail"
                 );
                 d.pending.extend_from_slice(retry);
-                d.state = Some(PeerState::InSync);
                 d.failed = Some((SystemTime::now(), why.clone()));
             }
         }
@@ -286,9 +300,63 @@ impl Mirror {
         }
     }
 
+    /// Sets the ranges still pending (and the extents the peer had not flushed) in the bitmap
+    /// and commits them, until none is left.
+    fn settle_pending(&self) -> Result<(), String> {
+        loop {
+            let ranges = self.pending_ranges();
+            if ranges.is_empty() {
+                return Ok(());
+            }
+            for (offset, len) in ranges {
+                self.inner.mark_peer_dirty(offset, len);
+            }
+            self.inner
+                .commit_now()
+                .map_err(|e| format!("committing the peer dirty bitmap: {e}"))?;
+        }
+    }
+
+    /// Ends a resync that left no bit set: with the degrade state held (no degrade can start
+    /// meanwhile), checks that it is still resyncing, that no peer operation failed since
+    /// `failures` and nothing is pending, then runs `record` (the peer's stale record removed,
+    /// the bitmap ended) and, if it succeeded, is in sync. The caller holds the whole volume's
+    /// range, so no write is in flight; a flush whose peer operation fails now waits for this.
+    pub fn finish_resync(
+        &self,
+        failures: u64,
+        record: impl FnOnce() -> Result<(), String>,
+    ) -> Result<bool, String> {
+        let mut d = self.degrade.lock();
+        if !matches!(d.state, Some(PeerState::Resyncing { .. }))
+            || self.peer_failures() != failures
+            || !d.pending.is_empty()
+        {
+            return Ok(false);
+        }
+        record()?;
+        d.state = Some(PeerState::InSync);
+        Ok(true)
+    }
+
+    /// The volume goes out of service: requests waiting for a degrade fail.
+    pub fn abandon(&self, why: &str) {
+        let mut d = self.degrade.lock();
+        for (efd, result) in d.waiters.values_mut() {
+            *result = Some(Err(why.to_owned()));
+            let _ = efd.write(1);
+        }
+    }
+
+    /// Whether the degrader should try again (a failed attempt left work waiting).
+    pub fn degrade_pending(&self) -> bool {
+        let d = self.degrade.lock();
+        d.state == Some(PeerState::Degrading) && (!d.pending.is_empty() || !d.waiters.is_empty())
+    }
+
     /// `op` completed on both nodes: its extents wait for the peer's next flush (a flush
     /// clears those that completed before it was issued); while resyncing, the whole blocks it
-    /// wrote are equal on both and leave the bitmap.
+    /// wrote are equal on both and leave the bitmap. Called while its range is still held.
     fn mirrored(&self, op: &TargetOp, mark: u64) {
         match Self::range(op) {
             Some((start, end)) => {
@@ -298,7 +366,8 @@ impl Mirror {
                     u.insert(x, c);
                 }
                 drop(u);
-                if matches!(self.degrade.lock().state, Some(PeerState::Resyncing { .. })) {
+                let d = self.degrade.lock();
+                if matches!(d.state, Some(PeerState::Resyncing { .. })) {
                     self.inner.clear_peer_dirty_whole(start, end - start);
                 }
             }
@@ -323,6 +392,22 @@ impl Mirror {
             drop(d);
             if let Some((start, end)) = range {
                 self.inner.mark_peer_dirty(start, end - start);
+            }
+            // Its own commit (FUA, flush) ran before its bit was set: one more makes the bit
+            // as durable as the data it stands for.
+            let durable = match *op {
+                TargetOp::Write { fua, .. }
+                | TargetOp::Zero { fua, .. }
+                | TargetOp::Trim { fua, .. } => fua,
+                TargetOp::Flush => true,
+                TargetOp::Read { .. } | TargetOp::Cache { .. } => false,
+            };
+            if durable {
+                plan.clear();
+                plan.step = 0;
+                plan.outer.step = WAITING_FOR_COMMIT;
+                self.inner.plan(&TargetOp::Flush, plan)?;
+                return Ok(true);
             }
             return Ok(false);
         }
@@ -415,7 +500,9 @@ impl Mirror {
             return Ok(true);
         };
         let mut f = self.inflight.lock();
-        if f.ranges.iter().any(|&(s, e, _)| s < end && start < e) {
+        let busy = f.ranges.iter().any(|&(s, e, _)| s < end && start < e)
+            || f.waiting.iter().any(|&(s, e)| s < end && start < e);
+        if busy {
             let efd =
                 EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                     .map_err(|e| TargetError::Writing {
@@ -461,6 +548,7 @@ impl Mirror {
         }
         plan.outer.step = RUNNING;
         plan.outer.result = None;
+        plan.outer.sent = false;
         if let Err(e) = self.inner.plan(op, plan) {
             self.release(plan);
             return Err(e);
@@ -472,6 +560,7 @@ impl Mirror {
                     plan.outer.mark = self.completions.load(Ordering::Acquire);
                 }
                 plan.push(FileIo::Peer(p));
+                plan.outer.sent = true;
             }
             _ => plan.outer.result = Some(0),
         }
@@ -534,6 +623,9 @@ impl BlockTarget for Mirror {
                 }),
             };
         }
+        if plan.outer.step == WAITING_FOR_COMMIT {
+            return self.inner.complete(&TargetOp::Flush, plan, results);
+        }
         assert_eq!(plan.outer.step, RUNNING, "a mirrored operation runs");
         let mut results = results;
         if plan.outer.result.is_none() {
@@ -550,8 +642,21 @@ impl BlockTarget for Mirror {
         if matches!(local, Ok(Progress::Again)) {
             return Ok(Progress::Again);
         }
-        self.release(plan);
         let peer = plan.outer.result.expect("set above");
+        if peer >= 0 && plan.outer.sent {
+            match &local {
+                // Both took it: bookkeeping while its range is still held.
+                Ok(_) => self.mirrored(op, plan.outer.mark),
+                Err(e) => {
+                    // The peer took what failed here: the copies may differ in its range.
+                    self.diverged.lock().get_or_insert((
+                        SystemTime::now(),
+                        format!("{op:?} failed here after the peer took it: {e}"),
+                    ));
+                }
+            }
+        }
+        self.release(plan);
         if peer < 0 {
             let e = std::io::Error::from_raw_os_error(-peer);
             let why = format!("the peer failed {op:?}: {e}");
@@ -567,8 +672,6 @@ impl BlockTarget for Mirror {
             if self.peer_failed(op, plan)? {
                 return Ok(Progress::Again);
             }
-        } else if local.is_ok() && plan.outer.step == RUNNING && !self.is_degraded() {
-            self.mirrored(op, plan.outer.mark);
         }
         local
     }
@@ -895,7 +998,9 @@ mod tests {
         let e = m.complete(&w, &mut plan, &[r]).unwrap_err();
         assert_eq!(e.errno(), crate::nbd::NbdErrno::Io);
         assert!(e.to_string().contains("etcd is out of reach"), "{e}");
-        assert_eq!(m.peer_state(), PeerState::InSync);
+        // Still degrading: the degrader tries again, and writes the peer misses fail meanwhile.
+        assert_eq!(m.peer_state(), PeerState::Degrading);
+        assert!(m.degrade_pending());
         // The next attempt succeeds: the write completes, both ranges are in the bitmap.
         let fd = run_until_parked(&mut plan, &mut buf);
         let ranges = m.pending_ranges();

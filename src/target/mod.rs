@@ -197,6 +197,8 @@ pub struct Outer {
     /// A counter value the wrapper noted when the operation started (the mirror: how many
     /// mirrored changes had completed when a flush was issued).
     pub mark: u64,
+    /// The wrapper's own I/O was issued (the mirror: the operation went to the peer too).
+    pub sent: bool,
 }
 
 // `links` has a bit for every I/O a plan may hold.

@@ -306,6 +306,12 @@ impl VolumeTarget {
         self.shared.vol.lock().mark_peer_dirty_range(offset, len);
     }
 
+    /// Commits now (blocking): what changed in memory (peer dirty bits set outside a request)
+    /// becomes durable.
+    pub fn commit_now(&self) -> Result<(), TargetError> {
+        self.shared.commit().map_err(|f| f.into_error("committing"))
+    }
+
     /// Clears the peer dirty bits of the whole blocks of a range (a change both nodes took).
     pub fn clear_peer_dirty_whole(&self, offset: u64, len: u64) {
         let first = offset.div_ceil(4096);
