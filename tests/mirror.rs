@@ -666,3 +666,198 @@ fn a_cut_link_degrades_then_resyncs_under_fio() {
     b.server.stop();
     a.server.stop();
 }
+
+/// Writes 4 KiB blocks 0, 1, 2, ... (block i holds byte i % 251 + 1), flushing after every 8
+/// and printing the number of blocks a completed flush covers, until killed.
+const LOGGER: &str = "import nbd, sys\n\
+    h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+    i = 0\n\
+    while i < 4096:\n\
+    \x20   h.pwrite(bytes([i % 251 + 1]) * 4096, i * 4096)\n\
+    \x20   i += 1\n\
+    \x20   if i % 8 == 0:\n\
+    \x20       h.flush(); print(i, flush=True)\n";
+
+/// Reads blocks `0..n` of `uri` and checks each holds LOGGER's pattern.
+fn check_logged(uri: &str, n: u64) {
+    let code = "import nbd, sys\n\
+                h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                bad = [i for i in range(int(sys.argv[2])) \
+                       if h.pread(4096, i * 4096) != bytes([i % 251 + 1]) * 4096]\n\
+                print('bad', bad[:5])\n";
+    let out = stdout(&run("/usr/bin/python3", &["-c", code, uri, &n.to_string()]));
+    assert_eq!(
+        out.trim(),
+        "bad []",
+        "acknowledged writes missing after promotion"
+    );
+}
+
+/// Runs LOGGER on `uri` for about `secs` seconds, then `kill` (which kills the owner); returns
+/// how many blocks completed flushes acknowledged.
+fn log_until_killed(uri: &str, secs: u64, kill: impl FnOnce()) -> u64 {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("timeout")
+        .args(["120", "/usr/bin/python3", "-c", LOGGER, uri])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let a2 = acked.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(n) = line.trim().parse::<u64>() {
+                a2.store(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(secs));
+    kill();
+    let _ = child.wait();
+    reader.join().unwrap();
+    acked.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Kill -9 of the owner under a writer that flushes: `volume promote` on the survivor is
+/// refused while the owner is up, accepted once its presence is gone, and every write a flush
+/// acknowledged reads back there. The survivor writes on alone; the old owner returns as a
+/// stale replica, is resynced whole and ends byte-equal.
+#[test]
+fn a_dead_owner_is_replaced_by_promotion_and_nothing_acknowledged_is_lost() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-promote");
+    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &[]);
+    let b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &[]);
+    wait_until(20, "both links up", || {
+        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
+    });
+    let raw = scratch.path("g.raw");
+    data_file(&raw, 16 << 20, 7);
+    for n in [&a, &b] {
+        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
+    }
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let e = cli_fails(&b, &["volume", "promote", "v1"]);
+    assert!(e.contains("is up: promoting would make two writers"), "{e}");
+    let mut a = a;
+    let acked = log_until_killed(&a.server.uri("v1"), 2, || kill9(&mut a.server));
+    assert!(
+        acked >= 8,
+        "the writer got going ({acked} blocks acknowledged)"
+    );
+    wait_until(20, "a's presence expired", || {
+        cluster::node_up(&b.pair_status(), "a") == Some(false)
+    });
+    cli(&b, &["volume", "promote", "v1"]);
+    check_logged(&b.server.uri("v1"), acked);
+    // b writes on alone (a is stale now, and down).
+    fio_verify(&b.server.uri("v1"), "1", "1");
+    let alerts = b.alerts().join("\n");
+    assert!(alerts.contains("volume v1 degraded since"), "{alerts}");
+    // a returns: not the owner any more; its copy is resynced whole from b.
+    let a = Node::start_with(a.dir, "a", &etcd, "2", &[]);
+    wait_until(60, "resynced", || {
+        b.alerts().iter().all(|x| !x.contains("volume v1")) && cluster::link_up(&b.pair_status())
+    });
+    wait_until(10, "a serves reads again", || contents_ok(&a, "v1"));
+    assert!(
+        contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
+        "the replicas differ after the returning owner's resync"
+    );
+    // Mirrored again, now owned by b.
+    fio_verify(&b.server.uri("v1"), "1", "1");
+    assert!(
+        contents(&a, "v1", &scratch, "a2") == contents(&b, "v1", &scratch, "b2"),
+        "the replicas differ after writes mirrored from the new owner"
+    );
+    a.server.stop();
+    b.server.stop();
+}
+
+/// A partition with writes on both sides: the owner writes alone (the peer recorded stale),
+/// then dies; the stale survivor is not promoted without --force; forced, it writes too. When
+/// the old owner returns, both nodes report a split brain and nothing is merged; `volume
+/// resolve --keep b` discards a's changes and resyncs it from b.
+#[test]
+fn a_forced_promotion_and_writes_on_both_sides_are_a_split_brain_resolved_by_hand() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-split");
+    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &[]);
+    let mut b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &[]);
+    wait_until(20, "both links up", || {
+        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
+    });
+    let raw = scratch.path("g.raw");
+    data_file(&raw, 16 << 20, 7);
+    for n in [&a, &b] {
+        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
+    }
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    // b dies; a writes alone (b recorded stale); b returns, then a dies before any resync
+    // could run long (the resync is slowed to a crawl).
+    kill9(&mut b.server);
+    let write = |uri: &str, byte: u8, at: u64| {
+        let code = format!(
+            "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+             h.pwrite(bytes([{byte}]) * (1 << 20), {at}); h.flush(); print('ok')\n"
+        );
+        assert_eq!(
+            stdout(&run("/usr/bin/python3", &["-c", &code, uri])).trim(),
+            "ok"
+        );
+    };
+    write(&a.server.uri("v1"), 0xaa, 1 << 20);
+    let mut a = a;
+    kill9(&mut a.server);
+    wait_until(20, "both presences expired", || {
+        run_with_status(BIN, &["status", "--mgmt-socket", &a.mgmt()])
+            .status
+            .code()
+            != Some(0)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let b = Node::start_with(b.dir, "b", &etcd, "2", &["--resync-rate", "1"]);
+    wait_until(20, "a seen down", || {
+        cluster::node_up(&b.pair_status(), "a") == Some(false)
+    });
+    let e = cli_fails(&b, &["volume", "promote", "v1"]);
+    assert!(e.contains("copy of \"v1\" is stale"), "{e}");
+    cli(&b, &["volume", "promote", "v1", "--force"]);
+    write(&b.server.uri("v1"), 0xbb, 5 << 20);
+    // a returns: it wrote alone and was deposed: split brain, not served, nothing merged.
+    let a = Node::start_with(a.dir, "a", &etcd, "2", &[]);
+    wait_until(20, "links up", || cluster::link_up(&a.pair_status()));
+    let alerts = a.alerts().join("\n");
+    assert!(alerts.contains("split brain"), "{alerts}");
+    let alerts = b.alerts().join("\n");
+    assert!(alerts.contains("promoted with --force"), "{alerts}");
+    assert!(!contents_ok(&a, "v1") || !cli(&a, &["volume", "list"]).contains("served"));
+    // The operator keeps b's data: a's changes go, a is resynced whole from b.
+    let e = cli_fails(&a, &["volume", "resolve", "v1", "--keep", "a"]);
+    assert!(e.contains("not built yet"), "{e}");
+    cli(&b, &["volume", "resolve", "v1", "--keep", "b"]);
+    let b = {
+        // The resync was slowed to a crawl for the split; let it run at full speed now.
+        let dir = b.dir;
+        b.server.stop();
+        Node::start_with(dir, "b", &etcd, "2", &[])
+    };
+    wait_until(60, "resynced", || {
+        b.alerts().iter().all(|x| !x.contains("volume v1")) && cluster::link_up(&b.pair_status())
+    });
+    wait_until(10, "a serves reads again", || contents_ok(&a, "v1"));
+    let (ca, cb) = (
+        contents(&a, "v1", &scratch, "a"),
+        contents(&b, "v1", &scratch, "b"),
+    );
+    assert!(ca == cb, "the replicas differ after the resolve");
+    assert!(
+        cb[5 << 20..6 << 20].iter().all(|&x| x == 0xbb),
+        "b's write kept"
+    );
+    a.server.stop();
+    b.server.stop();
+}

@@ -131,6 +131,21 @@ enum VolumeSub {
         #[arg(long)]
         force: bool,
     },
+    /// Make this node the owner of a pair volume whose owner is gone: only if etcd says this
+    /// node's copy is up to date, unless --force (which may lose writes the old owner
+    /// acknowledged alone, and leaves a split brain for `volume resolve` if it did).
+    Promote {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// End a split brain of a pair volume: keep NODE's data (the current owner's), discard the
+    /// other node's changes; its copy is then resynced whole from the owner.
+    Resolve {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        keep: String,
+    },
     /// Set a volume's personality from FILE (TOML, or JSON; see docs/personality.md), or
     /// remove it (--clear). Each change gives the volume a new instance id.
     Personality {
@@ -544,6 +559,8 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
         VolumeSub::Show { name } => Request::VolumeShow { name },
         VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
+        VolumeSub::Promote { name, force } => Request::VolumePromote { name, force },
+        VolumeSub::Resolve { name, keep } => Request::VolumeResolve { name, keep },
         VolumeSub::Personality { name, set, .. } => {
             let personality = match set.map(|p| read_personality(&p)).transpose() {
                 Ok(p) => p,

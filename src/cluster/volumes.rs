@@ -195,6 +195,13 @@ pub struct ReplicaRecord {
     /// The owner that recorded it, and its fencing token then.
     pub by: String,
     pub token: u64,
+    /// The whole replica must be copied (its node was the owner when it was given up on: what
+    /// it wrote last may be nowhere else).
+    #[serde(default)]
+    pub full: bool,
+    /// Recorded by a forced promotion: its node may hold writes it acknowledged alone.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 impl Cluster {
@@ -249,6 +256,8 @@ impl Cluster {
             since_unix: super::now_unix(),
             by: self.cfg.node.clone(),
             token: owned.token,
+            full: false,
+            forced: false,
         };
         let value = serde_json::to_vec(&rec).expect("a record serialises");
         let mut client = self.client.clone();
@@ -315,6 +324,66 @@ impl Cluster {
                 Err(ClusterError::Deposed {
                     name: name.to_owned(),
                 })
+            }
+        });
+        self.note(&result);
+        result
+    }
+}
+
+impl Cluster {
+    /// Makes this node the owner of `name` with the next fencing token, only while the record
+    /// is still `current` and, unless `force`, this node's replica is not recorded stale. The
+    /// old owner's replica is recorded stale (whole: what it wrote last may not be here), and
+    /// this node's stale record, if forced past, goes.
+    pub fn promote_record(
+        &self,
+        name: &str,
+        current: &VolumeRecord,
+        force: bool,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let me = self.cfg.node.clone();
+        let vkey = self.volume_key(name);
+        let mine = self.replica_key(name, &me);
+        let theirs = self.replica_key(name, &current.owner);
+        let promoted = VolumeRecord {
+            owner: me.clone(),
+            token: current.token + 1,
+            ..current.clone()
+        };
+        let stale = ReplicaRecord {
+            state: "stale".into(),
+            generation: String::new(),
+            since_unix: super::now_unix(),
+            by: me,
+            token: promoted.token,
+            full: true,
+            forced: force,
+        };
+        let expected = serde_json::to_vec(current).expect("a record serialises");
+        let mut guards = vec![Compare::value(vkey.clone(), CompareOp::Equal, expected)];
+        if !force {
+            guards.push(Compare::create_revision(mine.clone(), CompareOp::Equal, 0));
+        }
+        let txn = Txn::new().when(guards).and_then([
+            TxnOp::put(
+                vkey,
+                serde_json::to_vec(&promoted).expect("a record serialises"),
+                None,
+            ),
+            TxnOp::put(
+                theirs,
+                serde_json::to_vec(&stale).expect("a record serialises"),
+                None,
+            ),
+            TxnOp::delete(mine, None),
+        ]);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            if client.txn(txn).await?.succeeded() {
+                Ok(promoted)
+            } else {
+                Err(ClusterError::Contended)
             }
         });
         self.note(&result);

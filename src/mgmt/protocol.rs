@@ -109,6 +109,16 @@ pub enum Request {
     IpPoolDelete {
         name: String,
     },
+    /// Makes this node the owner of a pair volume whose owner is gone (`docs/pair.md` §7).
+    VolumePromote {
+        name: String,
+        force: bool,
+    },
+    /// Ends a split brain by keeping one node's data (`docs/pair.md` §6).
+    VolumeResolve {
+        name: String,
+        keep: String,
+    },
 }
 
 impl Request {
@@ -149,7 +159,9 @@ impl Request {
             | Request::VolumePersonality { .. }
             | Request::IpPoolCreate { .. }
             | Request::IpPoolList
-            | Request::IpPoolDelete { .. } => false,
+            | Request::IpPoolDelete { .. }
+            | Request::VolumePromote { .. }
+            | Request::VolumeResolve { .. } => false,
         }
     }
 }

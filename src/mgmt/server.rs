@@ -538,6 +538,14 @@ fn run(
         Request::VolumeDelete { name, force } => node
             .delete_volume(&name, force)
             .map(|()| Response::Deleted { name }),
+        Request::VolumePromote { name, force } => node
+            .promote_volume(&name, force)
+            .and_then(|()| node.volume_info(&name))
+            .map(Response::Volume),
+        Request::VolumeResolve { name, keep } => node
+            .resolve_volume(&name, &keep)
+            .and_then(|()| node.volume_info(&name))
+            .map(Response::Volume),
         Request::Check { repair, name } => node
             .check(repair, name.as_deref(), job)
             .map(Response::Check),

@@ -27,6 +27,7 @@ mod jobs;
 mod pace;
 mod pair;
 mod personality;
+mod promote;
 mod replicas;
 mod resync;
 use crate::target::{

@@ -53,6 +53,8 @@ pub(super) struct PairVolumes {
     /// The dialer's count of data links when the peer last fenced this node's links: a new
     /// fence is needed before a resync only if a link was replaced since.
     pub fenced_dials: Mutex<Option<u64>>,
+    /// Volumes this node took over with `promote --force` (their peer's record says so).
+    pub forced: Mutex<std::collections::BTreeSet<String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
 }
@@ -69,6 +71,8 @@ enum Control {
     ReplicaInSync { name: String },
     /// The owner recorded this node's replica of `name` stale: stop serving reads of it.
     ReplicaStale { name: String },
+    /// `volume resolve --keep OWNER` on the owner: this node drops its split-brain changes.
+    DiscardSplitBrain { name: String },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -102,8 +106,10 @@ impl Replicas for ReplicaService {
             Control::ReplicaInSync { name } => {
                 tracing::info!(volume = %name, "the owner says this replica is in sync again");
                 node.refresh_stale();
+                node.drop_replica_bitmap(&name);
                 Ok(())
             }
+            Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
             Control::ReplicaStale { name } => {
                 tracing::warn!(volume = %name, "the owner recorded this replica stale");
                 node.refresh_stale();
@@ -188,14 +194,26 @@ impl Node {
                     local.token, rec.token
                 )));
             }
+            let peer_rec = match cluster.peer().map_err(pair_err)? {
+                Some(p) => cluster.replica_record(name, &p.name).map_err(pair_err)?,
+                None => None,
+            };
+            // The peer is stale and this copy keeps no bitmap (just promoted, or a crash came
+            // between recording the peer stale and starting one): every block goes to it.
+            if peer_rec.is_some() && target.peer_bitmap().is_none() {
+                let size = target.geometry().size_bytes;
+                target
+                    .start_peer_bitmap(&[(0, size)])
+                    .map_err(|e| NodeError::Io(format!("starting a whole resync: {e}")))?;
+            }
+            if peer_rec.as_ref().is_some_and(|r| r.forced) {
+                self.pair_volumes.forced.lock().insert(name.to_owned());
+            } else {
+                self.pair_volumes.forced.lock().remove(name);
+            }
             // A volume that keeps a peer bitmap is degraded: since when, etcd says.
             let degraded = target.peer_bitmap().map(|_| {
-                let since = cluster
-                    .peer()
-                    .ok()
-                    .flatten()
-                    .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten())
-                    .map_or(0, |r| r.since_unix);
+                let since = peer_rec.as_ref().map_or(0, |r| r.since_unix);
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(since)
             });
             let m = Arc::new(Mirror::new(
@@ -210,6 +228,23 @@ impl Node {
                 .lock()
                 .insert(name.to_owned(), m.clone());
             return Ok(m);
+        }
+        // A deposed owner that wrote alone (bits in its bitmap) while another node was promoted
+        // past it: a split brain. Its copy is kept apart, not served, never merged.
+        if local.token < rec.token
+            && let Some(bits) = target.peer_bitmap()
+            && bits > 0
+        {
+            return Err(NodeError::Invalid(format!(
+                "split brain: this node owned it (token {}) and wrote {} alone, and node {} \
+                 was promoted since (token {}); nothing is merged: `streamer volume resolve \
+                 {name} --keep {}` discards this node's changes",
+                local.token,
+                indicatif::HumanBytes(bits * 4096),
+                rec.owner,
+                rec.token,
+                rec.owner
+            )));
         }
         let weak = self.me.get().cloned().unwrap_or_default();
         let vol = name.to_owned();
@@ -345,6 +380,21 @@ impl Node {
             let _ = self.peer_control(&req);
         }
         ok || !m.degrade_pending()
+    }
+
+    /// A replica in sync keeps no peer bitmap of its own (one left from when this node owned
+    /// the volume, or from a discarded split brain).
+    fn drop_replica_bitmap(&self, name: &str) {
+        let Some(t) = self.served.lock().volumes.get(name).cloned() else {
+            return;
+        };
+        if t.peer_bitmap().is_some() {
+            let blocks = t.geometry().size_bytes.div_ceil(4096);
+            t.clear_peer_dirty(0, blocks);
+            if let Err(e) = t.end_peer_bitmap() {
+                tracing::warn!(volume = name, "dropping this replica's old bitmap: {e}");
+            }
+        }
     }
 
     /// The control link came up: replicas learn again whether etcd records them stale.
@@ -607,6 +657,14 @@ impl Node {
     pub(super) fn pair_volume_alerts(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (name, m) in self.pair_volumes.mirrors.lock().iter() {
+            if self.pair_volumes.forced.lock().contains(name)
+                && !matches!(m.peer_state(), PeerState::InSync)
+            {
+                out.push(format!(
+                    "volume {name}: promoted with --force: writes the other node acknowledged \
+                     alone are lost; if it wrote while apart it reports a split brain"
+                ));
+            }
             if let PeerState::Resyncing { .. } = m.peer_state() {
                 let left = m.volume().peer_bitmap().unwrap_or(0) * 4096;
                 let p = self.pair_volumes.progress.lock().get(name).cloned();

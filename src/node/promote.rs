@@ -1,0 +1,191 @@
+//! Promotion and split brain (`docs/pair.md` §6-§7): the survivor takes over a pair volume
+//! whose owner is gone, and a deposed owner that wrote alone meanwhile is found and kept apart
+//! until the operator decides.
+//!
+//! `volume promote NAME` makes this node the owner, with the next fencing token, only if the
+//! owner's presence is gone from etcd (two writers are never made) and etcd does not record
+//! this node's copy stale. The old owner's replica is recorded stale, whole: it may hold writes
+//! that never reached this node (in flight when it died, unacknowledged), so the resync copies
+//! every block to it when it returns. `--force` promotes a stale copy all the same: writes the
+//! old owner acknowledged alone are then not here.
+//!
+//! Split brain: a deposed owner that comes back with bits in its peer dirty bitmap wrote alone
+//! while another node was promoted past it (only `--force` allows that). Both nodes say so
+//! (the deposed one refuses to serve the volume, the owner alerts while the forced record
+//! stands); nothing is merged. `volume resolve NAME --keep OWNER` discards the deposed node's
+//! changes: its bitmap is dropped and its copy resynced whole from the owner.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Force, Node, NodeError};
+use crate::pool::PAIR_RECORD;
+
+/// CONTROL request: the owner asks the deposed node to discard its split-brain changes.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct DiscardRequest {
+    pub op: String,
+    pub name: String,
+}
+
+fn etcd(e: crate::cluster::ClusterError) -> NodeError {
+    NodeError::Io(format!("the pair's records: {e}"))
+}
+
+impl Node {
+    pub fn promote_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
+        let (cluster, me) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        if rec.id != local.id {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} here is not the pair's volume of that name (an orphan)"
+            )));
+        }
+        if rec.owner == me {
+            return Err(NodeError::Invalid(format!(
+                "this node already owns volume {name:?}"
+            )));
+        }
+        let owner_up = cluster
+            .nodes()
+            .map_err(etcd)?
+            .iter()
+            .any(|(m, presence)| m.name == rec.owner && presence.is_some());
+        if owner_up {
+            return Err(NodeError::InUse(format!(
+                "node {} owns volume {name:?} and is up: promoting would make two writers \
+                 (stop it first; moving a volume between live nodes is not built yet)",
+                rec.owner
+            )));
+        }
+        let stale = cluster.replica_record(name, &me).map_err(etcd)?;
+        if let Some(s) = &stale
+            && !force
+        {
+            return Err(NodeError::Invalid(format!(
+                "this node's copy of {name:?} is stale: node {} wrote without it since {} \
+                 (unix time); promoting it would lose those writes. `--force` promotes it \
+                 anyway: writes node {} acknowledged alone are then lost, and if it wrote \
+                 while apart it reports a split brain when it returns",
+                s.by, s.since_unix, rec.owner
+            )));
+        }
+        if stale.is_some() {
+            tracing::warn!(
+                volume = name,
+                "forced promotion of a stale copy: writes node {} acknowledged alone are lost",
+                rec.owner
+            );
+        }
+        let promoted = cluster
+            .promote_record(name, &rec, force)
+            .map_err(|e| match e {
+                crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
+                    "volume {name:?}'s records changed meanwhile (its copy here may have been \
+                     recorded stale): look again with `pair status` and retry"
+                )),
+                e => etcd(e),
+            })?;
+        let record = super::replicas::PairRecord {
+            token: promoted.token,
+            ..local
+        };
+        self.pool.set_volume_record(
+            name,
+            PAIR_RECORD,
+            Some(&serde_json::to_vec(&record).expect("a record serialises")),
+        )?;
+        tracing::warn!(
+            volume = name,
+            token = promoted.token,
+            "promoted: this node owns the volume now; node {} is stale until resynced",
+            rec.owner
+        );
+        // Served again as its owner: the peer is stale, so the bitmap starts whole.
+        self.offline_volume(name, Force::Yes)?;
+        self.serve_volume(name)
+    }
+
+    /// Ends a split brain of `name` keeping `keep`'s data. Only the owner's data can be kept
+    /// for now: the deposed node drops its changes and is resynced whole.
+    pub fn resolve_volume(&self, name: &str, keep: &str) -> Result<(), NodeError> {
+        let (cluster, me) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        if keep != rec.owner {
+            return Err(NodeError::Invalid(format!(
+                "keeping node {keep}'s data is not built yet: only the owner's ({}) can be kept; \
+                 to keep the other side, copy its volume out first (it is not served, its files \
+                 are intact)",
+                rec.owner
+            )));
+        }
+        if rec.owner == me {
+            // The split is on the other node: it drops its changes.
+            let req = serde_json::to_vec(&DiscardRequest {
+                op: "discard_split_brain".into(),
+                name: name.into(),
+            })
+            .expect("a request serialises");
+            self.peer_control_pub(&req)?;
+            return Ok(());
+        }
+        self.discard_split_brain(name)
+    }
+
+    /// This node is the deposed side of a split brain of `name`: drop the changes it made
+    /// alone (its peer dirty bitmap), record the owner's token, and serve its copy as the
+    /// stale replica the owner resyncs whole.
+    pub(super) fn discard_split_brain(&self, name: &str) -> Result<(), NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
+        let (cluster, _) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        self.offline_volume(name, Force::Yes)?;
+        let mut vol = self.pool.open_volume(name)?;
+        if vol.peer_bitmap() {
+            let blocks = vol.size().div_ceil(4096);
+            vol.clear_peer_dirty(0, blocks);
+            vol.end_peer_bitmap()
+                .map_err(|e| NodeError::Io(format!("dropping the split-brain changes: {e}")))?;
+        }
+        vol.close()
+            .map_err(|e| NodeError::Io(format!("closing volume {name:?}: {e}")))?;
+        let record = super::replicas::PairRecord {
+            token: rec.token.max(local.token),
+            ..local
+        };
+        self.pool.set_volume_record(
+            name,
+            PAIR_RECORD,
+            Some(&serde_json::to_vec(&record).expect("a record serialises")),
+        )?;
+        tracing::warn!(
+            volume = name,
+            "split brain resolved: this node's changes are discarded; node {} resyncs it",
+            rec.owner
+        );
+        self.pair_volumes.unserved.lock().remove(name);
+        self.served.lock().broken.remove(name);
+        self.serve_volume(name)
+    }
+}
