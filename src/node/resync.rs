@@ -65,11 +65,62 @@ impl Node {
                     if node.pair.lock().is_none() {
                         return; // left the pair
                     }
+                    node.check_ownership();
                     node.resync_degraded();
                 }
             });
         if let Err(e) = spawned {
             tracing::error!("starting the resync thread: {e}");
+        }
+    }
+
+    /// Mirrors whose etcd record names another owner (or a higher token) were taken over
+    /// while this node was cut off: they stop writing at once (their clients disconnected)
+    /// and are served again as what they are now, a replica, or a split brain if this node
+    /// wrote alone meanwhile.
+    fn check_ownership(&self) {
+        let Some((cluster, me)) = self.this_node() else {
+            return;
+        };
+        let mirrors: Vec<(String, Arc<Mirror>)> = self
+            .pair_volumes
+            .mirrors
+            .lock()
+            .iter()
+            .map(|(n, m)| (n.clone(), m.clone()))
+            .collect();
+        if mirrors.is_empty() {
+            return;
+        }
+        let Ok(records) = cluster.volume_records() else {
+            return; // etcd out of reach: a degraded owner cannot have been recorded anyway
+        };
+        for (name, m) in mirrors {
+            let deposed = match records.get(&name) {
+                Some(r) => r.owner != me || r.token != m.token(),
+                None => false, // deleted: the delete path takes it down
+            };
+            if !deposed {
+                continue;
+            }
+            tracing::error!(
+                volume = %name,
+                "another node owns this volume now: it stops writing here"
+            );
+            let Ok(_busy) = self.busy("volume", &name) else {
+                continue; // a command works on it: next second
+            };
+            if let Err(e) = self.offline_volume(&name, super::Force::Yes) {
+                tracing::error!(volume = %name, "taking the deposed volume offline: {e}");
+                continue;
+            }
+            if let Err(e) = self.serve_volume(&name) {
+                tracing::error!(volume = %name, "not served: {e}");
+                self.pair_volumes
+                    .unserved
+                    .lock()
+                    .insert(name.clone(), e.to_string());
+            }
         }
     }
 
