@@ -252,6 +252,14 @@ fn a_dead_peer_degrades_the_volume_and_writes_go_on() {
     assert_eq!(lines[1], "read True");
     let alerts = a.alerts().join("\n");
     assert!(alerts.contains("volume v1 degraded since"), "{alerts}");
+    let s = a.pair_status();
+    let v = &s["volumes"][0];
+    assert_eq!(
+        (v["name"].as_str(), v["role"].as_str(), v["state"].as_str()),
+        (Some("v1"), Some("owner"), Some("degraded")),
+        "{s}"
+    );
+    assert!(v["out_of_sync_bytes"].as_u64().unwrap() >= 4096, "{s}");
     // More writes, acknowledged here alone, all in the bitmap (fio verifies them).
     fio_verify(&a.server.uri("v1"), "1", "2");
 
@@ -472,6 +480,17 @@ fn the_returning_peer_is_resynced_with_only_what_changed() {
     assert!(
         contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
         "the replicas differ after the resync"
+    );
+    let s = a.pair_status();
+    assert_eq!(s["volumes"][0]["state"], "in_sync", "{s}");
+    let s = b.pair_status();
+    assert_eq!(
+        (
+            s["volumes"][0]["role"].as_str(),
+            s["volumes"][0]["state"].as_str()
+        ),
+        (Some("replica"), Some("in_sync")),
+        "{s}"
     );
     // Mirrored again: a write on a reaches b.
     fio_verify(&a.server.uri("v1"), "1", "1");

@@ -84,5 +84,37 @@ pub(super) fn render(p: &PairInfo) -> String {
             })
             .collect(),
     ));
+    if !p.volumes.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["VOLUME", "ROLE", "STATE", "SINCE", "OUT OF SYNC", "RESYNC"],
+            p.volumes
+                .iter()
+                .map(|v| {
+                    let state = match &v.reason {
+                        Some(why) => format!("{}: {why}", v.state),
+                        None => v.state.clone(),
+                    };
+                    let resync = match (v.resync_percent, v.resync_eta_secs) {
+                        (Some(p), Some(eta)) => format!("{p}%, ETA {eta}s"),
+                        (Some(p), None) => format!("{p}%"),
+                        _ => "-".into(),
+                    };
+                    vec![
+                        v.name.clone(),
+                        v.role.clone(),
+                        state,
+                        v.since_unix.map_or("-".into(), ago),
+                        if v.role == "owner" {
+                            indicatif::HumanBytes(v.out_of_sync_bytes).to_string()
+                        } else {
+                            "-".into()
+                        },
+                        resync,
+                    ]
+                })
+                .collect(),
+        ));
+    }
     out
 }

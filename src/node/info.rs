@@ -148,6 +148,28 @@ pub struct PairInfo {
     /// The pair's nodes; empty while etcd does not answer.
     pub nodes: Vec<PairNodeInfo>,
     pub link: LinkInfo,
+    /// This node's pair volumes.
+    #[serde(default)]
+    pub volumes: Vec<PairVolumeInfo>,
+}
+
+/// A pair volume as this node serves it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PairVolumeInfo {
+    pub name: String,
+    /// `owner` (this node orders its writes) or `replica`.
+    pub role: String,
+    /// Owner: `in_sync`, `degrading`, `degraded`, `resyncing`. Replica: `in_sync` or `stale`.
+    /// `not_served` (with `reason`): an orphan, a split brain.
+    pub state: String,
+    /// Since when the state holds (seconds since the epoch), where known.
+    pub since_unix: Option<u64>,
+    /// Owner: bytes the peer's copy lacks (the bitmap's blocks).
+    pub out_of_sync_bytes: u64,
+    /// Resyncing: percent done and seconds left at the rate so far.
+    pub resync_percent: Option<u64>,
+    pub resync_eta_secs: Option<u64>,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

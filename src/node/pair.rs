@@ -143,7 +143,7 @@ impl Node {
             Err(_) => Vec::new(),
         };
         let failing = pair.cluster.etcd_failing();
-        Ok(PairInfo {
+        let mut info = PairInfo {
             pair: cfg.pair.clone(),
             node: cfg.node.clone(),
             etcd: cfg.etcd.clone(),
@@ -151,7 +151,11 @@ impl Node {
             etcd_failing_since_unix: failing.map(|f| unix(f.1)),
             nodes,
             link,
-        })
+            volumes: Vec::new(),
+        };
+        drop(guard);
+        info.volumes = self.pair_volume_infos();
+        Ok(info)
     }
 
     /// What `status` says about the pair: etcd failing, the peer down, the link down.

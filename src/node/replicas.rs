@@ -653,6 +653,68 @@ impl Node {
         }
     }
 
+    /// This node's pair volumes for `pair status`.
+    pub(super) fn pair_volume_infos(&self) -> Vec<super::info::PairVolumeInfo> {
+        use super::info::PairVolumeInfo;
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let mut out = Vec::new();
+        for (name, m) in self.pair_volumes.mirrors.lock().iter() {
+            let bits = m.volume().peer_bitmap().unwrap_or(0);
+            let (state, since) = match m.peer_state() {
+                PeerState::InSync => ("in_sync", None),
+                PeerState::Degrading => ("degrading", None),
+                PeerState::Degraded { since } => ("degraded", Some(unix(since))),
+                PeerState::Resyncing { since } => ("resyncing", Some(unix(since))),
+            };
+            let progress = self.pair_volumes.progress.lock().get(name).cloned();
+            out.push(PairVolumeInfo {
+                name: name.clone(),
+                role: "owner".into(),
+                state: state.into(),
+                since_unix: since,
+                out_of_sync_bytes: bits * 4096,
+                resync_percent: progress.as_ref().map(|p| {
+                    (p.done_bytes * 100)
+                        .checked_div(p.total_bytes)
+                        .unwrap_or(100)
+                        .min(100)
+                }),
+                resync_eta_secs: progress.and_then(|p| p.eta_secs(bits * 4096)),
+                reason: m.degrade_failure().map(|(_, why)| why),
+            });
+        }
+        for (name, stale) in self.pair_volumes.stale.lock().iter() {
+            let stale = stale.load(std::sync::atomic::Ordering::Acquire);
+            out.push(PairVolumeInfo {
+                name: name.clone(),
+                role: "replica".into(),
+                state: if stale { "stale" } else { "in_sync" }.into(),
+                since_unix: None,
+                out_of_sync_bytes: 0,
+                resync_percent: None,
+                resync_eta_secs: None,
+                reason: None,
+            });
+        }
+        for (name, why) in self.pair_volumes.unserved.lock().iter() {
+            out.push(PairVolumeInfo {
+                name: name.clone(),
+                role: "-".into(),
+                state: "not_served".into(),
+                since_unix: None,
+                out_of_sync_bytes: 0,
+                resync_percent: None,
+                resync_eta_secs: None,
+                reason: Some(why.clone()),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Alerts about pair volumes: copies that differ, copies not served.
     pub(super) fn pair_volume_alerts(&self) -> Vec<String> {
         let mut out = Vec::new();
