@@ -112,6 +112,14 @@ fn a_volume_lives_on_both_nodes_and_every_write_reaches_both() {
     );
     assert!(ca == cb, "the replicas differ after fio");
     assert!(ca != contents(&a, "image/g", &scratch, "g"), "fio wrote");
+    // The online verify says so too (on the owner; the replica's node refuses).
+    let out = cli(&a, &["volume", "verify", "v1"]);
+    assert!(
+        out.contains("v1: ok, the two copies are identical"),
+        "{out}"
+    );
+    let e = cli_fails(&b, &["volume", "verify", "v1"]);
+    assert!(e.contains("run it on the owner"), "{e}");
 
     // Trims and zeroes travel too (python libnbd: trim, zero with and without NO_HOLE).
     let code = "import nbd, sys\n\

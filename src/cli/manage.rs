@@ -131,6 +131,9 @@ enum VolumeSub {
         #[arg(long)]
         force: bool,
     },
+    /// Compare a pair volume's two copies online, block by block (run it on the volume's
+    /// owner): the blocks that differ, and how many of them await a resync.
+    Verify { name: String },
     /// Make this node the owner of a pair volume whose owner is gone: only if etcd says this
     /// node's copy is up to date, unless --force (which may lose writes the old owner
     /// acknowledged alone, and leaves a split brain for `volume resolve` if it did).
@@ -560,6 +563,7 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
         VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
         VolumeSub::Promote { name, force } => Request::VolumePromote { name, force },
+        VolumeSub::Verify { name } => Request::VolumeVerify { name },
         VolumeSub::Resolve { name, keep } => Request::VolumeResolve { name, keep },
         VolumeSub::Personality { name, set, .. } => {
             let personality = match set.map(|p| read_personality(&p)).transpose() {

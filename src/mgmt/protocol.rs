@@ -114,6 +114,10 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// Compares a pair volume's two copies block by block (on its owner).
+    VolumeVerify {
+        name: String,
+    },
     /// Ends a split brain by keeping one node's data (`docs/pair.md` §6).
     VolumeResolve {
         name: String,
@@ -127,6 +131,7 @@ impl Request {
         match self {
             Request::ImageImport { name, .. } => Some(format!("image import {name}")),
             Request::ImageVerify { name } => Some(format!("image verify {name}")),
+            Request::VolumeVerify { name } => Some(format!("volume verify {name}")),
             Request::ImageCapture { name, from } => {
                 Some(format!("image capture {name} --from {from}"))
             }
@@ -143,6 +148,7 @@ impl Request {
         match self {
             Request::ImageImport { .. }
             | Request::ImageVerify { .. }
+            | Request::VolumeVerify { .. }
             | Request::ImageCapture { .. }
             | Request::Check { .. } => true,
             Request::Status

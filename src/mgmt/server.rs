@@ -516,6 +516,9 @@ fn run(
         Request::ImageVerify { name } => node
             .verify_image(&name, job, progress)
             .map(Response::Verify),
+        Request::VolumeVerify { name } => node
+            .verify_pair_volume(&name, job, progress)
+            .map(Response::Verify),
         Request::ImageDelete { name } => node
             .delete_image(&name)
             .map(|()| Response::Deleted { name }),

@@ -30,6 +30,7 @@ mod personality;
 mod promote;
 mod replicas;
 mod resync;
+mod verify;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };

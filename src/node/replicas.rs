@@ -73,6 +73,12 @@ enum Control {
     ReplicaStale { name: String },
     /// `volume resolve --keep OWNER` on the owner: this node drops its split-brain changes.
     DiscardSplitBrain { name: String },
+    /// `volume verify`: crc32c of each 4 KiB block of `blocks` from `first` of this node's copy.
+    Checksums {
+        name: String,
+        first: u64,
+        blocks: u64,
+    },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -110,6 +116,16 @@ impl Replicas for ReplicaService {
                 Ok(())
             }
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
+            Control::Checksums {
+                name,
+                first,
+                blocks,
+            } => {
+                let crcs = node
+                    .block_checksums(&name, first, blocks)
+                    .map_err(|e| e.to_string())?;
+                return Ok(serde_json::to_vec(&crcs).expect("numbers serialise"));
+            }
             Control::ReplicaStale { name } => {
                 tracing::warn!(volume = %name, "the owner recorded this replica stale");
                 node.refresh_stale();

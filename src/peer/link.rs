@@ -243,6 +243,31 @@ impl PeerLink {
         Ok(s)
     }
 
+    /// A connection for many CONTROL requests in a row (a verify's checksum requests).
+    pub fn control_session(&self) -> Result<ControlSession, String> {
+        let peer = self
+            .shared
+            .cluster
+            .peer()
+            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
+            .ok_or("no other node has joined the pair")?;
+        let mut cookie = 0;
+        let s = connect(
+            &peer.name,
+            &peer.peer_addr,
+            &self.shared,
+            CONTROL_CALL,
+            &mut cookie,
+        )
+        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+        Ok(ControlSession {
+            s,
+            peer: peer.name,
+            cookie,
+            timeout: self.shared.timeout.max(Duration::from_secs(30)),
+        })
+    }
+
     /// Sends a CONTROL request to the peer on a connection of its own and returns the answer.
     pub fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         control_call(&self.shared, request)
@@ -370,10 +395,19 @@ fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<(
 /// Reads one whole frame (header and payload) by `deadline`, checked; the control link takes
 /// no payload over `MAX_CONTROL_PAYLOAD`.
 fn read_frame(s: &mut TcpStream, deadline: Instant) -> Result<(Header, Vec<u8>), LinkError> {
+    read_frame_up_to(s, deadline, MAX_CONTROL_PAYLOAD as usize)
+}
+
+/// `read_frame` with a payload of at most `max` bytes (a control call's JSON: 64 KiB).
+fn read_frame_up_to(
+    s: &mut TcpStream,
+    deadline: Instant,
+    max: usize,
+) -> Result<(Header, Vec<u8>), LinkError> {
     let mut h = [0u8; HEADER_BYTES];
     read_by(s, &mut h, deadline)?;
     let header = Header::decode(&h)?.expect("a whole header");
-    if header.payload_len > MAX_CONTROL_PAYLOAD {
+    if header.payload_len as usize > max {
         return Err(LinkError::Refused(format!(
             "a {:?} frame with a {} byte payload on the control link",
             header.kind, header.payload_len
@@ -492,7 +526,14 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
             ));
         }
         // The peer pings every second; twice the timeout of silence ends the connection.
-        let (h, payload) = match read_frame(&mut s, Instant::now() + shared.timeout * 2) {
+        // A control call may carry a JSON document; the control link pings.
+        let most = if hello.link == CONTROL_CALL {
+            MAX_CONTROL_BYTES
+        } else {
+            MAX_CONTROL_PAYLOAD as usize
+        };
+        let (h, payload) = match read_frame_up_to(&mut s, Instant::now() + shared.timeout * 2, most)
+        {
             Ok(f) => f,
             Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
@@ -666,6 +707,43 @@ fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
     }
 }
 
+/// A connection to the peer carrying CONTROL requests one after another.
+pub struct ControlSession {
+    s: TcpStream,
+    peer: String,
+    cookie: u64,
+    timeout: Duration,
+}
+
+impl ControlSession {
+    /// One request: the peer's JSON answer, or its refusal.
+    pub fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
+        self.cookie += 1;
+        let h = Header::request(Kind::Control, self.cookie).with_payload(request);
+        write_frame(&mut self.s, &h, request).map_err(|e| e.to_string())?;
+        let (r, payload) = read_frame_up_to(
+            &mut self.s,
+            Instant::now() + self.timeout,
+            MAX_CONTROL_BYTES,
+        )
+        .map_err(|e| format!("{}: {e}", self.peer))?;
+        if !r.reply || r.kind != Kind::Control || r.cookie != self.cookie {
+            return Err(format!(
+                "{} answered {:?} to a control request",
+                self.peer, r.kind
+            ));
+        }
+        if r.status != 0 {
+            return Err(format!(
+                "{}: {}",
+                self.peer,
+                String::from_utf8_lossy(&payload)
+            ));
+        }
+        Ok(payload)
+    }
+}
+
 /// One CONTROL request on a connection of its own (the control link's thread keeps pinging).
 fn control_call(shared: &Shared, request: &[u8]) -> Result<Vec<u8>, String> {
     let peer = shared
@@ -685,9 +763,10 @@ fn control_call(shared: &Shared, request: &[u8]) -> Result<Vec<u8>, String> {
     let h = Header::request(Kind::Control, 1).with_payload(request);
     write_frame(&mut s, &h, request).map_err(|e| e.to_string())?;
     // Control requests may create a volume's replica: seconds, not the ping's budget.
-    let (r, payload) = read_frame(
+    let (r, payload) = read_frame_up_to(
         &mut s,
         Instant::now() + shared.timeout.max(Duration::from_secs(30)),
+        MAX_CONTROL_BYTES,
     )
     .map_err(|e| format!("{}: {e}", peer.name))?;
     let _ = s.shutdown(Shutdown::Both);
