@@ -242,6 +242,7 @@ impl Cluster {
         name: &str,
         owned: &VolumeRecord,
         generation: &str,
+        full: bool,
     ) -> Result<(), ClusterError> {
         let peer = self
             .peer()?
@@ -256,7 +257,7 @@ impl Cluster {
             since_unix: super::now_unix(),
             by: self.cfg.node.clone(),
             token: owned.token,
-            full: false,
+            full,
             forced: false,
         };
         let value = serde_json::to_vec(&rec).expect("a record serialises");
@@ -384,6 +385,43 @@ impl Cluster {
                 Ok(promoted)
             } else {
                 Err(ClusterError::Contended)
+            }
+        });
+        self.note(&result);
+        result
+    }
+}
+
+impl Cluster {
+    /// Marks the peer's stale record of `name` whole (every block to be compared and resent),
+    /// while the volume's record is still `owned`.
+    pub fn mark_replica_full(&self, name: &str, owned: &VolumeRecord) -> Result<(), ClusterError> {
+        let peer = self
+            .peer()?
+            .map(|m| m.name)
+            .ok_or(ClusterError::Contended)?;
+        let Some(mut rec) = self.replica_record(name, &peer)? else {
+            return Ok(());
+        };
+        if rec.full {
+            return Ok(());
+        }
+        rec.full = true;
+        let vkey = self.volume_key(name);
+        let rkey = self.replica_key(name, &peer);
+        let expected = serde_json::to_vec(owned).expect("a record serialises");
+        let value = serde_json::to_vec(&rec).expect("a record serialises");
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let txn = Txn::new()
+                .when([Compare::value(vkey, CompareOp::Equal, expected)])
+                .and_then([TxnOp::put(rkey, value, None)]);
+            if client.txn(txn).await?.succeeded() {
+                Ok(())
+            } else {
+                Err(ClusterError::Deposed {
+                    name: name.to_owned(),
+                })
             }
         });
         self.note(&result);

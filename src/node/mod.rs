@@ -102,6 +102,10 @@ pub struct Node {
     pair_volumes: replicas::PairVolumes,
     /// This node, for what outlives a call (the replicas' token records); set with the pair.
     me: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// Volumes that were open when the node last stopped uncleanly: writes of those it owned
+    /// may have been in flight to one copy and not the other (`replicas.rs`); taken when the
+    /// volume is first served as its owner.
+    crashed_volumes: Mutex<BTreeSet<String>>,
 }
 
 /// What the node's exports and commands may use.
@@ -184,6 +188,7 @@ impl Node {
             jobs: Jobs::default(),
             pair_volumes: replicas::PairVolumes::default(),
             me: std::sync::OnceLock::new(),
+            crashed_volumes: Mutex::new(BTreeSet::new()),
         };
         for i in node.pool.images() {
             if let Err(e) = node.serve_image(&i.name) {
@@ -205,6 +210,9 @@ impl Node {
             }
             // A pair volume is served once the node has joined its pair (`set_pair`).
             if let Ok(Some(r)) = node.pair_record(&v.name) {
+                if unclean {
+                    node.crashed_volumes.lock().insert(v.name.clone());
+                }
                 node.pair_volumes.unserved.lock().insert(
                     v.name.clone(),
                     format!(
@@ -274,6 +282,12 @@ impl Node {
     /// Called once the node has committed and closed everything: the next start need not look
     /// for leaked space.
     pub fn stopped_cleanly(&self) {
+        // A pair volume whose crash was never dealt with (its peer could not be recorded
+        // stale) keeps the next start unclean, so it is dealt with then.
+        if !self.crashed_volumes.lock().is_empty() {
+            tracing::warn!("not marking a clean stop: a crashed pair volume was never resynced");
+            return;
+        }
         if let Err(e) = self.pool.mark_clean_stop() {
             tracing::warn!("recording the clean stop: {e}");
         }

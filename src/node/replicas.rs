@@ -210,10 +210,45 @@ impl Node {
                     local.token, rec.token
                 )));
             }
-            let peer_rec = match cluster.peer().map_err(pair_err)? {
+            let mut peer_rec = match cluster.peer().map_err(pair_err)? {
                 Some(p) => cluster.replica_record(name, &p.name).map_err(pair_err)?,
                 None => None,
             };
+            // After a crash of this node, writes that were in flight may have reached one copy
+            // and not the other, and nothing records which (the activity log that would is not
+            // built): the peer is recorded stale and resynced whole before a write is served.
+            let crashed = self.crashed_volumes.lock().contains(name);
+            if peer_rec.is_none() && crashed {
+                cluster
+                    .mark_replica_stale(name, &rec, &target.generation(), true)
+                    .map_err(|e| {
+                        NodeError::Io(format!(
+                            "this node stopped uncleanly and cannot record the peer's copy \
+                             stale ({e}): not served until it can (restart to retry)"
+                        ))
+                    })?;
+                tracing::warn!(
+                    volume = name,
+                    "this node stopped uncleanly: the peer's copy is resynced whole"
+                );
+                peer_rec = cluster
+                    .peer()
+                    .map_err(pair_err)?
+                    .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten());
+            }
+            // A crash also loses the bits of writes not yet committed, whose data may have
+            // reached the disk: a bitmap kept from before is no longer complete, and covers
+            // everything from now on.
+            if crashed && target.peer_bitmap().is_some() {
+                cluster.mark_replica_full(name, &rec).map_err(pair_err)?;
+                target.mark_peer_dirty(0, target.geometry().size_bytes);
+                target
+                    .commit_now()
+                    .map_err(|e| NodeError::Io(format!("{e}")))?;
+            }
+            // Recorded (below, the bitmap starts whole if none was kept): the crash is dealt
+            // with. Until then the node does not mark a clean stop either.
+            self.crashed_volumes.lock().remove(name);
             // The peer is stale and this copy keeps no bitmap (just promoted, or a crash came
             // between recording the peer stale and starting one): every block goes to it.
             if peer_rec.is_some() && target.peer_bitmap().is_none() {
@@ -262,6 +297,9 @@ impl Node {
                 rec.owner
             )));
         }
+        // A replica's writes in flight at a crash are the owner's to resend (it saw the link
+        // die and recorded the peer stale).
+        self.crashed_volumes.lock().remove(name);
         let weak = self.me.get().cloned().unwrap_or_default();
         let vol = name.to_owned();
         let id = local.id;
@@ -380,7 +418,7 @@ impl Node {
                 ));
             }
             cluster
-                .mark_replica_stale(name, &rec, &m.volume().generation())
+                .mark_replica_stale(name, &rec, &m.volume().generation(), false)
                 .map_err(|e| e.to_string())?;
             m.volume()
                 .start_peer_bitmap(&ranges)

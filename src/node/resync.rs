@@ -220,7 +220,28 @@ impl Node {
             done_bytes: 0,
             rate: 0,
         };
+        // A whole resync (after a promotion or a crash of this node) compares before it sends:
+        // blocks the peer already holds equal stay as they are there (an inherited block stays
+        // inherited, nothing travels).
+        let compare = match self.this_node() {
+            Some((c, _)) => c
+                .peer()
+                .ok()
+                .flatten()
+                .and_then(|p| c.replica_record(name, &p.name).ok().flatten())
+                .is_some_and(|r| r.full),
+            None => false,
+        };
+        let session = if compare {
+            let p = self.pair.lock();
+            let l = p.as_ref().and_then(|p| p.link()).ok_or("not in a pair")?;
+            Some(l.control_session()?)
+        } else {
+            None
+        };
         let mut conn = Conn {
+            session,
+            name: name.to_owned(),
             s: link,
             id: m.id(),
             token: m.token(),
@@ -312,9 +333,6 @@ impl Node {
         let (offset, len) = (first * 4096, count * 4096);
         let _held = m.lock_range(offset, offset + len);
         let vol = m.volume();
-        let mut extents = Vec::new();
-        vol.block_status(offset, len, usize::MAX, &mut extents)
-            .map_err(|e| format!("reading the allocation of {offset}+{len}: {e}"))?;
         let mut buf = vec![0u8; len as usize];
         let op = TargetOp::Read {
             offset,
@@ -322,27 +340,48 @@ impl Node {
         };
         blocking::run(vol.as_ref(), &op, &mut buf)
             .map_err(|e| format!("reading {offset}+{len}: {e}"))?;
-        let mut at = offset;
-        let mut frames = 0;
-        for (elen, flags) in extents {
-            let elen = elen.min(offset + len - at);
-            if elen == 0 {
-                break;
+        // Which blocks to send: all, or (comparing) those whose checksums differ.
+        let mut send = vec![true; count as usize];
+        if let Some(session) = conn.session.as_mut() {
+            let req = serde_json::to_vec(&serde_json::json!({
+                "op": "checksums", "name": conn.name, "first": first, "blocks": count,
+            }))
+            .expect("a request serialises");
+            let theirs: Vec<u32> = serde_json::from_slice(&session.call(&req)?)
+                .map_err(|e| format!("the peer's checksums: {e}"))?;
+            if theirs.len() != send.len() {
+                return Err("the peer sent checksums of the wrong number of blocks".into());
             }
-            let zero = flags & crate::nbd::wire::STATE_ZERO != 0;
-            let data = &buf[(at - offset) as usize..(at - offset + elen) as usize];
-            if zero || data.iter().all(|&b| b == 0) {
-                conn.send(Kind::Zero, at, elen, &[])?;
-            } else {
-                conn.send(Kind::Write, at, elen, data)?;
+            for (i, c) in theirs.iter().enumerate() {
+                send[i] = crc32c::crc32c(&buf[i * 4096..(i + 1) * 4096]) != *c;
             }
-            frames += 1;
-            at += elen;
         }
-        if at < offset + len {
-            // Past what block status described (it stops at the volume's end): zero.
-            conn.send(Kind::Zero, at, offset + len - at, &[])?;
+        // Runs of blocks to send, each as one frame: ZERO where all of it reads as zeroes (a
+        // hole there, nothing on the wire), WRITE otherwise.
+        let mut frames = 0;
+        let mut i = 0;
+        while i < send.len() {
+            if !send[i] {
+                i += 1;
+                continue;
+            }
+            let zero = buf[i * 4096..(i + 1) * 4096].iter().all(|&b| b == 0);
+            let mut j = i + 1;
+            while j < send.len()
+                && send[j]
+                && buf[j * 4096..(j + 1) * 4096].iter().all(|&b| b == 0) == zero
+            {
+                j += 1;
+            }
+            let at = offset + i as u64 * 4096;
+            let n = (j - i) as u64 * 4096;
+            if zero {
+                conn.send(Kind::Zero, at, n, &[])?;
+            } else {
+                conn.send(Kind::Write, at, n, &buf[i * 4096..j * 4096])?;
+            }
             frames += 1;
+            i = j;
         }
         for _ in 0..frames {
             conn.reply()?;
@@ -395,6 +434,9 @@ impl Node {
 
 /// The resync's data link.
 struct Conn {
+    /// Comparing before sending: the peer's checksums come over this.
+    session: Option<crate::peer::link::ControlSession>,
+    name: String,
     s: TcpStream,
     id: u32,
     token: u64,
