@@ -42,9 +42,11 @@ fn pair_with_image(etcd: &Etcd, scratch: &Scratch) -> (Node, Node) {
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    // Imported on a: it lands on b too.
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     (a, b)
 }
 
@@ -532,9 +534,10 @@ fn a_resync_killed_at_random_points_resumes_and_ends_equal() {
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     kill9(&mut b.server);
     // 12 MiB written alone: about 3 s of resync at 4 MiB/s.
@@ -617,9 +620,10 @@ fn a_cut_link_degrades_then_resyncs_under_fio() {
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     // fio runs inside the namespace (the nodes listen on its loopback).
     let uri = a.server.uri("v1");
@@ -763,9 +767,10 @@ fn a_dead_owner_is_replaced_by_promotion_and_nothing_acknowledged_is_lost() {
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     let e = cli_fails(&b, &["volume", "promote", "v1"]);
     assert!(e.contains("is up: promoting would make two writers"), "{e}");
@@ -819,9 +824,10 @@ fn a_forced_promotion_and_writes_on_both_sides_are_a_split_brain_resolved_by_han
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     // b dies; a writes alone (b recorded stale); b returns, then a dies before any resync
     // could run long (the resync is slowed to a crawl).
@@ -904,9 +910,10 @@ fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
     });
     let raw = scratch.path("g.raw");
     data_file(&raw, 16 << 20, 7);
-    for n in [&a, &b] {
-        cli(n, &["image", "import", "g", raw.to_str().unwrap()]);
-    }
+    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
+    wait_until(30, "the image on b", || {
+        cli(&b, &["image", "list"]).contains("g ")
+    });
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     let mut a = a;
     let acked = log_until_killed(&a.server.uri("v1"), 2, || kill9(&mut a.server));
@@ -939,6 +946,51 @@ fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
     check_logged(&a.server.uri("v1"), acked);
     let out = cli(&a, &["volume", "verify", "v1"]);
     assert!(out.contains("identical"), "{out}");
+    b.server.stop();
+    a.server.stop();
+}
+
+/// Golden images live on both nodes: an import on one lands on the other (its digest checked
+/// there), an image imported while the peer was away goes to it when it is back, a capture
+/// lands on both, and a delete removes both copies.
+#[test]
+fn golden_images_live_on_both_nodes() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-images");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+    let sha = |n: &Node, image: &str| {
+        let mut args = vec!["image", "show", image, "--json"];
+        let sock = n.mgmt();
+        args.extend(["--mgmt-socket", &sock]);
+        let v: serde_json::Value = serde_json::from_slice(&run(BIN, &args).stdout).unwrap();
+        v["sha256"].as_str().unwrap().to_string()
+    };
+    assert_eq!(sha(&a, "g"), sha(&b, "g"));
+    // b away: an image imported on a meanwhile reaches b once it is back.
+    let dir_b = b.dir;
+    b.server.stop();
+    let raw2 = scratch.path("g2.raw");
+    data_file(&raw2, 8 << 20, 9);
+    cli(&a, &["image", "import", "g2", raw2.to_str().unwrap()]);
+    let b = Node::start_in(dir_b, "b", &etcd, "5");
+    wait_until(40, "g2 on b", || {
+        cli(&b, &["image", "list"]).contains("g2 ")
+    });
+    assert_eq!(sha(&a, "g2"), sha(&b, "g2"));
+    // A capture of a pair volume lands on both.
+    cli(&a, &["volume", "create", "v1", "--image", "g2"]);
+    fio_verify(&a.server.uri("v1"), "1", "1");
+    cli(&a, &["image", "capture", "cap", "--from", "v1"]);
+    wait_until(30, "cap on b", || {
+        cli(&b, &["image", "list"]).contains("cap ")
+    });
+    assert_eq!(sha(&a, "cap"), sha(&b, "cap"));
+    // A delete removes both copies.
+    cli(&a, &["image", "delete", "cap"]);
+    assert!(!cli(&a, &["image", "list"]).contains("cap "));
+    wait_until(10, "cap gone from b", || {
+        !cli(&b, &["image", "list"]).contains("cap ")
+    });
     b.server.stop();
     a.server.stop();
 }

@@ -428,3 +428,87 @@ impl Cluster {
         result
     }
 }
+
+impl Cluster {
+    fn image_key(&self, name: &str, node: &str) -> String {
+        Self::key(&self.cfg.pair, &format!("images/{name}/{node}"))
+    }
+
+    /// Records that `node` holds image `name` with this digest (hex).
+    pub fn put_image_record(&self, name: &str, sha256: &str) -> Result<(), ClusterError> {
+        let key = self.image_key(name, &self.cfg.node);
+        let value = serde_json::to_vec(&serde_json::json!({ "sha256": sha256 }))
+            .expect("a record serialises");
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.put(key, value, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+
+    /// This node no longer holds image `name`.
+    pub fn delete_image_record(&self, name: &str) -> Result<(), ClusterError> {
+        let key = self.image_key(name, &self.cfg.node);
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+
+    /// The digest (hex) `node`'s copy of image `name` has, if it holds one.
+    pub fn image_record(&self, name: &str, node: &str) -> Result<Option<String>, ClusterError> {
+        let key = self.image_key(name, node);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            let r = client.get(key.clone(), None).await?;
+            Ok(r.kvs().first().and_then(|kv| {
+                serde_json::from_slice::<serde_json::Value>(kv.value())
+                    .ok()?
+                    .get("sha256")?
+                    .as_str()
+                    .map(str::to_owned)
+            }))
+        });
+        self.note(&result);
+        result
+    }
+}
+
+impl Cluster {
+    /// Records that image `name` (this digest) was deleted from the pair: a node that holds it
+    /// still (it was away) deletes its copy rather than send it back.
+    pub fn put_image_tombstone(&self, name: &str, sha256: &str) -> Result<(), ClusterError> {
+        let key = self.image_key(name, "_deleted");
+        let value = serde_json::to_vec(&serde_json::json!({ "sha256": sha256 }))
+            .expect("a record serialises");
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.put(key, value, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+
+    /// The digest of the image of that name deleted from the pair, if any.
+    pub fn image_tombstone(&self, name: &str) -> Result<Option<String>, ClusterError> {
+        self.image_record(name, "_deleted")
+    }
+
+    /// An image of that name is imported again: the tombstone goes.
+    pub fn delete_image_tombstone(&self, name: &str) -> Result<(), ClusterError> {
+        let key = self.image_key(name, "_deleted");
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+}

@@ -22,6 +22,7 @@ use info::{
     CheckInfo, ClientInfo, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 
+mod images;
 pub mod info;
 mod jobs;
 mod pace;
@@ -479,6 +480,21 @@ impl Node {
             .into());
         }
         let _busy = self.busy("image", name)?;
+        self.import_raw(name, src, expect, job, progress)?;
+        // On a pair: to the peer too (or when it is back).
+        self.share_image(name);
+        self.image_info(name)
+    }
+
+    /// The import itself: the caller holds the image's busy mark (or is the peer link).
+    fn import_raw(
+        &self,
+        name: &str,
+        src: File,
+        expect: &Expect,
+        job: &Job,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<(), NodeError> {
         let total = expect
             .size
             .or_else(|| src.metadata().ok().filter(|m| m.is_file()).map(|m| m.len()));
@@ -493,7 +509,20 @@ impl Node {
             })
             .map_err(|e| cancelled_or(job, e.into()))?;
         self.serve_image(&entry.name)?;
-        self.image_info(name)
+        Ok(())
+    }
+
+    /// An import the peer link asks for (`images.rs`).
+    fn import_image_only(
+        &self,
+        name: &str,
+        src: File,
+        expect: &Expect,
+        job: &Job,
+    ) -> Result<(), NodeError> {
+        validate_name(name).map_err(NodeError::Invalid)?;
+        let _busy = self.busy("image", name)?;
+        self.import_raw(name, src, expect, job, &mut |_, _| {})
     }
 
     pub fn image_info(&self, name: &str) -> Result<ImageInfo, NodeError> {
@@ -628,6 +657,15 @@ impl Node {
     }
 
     pub fn delete_image(&self, name: &str) -> Result<(), NodeError> {
+        let sha256 = self.image_info(name).map(|i| i.sha256).unwrap_or_default();
+        self.delete_image_here(name)?;
+        // On a pair: the peer's copy goes too (its record with it).
+        self.unshare_image(name, &sha256);
+        Ok(())
+    }
+
+    /// Deletes image `name` from this node's pool only.
+    fn delete_image_here(&self, name: &str) -> Result<(), NodeError> {
         if let Some(r) = self.pool.delete_damaged("image", name) {
             return Ok(r?);
         }
@@ -689,6 +727,7 @@ impl Node {
         let entry = captured.map_err(|e| cancelled_or(job, e.into()))?;
         reopened?;
         self.serve_image(&entry.name)?;
+        self.share_image(name);
         self.image_info(name)
     }
 

@@ -79,6 +79,8 @@ enum Control {
         first: u64,
         blocks: u64,
     },
+    /// The peer deleted image `name`: delete this node's copy (refused while volumes use it).
+    DeleteImage { name: String },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -93,6 +95,11 @@ impl Replicas for ReplicaService {
             .read()
             .get(&id)
             .cloned()
+    }
+
+    fn receive_image(&self, request: &[u8], src: std::fs::File) -> Result<(), String> {
+        let node = self.0.upgrade().ok_or("the node is stopping")?;
+        node.receive_image(request, src).map_err(|e| e.to_string())
     }
 
     fn data_link_ended(&self) {
@@ -116,6 +123,19 @@ impl Replicas for ReplicaService {
                 Ok(())
             }
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
+            Control::DeleteImage { name } => {
+                let gone = match node.delete_image_here(&name) {
+                    Ok(()) => Ok(()),
+                    Err(NodeError::Pool(crate::pool::PoolError::NotFound { .. })) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if gone.is_ok()
+                    && let Some((cluster, _)) = node.this_node()
+                {
+                    let _ = cluster.delete_image_record(&name);
+                }
+                gone
+            }
             Control::Checksums {
                 name,
                 first,

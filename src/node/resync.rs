@@ -57,8 +57,10 @@ impl Node {
         let spawned = std::thread::Builder::new()
             .name("streamer-resync".into())
             .spawn(move || {
+                let mut round = 0u64;
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
+                    round += 1;
                     let Some(node) = weak.upgrade() else {
                         return;
                     };
@@ -67,6 +69,10 @@ impl Node {
                     }
                     node.check_ownership();
                     node.resync_degraded();
+                    // Images the peer lacks (it was away when they were imported) go to it.
+                    if round.is_multiple_of(5) && node.link_up() {
+                        node.share_missing_images();
+                    }
                 }
             });
         if let Err(e) = spawned {

@@ -20,8 +20,8 @@ use parking_lot::Mutex;
 
 use super::replica::{self, Replicas};
 use super::wire::{
-    self, CONTROL_CALL, CONTROL_LINK, HEADER_BYTES, Header, Hello, Kind, MAX_CONTROL_BYTES,
-    WireError,
+    self, CONTROL_CALL, CONTROL_LINK, HEADER_BYTES, Header, Hello, IMAGE_LINK, Kind,
+    MAX_CONTROL_BYTES, WireError,
 };
 use crate::cluster::Cluster;
 use crate::engine::PeerSocket;
@@ -241,6 +241,56 @@ impl PeerLink {
         s.set_read_timeout(Some(self.shared.timeout.max(Duration::from_secs(30))))
             .map_err(|e| e.to_string())?;
         Ok(s)
+    }
+
+    /// Sends golden image `name` (`size` bytes with digest `sha256`, hex) to the peer, which
+    /// imports it with its digest checked; returns once it is sealed there, or why not.
+    pub fn send_image(
+        &self,
+        name: &str,
+        size: u64,
+        sha256: &str,
+        src: &mut std::fs::File,
+    ) -> Result<(), String> {
+        let peer = self
+            .shared
+            .cluster
+            .peer()
+            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
+            .ok_or("no other node has joined the pair")?;
+        let mut cookie = 0;
+        let mut s = connect(
+            &peer.name,
+            &peer.peer_addr,
+            &self.shared,
+            IMAGE_LINK,
+            &mut cookie,
+        )
+        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+        let req = serde_json::to_vec(&serde_json::json!({
+            "name": name, "size": size, "sha256": sha256,
+        }))
+        .expect("a request serialises");
+        let h = Header::request(Kind::Control, 1).with_payload(&req);
+        write_frame(&mut s, &h, &req).map_err(|e| e.to_string())?;
+        s.set_write_timeout(None).map_err(|e| e.to_string())?;
+        std::io::copy(src, &mut s).map_err(|e| format!("sending the image: {e}"))?;
+        s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+        // The peer checks the digest of what it received before it answers.
+        let (r, payload) = read_frame_up_to(
+            &mut s,
+            Instant::now() + Duration::from_secs(600),
+            MAX_CONTROL_BYTES,
+        )
+        .map_err(|e| format!("{}: {e}", peer.name))?;
+        if !r.reply || r.status != 0 {
+            return Err(format!(
+                "{} refused the image: {}",
+                peer.name,
+                String::from_utf8_lossy(&payload)
+            ));
+        }
+        Ok(())
     }
 
     /// A connection for many CONTROL requests in a row (a verify's checksum requests).
@@ -498,6 +548,9 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
     let superseded = || {
         hello.link != CONTROL_CALL && shared.current_peer_conn.lock().get(&hello.link) != Some(&id)
     };
+    if hello.link == IMAGE_LINK {
+        return receive_image(s, shared, &hello.from);
+    }
     if hello.link != CONTROL_LINK && hello.link != CONTROL_CALL {
         tracing::info!(peer = %hello.from, link = hello.link, "peer data link connected");
         let Some(replicas) = shared.replicas.get() else {
@@ -583,6 +636,37 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
             }
         }
     }
+}
+
+/// An image link: its request, its bytes (imported by the node), the answer.
+fn receive_image(mut s: TcpStream, shared: &Shared, from: &str) -> Result<(), LinkError> {
+    let (h, request) = read_frame_up_to(&mut s, Instant::now() + HELLO_WITHIN, MAX_CONTROL_BYTES)?;
+    if h.kind != Kind::Control || h.reply {
+        return Err(LinkError::Refused(format!(
+            "an image link began with {:?}, not CONTROL",
+            h.kind
+        )));
+    }
+    let Some(replicas) = shared.replicas.get() else {
+        return Err(LinkError::Refused(
+            "an image before this node opened its pool".into(),
+        ));
+    };
+    s.set_read_timeout(None)?;
+    let src = std::fs::File::from(std::os::fd::OwnedFd::from(s.try_clone()?));
+    tracing::info!(peer = %from, "receiving an image");
+    let (status, answer) = match replicas.receive_image(&request, src) {
+        Ok(()) => (0, b"{}".to_vec()),
+        Err(why) => (libc::EINVAL, why.into_bytes()),
+    };
+    let mut answer = answer;
+    answer.truncate(MAX_CONTROL_BYTES);
+    write_frame(
+        &mut s,
+        &h.reply_to(status as u16).with_payload(&answer),
+        &answer,
+    )?;
+    Ok(())
 }
 
 /// Whether a CONTROL request is `{"op": "fence_data_links"}`.

@@ -26,6 +26,12 @@ pub trait Replicas: Send + Sync {
     fn control(&self, request: &[u8]) -> Result<Vec<u8>, String>;
     /// A data link from the peer ended.
     fn data_link_ended(&self) {}
+    /// The peer sends a golden image (`request`: its name, size and digest as JSON) whose raw
+    /// bytes `src` yields until its end: import it (digest checked) or say why not.
+    fn receive_image(&self, request: &[u8], src: std::fs::File) -> Result<(), String> {
+        let _ = (request, src);
+        Err("this node takes no images".into())
+    }
 }
 
 /// Records a replica's new highest token durably (the volume's `pair.json`).

@@ -352,6 +352,10 @@ pub struct Hello {
 pub const CONTROL_LINK: u16 = 0;
 /// [`Hello::link`] of the owner's resync connection (a data link of its own).
 pub const RESYNC_LINK: u16 = u16::MAX - 1;
+/// [`Hello::link`] of a connection carrying one golden image to the peer: a CONTROL request
+/// (`{"name", "size", "sha256"}`), then the image's raw bytes until the sender shuts its side,
+/// then the receiver's CONTROL answer once the image is sealed (digest checked) or refused.
+pub const IMAGE_LINK: u16 = u16::MAX - 2;
 /// [`Hello::link`] of a connection made for one CONTROL request (many may run at once; none
 /// supersedes another).
 pub const CONTROL_CALL: u16 = u16::MAX;
