@@ -994,3 +994,37 @@ fn golden_images_live_on_both_nodes() {
     b.server.stop();
     a.server.stop();
 }
+
+/// `volume move` hands a volume to the other node: the old owner's clients are disconnected,
+/// the new owner takes writes (mirrored back), the old one serves reads, and it moves back.
+#[test]
+fn a_volume_moves_between_the_nodes() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-move");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    fio_verify(&a.server.uri("v1"), "1", "1");
+    let e = cli_fails(&b, &["volume", "move", "v1", "--to", "a"]);
+    assert!(e.contains("run it on its owner"), "{e}");
+    cli(&a, &["volume", "move", "v1", "--to", "b"]);
+    let role = |n: &Node| {
+        let s = n.pair_status();
+        s["volumes"][0]["role"].as_str().unwrap().to_string()
+    };
+    assert_eq!(role(&a), "replica");
+    wait_until(10, "b owns it", || role(&b) == "owner");
+    fio_verify(&b.server.uri("v1"), "1", "1");
+    let info = stdout(&run("nbdinfo", &["--json", &a.server.uri("v1")]));
+    assert!(info.contains("\"is_read_only\": true"), "{info}");
+    assert!(
+        contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
+        "the copies differ after the move"
+    );
+    cli(&b, &["volume", "move", "v1", "--to", "a"]);
+    wait_until(10, "a owns it again", || role(&a) == "owner");
+    fio_verify(&a.server.uri("v1"), "1", "1");
+    let out = cli(&a, &["volume", "verify", "v1"]);
+    assert!(out.contains("identical"), "{out}");
+    b.server.stop();
+    a.server.stop();
+}

@@ -131,6 +131,15 @@ enum VolumeSub {
         #[arg(long)]
         force: bool,
     },
+    /// Hand a pair volume to the other node of its pair (run it on the owner): writes here
+    /// stop, in-flight ones finish, both copies are flushed, the other node takes over with
+    /// the next fencing token. Clients connected here are disconnected: reconnect to the new
+    /// owner.
+    Move {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        to: String,
+    },
     /// Compare a pair volume's two copies online, block by block (run it on the volume's
     /// owner): the blocks that differ, and how many of them await a resync.
     Verify { name: String },
@@ -564,6 +573,7 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
         VolumeSub::Promote { name, force } => Request::VolumePromote { name, force },
         VolumeSub::Verify { name } => Request::VolumeVerify { name },
+        VolumeSub::Move { name, to } => Request::VolumeMove { name, to },
         VolumeSub::Resolve { name, keep } => Request::VolumeResolve { name, keep },
         VolumeSub::Personality { name, set, .. } => {
             let personality = match set.map(|p| read_personality(&p)).transpose() {

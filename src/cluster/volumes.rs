@@ -512,3 +512,43 @@ impl Cluster {
         result
     }
 }
+
+impl Cluster {
+    /// Hands volume `name` to node `to` with the next fencing token, while the record is still
+    /// `current` and the peer's replica is in sync (no stale record).
+    pub fn move_record(
+        &self,
+        name: &str,
+        current: &VolumeRecord,
+        to: &str,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let vkey = self.volume_key(name);
+        let theirs = self.replica_key(name, to);
+        let moved = VolumeRecord {
+            owner: to.to_owned(),
+            token: current.token + 1,
+            ..current.clone()
+        };
+        let expected = serde_json::to_vec(current).expect("a record serialises");
+        let txn = Txn::new()
+            .when([
+                Compare::value(vkey.clone(), CompareOp::Equal, expected),
+                Compare::create_revision(theirs, CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                vkey,
+                serde_json::to_vec(&moved).expect("a record serialises"),
+                None,
+            )]);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            if client.txn(txn).await?.succeeded() {
+                Ok(moved)
+            } else {
+                Err(ClusterError::Contended)
+            }
+        });
+        self.note(&result);
+        result
+    }
+}

@@ -114,6 +114,11 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// Hands a pair volume's ownership to the other node (on its owner).
+    VolumeMove {
+        name: String,
+        to: String,
+    },
     /// Compares a pair volume's two copies block by block (on its owner).
     VolumeVerify {
         name: String,
@@ -167,6 +172,7 @@ impl Request {
             | Request::IpPoolList
             | Request::IpPoolDelete { .. }
             | Request::VolumePromote { .. }
+            | Request::VolumeMove { .. }
             | Request::VolumeResolve { .. } => false,
         }
     }

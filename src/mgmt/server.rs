@@ -541,6 +541,10 @@ fn run(
         Request::VolumeDelete { name, force } => node
             .delete_volume(&name, force)
             .map(|()| Response::Deleted { name }),
+        Request::VolumeMove { name, to } => node
+            .move_volume(&name, &to)
+            .and_then(|()| node.volume_info(&name))
+            .map(Response::Volume),
         Request::VolumePromote { name, force } => node
             .promote_volume(&name, force)
             .and_then(|()| node.volume_info(&name))

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Force, Node, NodeError};
 use crate::pool::PAIR_RECORD;
+use crate::target::BlockTarget;
 
 /// CONTROL request: the owner asks the deposed node to discard its split-brain changes.
 #[derive(Debug, Serialize, Deserialize)]
@@ -187,5 +188,147 @@ impl Node {
         self.pair_volumes.unserved.lock().remove(name);
         self.served.lock().broken.remove(name);
         self.serve_volume(name)
+    }
+}
+
+impl Node {
+    /// Hands pair volume `name` to node `to` (run on its owner, while the peer's copy is in
+    /// sync): new writes here are held and then refused, in-flight ones finish, both copies
+    /// are committed, etcd names `to` the owner with the next token, this node serves the
+    /// volume as a replica and `to` as its owner. Clients here are disconnected (they
+    /// reconnect to `to`).
+    pub fn move_volume(&self, name: &str, to: &str) -> Result<(), NodeError> {
+        let (cluster, me) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let peer = cluster
+            .peer()
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::Invalid("the pair has no other node".into()))?;
+        if to != peer.name {
+            return Err(NodeError::Invalid(format!(
+                "{to:?} is not the other node of this pair (that is {})",
+                peer.name
+            )));
+        }
+        let m = self
+            .pair_volumes
+            .mirrors
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                NodeError::Invalid(format!(
+                    "this node does not own volume {name:?}: run it on its owner"
+                ))
+            })?;
+        if !matches!(m.peer_state(), crate::target::PeerState::InSync) {
+            return Err(NodeError::InUse(format!(
+                "node {to}'s copy of {name:?} is not in sync (see `pair status`): it cannot \
+                 take the volume over before its resync ends"
+            )));
+        }
+        let _busy = self.busy("volume", name)?;
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        if rec.owner != me || rec.token != m.token() {
+            return Err(NodeError::InUse(format!(
+                "volume {name:?}'s record names node {} (token {})",
+                rec.owner, rec.token
+            )));
+        }
+        // No write in flight from here on; the copies made durable on both nodes.
+        let size = m.volume().geometry().size_bytes;
+        let held = m.lock_range(0, size);
+        m.volume()
+            .commit_now()
+            .map_err(|e| NodeError::Io(e.to_string()))?;
+        let flush = serde_json::to_vec(&serde_json::json!({ "op": "flush_replica", "name": name }))
+            .expect("a request serialises");
+        self.peer_control_pub(&flush)?;
+        let moved = cluster.move_record(name, &rec, to).map_err(|e| match e {
+            crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
+                "volume {name:?}'s records changed meanwhile (the peer's copy may have been \
+                     recorded stale): look again with `pair status`"
+            )),
+            e => etcd(e),
+        })?;
+        m.fence(&format!(
+            "volume {name:?} moved to node {to}: reconnect there"
+        ));
+        drop(held);
+        tracing::info!(
+            volume = name,
+            to,
+            token = moved.token,
+            "moved to the other node"
+        );
+        // Served here as a replica from now on; the new owner takes over.
+        self.offline_volume(name, Force::Yes)?;
+        self.serve_volume(name)?;
+        let req = serde_json::to_vec(&serde_json::json!({ "op": "became_owner", "name": name }))
+            .expect("a request serialises");
+        if let Err(e) = self.peer_control_pub(&req) {
+            // It finds out by itself within a second or at its next start (check_ownership
+            // works both ways only for owners; a replica re-serves on its next start).
+            tracing::warn!(volume = name, "telling node {to} it owns the volume: {e}");
+            return Err(NodeError::Io(format!(
+                "volume {name:?} is node {to}'s now, but it could not be told: {e} (restart it \
+                 to serve the volume as its owner)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `volume move` on the owner: this node's replica of `name` commits what it has.
+    pub(super) fn flush_replica(&self, name: &str) -> Result<(), NodeError> {
+        let t = self
+            .served
+            .lock()
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NodeError::NotFound(format!("volume {name:?} is not served here")))?;
+        t.commit_now().map_err(|e| NodeError::Io(e.to_string()))
+    }
+
+    /// `volume move` on the old owner: this node owns `name` now. Served again, as its owner.
+    pub(super) fn became_owner(&self, name: &str) -> Result<(), NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
+        let (cluster, me) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        if rec.owner != me {
+            return Err(NodeError::Invalid(format!(
+                "etcd names node {} the owner of {name:?}, not this node",
+                rec.owner
+            )));
+        }
+        let record = super::replicas::PairRecord {
+            token: rec.token.max(local.token),
+            ..local
+        };
+        self.pool.set_volume_record(
+            name,
+            PAIR_RECORD,
+            Some(&serde_json::to_vec(&record).expect("a record serialises")),
+        )?;
+        self.offline_volume(name, Force::Yes)?;
+        self.serve_volume(name)?;
+        tracing::info!(
+            volume = name,
+            token = rec.token,
+            "this node owns the volume now"
+        );
+        Ok(())
     }
 }

@@ -81,6 +81,11 @@ enum Control {
     },
     /// The peer deleted image `name`: delete this node's copy (refused while volumes use it).
     DeleteImage { name: String },
+    /// `volume move`: commit this node's replica of `name` (everything the owner sent is
+    /// durable here).
+    FlushReplica { name: String },
+    /// `volume move`: this node owns `name` now: serve it as its owner.
+    BecameOwner { name: String },
 }
 
 /// What the peer link asks of the node (its replicas, its control answers).
@@ -123,6 +128,8 @@ impl Replicas for ReplicaService {
                 Ok(())
             }
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
+            Control::FlushReplica { name } => node.flush_replica(&name),
+            Control::BecameOwner { name } => node.became_owner(&name),
             Control::DeleteImage { name } => {
                 let gone = match node.delete_image_here(&name) {
                     Ok(()) => Ok(()),

@@ -122,6 +122,8 @@ pub struct Mirror {
     unflushed: Mutex<std::collections::BTreeMap<u64, u64>>,
     /// Peer operations that failed so far (a resync batch whose window saw one keeps its bits).
     peer_failures: AtomicU64,
+    /// Why writes are refused from now on (the volume moved to the other node), if they are.
+    fenced: Mutex<Option<String>>,
 }
 
 /// Granularity of `Mirror::unflushed`.
@@ -157,7 +159,14 @@ impl Mirror {
             completions: AtomicU64::new(0),
             unflushed: Mutex::new(std::collections::BTreeMap::new()),
             peer_failures: AtomicU64::new(0),
+            fenced: Mutex::new(None),
         }
+    }
+
+    /// Refuses every write, zeroing, trim and flush from now on (`EIO` with `why`): the volume
+    /// is another node's now. Requests already planned finish.
+    pub fn fence(&self, why: &str) {
+        *self.fenced.lock() = Some(why.to_owned());
     }
 
     /// Peer operations that failed so far.
@@ -543,6 +552,13 @@ impl Mirror {
 
     /// Plans the operation's first phase: the volume's I/O and the peer's, together.
     fn start(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        if let Some(why) = self.fenced.lock().clone() {
+            return Err(TargetError::Volume {
+                what: "writing",
+                errno: libc::EIO,
+                message: why,
+            });
+        }
         if !self.acquire(op, plan)? {
             return Ok(());
         }
