@@ -1028,3 +1028,78 @@ fn a_volume_moves_between_the_nodes() {
     b.server.stop();
     a.server.stop();
 }
+
+/// A node with an existing pool joins a pair: its image goes to the peer, its volume becomes a
+/// pair volume (once it has no client) and is copied to the peer comparing first, so only the
+/// volume's own blocks travel; the copies end equal and writes are mirrored.
+#[test]
+fn an_existing_pool_joins_a_pair() {
+    let scratch = Scratch::new("mirror-adopt");
+    let dir_a = Scratch::new("node-a");
+    {
+        let single = common::Server::start(
+            &dir_a,
+            &[
+                "--data-dir",
+                dir_a.path("pool").to_str().unwrap(),
+                "--create",
+            ],
+        );
+        let raw = scratch.path("g.raw");
+        data_file(&raw, 16 << 20, 7);
+        let sock = dir_a.path("pool/streamer.sock");
+        let s = sock.to_str().unwrap();
+        run(
+            BIN,
+            &[
+                "image",
+                "import",
+                "g",
+                raw.to_str().unwrap(),
+                "--mgmt-socket",
+                s,
+            ],
+        );
+        run(
+            BIN,
+            &["volume", "create", "v1", "--image", "g", "--mgmt-socket", s],
+        );
+        let code = "import nbd, sys\n\
+                    h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                    h.pwrite(b'\\x5a' * (1 << 20), 3 << 20); h.flush(); print('ok')\n";
+        let out = stdout(&run("/usr/bin/python3", &["-c", code, &single.uri("v1")]));
+        assert_eq!(out.trim(), "ok");
+        single.stop();
+    }
+    let etcd = Etcd::start();
+    let a = Node::start_in(dir_a, "a", &etcd, "5");
+    let b = Node::start("b", &etcd, "5");
+    wait_until(60, "v1 on b and in sync", || {
+        cli(&b, &["volume", "list"]).contains("v1 ")
+            && a.alerts().iter().all(|x| !x.contains("volume v1"))
+    });
+    let log = a.server.log();
+    let sent = log
+        .lines()
+        .rfind(|l| l.contains("resync sent"))
+        .unwrap_or_else(|| panic!("no resync:\n{log}"))
+        .to_string();
+    let payload: u64 = sent
+        .split("payload_bytes=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{sent}"));
+    // The 1 MiB written, not the 16 MiB volume.
+    assert!(payload <= 1 << 20, "{sent}");
+    wait_until(10, "b serves reads", || contents_ok(&b, "v1"));
+    assert!(
+        contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
+        "the copies differ after joining"
+    );
+    fio_verify(&a.server.uri("v1"), "1", "1");
+    let out = cli(&a, &["volume", "verify", "v1"]);
+    assert!(out.contains("identical"), "{out}");
+    b.server.stop();
+    a.server.stop();
+}

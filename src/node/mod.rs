@@ -22,6 +22,7 @@ use info::{
     CheckInfo, ClientInfo, ImageInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
 };
 
+mod adopt;
 mod images;
 pub mod info;
 mod jobs;

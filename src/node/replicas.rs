@@ -55,6 +55,8 @@ pub(super) struct PairVolumes {
     pub fenced_dials: Mutex<Option<u64>>,
     /// Volumes this node took over with `promote --force` (their peer's record says so).
     pub forced: Mutex<std::collections::BTreeSet<String>>,
+    /// Local volumes not yet made pair volumes (`adopt.rs`), and why.
+    pub not_adopted: Mutex<BTreeMap<String, String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
 }
@@ -849,6 +851,9 @@ impl Node {
         }
         for (name, why) in self.pair_volumes.unserved.lock().iter() {
             out.push(format!("volume {name} not served: {why}"));
+        }
+        for (name, why) in self.pair_volumes.not_adopted.lock().iter() {
+            out.push(format!("volume {name} is not mirrored yet: it {why}"));
         }
         out
     }

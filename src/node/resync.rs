@@ -72,6 +72,7 @@ impl Node {
                     // Images the peer lacks (it was away when they were imported) go to it.
                     if round.is_multiple_of(5) && node.link_up() {
                         node.share_missing_images();
+                        node.adopt_volumes();
                     }
                 }
             });
