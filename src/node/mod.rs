@@ -850,6 +850,13 @@ impl Node {
     /// Grows a volume; connected clients keep the old size, new connections see the new one.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
+        // Both copies would have to grow together, and the etcd record with them.
+        if let Some(r) = self.pair_record(name)? {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} belongs to pair {}: growing a pair volume is not built yet",
+                r.pair
+            )));
+        }
         let t = self.served.lock().volumes.get(name).cloned();
         match t {
             Some(t) => {
