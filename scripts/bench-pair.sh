@@ -144,7 +144,12 @@ setup() {
         cli a pair status --json | grep -q '"up": *true' && break
         sleep 0.2
     done
-    for n in a b s; do cli "$n" image import golden "$golden" > /dev/null; done
+    # Imported on a (it lands on b too, the pair shares its images) and on the single node.
+    for n in a s; do cli "$n" image import golden "$golden" > /dev/null; done
+    for ((i = 0; i < 300; i++)); do
+        cli b image list | grep -q '^golden ' && break
+        sleep 0.2
+    done
     rm -f "$golden"
     cli a volume create vol --image golden > /dev/null
     cli s volume create vol --image golden > /dev/null
