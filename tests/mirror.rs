@@ -35,8 +35,13 @@ fn cli_fails(node: &Node, args: &[&str]) -> String {
 
 /// Two nodes of pair p1 with their link up and the same golden image `g` (16 MiB) on both.
 fn pair_with_image(etcd: &Etcd, scratch: &Scratch) -> (Node, Node) {
-    let a = Node::start("a", etcd, "5");
-    let b = Node::start("b", etcd, "5");
+    pair_with(etcd, scratch, "5", &[])
+}
+
+/// `pair_with_image` with a presence lease of `lease` seconds and more `serve` arguments.
+fn pair_with(etcd: &Etcd, scratch: &Scratch, lease: &str, extra: &[&str]) -> (Node, Node) {
+    let a = Node::start_with(Scratch::new("node-a"), "a", etcd, lease, extra);
+    let b = Node::start_with(Scratch::new("node-b"), "b", etcd, lease, extra);
     wait_until(20, "both links up", || {
         cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
     });
@@ -48,6 +53,19 @@ fn pair_with_image(etcd: &Etcd, scratch: &Scratch) -> (Node, Node) {
         cli(&b, &["image", "list"]).contains("g ")
     });
     (a, b)
+}
+
+/// The data bytes the last resync in a node's log sent (its "resync sent" line).
+fn resync_payload(log: &str) -> u64 {
+    let sent = log
+        .lines()
+        .rfind(|l| l.contains("resync sent"))
+        .unwrap_or_else(|| panic!("no resync in the log:\n{log}"));
+    sent.split("payload_bytes=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{sent}"))
 }
 
 /// The whole export, read with nbdcopy.
@@ -466,19 +484,9 @@ fn the_returning_peer_is_resynced_with_only_what_changed() {
         !alerts.contains("volume v1") && cluster::link_up(&a.pair_status())
     });
     let log = a.server.log();
-    let sent = log
-        .lines()
-        .rfind(|l| l.contains("resync sent"))
-        .unwrap_or_else(|| panic!("no resync in the log:\n{log}"))
-        .to_string();
-    let payload: u64 = sent
-        .split("payload_bytes=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{sent}"));
+    let payload = resync_payload(&log);
     // Only the 3 MiB written travel as data; the trimmed 2 MiB as ZERO frames.
-    assert_eq!(payload, 3 << 20, "{sent}");
+    assert_eq!(payload, 3 << 20, "{log}");
     wait_until(10, "b serves reads again", || {
         stdout(&run_with_status(
             "nbdinfo",
@@ -527,17 +535,7 @@ fn a_resync_killed_at_random_points_resumes_and_ends_equal() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-resync-kill");
     let slow = ["--resync-rate", "4M"];
-    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &slow);
-    let mut b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &slow);
-    wait_until(20, "both links up", || {
-        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
-    });
-    let raw = scratch.path("g.raw");
-    data_file(&raw, 16 << 20, 7);
-    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
-    wait_until(30, "the image on b", || {
-        cli(&b, &["image", "list"]).contains("g ")
-    });
+    let (a, mut b) = pair_with(&etcd, &scratch, "2", &slow);
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     kill9(&mut b.server);
     // 12 MiB written alone: about 3 s of resync at 4 MiB/s.
@@ -760,17 +758,7 @@ fn log_until_killed(uri: &str, secs: u64, kill: impl FnOnce()) -> u64 {
 fn a_dead_owner_is_replaced_by_promotion_and_nothing_acknowledged_is_lost() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-promote");
-    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &[]);
-    let b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &[]);
-    wait_until(20, "both links up", || {
-        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
-    });
-    let raw = scratch.path("g.raw");
-    data_file(&raw, 16 << 20, 7);
-    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
-    wait_until(30, "the image on b", || {
-        cli(&b, &["image", "list"]).contains("g ")
-    });
+    let (a, b) = pair_with(&etcd, &scratch, "2", &[]);
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     let e = cli_fails(&b, &["volume", "promote", "v1"]);
     assert!(e.contains("is up: promoting would make two writers"), "{e}");
@@ -817,17 +805,7 @@ fn a_dead_owner_is_replaced_by_promotion_and_nothing_acknowledged_is_lost() {
 fn a_forced_promotion_and_writes_on_both_sides_are_a_split_brain_resolved_by_hand() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-split");
-    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &[]);
-    let mut b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &[]);
-    wait_until(20, "both links up", || {
-        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
-    });
-    let raw = scratch.path("g.raw");
-    data_file(&raw, 16 << 20, 7);
-    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
-    wait_until(30, "the image on b", || {
-        cli(&b, &["image", "list"]).contains("g ")
-    });
+    let (a, mut b) = pair_with(&etcd, &scratch, "2", &[]);
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     // b dies; a writes alone (b recorded stale); b returns, then a dies before any resync
     // could run long (the resync is slowed to a crawl).
@@ -903,17 +881,7 @@ fn a_forced_promotion_and_writes_on_both_sides_are_a_split_brain_resolved_by_han
 fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-owner-crash");
-    let a = Node::start_with(Scratch::new("node-a"), "a", &etcd, "2", &[]);
-    let b = Node::start_with(Scratch::new("node-b"), "b", &etcd, "2", &[]);
-    wait_until(20, "both links up", || {
-        cluster::link_up(&a.pair_status()) && cluster::link_up(&b.pair_status())
-    });
-    let raw = scratch.path("g.raw");
-    data_file(&raw, 16 << 20, 7);
-    cli(&a, &["image", "import", "g", raw.to_str().unwrap()]);
-    wait_until(30, "the image on b", || {
-        cli(&b, &["image", "list"]).contains("g ")
-    });
+    let (a, b) = pair_with(&etcd, &scratch, "2", &[]);
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
     let mut a = a;
     let acked = log_until_killed(&a.server.uri("v1"), 2, || kill9(&mut a.server));
@@ -930,19 +898,9 @@ fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
         log.contains("stopped uncleanly: the peer's copy is resynced whole"),
         "{log}"
     );
-    let sent = log
-        .lines()
-        .rfind(|l| l.contains("resync sent"))
-        .unwrap_or_else(|| panic!("no resync:\n{log}"))
-        .to_string();
-    let payload: u64 = sent
-        .split("payload_bytes=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{sent}"));
+    let payload = resync_payload(&log);
     // Compared first: at most the blocks in flight at the kill travel, not the 16 MiB volume.
-    assert!(payload < 1 << 20, "{sent}");
+    assert!(payload < 1 << 20, "{payload}");
     check_logged(&a.server.uri("v1"), acked);
     let out = cli(&a, &["volume", "verify", "v1"]);
     assert!(out.contains("identical"), "{out}");
@@ -1079,19 +1037,9 @@ fn an_existing_pool_joins_a_pair() {
             && a.alerts().iter().all(|x| !x.contains("volume v1"))
     });
     let log = a.server.log();
-    let sent = log
-        .lines()
-        .rfind(|l| l.contains("resync sent"))
-        .unwrap_or_else(|| panic!("no resync:\n{log}"))
-        .to_string();
-    let payload: u64 = sent
-        .split("payload_bytes=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{sent}"));
+    let payload = resync_payload(&log);
     // The 1 MiB written, not the 16 MiB volume.
-    assert!(payload <= 1 << 20, "{sent}");
+    assert!(payload <= 1 << 20, "{payload}");
     wait_until(10, "b serves reads", || contents_ok(&b, "v1"));
     assert!(
         contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),

@@ -174,13 +174,7 @@ impl Cluster {
     /// Removes a volume's record (it is gone from the pair).
     pub fn delete_volume_record(&self, name: &str) -> Result<(), ClusterError> {
         let key = self.volume_key(name);
-        let mut client = self.client.clone();
-        let result = self
-            .rt
-            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
-            .map_err(ClusterError::from);
-        self.note(&result);
-        result
+        self.delete_key(key)
     }
 }
 
@@ -439,25 +433,13 @@ impl Cluster {
         let key = self.image_key(name, &self.cfg.node);
         let value = serde_json::to_vec(&serde_json::json!({ "sha256": sha256 }))
             .expect("a record serialises");
-        let mut client = self.client.clone();
-        let result = self
-            .rt
-            .block_on(async move { client.put(key, value, None).await.map(|_| ()) })
-            .map_err(ClusterError::from);
-        self.note(&result);
-        result
+        self.put_key(key, value)
     }
 
     /// This node no longer holds image `name`.
     pub fn delete_image_record(&self, name: &str) -> Result<(), ClusterError> {
         let key = self.image_key(name, &self.cfg.node);
-        let mut client = self.client.clone();
-        let result = self
-            .rt
-            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
-            .map_err(ClusterError::from);
-        self.note(&result);
-        result
+        self.delete_key(key)
     }
 
     /// The digest (hex) `node`'s copy of image `name` has, if it holds one.
@@ -486,13 +468,7 @@ impl Cluster {
         let key = self.image_key(name, "_deleted");
         let value = serde_json::to_vec(&serde_json::json!({ "sha256": sha256 }))
             .expect("a record serialises");
-        let mut client = self.client.clone();
-        let result = self
-            .rt
-            .block_on(async move { client.put(key, value, None).await.map(|_| ()) })
-            .map_err(ClusterError::from);
-        self.note(&result);
-        result
+        self.put_key(key, value)
     }
 
     /// The digest of the image of that name deleted from the pair, if any.
@@ -503,13 +479,7 @@ impl Cluster {
     /// An image of that name is imported again: the tombstone goes.
     pub fn delete_image_tombstone(&self, name: &str) -> Result<(), ClusterError> {
         let key = self.image_key(name, "_deleted");
-        let mut client = self.client.clone();
-        let result = self
-            .rt
-            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
-            .map_err(ClusterError::from);
-        self.note(&result);
-        result
+        self.delete_key(key)
     }
 }
 
@@ -548,6 +518,29 @@ impl Cluster {
                 Err(ClusterError::Contended)
             }
         });
+        self.note(&result);
+        result
+    }
+}
+
+impl Cluster {
+    /// Puts `value` at `key` (no guard: records only this node writes).
+    fn put_key(&self, key: String, value: Vec<u8>) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.put(key, value, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
+        self.note(&result);
+        result
+    }
+
+    fn delete_key(&self, key: String) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        let result = self
+            .rt
+            .block_on(async move { client.delete(key, None).await.map(|_| ()) })
+            .map_err(ClusterError::from);
         self.note(&result);
         result
     }

@@ -32,9 +32,17 @@ fn etcd(e: crate::cluster::ClusterError) -> NodeError {
     NodeError::Io(format!("the pair's records: {e}"))
 }
 
+/// What a command on pair volume `name` starts from.
+type PairContext = (
+    super::replicas::PairRecord,
+    std::sync::Arc<crate::cluster::Cluster>,
+    String,
+    crate::cluster::VolumeRecord,
+);
+
 impl Node {
-    pub fn promote_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
-        let _busy = self.busy("volume", name)?;
+    /// Volume `name`'s `pair.json`, the pair, this node's name and the volume's etcd record.
+    fn pair_context(&self, name: &str) -> Result<PairContext, NodeError> {
         let local = self
             .pair_record(name)?
             .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
@@ -45,6 +53,12 @@ impl Node {
             .volume_record(name)
             .map_err(etcd)?
             .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        Ok((local, cluster, me, rec))
+    }
+
+    pub fn promote_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
+        let _busy = self.busy("volume", name)?;
+        let (local, cluster, me, rec) = self.pair_context(name)?;
         if rec.id != local.id {
             return Err(NodeError::Invalid(format!(
                 "volume {name:?} here is not the pair's volume of that name (an orphan)"
@@ -151,16 +165,7 @@ impl Node {
     /// stale replica the owner resyncs whole.
     pub(super) fn discard_split_brain(&self, name: &str) -> Result<(), NodeError> {
         let _busy = self.busy("volume", name)?;
-        let local = self
-            .pair_record(name)?
-            .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
-        let (cluster, _) = self
-            .this_node()
-            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
-        let rec = cluster
-            .volume_record(name)
-            .map_err(etcd)?
-            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        let (local, _, _, rec) = self.pair_context(name)?;
         self.offline_volume(name, Force::Yes)?;
         let mut vol = self.pool.open_volume(name)?;
         if vol.peer_bitmap() {
@@ -297,16 +302,7 @@ impl Node {
     /// `volume move` on the old owner: this node owns `name` now. Served again, as its owner.
     pub(super) fn became_owner(&self, name: &str) -> Result<(), NodeError> {
         let _busy = self.busy("volume", name)?;
-        let local = self
-            .pair_record(name)?
-            .ok_or_else(|| NodeError::Invalid(format!("volume {name:?} is not a pair volume")))?;
-        let (cluster, me) = self
-            .this_node()
-            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
-        let rec = cluster
-            .volume_record(name)
-            .map_err(etcd)?
-            .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
+        let (local, _, me, rec) = self.pair_context(name)?;
         if rec.owner != me {
             return Err(NodeError::Invalid(format!(
                 "etcd names node {} the owner of {name:?}, not this node",

@@ -222,21 +222,7 @@ impl PeerLink {
 
     /// A data link of its own for a resync (blocking; a newer one supersedes it at the peer).
     pub fn resync_connection(&self) -> Result<TcpStream, String> {
-        let peer = self
-            .shared
-            .cluster
-            .peer()
-            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
-            .ok_or("no other node has joined the pair")?;
-        let mut cookie = 0;
-        let s = connect(
-            &peer.name,
-            &peer.peer_addr,
-            &self.shared,
-            wire::RESYNC_LINK,
-            &mut cookie,
-        )
-        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+        let (s, _) = connect_peer(&self.shared, wire::RESYNC_LINK)?;
         keep_alive(&s, self.shared.timeout);
         s.set_read_timeout(Some(self.shared.timeout.max(Duration::from_secs(30))))
             .map_err(|e| e.to_string())?;
@@ -252,21 +238,7 @@ impl PeerLink {
         sha256: &str,
         src: &mut std::fs::File,
     ) -> Result<(), String> {
-        let peer = self
-            .shared
-            .cluster
-            .peer()
-            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
-            .ok_or("no other node has joined the pair")?;
-        let mut cookie = 0;
-        let mut s = connect(
-            &peer.name,
-            &peer.peer_addr,
-            &self.shared,
-            IMAGE_LINK,
-            &mut cookie,
-        )
-        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+        let (mut s, peer) = connect_peer(&self.shared, IMAGE_LINK)?;
         let req = serde_json::to_vec(&serde_json::json!({
             "name": name, "size": size, "sha256": sha256,
         }))
@@ -282,11 +254,11 @@ impl PeerLink {
             Instant::now() + Duration::from_secs(600),
             MAX_CONTROL_BYTES,
         )
-        .map_err(|e| format!("{}: {e}", peer.name))?;
+        .map_err(|e| format!("{peer}: {e}"))?;
         if !r.reply || r.status != 0 {
             return Err(format!(
                 "{} refused the image: {}",
-                peer.name,
+                peer,
                 String::from_utf8_lossy(&payload)
             ));
         }
@@ -295,27 +267,7 @@ impl PeerLink {
 
     /// A connection for many CONTROL requests in a row (a verify's checksum requests).
     pub fn control_session(&self) -> Result<ControlSession, String> {
-        let peer = self
-            .shared
-            .cluster
-            .peer()
-            .map_err(|e| format!("cannot learn the peer's address: {e}"))?
-            .ok_or("no other node has joined the pair")?;
-        let mut cookie = 0;
-        let s = connect(
-            &peer.name,
-            &peer.peer_addr,
-            &self.shared,
-            CONTROL_CALL,
-            &mut cookie,
-        )
-        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
-        Ok(ControlSession {
-            s,
-            peer: peer.name,
-            cookie,
-            timeout: self.shared.timeout.max(Duration::from_secs(30)),
-        })
+        ControlSession::open(&self.shared)
     }
 
     /// Sends a CONTROL request to the peer on a connection of its own and returns the answer.
@@ -800,6 +752,17 @@ pub struct ControlSession {
 }
 
 impl ControlSession {
+    fn open(shared: &Shared) -> Result<ControlSession, String> {
+        let (s, peer) = connect_peer(shared, CONTROL_CALL)?;
+        Ok(ControlSession {
+            s,
+            peer,
+            cookie: 1, // the HELLO's
+            // Control requests may create a volume's replica: seconds, not the ping's budget.
+            timeout: shared.timeout.max(Duration::from_secs(30)),
+        })
+    }
+
     /// One request: the peer's JSON answer, or its refusal.
     pub fn call(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
         self.cookie += 1;
@@ -828,46 +791,25 @@ impl ControlSession {
     }
 }
 
-/// One CONTROL request on a connection of its own (the control link's thread keeps pinging).
-fn control_call(shared: &Shared, request: &[u8]) -> Result<Vec<u8>, String> {
+/// Connects to the peer as `link` (its address from etcd): the stream and the peer's name.
+fn connect_peer(shared: &Shared, link: u16) -> Result<(TcpStream, String), String> {
     let peer = shared
         .cluster
         .peer()
         .map_err(|e| format!("cannot learn the peer's address: {e}"))?
         .ok_or_else(|| format!("no other node has joined pair {} yet", shared.pair))?;
     let mut cookie = 0;
-    let mut s = connect(
-        &peer.name,
-        &peer.peer_addr,
-        shared,
-        CONTROL_CALL,
-        &mut cookie,
-    )
-    .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
-    let h = Header::request(Kind::Control, 1).with_payload(request);
-    write_frame(&mut s, &h, request).map_err(|e| e.to_string())?;
-    // Control requests may create a volume's replica: seconds, not the ping's budget.
-    let (r, payload) = read_frame_up_to(
-        &mut s,
-        Instant::now() + shared.timeout.max(Duration::from_secs(30)),
-        MAX_CONTROL_BYTES,
-    )
-    .map_err(|e| format!("{}: {e}", peer.name))?;
-    let _ = s.shutdown(Shutdown::Both);
-    if !r.reply || r.kind != Kind::Control || r.cookie != 1 {
-        return Err(format!(
-            "{} answered {:?} to a control request",
-            peer.name, r.kind
-        ));
-    }
-    if r.status != 0 {
-        return Err(format!(
-            "{}: {}",
-            peer.name,
-            String::from_utf8_lossy(&payload)
-        ));
-    }
-    Ok(payload)
+    let s = connect(&peer.name, &peer.peer_addr, shared, link, &mut cookie)
+        .map_err(|e| format!("{} at {}: {e}", peer.name, peer.peer_addr))?;
+    Ok((s, peer.name))
+}
+
+/// One CONTROL request on a connection of its own (the control link's thread keeps pinging).
+fn control_call(shared: &Shared, request: &[u8]) -> Result<Vec<u8>, String> {
+    let mut session = ControlSession::open(shared)?;
+    let answer = session.call(request);
+    let _ = session.s.shutdown(Shutdown::Both);
+    answer
 }
 
 fn dial_loop(cluster: Arc<Cluster>, shared: Arc<Shared>) {
