@@ -90,7 +90,7 @@ etcd_start() {
     ETCD_PID=$!
     local i
     for ((i = 0; i < 100; i++)); do
-        curl -fsS "$ETCD_URL/health" 2>/dev/null | grep -q true && return 0
+        $PY -c 'import sys, urllib.request; sys.exit(0 if b"true" in urllib.request.urlopen(sys.argv[1] + "/health", timeout=2).read() else 1)' "$ETCD_URL" 2>/dev/null && return 0
         sleep 0.1
     done
     die "etcd did not start (see $WORKDIR/etcd.log)"
