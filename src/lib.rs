@@ -6,15 +6,22 @@
 //!   server/   listeners, accept, signals, config            v
 //!        |  hands each accepted socket to a worker      mgmt/   management socket: protocol,
 //!   engine/   one io_uring ring per thread: connections,         server (SO_PEERCRED, jobs), client
-//!        |    in-flight slots, buffer budget                     |
+//!        |    in-flight slots, buffer budget, the data           |
+//!        |    link to the pair's peer (peer.rs)                  |
 //!        |  bytes <-> nbd/ (pure protocol)                       v
 //!        |  operations -> target/                        node/   the pool and its exports kept in
 //!   nbd/      handshake, requests, replies                       step; long commands as jobs
-//!   target/   BlockTarget: raw files, pool volumes               |
-//!             (the mirror later), the export list        pool/   images and volumes on disk, by
-//!                                                                directory descriptor
-//!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md)
-//!   cluster/  the pair's shared state in etcd: members, presence
+//!   target/   BlockTarget: raw files, pool volumes, the           |
+//!             pair's mirror and read-only replica,       pool/   images and volumes on disk, by
+//!             the export list; blocking.rs runs a plan           directory descriptor
+//!             without a ring (the replica side)
+//!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md), the
+//!             control link and dialer (link.rs), the replica side of data links (replica.rs)
+//!   cluster/  the pair's shared state in etcd: members, presence, volume, replica and image
+//!             records
+//!   node/     ... and, on a pair: pair volumes on both nodes (replicas.rs), degrade and resync
+//!             threads (resync.rs), promote/move/split brain (promote.rs), verify, images on
+//!             both nodes, an existing pool joining (adopt.rs)
 //!   personality/ servers' personalities as validated data, rendered for cloud-init
 //!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it
 //! ```
