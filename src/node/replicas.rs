@@ -852,6 +852,14 @@ impl Node {
         for (name, why) in self.pair_volumes.unserved.lock().iter() {
             out.push(format!("volume {name} not served: {why}"));
         }
+        for (name, stale) in self.pair_volumes.stale.lock().iter() {
+            if stale.load(std::sync::atomic::Ordering::Acquire) {
+                out.push(format!(
+                    "volume {name}: this node's copy is stale (the owner wrote without it): reads \
+                     here are refused until the owner resyncs it"
+                ));
+            }
+        }
         for (name, why) in self.pair_volumes.not_adopted.lock().iter() {
             out.push(format!("volume {name} is not mirrored yet: it {why}"));
         }
