@@ -614,9 +614,21 @@ fn a_resync_killed_at_random_points_resumes_and_ends_equal() {
 /// end equal.
 #[test]
 fn a_cut_link_degrades_then_resyncs_under_fio() {
-    let ns = cluster::Netns::new("mcut");
+    cut_under_fio("mcut", 10);
+}
+
+/// The same with a 120 s cut: fio's 20 s end inside it, more writes land alone two minutes in,
+/// then the link heals and the owner resyncs.
+#[test]
+fn a_two_minute_cut_degrades_then_resyncs() {
+    cut_under_fio("mcut2", 120);
+}
+
+fn cut_under_fio(tag: &str, cut_secs: u64) {
+    let ns = cluster::Netns::new(tag);
     let etcd = Etcd::start_in(Some(&ns));
     let scratch = Scratch::new("mirror-cut");
+    // The namespace is the test's own: fixed ports do not collide with another test's.
     let a = Node::start_in_netns(&ns, "a", &etcd, 7101);
     let b = Node::start_in_netns(&ns, "b", &etcd, 7102);
     wait_until(20, "links up", || {
@@ -653,7 +665,7 @@ fn a_cut_link_degrades_then_resyncs_under_fio() {
         .map(String::from),
     );
     let fio = std::process::Command::new("timeout")
-        .arg("120")
+        .arg("180")
         .args(&wrapped)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -665,14 +677,56 @@ fn a_cut_link_degrades_then_resyncs_under_fio() {
             .iter()
             .any(|x| x.contains("volume v1 degraded since"))
     });
-    std::thread::sleep(Duration::from_secs(7));
-    ns.heal();
+    let cut_at = Instant::now() - Duration::from_secs(1);
+    if cut_secs <= 17 {
+        std::thread::sleep(Duration::from_secs(cut_secs).saturating_sub(cut_at.elapsed()));
+        ns.heal();
+    }
     let out = fio.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("err= 0") && !text.contains("verify:"),
         "{text}"
     );
+    if cut_secs > 17 {
+        // Still cut: more writes alone near its end, then the link heals.
+        std::thread::sleep(Duration::from_secs(cut_secs - 5).saturating_sub(cut_at.elapsed()));
+        let mut again: Vec<String> = ns.wrapper().iter().map(|s| s.to_string()).collect();
+        again.extend(
+            [
+                "fio",
+                "--name=late",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=64k",
+                "--size=16M",
+                "--iodepth=4",
+                "--runtime=3",
+                "--time_based",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--end_fsync=1",
+            ]
+            .map(String::from),
+        );
+        let again: Vec<&str> = again.iter().map(String::as_str).collect();
+        let text = stdout(&run(again[0], &again[1..]));
+        assert!(
+            text.contains("err= 0") && !text.contains("verify:"),
+            "{text}"
+        );
+        assert!(
+            a.alerts()
+                .iter()
+                .any(|x| x.contains("volume v1 degraded since")),
+            "still degraded near the end of the cut"
+        );
+        std::thread::sleep(Duration::from_secs(cut_secs).saturating_sub(cut_at.elapsed()));
+        ns.heal();
+    }
     wait_until(60, "resynced", || {
         a.alerts().iter().all(|x| !x.contains("volume v1")) && cluster::link_up(&a.pair_status())
     });
