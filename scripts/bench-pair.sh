@@ -27,6 +27,7 @@ SIZE=1G
 STREAMER=target/release/streamer
 OUT=
 ROWS="rw1,rw32,sw8,rr32"
+RESYNC=512M       # bytes written alone for the resync row (0: no resync row)
 SERVERS="pair single"
 WORKDIR=
 TITLES="rw1=4k randwrite QD1|rw32=4k randwrite QD32|sw8=1MiB seq write QD8|rr32=4k randread QD32|rwf1=4k randwrite QD1 + fsync each"
@@ -38,6 +39,7 @@ usage: $0 [options]
   --runtime SECS    fio runtime per cell (default $RUNTIME)
   --size SIZE       golden image and volume size (default $SIZE)
   --rows LIST       subset of rw1,rw32,sw8,rr32,rwf1 (default $ROWS)
+  --resync SIZE     bytes written while node b is down, then resynced (default $RESYNC; 0: skip)
   --streamer PATH   streamer binary (default $STREAMER)
   --out FILE        also write the report to FILE
   --dir DIR         work directory (default: mktemp -d under /var/tmp)
@@ -51,6 +53,7 @@ parse_args() {
             --runtime) RUNTIME=$2; shift ;;
             --size) SIZE=$2; shift ;;
             --rows) ROWS=$2; shift ;;
+            --resync) RESYNC=$2; shift ;;
             --streamer) STREAMER=$2; shift ;;
             --out) OUT=$2; shift ;;
             --dir) WORKDIR=$2; shift ;;
@@ -135,7 +138,8 @@ setup() {
     log "golden image: $SIZE of random data"
     head -c "$bytes" /dev/urandom > "$golden"
     etcd_start
-    local pair=(--etcd "$ETCD_URL" --pair bench --peer-listen 127.0.0.1:0)
+    # No resync pacing: the resync row measures what the link and the nodes can do.
+    local pair=(--etcd "$ETCD_URL" --pair bench --peer-listen 127.0.0.1:0 --resync-rate 0)
     node_start a "${pair[@]}" --node a
     node_start b "${pair[@]}" --node b
     node_start s
@@ -161,6 +165,58 @@ setup() {
 }
 
 no_stop() { :; }
+
+# The resync row: node b is killed, RESYNC bytes are written to the pair volume alone (1 MiB
+# sequential writes), b is started again and the time until a reports the volume in sync is
+# the resync's. Beside it, the loopback's own speed: the same bytes through one TCP connection
+# between two Python processes (the link the resync uses, without either node's work).
+resync_row() {
+    local bytes t0 t1 i state secs
+    bytes=$(numfmt --from=iec "$RESYNC") || die "bad --resync $RESYNC"
+    [ "$bytes" -gt 0 ] || return 0
+    log "resync: killing node b, writing $RESYNC alone"
+    kill -KILL "${PID[b]}"; wait "${PID[b]}" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        cli a pair status --json | $PY -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if any(n["name"]=="b" and not n["up"] for n in d["nodes"]) else 1)' && break
+        sleep 0.2
+    done
+    fio --name=alone --ioengine=nbd --uri="$(uri pair)" --rw=write --bs=1M --iodepth=8 \
+        --size="$bytes" --end_fsync=1 > "$WORKDIR/alone.log" 2>&1 || die "writing alone failed"
+    local pair=(--etcd "$ETCD_URL" --pair bench --peer-listen 127.0.0.1:0 --resync-rate 0)
+    "$STREAMER" serve --data-dir "$WORKDIR/b" --listen "127.0.0.1:${PORT[b]}" "${pair[@]}" \
+        --node b > "$WORKDIR/b2.log" 2>&1 &
+    PID[b]=$!
+    t0=$(date +%s.%N)
+    for ((i = 0; i < 6000; i++)); do
+        state=$(cli a pair status --json 2>/dev/null | $PY -c 'import json,sys; d=json.load(sys.stdin); print(d["volumes"][0]["state"])' 2>/dev/null || true)
+        [ "$state" = in_sync ] && break
+        sleep 0.05
+    done
+    t1=$(date +%s.%N)
+    [ "$state" = in_sync ] || die "the resync did not finish (see $WORKDIR)"
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    local link
+    link=$($PY - "$bytes" <<'PYEOF'
+import socket, sys, threading, time
+n = int(sys.argv[1]); buf = bytes(1 << 20)
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+def sink():
+    c, _ = srv.accept(); got = 0
+    while got < n:
+        got += len(c.recv(1 << 20))
+t = threading.Thread(target=sink); t.start()
+s = socket.create_connection(srv.getsockname()); t0 = time.time(); sent = 0
+while sent < n:
+    s.sendall(buf[: min(len(buf), n - sent)]); sent += min(len(buf), n - sent)
+t.join(); print("%.0f" % (n / (time.time() - t0) / 1e6))
+PYEOF
+)
+    echo
+    echo "| resync of $RESYNC written while b was down | seconds (b started to in sync) | MB/s | loopback TCP MB/s (one connection, no node) |"
+    echo "|---|---|---|---|"
+    awk -v s="$secs" -v n="$bytes" -v l="$link" -v r="$RESYNC" \
+        'BEGIN { printf "| %s | %s | %.0f | %s |\n", r, s, n / s / 1e6, l }'
+}
 
 print_header() {
     echo "# streamer pair benchmark: mirrored vs single node"
@@ -200,7 +256,11 @@ main() {
         done
     done
     local report
-    report=$(printf '%s\n\n%s\n' "$header" "$(BENCH_REF=pair print_table "$RESULTS" "$SERVERS" "$ROWS" tcp "$TITLES" "sw8" "rw1 rwf1")")
+    local resync
+    # Not in $(...): the node it restarts must be visible to the EXIT trap.
+    resync_row > "$WORKDIR/resync.md"
+    resync=$(cat "$WORKDIR/resync.md")
+    report=$(printf '%s\n\n%s\n%s\n' "$header" "$(BENCH_REF=pair print_table "$RESULTS" "$SERVERS" "$ROWS" tcp "$TITLES" "sw8" "rw1 rwf1")" "$resync")
     echo "$report"
     if [ -n "$OUT" ]; then echo "$report" > "$OUT"; fi
 }
