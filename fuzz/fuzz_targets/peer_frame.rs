@@ -9,6 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use streamer::peer::control;
 use streamer::peer::wire::{self, HEADER_BYTES, Header, Hello, Kind};
 
 /// Writes valid checksums into the frame at the start of `b` (as far as it is there).
@@ -66,7 +67,17 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(wire::encode_open(&name), payload);
                 }
             }
-            Kind::Control => assert!(!payload.is_empty() && payload.len() <= wire::MAX_CONTROL_BYTES),
+            Kind::Control => {
+                assert!(!payload.is_empty() && payload.len() <= wire::MAX_CONTROL_BYTES);
+                // What a control call or an image link carries is decoded before anyone acts.
+                if let Ok(r) = control::ControlRequest::decode(payload) {
+                    assert_eq!(control::ControlRequest::decode(&r.encode()), Ok(r));
+                }
+                if let Ok(r) = control::ImageRequest::decode(payload) {
+                    assert_eq!(control::ImageRequest::decode(&r.encode()), Ok(r));
+                }
+                let _ = control::decode_checksums(payload, payload.len() % 1025);
+            }
             _ => assert_eq!(payload.len() as u64, if h.kind == Kind::Write { h.range } else { 0 }),
         }
     }

@@ -1,9 +1,11 @@
 //! Opening and checking a volume whose metadata file is arbitrary bytes: never a panic, a hang or
 //! a write. The first input byte picks which 4 KiB slots get their checksum recomputed, so the
-//! fuzzer gets past the checksums to the invariants behind them.
+//! fuzzer gets past the checksums to the invariants behind them. Slots from the seventh on also
+//! land in the peer dirty bitmap's region (SPEC.md §10), so its loading is fuzzed too.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use volume_format::layout::PEER_OFFSET;
 use volume_format::{MemFile, Storage, Superblock, Volume, check, slot};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,6 +24,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         meta.write_at(i as u64 * 4096, &page).unwrap();
+        if i >= 6 {
+            meta.write_at(PEER_OFFSET + (i as u64 - 6) * 4096, &page)
+                .unwrap();
+        }
     }
     let mut data_file = MemFile::new();
     let written = meta.bytes_written();

@@ -11,6 +11,7 @@
 //! Until adopted, a volume is served as before, unmirrored, and `status` says so.
 
 use super::{Force, Node, NodeError};
+use crate::peer::control::ControlRequest;
 use crate::pool::PAIR_RECORD;
 
 impl Node {
@@ -98,10 +99,7 @@ impl Node {
             let _ = self.pool.set_volume_record(name, PAIR_RECORD, None);
             undo();
         };
-        let create = serde_json::to_vec(&serde_json::json!({
-            "op": "create_replica", "name": name,
-        }))
-        .expect("a request serialises");
+        let create = ControlRequest::CreateReplica { name: name.into() }.encode();
         let generation = self
             .served
             .lock()
@@ -118,10 +116,11 @@ impl Node {
             })
             .and_then(|()| cluster.set_volume_ready(name, &rec).map_err(etcd));
         if let Err(e) = made {
-            let del = serde_json::to_vec(&serde_json::json!({
-                "op": "delete_replica", "name": name, "id": rec.id,
-            }))
-            .expect("a request serialises");
+            let del = ControlRequest::DeleteReplica {
+                name: name.into(),
+                id: rec.id,
+            }
+            .encode();
             let _ = self.peer_control_pub(&del);
             undo_local();
             return Err(e);

@@ -5,6 +5,7 @@
 //! resync thread looks every few seconds. A pair volume is made from an image both nodes hold.
 
 use super::{Node, NodeError};
+use crate::peer::control::ControlRequest;
 use crate::pool::Expect;
 
 impl Node {
@@ -99,14 +100,8 @@ impl Node {
         request: &[u8],
         src: std::fs::File,
     ) -> Result<(), NodeError> {
-        #[derive(serde::Deserialize)]
-        struct Req {
-            name: String,
-            size: u64,
-            sha256: String,
-        }
-        let req: Req = serde_json::from_slice(request)
-            .map_err(|e| NodeError::Invalid(format!("a bad image request: {e}")))?;
+        let req =
+            crate::peer::control::ImageRequest::decode(request).map_err(NodeError::Invalid)?;
         let digest = hex32(&req.sha256)
             .ok_or_else(|| NodeError::Invalid(format!("{:?} is not a SHA-256", req.sha256)))?;
         if let Ok(info) = self.image_info(&req.name) {
@@ -152,8 +147,7 @@ impl Node {
         if let Err(e) = cluster.delete_image_record(name) {
             tracing::warn!(image = name, "removing the image's record: {e}");
         }
-        let req = serde_json::to_vec(&serde_json::json!({ "op": "delete_image", "name": name }))
-            .expect("a request serialises");
+        let req = ControlRequest::DeleteImage { name: name.into() }.encode();
         if let Err(e) = self.peer_control_pub(&req) {
             tracing::warn!(image = name, "the peer keeps its copy: {e}");
         }

@@ -15,6 +15,7 @@
 //! stands); nothing is merged. `volume resolve NAME --keep OWNER` discards the deposed node's
 //! changes: its bitmap is dropped and its copy resynced whole from the owner.
 
+use crate::peer::control::ControlRequest;
 use serde::{Deserialize, Serialize};
 
 use super::{Force, Node, NodeError};
@@ -250,8 +251,7 @@ impl Node {
         m.volume()
             .commit_now()
             .map_err(|e| NodeError::Io(e.to_string()))?;
-        let flush = serde_json::to_vec(&serde_json::json!({ "op": "flush_replica", "name": name }))
-            .expect("a request serialises");
+        let flush = ControlRequest::FlushReplica { name: name.into() }.encode();
         self.peer_control_pub(&flush)?;
         let moved = cluster.move_record(name, &rec, to).map_err(|e| match e {
             crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
@@ -273,8 +273,7 @@ impl Node {
         // Served here as a replica from now on; the new owner takes over.
         self.offline_volume(name, Force::Yes)?;
         self.serve_volume(name)?;
-        let req = serde_json::to_vec(&serde_json::json!({ "op": "became_owner", "name": name }))
-            .expect("a request serialises");
+        let req = ControlRequest::BecameOwner { name: name.into() }.encode();
         if let Err(e) = self.peer_control_pub(&req) {
             // It finds out by itself within a second or at its next start (check_ownership
             // works both ways only for owners; a replica re-serves on its next start).

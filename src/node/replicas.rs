@@ -61,34 +61,7 @@ pub(super) struct PairVolumes {
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
 }
 
-/// A CONTROL request from the peer.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Control {
-    /// Make this node's replica of pair volume `name` as its etcd record says.
-    CreateReplica { name: String },
-    /// Delete this node's replica of pair volume `name` (its record is gone).
-    DeleteReplica { name: String, id: u32 },
-    /// This node's replica of `name` is in sync again (its stale record is gone): serve reads.
-    ReplicaInSync { name: String },
-    /// The owner recorded this node's replica of `name` stale: stop serving reads of it.
-    ReplicaStale { name: String },
-    /// `volume resolve --keep OWNER` on the owner: this node drops its split-brain changes.
-    DiscardSplitBrain { name: String },
-    /// `volume verify`: crc32c of each 4 KiB block of `blocks` from `first` of this node's copy.
-    Checksums {
-        name: String,
-        first: u64,
-        blocks: u64,
-    },
-    /// The peer deleted image `name`: delete this node's copy (refused while volumes use it).
-    DeleteImage { name: String },
-    /// `volume move`: commit this node's replica of `name` (everything the owner sent is
-    /// durable here).
-    FlushReplica { name: String },
-    /// `volume move`: this node owns `name` now: serve it as its owner.
-    BecameOwner { name: String },
-}
+use crate::peer::control::ControlRequest as Control;
 
 /// What the peer link asks of the node (its replicas, its control answers).
 pub(crate) struct ReplicaService(pub Weak<Node>);
@@ -118,8 +91,7 @@ impl Replicas for ReplicaService {
 
     fn control(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let node = self.0.upgrade().ok_or("the node is stopping")?;
-        let req: Control =
-            serde_json::from_slice(request).map_err(|e| format!("a bad control request: {e}"))?;
+        let req = Control::decode(request)?;
         match req {
             Control::CreateReplica { name } => node.create_replica(&name),
             Control::DeleteReplica { name, id } => node.delete_replica(&name, id),
@@ -155,6 +127,10 @@ impl Replicas for ReplicaService {
                     .map_err(|e| e.to_string())?;
                 return Ok(serde_json::to_vec(&crcs).expect("numbers serialise"));
             }
+            // The peer link answers it itself (it owns the data links).
+            Control::FenceDataLinks => Err(NodeError::Invalid(
+                "fence_data_links is the peer link's to answer".into(),
+            )),
             Control::ReplicaStale { name } => {
                 tracing::warn!(volume = %name, "the owner recorded this replica stale");
                 node.refresh_stale();
@@ -458,8 +434,7 @@ impl Node {
         m.degrade_done(outcome, &retry);
         if ok {
             // Tell the peer (if it can still hear) that reads of its replica must stop.
-            let req = serde_json::to_vec(&Control::ReplicaStale { name: name.into() })
-                .expect("a request serialises");
+            let req = Control::ReplicaStale { name: name.into() }.encode();
             let _ = self.peer_control(&req);
         }
         ok || !m.degrade_pending()
@@ -559,16 +534,15 @@ impl Node {
             undo_record();
             return Err(e.into());
         }
-        let req = serde_json::to_vec(&Control::CreateReplica { name: name.into() })
-            .expect("a request serialises");
+        let req = Control::CreateReplica { name: name.into() }.encode();
         let made = self.peer_control(&req);
         let done = made.and_then(|_| cluster.set_volume_ready(name, &rec).map_err(pair_err));
         if let Err(e) = done {
-            let del = serde_json::to_vec(&Control::DeleteReplica {
+            let del = Control::DeleteReplica {
                 name: name.into(),
                 id: rec.id,
-            })
-            .expect("a request serialises");
+            }
+            .encode();
             let _ = self.peer_control(&del);
             if let Err(e) = self.pool.delete_volume(name) {
                 tracing::error!(volume = name, "removing the unfinished volume: {e}");
@@ -694,11 +668,11 @@ impl Node {
             }
             _ => {} // an orphan: only the local copy goes
         }
-        let req = serde_json::to_vec(&Control::DeleteReplica {
+        let req = Control::DeleteReplica {
             name: name.into(),
             id: local.id,
-        })
-        .expect("a request serialises");
+        }
+        .encode();
         if let Err(e) = self.peer_control(&req) {
             tracing::warn!(
                 volume = name,

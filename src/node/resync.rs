@@ -18,6 +18,7 @@
 //! the volume's record), the bitmap ended (committed), and the mirror is in sync. The peer is
 //! told (CONTROL `replica_in_sync`) and serves reads again.
 
+use crate::peer::control::ControlRequest;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -140,8 +141,7 @@ impl Node {
         if *self.pair_volumes.fenced_dials.lock() == dials() {
             return Ok(()); // no link replaced since the last fence
         }
-        let req = serde_json::to_vec(&serde_json::json!({ "op": "fence_data_links" }))
-            .expect("a request serialises");
+        let req = ControlRequest::FenceDataLinks.encode();
         self.peer_control_pub(&req)
             .map_err(|e| format!("fencing the peer's data links: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -350,15 +350,13 @@ impl Node {
         // Which blocks to send: all, or (comparing) those whose checksums differ.
         let mut send = vec![true; count as usize];
         if let Some(session) = conn.session.as_mut() {
-            let req = serde_json::to_vec(&serde_json::json!({
-                "op": "checksums", "name": conn.name, "first": first, "blocks": count,
-            }))
-            .expect("a request serialises");
-            let theirs: Vec<u32> = serde_json::from_slice(&session.call(&req)?)
-                .map_err(|e| format!("the peer's checksums: {e}"))?;
-            if theirs.len() != send.len() {
-                return Err("the peer sent checksums of the wrong number of blocks".into());
+            let req = ControlRequest::Checksums {
+                name: conn.name.clone(),
+                first,
+                blocks: count,
             }
+            .encode();
+            let theirs = crate::peer::control::decode_checksums(&session.call(&req)?, send.len())?;
             for (i, c) in theirs.iter().enumerate() {
                 send[i] = crc32c::crc32c(&buf[i * 4096..(i + 1) * 4096]) != *c;
             }
@@ -427,11 +425,7 @@ impl Node {
         if !done {
             return Ok(false);
         }
-        let req = serde_json::to_vec(&serde_json::json!({
-            "op": "replica_in_sync",
-            "name": name,
-        }))
-        .expect("a request serialises");
+        let req = ControlRequest::ReplicaInSync { name: name.into() }.encode();
         if let Err(e) = self.peer_control_pub(&req) {
             tracing::warn!(volume = name, "telling the peer it is in sync: {e}");
         }

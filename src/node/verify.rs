@@ -8,6 +8,7 @@
 
 use super::info::VerifyInfo;
 use super::{Job, Node, NodeError};
+use crate::peer::control::ControlRequest;
 use crate::target::{BlockTarget, TargetOp, blocking};
 
 /// Blocks compared per step (4 MiB).
@@ -92,21 +93,16 @@ impl Node {
             let (offset, len) = (first * 4096, n * 4096);
             let held = m.lock_range(offset, offset + len);
             let mine = self.block_checksums(name, first, n)?;
-            let req = serde_json::to_vec(&serde_json::json!({
-                "op": "checksums", "name": name, "first": first, "blocks": n,
-            }))
-            .expect("a request serialises");
+            let req = ControlRequest::Checksums {
+                name: name.into(),
+                first,
+                blocks: n,
+            }
+            .encode();
             let answer = session.call(&req).map_err(NodeError::Io)?;
             drop(held);
-            let theirs: Vec<u32> = serde_json::from_slice(&answer)
-                .map_err(|e| NodeError::Io(format!("the peer's checksums: {e}")))?;
-            if theirs.len() != mine.len() {
-                return Err(NodeError::Io(format!(
-                    "the peer sent {} checksums for {} blocks",
-                    theirs.len(),
-                    mine.len()
-                )));
-            }
+            let theirs = crate::peer::control::decode_checksums(&answer, mine.len())
+                .map_err(NodeError::Io)?;
             for (i, (a, b)) in mine.iter().zip(&theirs).enumerate() {
                 if a != b {
                     let block = first + i as u64;

@@ -239,10 +239,12 @@ impl PeerLink {
         src: &mut std::fs::File,
     ) -> Result<(), String> {
         let (mut s, peer) = connect_peer(&self.shared, IMAGE_LINK)?;
-        let req = serde_json::to_vec(&serde_json::json!({
-            "name": name, "size": size, "sha256": sha256,
-        }))
-        .expect("a request serialises");
+        let req = super::control::ImageRequest {
+            name: name.into(),
+            size,
+            sha256: sha256.into(),
+        }
+        .encode();
         let h = Header::request(Kind::Control, 1).with_payload(&req);
         write_frame(&mut s, &h, &req).map_err(|e| e.to_string())?;
         s.set_write_timeout(None).map_err(|e| e.to_string())?;
@@ -623,8 +625,8 @@ fn receive_image(mut s: TcpStream, shared: &Shared, from: &str) -> Result<(), Li
 
 /// Whether a CONTROL request is `{"op": "fence_data_links"}`.
 fn is_fence(payload: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(payload)
-        .is_ok_and(|v| v.get("op").and_then(|o| o.as_str()) == Some("fence_data_links"))
+    super::control::ControlRequest::decode(payload)
+        == Ok(super::control::ControlRequest::FenceDataLinks)
 }
 
 /// Ends every data link being served and waits (at most 10 s) until their threads are done:

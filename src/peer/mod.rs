@@ -5,6 +5,7 @@
 //! link (identity, liveness, control requests) and the dialer of the data links, which the I/O
 //! workers drive (`engine/peer.rs`); `replica` applies what arrives on the peer's data links.
 
+pub mod control;
 pub mod link;
 pub mod replica;
 pub mod wire;

@@ -75,6 +75,8 @@ struct Degrade {
     waiters: HashMap<RawFd, (EventFd, Option<Result<(), String>>)>,
     /// The last failure to record the peer stale, and when.
     failed: Option<(SystemTime, String)>,
+    /// Why writes are refused from now on (the volume moved to the other node), if they are.
+    fenced: Option<String>,
 }
 
 /// A range the resync holds against overlapping writes (`Mirror::lock_range`).
@@ -122,8 +124,6 @@ pub struct Mirror {
     unflushed: Mutex<std::collections::BTreeMap<u64, u64>>,
     /// Peer operations that failed so far (a resync batch whose window saw one keeps its bits).
     peer_failures: AtomicU64,
-    /// Why writes are refused from now on (the volume moved to the other node), if they are.
-    fenced: Mutex<Option<String>>,
 }
 
 /// Granularity of `Mirror::unflushed`.
@@ -159,14 +159,13 @@ impl Mirror {
             completions: AtomicU64::new(0),
             unflushed: Mutex::new(std::collections::BTreeMap::new()),
             peer_failures: AtomicU64::new(0),
-            fenced: Mutex::new(None),
         }
     }
 
     /// Refuses every write, zeroing, trim and flush from now on (`EIO` with `why`): the volume
     /// is another node's now. Requests already planned finish.
     pub fn fence(&self, why: &str) {
-        *self.fenced.lock() = Some(why.to_owned());
+        self.degrade.lock().fenced = Some(why.to_owned());
     }
 
     /// Peer operations that failed so far.
@@ -387,10 +386,6 @@ impl Mirror {
         }
     }
 
-    fn is_degraded(&self) -> bool {
-        matches!(self.degrade.lock().state, Some(PeerState::Degraded { .. }))
-    }
-
     /// The peer did not take `op` (done here): parks the request until the peer is recorded
     /// stale, or, if it already is, sets the range in the bitmap. True when parked.
     fn peer_failed(&self, op: &TargetOp, plan: &mut Plan) -> Result<bool, TargetError> {
@@ -552,13 +547,20 @@ impl Mirror {
 
     /// Plans the operation's first phase: the volume's I/O and the peer's, together.
     fn start(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
-        if let Some(why) = self.fenced.lock().clone() {
-            return Err(TargetError::Volume {
-                what: "writing",
-                errno: libc::EIO,
-                message: why,
-            });
-        }
+        // One look at the state per operation: refused, degraded (no peer I/O), or mirrored. A
+        // degrade that completes after this look meets a peer I/O that fails: its bit is set
+        // then (`peer_failed`).
+        let degraded = {
+            let d = self.degrade.lock();
+            if let Some(why) = &d.fenced {
+                return Err(TargetError::Volume {
+                    what: "writing",
+                    errno: libc::EIO,
+                    message: why.clone(),
+                });
+            }
+            matches!(d.state, Some(PeerState::Degraded { .. }))
+        };
         if !self.acquire(op, plan)? {
             return Ok(());
         }
@@ -570,7 +572,7 @@ impl Mirror {
             return Err(e);
         }
         match self.peer_io(op) {
-            Some(p) if !self.is_degraded() => {
+            Some(p) if !degraded => {
                 if p.op == PeerOp::Flush {
                     // Covers every change that completed on both before it is issued.
                     plan.outer.mark = self.completions.load(Ordering::Acquire);
