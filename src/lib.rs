@@ -22,7 +22,8 @@
 //!   node/     ... and, on a pair: pair volumes on both nodes (replicas.rs), degrade and resync
 //!             threads (resync.rs), promote/move/split brain (promote.rs), verify, images on
 //!             both nodes, an existing pool joining (adopt.rs)
-//!   personality/ servers' personalities as validated data, rendered for cloud-init
+//!   personality/ servers' personalities as validated data, rendered for cloud-init; IP pools;
+//!             deployment plans (plan.rs), applied by node/deploy.rs
 //!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it
 //! ```
 //! Dependencies run downward: `nbd` depends on nothing; `target` only on `nbd::wire` for the one

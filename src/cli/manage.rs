@@ -205,7 +205,7 @@ pub struct CheckCmd {
 
 /// Says why a command failed and exits 1: one line on stderr, or under `--json` one JSON
 /// object on stdout (`{"error": {"kind": KIND, "message": TEXT}}`), so scripts parse one stream.
-fn fail_kind(conn: &Conn, kind: &str, msg: impl std::fmt::Display) -> ExitCode {
+pub(super) fn fail_kind(conn: &Conn, kind: &str, msg: impl std::fmt::Display) -> ExitCode {
     if conn.json {
         let v = serde_json::json!({ "error": { "kind": kind, "message": msg.to_string() } });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -216,7 +216,7 @@ fn fail_kind(conn: &Conn, kind: &str, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// A command refused before it reached the node (bad arguments, an unreadable file).
-fn fail(conn: &Conn, msg: impl std::fmt::Display) -> ExitCode {
+pub(super) fn fail(conn: &Conn, msg: impl std::fmt::Display) -> ExitCode {
     fail_kind(conn, "invalid", msg)
 }
 
@@ -226,14 +226,24 @@ fn request(
     req: Request,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<Response, ClientError> {
+    request_with_bar(
+        conn,
+        req,
+        fd,
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+}
+
+/// Sends a request whose progress (on a terminal) shows as `template` (indicatif's).
+pub(super) fn request_with_bar(
+    conn: &Conn,
+    req: Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    template: &str,
+) -> Result<Response, ClientError> {
     let bar = (std::io::stderr().is_terminal() && !conn.json).then(|| {
         let b = ProgressBar::hidden();
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        );
+        b.set_style(ProgressStyle::with_template(template).expect("valid template"));
         b
     });
     let path = conn.path().map_err(ClientError::NoSocket)?;
@@ -625,6 +635,7 @@ fn json(r: &Response) -> String {
         Response::IpPool(x) => serde_json::to_value(x),
         Response::IpPools(x) => serde_json::to_value(x),
         Response::Cancelled(x) => serde_json::to_value(x),
+        Response::Deploy(x) => serde_json::to_value(x),
     };
     serde_json::to_string_pretty(&v.unwrap_or_default()).unwrap_or_default()
 }
@@ -633,6 +644,7 @@ fn render(r: &Response) -> String {
     match r {
         Response::Status(s) => render_status(s),
         Response::Pair(p) => super::pair::render(p),
+        Response::Deploy(d) => super::deploy::render(d, ""),
         Response::IpPool(p) => super::ippool::render(std::slice::from_ref(&**p)),
         Response::IpPools(list) => super::ippool::render(list),
         Response::Image(i) => render_image(i),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub mod deploy;
 pub mod ippool;
 pub mod manage;
 pub mod pair;
@@ -46,6 +47,8 @@ pub enum Command {
     Pair(pair::PairCmd),
     /// IP pools: subnets whose addresses personalities take with `pool:NAME`.
     Ippool(ippool::IpPoolCmd),
+    /// Create (or bring up to date) many servers' volumes and personalities from one plan.
+    Deploy(deploy::DeployCmd),
 }
 
 /// The system's pool directory: root's default, and the systemd unit's.
@@ -333,5 +336,6 @@ pub fn main() -> ExitCode {
         Command::Cancel(c) => manage::cancel(c),
         Command::Pair(c) => pair::pair(c),
         Command::Ippool(c) => ippool::ippool(c),
+        Command::Deploy(c) => deploy::deploy(c),
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// What the node reports travels as the node says it: these are the node's own types, and
 /// their serde form is the wire's.
+pub use crate::node::DeployReport;
 pub use crate::node::info::{
     CheckInfo, ClientInfo, HeldAddress, ImageInfo, IpPoolInfo, JobInfo, LinkInfo, PairInfo,
     PairNodeInfo, PoolSpace, StatusInfo, VerifyInfo, VolumeCheck, VolumeInfo,
@@ -19,7 +20,8 @@ pub use crate::node::info::{
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Longest request line the server reads; longer ones are refused and the connection closed.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A deployment plan of thousands of servers is the longest request.
+pub const MAX_REQUEST_BYTES: usize = 8 << 20;
 
 /// Longest reply line a client accepts (a `volume list` of thousands of volumes fits).
 pub const MAX_REPLY_BYTES: usize = 64 << 20;
@@ -109,6 +111,17 @@ pub enum Request {
     IpPoolDelete {
         name: String,
     },
+    /// Creates or brings up to date many volumes with their personalities: a plan's text
+    /// (`personality::plan`), checked whole before anything is made.
+    Deploy {
+        plan: String,
+        /// Make the good servers even when some are bad (default: none unless all are good).
+        #[serde(default)]
+        skip_bad: bool,
+        /// Check and report what would be done; make nothing.
+        #[serde(default)]
+        dry_run: bool,
+    },
     /// Makes this node the owner of a pair volume whose owner is gone (`docs/pair.md` §7).
     VolumePromote {
         name: String,
@@ -136,6 +149,7 @@ impl Request {
         match self {
             Request::ImageImport { name, .. } => Some(format!("image import {name}")),
             Request::ImageVerify { name } => Some(format!("image verify {name}")),
+            Request::Deploy { .. } => Some("deploy".into()),
             Request::VolumeVerify { name } => Some(format!("volume verify {name}")),
             Request::ImageCapture { name, from } => {
                 Some(format!("image capture {name} --from {from}"))
@@ -173,7 +187,8 @@ impl Request {
             | Request::IpPoolDelete { .. }
             | Request::VolumePromote { .. }
             | Request::VolumeMove { .. }
-            | Request::VolumeResolve { .. } => false,
+            | Request::VolumeResolve { .. }
+            | Request::Deploy { .. } => false,
         }
     }
 }
@@ -283,6 +298,7 @@ pub enum Response {
     Pair(PairInfo),
     IpPool(Box<IpPoolInfo>),
     IpPools(Vec<IpPoolInfo>),
+    Deploy(DeployReport),
 }
 
 /// Parses a request line: the version first, so a client of another version is told so.

@@ -533,6 +533,13 @@ fn run(
         } => node
             .create_volume(&name, image.as_deref(), size, personality)
             .map(Response::Volume),
+        Request::Deploy {
+            plan,
+            skip_bad,
+            dry_run,
+        } => node
+            .deploy(&plan, skip_bad, dry_run, job, progress)
+            .map(Response::Deploy),
         Request::VolumeList => node.volumes().map(Response::Volumes),
         Request::VolumeShow { name } => node.volume_info(&name).map(Response::Volume),
         Request::VolumeResize { name, size } => {

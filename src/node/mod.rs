@@ -23,6 +23,7 @@ use info::{
 };
 
 mod adopt;
+mod deploy;
 mod images;
 pub mod info;
 mod jobs;
@@ -36,6 +37,7 @@ mod verify;
 use crate::target::{
     BlockTarget, Committers, Export, Exports, FileTarget, VolumeCounters, VolumeTarget,
 };
+pub use deploy::{DeployAction, DeployOutcome, DeployReport};
 pub use jobs::{Job, JobGuard, Jobs, Liveness, Refused};
 use pace::Pacer;
 pub use pair::PairHandle;
@@ -743,6 +745,21 @@ impl Node {
     ) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
         let _cloning = image.map(|i| self.cloning(i)).transpose()?;
+        self.can_create(name, image)?;
+        // With a personality: checked and its pool addresses handed out under the personalities'
+        // lock, held until the volume and its record are published together.
+        let _one_at_a_time = personality.as_ref().map(|_| self.personalities.lock());
+        let prepared = match personality {
+            Some(p) => Some(self.prepare_personality(name, *p)?),
+            None => None,
+        };
+        self.publish_volume(name, image, size, prepared)?;
+        self.volume_info(name)
+    }
+
+    /// Whether a volume `name` may be made from `image`: the name is free (no volume, no
+    /// export) and the image passed its last verification.
+    fn can_create(&self, name: &str, image: Option<&str>) -> Result<(), NodeError> {
         if let Some(i) = image
             && let Ok(e) = self.pool.image(i)
             && let Some(why) = e.failed_verify
@@ -764,13 +781,19 @@ impl Node {
                 "an export named {name:?} already exists (a --export raw file)"
             )));
         }
-        // With a personality: checked and its pool addresses handed out under the personalities'
-        // lock, held until the volume and its record are published together.
-        let _one_at_a_time = personality.as_ref().map(|_| self.personalities.lock());
-        let prepared = match personality {
-            Some(p) => Some(self.prepare_personality(name, *p)?),
-            None => None,
-        };
+        Ok(())
+    }
+
+    /// Creates volume `name` with its prepared personality (both or neither), on both nodes
+    /// of a pair, and serves it. The caller holds the volume busy, its image cloning and the
+    /// personalities' lock.
+    fn publish_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        prepared: Option<personality::Prepared>,
+    ) -> Result<(), NodeError> {
         let record = prepared.as_ref().map(|p| p.record.as_slice());
         if self.pair.lock().is_some() {
             self.create_pair_volume(name, image, size, record)?;
@@ -784,7 +807,7 @@ impl Node {
             // The volume and its record exist; the seed is made again at the next start.
             tracing::error!(volume = name, "seed not served: {e}");
         }
-        self.volume_info(name)
+        Ok(())
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, NodeError> {

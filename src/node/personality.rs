@@ -69,48 +69,11 @@ impl Node {
     pub(super) fn prepare_personality(
         &self,
         name: &str,
-        mut p: Personality,
+        p: Personality,
     ) -> Result<Prepared, NodeError> {
-        p.validate()
-            .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
-        // Every other volume's addresses: none may be taken twice, and pools hand out only
-        // what none of them holds.
-        let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
-        let mine: BTreeSet<IpAddr> = p.addresses().into_iter().collect();
         let held = self.held_addresses()?;
-        // What this volume holds now: a changed personality keeps its pool addresses (adding
-        // a key must not renumber the server).
-        let own: Vec<IpAddr> = held
-            .iter()
-            .filter(|(v, _)| v == name)
-            .map(|(_, a)| *a)
-            .collect();
-        for (other, theirs) in held.into_iter().filter(|(v, _)| v != name) {
-            if mine.contains(&theirs) {
-                return Err(NodeError::Invalid(format!(
-                    "personality: {theirs} is already the address of volume {other:?}"
-                )));
-            }
-            taken.insert(theirs);
-        }
-        taken.extend(mine);
-        self.hand_out(&mut p, &mut taken, &own)?;
-        p.validate()
-            .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
-        p.instance_id = format!("i-{}", volume_format::image::hex(&crate::pool::random_id()));
-        let record = serde_json::to_vec(&p).expect("a personality serialises");
-        if record.len() > MAX_RECORD_BYTES {
-            return Err(NodeError::Invalid(format!(
-                "personality: {} bytes, more than the {MAX_RECORD_BYTES} a personality may take",
-                record.len()
-            )));
-        }
-        // The seed is built before anything is stored: a personality whose seed cannot be
-        // made is refused, not recorded to fail at every start.
-        let seed = seed::image(&p.nocloud()).map_err(|e| {
-            NodeError::Invalid(format!("personality: its seed cannot be made: {e}"))
-        })?;
-        Ok(Prepared { record, seed })
+        let pools = self.load_ip_pools()?;
+        seal(resolve(name, p, &held, &pools)?)
     }
 
     /// Builds `p`'s seed and exports it (at start, from the stored record).
@@ -166,7 +129,7 @@ impl Node {
     /// Every address held by a volume's personality, with the volume, damaged volumes
     /// included. Fails closed: a record that cannot be read is an error naming its volume, not
     /// an address set free while a server may still use it.
-    fn held_addresses(&self) -> Result<Vec<(String, IpAddr)>, NodeError> {
+    pub(super) fn held_addresses(&self) -> Result<Vec<(String, IpAddr)>, NodeError> {
         let mut names: Vec<String> = self.pool.volumes().into_iter().map(|v| v.name).collect();
         names.extend(
             self.pool
@@ -198,53 +161,7 @@ impl Node {
         Ok(out)
     }
 
-    /// Replaces each `pool:NAME` address of `p` with the pool's next free address (lowest
-    /// first), and gives the link the pool's gateway and name servers where it names none.
-    fn hand_out(
-        &self,
-        p: &mut Personality,
-        taken: &mut BTreeSet<IpAddr>,
-        own: &[IpAddr],
-    ) -> Result<(), NodeError> {
-        let pools = self.load_ip_pools()?;
-        for (field, link) in p.links_mut() {
-            for (i, a) in link.addresses.iter_mut().enumerate() {
-                let Some(pool_name) = a.strip_prefix(POOL_REF) else {
-                    continue;
-                };
-                let f = format!("{field}.addresses[{i}]");
-                let Some(pool) = pools.iter().find(|x| x.name == pool_name) else {
-                    return Err(NodeError::Invalid(format!(
-                        "personality: {f}: there is no IP pool {pool_name:?}"
-                    )));
-                };
-                // An address of this pool the volume holds already comes first.
-                let kept = own
-                    .iter()
-                    .find(|ip| pool.in_range(**ip) && !taken.contains(ip))
-                    .map(|ip| format!("{ip}/{}", pool.net().1));
-                let Some(addr) = kept.or_else(|| pool.next_free(taken)) else {
-                    return Err(NodeError::Invalid(format!(
-                        "personality: {f}: IP pool {pool_name:?} has no free address (all {} \
-                         are held)",
-                        pool.size()
-                    )));
-                };
-                let ip = crate::personality::validate_cidr(&addr).expect("the pool's own form");
-                taken.insert(ip);
-                *a = addr;
-                if link.gateway.is_none() {
-                    link.gateway = pool.gateway;
-                }
-                if link.dns.is_none() && !pool.dns.is_empty() {
-                    link.dns = Some(pool.dns.clone());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn load_ip_pools(&self) -> Result<Vec<IpPool>, NodeError> {
+    pub(super) fn load_ip_pools(&self) -> Result<Vec<IpPool>, NodeError> {
         let mut out = Vec::new();
         for (name, bytes) in self.pool.ip_pools()? {
             let p: IpPool = serde_json::from_slice(&bytes).map_err(|e| {
@@ -308,4 +225,102 @@ impl Node {
         }
         Ok(self.pool.delete_ip_pool(name)?)
     }
+}
+
+/// `p` checked for volume `name` against the addresses `held` by volumes (this one's own
+/// included: a changed personality keeps its pool addresses, and adding a key must not
+/// renumber the server), its `pool:NAME` addresses handed out from `pools`. No instance id yet.
+pub(super) fn resolve(
+    name: &str,
+    mut p: Personality,
+    held: &[(String, IpAddr)],
+    pools: &[IpPool],
+) -> Result<Personality, NodeError> {
+    p.validate()
+        .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+    // Every other volume's addresses: none may be taken twice, and pools hand out only what
+    // none of them holds.
+    let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
+    let mine: BTreeSet<IpAddr> = p.addresses().into_iter().collect();
+    let own: Vec<IpAddr> = held
+        .iter()
+        .filter(|(v, _)| v == name)
+        .map(|(_, a)| *a)
+        .collect();
+    for (other, theirs) in held.iter().filter(|(v, _)| v != name) {
+        if mine.contains(theirs) {
+            return Err(NodeError::Invalid(format!(
+                "personality: {theirs} is already the address of volume {other:?}"
+            )));
+        }
+        taken.insert(*theirs);
+    }
+    taken.extend(mine);
+    hand_out(&mut p, &mut taken, &own, pools)?;
+    p.validate()
+        .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+    Ok(p)
+}
+
+/// A resolved personality made ready to store: a new instance id (so the server's first-boot
+/// tools run again), its record and its seed.
+pub(super) fn seal(mut p: Personality) -> Result<Prepared, NodeError> {
+    p.instance_id = format!("i-{}", volume_format::image::hex(&crate::pool::random_id()));
+    let record = serde_json::to_vec(&p).expect("a personality serialises");
+    if record.len() > MAX_RECORD_BYTES {
+        return Err(NodeError::Invalid(format!(
+            "personality: {} bytes, more than the {MAX_RECORD_BYTES} a personality may take",
+            record.len()
+        )));
+    }
+    // The seed is built before anything is stored: a personality whose seed cannot be made is
+    // refused, not recorded to fail at every start.
+    let seed = seed::image(&p.nocloud())
+        .map_err(|e| NodeError::Invalid(format!("personality: its seed cannot be made: {e}")))?;
+    Ok(Prepared { record, seed })
+}
+
+/// Replaces each `pool:NAME` address of `p` with the pool's next free address (lowest
+/// first), and gives the link the pool's gateway and name servers where it names none.
+fn hand_out(
+    p: &mut Personality,
+    taken: &mut BTreeSet<IpAddr>,
+    own: &[IpAddr],
+    pools: &[IpPool],
+) -> Result<(), NodeError> {
+    for (field, link) in p.links_mut() {
+        for (i, a) in link.addresses.iter_mut().enumerate() {
+            let Some(pool_name) = a.strip_prefix(POOL_REF) else {
+                continue;
+            };
+            let f = format!("{field}.addresses[{i}]");
+            let Some(pool) = pools.iter().find(|x| x.name == pool_name) else {
+                return Err(NodeError::Invalid(format!(
+                    "personality: {f}: there is no IP pool {pool_name:?}"
+                )));
+            };
+            // An address of this pool the volume holds already comes first.
+            let kept = own
+                .iter()
+                .find(|ip| pool.in_range(**ip) && !taken.contains(ip))
+                .map(|ip| format!("{ip}/{}", pool.net().1));
+            let Some(addr) = kept.or_else(|| pool.next_free(taken)) else {
+                return Err(NodeError::Invalid(format!(
+                    "personality: {f}: IP pool {pool_name:?} has no free address (all {} \
+                     are held)",
+                    pool.size()
+                )));
+            };
+            let ip = crate::personality::validate_cidr(&addr).expect("the pool's own form");
+            taken.insert(ip);
+            *a = addr;
+            if link.gateway.is_none() {
+                link.gateway = pool.gateway;
+            }
+            if link.dns.is_none() && !pool.dns.is_empty() {
+                link.dns = Some(pool.dns.clone());
+            }
+        }
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@
 //! YAML, and no YAML emitter is needed.
 
 pub mod ippool;
+pub mod plan;
 pub mod seed;
 mod validate;
 

@@ -1,0 +1,290 @@
+//! `streamer deploy PLAN` on the node (issue 22): many volumes with their personalities, all
+//! checked before any is made.
+//!
+//! 1. **Plan.** Under the personalities' lock (held to the end, so no other change can take an
+//!    address meanwhile), every server is checked against the pool and against the servers
+//!    before it: its name, its image, the volume already there (same image: its personality is
+//!    brought up to date; another image: refused, that is `volume redeploy`), its addresses
+//!    (none twice, in the plan or among the volumes) and its pool addresses handed out. A server
+//!    whose volume already has this personality is left alone, instance id and all: running a
+//!    plan again changes nothing.
+//! 2. **Apply**, only if every server passed (or, with `skip_bad`, the ones that did): each
+//!    volume is created with its personality in one step (`Pool::create_volume_with`), or its
+//!    personality replaced in one step. A crash between two leaves some servers made and the
+//!    rest not; running the plan again makes the rest (the made ones keep their addresses: a
+//!    volume's own pool addresses come back to it).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::personality::{Prepared, resolve, seal};
+use super::{Job, Node, NodeError};
+use crate::personality::Personality;
+use crate::personality::plan::{Server, entry_order};
+
+/// What deploying did (or, refused or dry, would do) for one server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployOutcome {
+    /// Where the server is in the plan (`servers[2] #5`).
+    pub entry: String,
+    pub name: String,
+    pub action: DeployAction,
+    /// Its static addresses (pool addresses handed out), when its personality was resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployAction {
+    Create,
+    /// Its volume is there with another personality: the personality is replaced.
+    Update,
+    /// Its volume is there with this very personality.
+    Unchanged,
+    /// The server is bad (the error says why); nothing was done for it.
+    Refused,
+    /// It was good, but making it failed (the error says why); nothing of it was published.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployReport {
+    /// Whether anything was applied: false for a dry run, and when bad servers stopped it.
+    pub applied: bool,
+    pub servers: Vec<DeployOutcome>,
+}
+
+/// A server checked and ready to apply.
+struct Step {
+    image: Option<String>,
+    size: Option<u64>,
+    action: DeployAction,
+    /// The new personality's record and seed (create and update).
+    prepared: Option<Prepared>,
+}
+
+impl Node {
+    /// Deploys a plan (its text): checks every server, then, unless `dry_run` or some are bad
+    /// without `skip_bad`, applies the good ones one by one. `progress` counts servers.
+    pub fn deploy(
+        &self,
+        plan: &str,
+        skip_bad: bool,
+        dry_run: bool,
+        job: &Job,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<DeployReport, NodeError> {
+        let plan = crate::personality::plan::parse(plan)
+            .map_err(|e| NodeError::Invalid(format!("plan: {e}")))?;
+        let servers = plan.servers;
+        let _one_at_a_time = self.personalities.lock();
+        let mut held = self.held_addresses()?;
+        let pools = self.load_ip_pools()?;
+        let mut steps: Vec<Result<Step, String>> = Vec::with_capacity(servers.len());
+        let mut out: Vec<DeployOutcome> = Vec::with_capacity(servers.len());
+        for s in &servers {
+            let step = self.plan_server(s, &held, &pools);
+            let mut outcome = DeployOutcome {
+                entry: s.entry.clone(),
+                name: s.name.clone(),
+                action: DeployAction::Refused,
+                addresses: vec![],
+                error: None,
+            };
+            match &step {
+                Ok((step, p)) => {
+                    outcome.action = step.action;
+                    outcome.addresses = p.addresses();
+                    // Later servers see these addresses taken (this volume's old ones go).
+                    held.retain(|(v, _)| v != &s.name);
+                    held.extend(p.addresses().into_iter().map(|a| (s.name.clone(), a)));
+                }
+                Err(e) => outcome.error = Some(e.clone()),
+            }
+            out.push(outcome);
+            steps.push(step.map(|(s, _)| s));
+        }
+        // The entries that were bad before they were servers, in the plan's order with the rest.
+        let bad = steps.iter().any(Result::is_err) || !plan.bad.is_empty();
+        let unmade = |b: crate::personality::plan::Bad| DeployOutcome {
+            entry: b.entry,
+            name: b.name.unwrap_or_default(),
+            action: DeployAction::Refused,
+            addresses: vec![],
+            error: Some(b.error),
+        };
+        let sorted = |mut out: Vec<DeployOutcome>| {
+            out.sort_by_key(|o| entry_order(&o.entry));
+            out
+        };
+        if dry_run || (bad && !skip_bad) {
+            out.extend(plan.bad.into_iter().map(unmade));
+            return Ok(DeployReport {
+                applied: false,
+                servers: sorted(out),
+            });
+        }
+        let total = steps.iter().filter(|s| s.is_ok()).count() as u64;
+        let mut done = 0;
+        progress(0, Some(total));
+        let mut stopped: Option<String> = None;
+        for ((s, step), outcome) in servers.iter().zip(steps).zip(out.iter_mut()) {
+            let Ok(step) = step else { continue };
+            if let Some(why) = &stopped {
+                outcome.action = DeployAction::Failed;
+                outcome.error = Some(format!("not made: {why}"));
+                continue;
+            }
+            let made = job
+                .check()
+                .map_err(NodeError::Cancelled)
+                .and_then(|()| self.apply(&s.name, step));
+            if let Err(e) = made {
+                outcome.action = DeployAction::Failed;
+                outcome.error = Some(e.to_string());
+                if !skip_bad {
+                    stopped = Some(format!("deploying stopped at {}: {e}", s.name));
+                }
+            }
+            done += 1;
+            progress(done, Some(total));
+        }
+        out.extend(plan.bad.into_iter().map(unmade));
+        Ok(DeployReport {
+            applied: true,
+            servers: sorted(out),
+        })
+    }
+
+    /// Checks one server against the pool and the addresses `held` so far; what applying it
+    /// will do, with its resolved personality.
+    fn plan_server(
+        &self,
+        s: &Server,
+        held: &[(String, IpAddr)],
+        pools: &[crate::personality::ippool::IpPool],
+    ) -> Result<(Step, Personality), String> {
+        let name = &s.name;
+        crate::names::validate_name(name).map_err(|e| format!("volume name: {e}"))?;
+        if let Some(why) = self.pool.damaged_why("volume", name) {
+            return Err(format!(
+                "volume {name:?} is damaged ({why}); delete it or repair it first"
+            ));
+        }
+        let resolved =
+            resolve(name, (*s.personality).clone(), held, pools).map_err(|e| e.to_string())?;
+        let existing = self.pool.volume(name).ok();
+        let Some(e) = existing else {
+            match &s.image {
+                Some(i) => {
+                    let img = self.pool.image(i).map_err(|e| e.to_string())?;
+                    if let Some(why) = img.failed_verify {
+                        return Err(format!("image {i:?} failed its last verification ({why})"));
+                    }
+                    let min = img.info.size.div_ceil(4096) * 4096;
+                    if let Some(size) = s.size
+                        && (size < min || !size.is_multiple_of(4096))
+                    {
+                        return Err(format!(
+                            "size {size} is not a multiple of 4 KiB of at least the image's \
+                             {min} bytes"
+                        ));
+                    }
+                }
+                None if s.size.is_none() => {
+                    return Err("no image and no size: a blank volume needs a size".into());
+                }
+                None => {}
+            }
+            if self.exports.contains(name) {
+                return Err(format!("an export named {name:?} already exists"));
+            }
+            let prepared = seal(resolved.clone()).map_err(|e| e.to_string())?;
+            return Ok((
+                Step {
+                    image: s.image.clone(),
+                    size: s.size,
+                    action: DeployAction::Create,
+                    prepared: Some(prepared),
+                },
+                resolved,
+            ));
+        };
+        if e.image != s.image {
+            let was = e.image.as_deref().map_or("a blank volume".into(), |i| {
+                format!("a clone of image {i:?}")
+            });
+            return Err(match &s.image {
+                Some(i) => format!(
+                    "volume {name:?} exists as {was}, the plan says image {i:?}: `streamer \
+                     volume redeploy {name} --image {i}` moves a server to another image"
+                ),
+                None => format!("volume {name:?} exists as {was}, the plan names no image"),
+            });
+        }
+        if let Some(size) = s.size
+            && size != e.size
+        {
+            return Err(format!(
+                "volume {name:?} is {} bytes, the plan says {size}{}",
+                e.size,
+                if size > e.size {
+                    ": `streamer volume resize` grows it"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let mut current = self.personality_of(name);
+        if let Some(c) = &mut current {
+            c.instance_id.clear();
+        }
+        if current.as_ref() == Some(&resolved) {
+            return Ok((
+                Step {
+                    image: s.image.clone(),
+                    size: s.size,
+                    action: DeployAction::Unchanged,
+                    prepared: None,
+                },
+                resolved,
+            ));
+        }
+        let prepared = seal(resolved.clone()).map_err(|e| e.to_string())?;
+        Ok((
+            Step {
+                image: s.image.clone(),
+                size: s.size,
+                action: DeployAction::Update,
+                prepared: Some(prepared),
+            },
+            resolved,
+        ))
+    }
+
+    /// Makes one planned server so (the caller holds the personalities' lock).
+    fn apply(&self, name: &str, step: Step) -> Result<(), NodeError> {
+        match step.action {
+            DeployAction::Unchanged => Ok(()),
+            DeployAction::Create => {
+                let _busy = self.busy("volume", name)?;
+                let _cloning = step.image.as_deref().map(|i| self.cloning(i)).transpose()?;
+                self.can_create(name, step.image.as_deref())?;
+                self.publish_volume(name, step.image.as_deref(), step.size, step.prepared)
+            }
+            DeployAction::Update => {
+                let _busy = self.busy("volume", name)?;
+                let p = step.prepared.expect("an update has a personality");
+                self.pool.set_personality(name, Some(&p.record))?;
+                self.serve_seed(name, p.seed)
+            }
+            DeployAction::Refused | DeployAction::Failed => {
+                unreachable!("only good servers are applied")
+            }
+        }
+    }
+}
