@@ -416,3 +416,130 @@ fn kill_9_in_the_middle_of_a_deployment_and_run_it_again() {
     );
     server.stop();
 }
+
+/// `volume redeploy`: a server gets a fresh clone of another image under its name, with its
+/// personality (its addresses, a new instance id); refused while a client is connected unless
+/// --force; --keep-previous keeps the old volume, data and all, without the personality.
+#[test]
+fn a_redeploy_gives_a_server_a_new_os_and_keeps_its_personality() {
+    let dir = Scratch::new("redeploy");
+    let server = start(&dir);
+    prepare(&dir);
+    let h = dir.path("h.img");
+    std::fs::write(&h, vec![0xa5; 2 << 20]).unwrap();
+    ok(&dir, &["image", "import", "h", h.to_str().unwrap()]);
+    let file = dir.path("plan.toml");
+    std::fs::write(&file, plan(2, "")).unwrap();
+    ok(&dir, &["deploy", file.to_str().unwrap()]);
+    let before = json(&ok(&dir, &["volume", "show", "web-001", "--json"]));
+    let uri = server.unix_uri("web-001");
+    let nbdsh = |script: &str| {
+        Command::new("timeout")
+            .args([
+                "30",
+                "/usr/bin/python3",
+                "-m",
+                "nbd",
+                "-u",
+                &uri,
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap()
+    };
+    let w = nbdsh("h.pwrite(b'own data' * 512, 0); h.flush()");
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+
+    // A connected client: refused, then disconnected by --force.
+    let mut client = Command::new("timeout")
+        .args([
+            "30",
+            "/usr/bin/python3",
+            "-m",
+            "nbd",
+            "-u",
+            &uri,
+            "-c",
+            "import time\nwhile True: h.pread(512, 0); time.sleep(0.05)",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (_, err) = fails(&dir, &["volume", "redeploy", "web-001", "--image", "h"]);
+    assert!(err.contains("has 1 connected client(s)"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let after = json(&ok(
+        &dir,
+        &[
+            "volume",
+            "redeploy",
+            "web-001",
+            "--image",
+            "h",
+            "--force",
+            "--keep-previous",
+            "--json",
+        ],
+    ));
+    // The client was disconnected: its next read failed.
+    let status = client.wait().unwrap();
+    assert!(
+        !status.success() && status.code() != Some(124),
+        "{status:?}"
+    );
+    assert_eq!(after["image"], "h");
+    assert_eq!(after["size"], 2 << 20, "the larger image's size");
+    let (p0, p1) = (&before["personality"], &after["personality"]);
+    assert_eq!(p0["hostname"], p1["hostname"]);
+    assert_eq!(p0["interfaces"], p1["interfaces"], "the same addresses");
+    assert_ne!(p0["instance_id"], p1["instance_id"]);
+    let read = |export: &str| {
+        let out = Command::new("timeout")
+            .args([
+                "30",
+                "/usr/bin/python3",
+                "-m",
+                "nbd",
+                "-u",
+                &server.unix_uri(export),
+                "-c",
+            ])
+            .arg("import sys; sys.stdout.buffer.write(h.pread(8, 0))")
+            .output()
+            .unwrap();
+        out.stdout
+    };
+    assert_eq!(read("web-001"), vec![0xa5; 8], "a fresh clone of h");
+    assert_eq!(read("web-001.previous"), b"own data", "the old volume kept");
+    let prev = json(&ok(&dir, &["volume", "show", "web-001.previous", "--json"]));
+    assert_eq!(prev["image"], "g");
+    assert!(prev["personality"].is_null(), "{prev}");
+    assert_unique_addresses(&personalities(&dir));
+
+    // The plan now names another image for web-001: deploy refuses and points at redeploy.
+    let (out, _) = fails(&dir, &["deploy", file.to_str().unwrap()]);
+    assert!(out.contains("volume redeploy web-001 --image g"), "{out}");
+
+    // A second --keep-previous finds the first kept volume.
+    let (_, err) = fails(
+        &dir,
+        &[
+            "volume",
+            "redeploy",
+            "web-001",
+            "--image",
+            "g",
+            "--keep-previous",
+        ],
+    );
+    assert!(err.contains("\"web-001.previous\" exists"), "{err}");
+    // Without it, the old volume goes; the server's data is the image's again.
+    ok(&dir, &["volume", "redeploy", "web-001", "--image", "g"]);
+    assert_eq!(read("web-001"), vec![0x5a; 8]);
+    let (_, err) = fails(&dir, &["volume", "redeploy", "nope", "--image", "g"]);
+    assert!(err.contains("nope"), "{err}");
+    let (_, err) = fails(&dir, &["volume", "redeploy", "web-002", "--image", "nope"]);
+    assert!(err.contains("nope"), "{err}");
+    server.stop();
+}

@@ -125,6 +125,19 @@ enum VolumeSub {
         #[arg(value_parser = super::parse_bytes, allow_hyphen_values = true)]
         size: u64,
     },
+    /// Give a server a fresh clone of another golden image, keeping its volume's name and
+    /// personality (a new instance id): an OS update. Refused while clients are connected,
+    /// unless --force disconnects them.
+    Redeploy {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        force: bool,
+        /// Keep the old volume as NAME.previous (for rollback or to copy data from).
+        #[arg(long)]
+        keep_previous: bool,
+    },
     /// Delete a volume (refused while clients are connected, unless --force disconnects them).
     Delete {
         name: String,
@@ -581,6 +594,17 @@ pub fn volume(c: VolumeCmd) -> ExitCode {
         VolumeSub::Show { name } => Request::VolumeShow { name },
         VolumeSub::Resize { name, size } => Request::VolumeResize { name, size },
         VolumeSub::Delete { name, force } => Request::VolumeDelete { name, force },
+        VolumeSub::Redeploy {
+            name,
+            image,
+            force,
+            keep_previous,
+        } => Request::VolumeRedeploy {
+            name,
+            image,
+            force,
+            keep_previous,
+        },
         VolumeSub::Promote { name, force } => Request::VolumePromote { name, force },
         VolumeSub::Verify { name } => Request::VolumeVerify { name },
         VolumeSub::Move { name, to } => Request::VolumeMove { name, to },

@@ -87,6 +87,13 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// A fresh clone of `image` under the volume's name, with its personality.
+    VolumeRedeploy {
+        name: String,
+        image: String,
+        force: bool,
+        keep_previous: bool,
+    },
     Check {
         repair: bool,
         /// One volume; `None`: every volume.
@@ -179,6 +186,7 @@ impl Request {
             | Request::VolumeShow { .. }
             | Request::VolumeResize { .. }
             | Request::VolumeDelete { .. }
+            | Request::VolumeRedeploy { .. }
             | Request::Cancel { .. }
             | Request::PairStatus
             | Request::VolumePersonality { .. }

@@ -548,6 +548,14 @@ fn run(
         Request::VolumeDelete { name, force } => node
             .delete_volume(&name, force)
             .map(|()| Response::Deleted { name }),
+        Request::VolumeRedeploy {
+            name,
+            image,
+            force,
+            keep_previous,
+        } => node
+            .redeploy_volume(&name, &image, force, keep_previous)
+            .map(Response::Volume),
         Request::VolumeMove { name, to } => node
             .move_volume(&name, &to)
             .and_then(|()| node.volume_info(&name))

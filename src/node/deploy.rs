@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::personality::{Prepared, resolve, seal};
-use super::{Job, Node, NodeError};
+use super::{Force, Job, Node, NodeError};
 use crate::personality::Personality;
 use crate::personality::plan::{Server, entry_order};
 
@@ -286,5 +286,94 @@ impl Node {
                 unreachable!("only good servers are applied")
             }
         }
+    }
+}
+
+/// The name a redeploy with `--keep-previous` gives the old volume.
+pub fn previous_name(name: &str) -> String {
+    format!("{name}.previous")
+}
+
+impl Node {
+    /// `volume redeploy NAME --image NEW`: the server keeps its name and personality and gets
+    /// a fresh clone of another golden image (an OS update across stateless servers). Refused
+    /// while clients are connected unless `force` (they are disconnected: the server is being
+    /// rebooted into its new OS). The personality gets a new instance id, so first-boot tools
+    /// run on the new system. With `keep_previous`, the old volume stays as `NAME.previous`
+    /// (without the personality, which the server's name took along).
+    pub fn redeploy_volume(
+        &self,
+        name: &str,
+        image: &str,
+        force: bool,
+        keep_previous: bool,
+    ) -> Result<super::info::VolumeInfo, NodeError> {
+        let old = self.pool.volume(name)?;
+        let _busy = self.busy("volume", name)?;
+        if let Some(r) = self.pair_record(name)? {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} belongs to pair {}: redeploying a pair volume is not built yet",
+                r.pair
+            )));
+        }
+        let keep = keep_previous.then(|| previous_name(name));
+        let _busy_keep = keep
+            .as_deref()
+            .map(|k| self.busy("volume", k))
+            .transpose()?;
+        if let Some(k) = &keep
+            && (self.pool.volume(k).is_ok() || self.exports.contains(k))
+        {
+            return Err(NodeError::InUse(format!(
+                "volume {k:?} exists (kept by an earlier redeploy): delete it first"
+            )));
+        }
+        let _cloning = self.cloning(image)?;
+        let img = self.pool.image(image)?;
+        if let Some(why) = img.failed_verify {
+            return Err(NodeError::InUse(format!(
+                "image {image:?} failed its last verification ({why}): no clones of it until \
+                 `streamer image verify {image}` passes (or re-import it)"
+            )));
+        }
+        // The server keeps its disk size unless the new image is larger.
+        let size = old.size.max(img.info.size.div_ceil(4096) * 4096);
+        let _one_at_a_time = self.personalities.lock();
+        let prepared = match self.personality_of(name) {
+            Some(mut p) => {
+                p.instance_id.clear();
+                let held = self.held_addresses()?;
+                let pools = self.load_ip_pools()?;
+                Some(seal(resolve(name, p, &held, &pools)?)?)
+            }
+            None if self.pool.personality_record(name)?.is_some() => {
+                return Err(NodeError::Io(format!(
+                    "volume {name:?}'s personality record cannot be read: not redeployed \
+                     (the new volume would lose it)"
+                )));
+            }
+            None => None,
+        };
+        self.offline_volume(name, if force { Force::Yes } else { Force::Offered })?;
+        let files: Vec<(&str, &[u8])> = prepared
+            .as_ref()
+            .map(|p| (crate::pool::PERSONALITY_FILE, p.record.as_slice()))
+            .into_iter()
+            .collect();
+        let swapped = self
+            .pool
+            .redeploy_volume(name, image, Some(size), &files, keep.as_deref());
+        // Served again either way: the new volume, or the old one if nothing changed.
+        let served = self.serve_volume(name);
+        swapped?;
+        served?;
+        match prepared {
+            Some(p) => self.serve_seed(name, p.seed)?,
+            None => self.withdraw_seed(name),
+        }
+        if let Some(k) = &keep {
+            self.serve_volume(k)?;
+        }
+        self.volume_info(name)
     }
 }

@@ -308,6 +308,37 @@ impl PoolDir {
         })
     }
 
+    /// Swaps `a` and `b` in one step (`RENAME_EXCHANGE`): both exist before and after.
+    pub fn exchange(&self, a: &Path, b: &Path) -> io::Result<()> {
+        let (ap, an) = split(a)?;
+        let (bp, bn) = split(b)?;
+        let (ad, bd) = (self.open_dir(ap)?, self.open_dir(bp)?);
+        rustix::fs::renameat_with(&ad, an, &bd, bn, RenameFlags::EXCHANGE).map_err(|e| {
+            let e = io::Error::from(e);
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "exchanging {} and {}: {e}",
+                    self.path.join(a).display(),
+                    self.path.join(b).display()
+                ),
+            )
+        })
+    }
+
+    /// Removes the file `rel` (not a directory).
+    pub fn remove_file(&self, rel: &Path) -> io::Result<()> {
+        let (parent, name) = split(rel)?;
+        let p = self.open_dir(parent)?;
+        rustix::fs::unlinkat(&p, name, AtFlags::empty()).map_err(|e| {
+            let e = io::Error::from(e);
+            io::Error::new(
+                e.kind(),
+                format!("removing {}: {e}", self.path.join(rel).display()),
+            )
+        })
+    }
+
     /// Removes `rel` and everything under it, by descriptor: a symlink inside is removed, never
     /// followed.
     pub fn remove_all(&self, rel: &Path) -> io::Result<()> {

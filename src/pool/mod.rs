@@ -4,6 +4,8 @@
 //! DIR/images/NAME/   image.raw  image.meta      a sealed golden image
 //! DIR/volumes/NAME/  volume.meta  volume.data   a volume (a thin clone, or blank)
 //!                    personality.json           its personality, if it has one
+//!                    personality.previous.json  a volume kept by a redeploy: its old one
+//!                    redeploy.json              a redeploy that keeps the old volume, until done
 //! DIR/ippools/NAME.json                         an IP pool
 //! DIR/.staging/ID/   an object being built      removed when the pool opens
 //! DIR/.trash/ID/     an object being deleted    removed when the pool opens
@@ -14,6 +16,12 @@
 //! name cannot both win) and the parent directory synced. A delete is a rename into `.trash`,
 //! synced, then the removal. A `kill -9` at any instant therefore leaves every object either
 //! whole or absent, and opening the pool sweeps what was left half-done.
+//!
+//! A redeploy (a fresh clone under an existing volume's name) swaps the staged clone with the
+//! live directory in one `RENAME_EXCHANGE` and deletes the old one. Keeping the old volume takes
+//! two renames (old to `NAME.previous`, staged to `NAME`); the staged clone carries a note of
+//! both names, synced before the first, and opening the pool finishes a redeploy whose first
+//! rename happened (`finish_redeploys`), so the name is never left without a volume.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -43,6 +51,21 @@ const CLEAN_STOP: &str = ".clean-stop";
 const VERIFY_FAILED: &str = "verify-failed";
 /// Beside a volume's files: its personality (JSON), when it has one.
 const PERSONALITY: &str = "personality.json";
+/// The personality record's file name in a volume's directory (for records staged with it).
+pub const PERSONALITY_FILE: &str = PERSONALITY;
+/// A kept volume's personality after a redeploy (not read as one: its addresses went with the
+/// server's name to the new volume).
+const PERSONALITY_PREVIOUS: &str = "personality.previous.json";
+/// In a redeployed volume's directory until the redeploy that keeps the old one is finished.
+const REDEPLOY_NOTE: &str = "redeploy.json";
+
+/// What a redeploy that keeps the old volume does: `name` becomes the new volume, the old one
+/// `keep_as`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RedeployNote {
+    name: String,
+    keep_as: String,
+}
 /// Beside a volume's files, on a node of a pair: the volume's id in the pair and the highest
 /// fencing token its replica has seen (JSON; `docs/pair.md` §2).
 pub const PAIR_RECORD: &str = "pair.json";
@@ -240,6 +263,7 @@ impl Pool {
             ),
             Err(e) => return Err(io_err("tightening the pool's permissions")(e)),
         }
+        finish_redeploys(&dir)?;
         for sub in [".staging", ".trash"] {
             let names = dir
                 .entries(Path::new(sub))
@@ -588,6 +612,26 @@ impl Pool {
         files: &[(&str, &[u8])],
     ) -> Result<VolumeEntry, PoolError> {
         let res = self.reserve("volume", name)?;
+        let (staged, cleanup, entry) = self.stage_volume(name, image, size, files)?;
+        self.publish(&staged, "volumes", name)?;
+        cleanup.disarm();
+        self.catalog
+            .lock()
+            .volumes
+            .insert(name.to_owned(), entry.clone());
+        drop(res);
+        Ok(entry)
+    }
+
+    /// A complete new volume `name` (its files synced), in a staging directory removed on drop
+    /// of the `Cleanup` unless disarmed.
+    fn stage_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        files: &[(&str, &[u8])],
+    ) -> Result<(PathBuf, Cleanup<'_>, VolumeEntry), PoolError> {
         let backing = match image {
             Some(i) => Some(self.image(i)?),
             None => None,
@@ -652,20 +696,85 @@ impl Pool {
             std::io::Write::write_all(&mut f, record).map_err(&err)?;
             f.sync_all().map_err(err)?;
         }
-        self.publish(&staged, "volumes", name)?;
-        cleanup.disarm();
+        self.dir
+            .sync_dir(&staged)
+            .map_err(io_err(format!("creating volume {name:?}")))?;
         let entry = VolumeEntry {
             name: name.to_owned(),
             size,
             image: backing.as_ref().map(|b| b.name.clone()),
             backing: backing.map(|b| b.info.image_ref()),
         };
-        self.catalog
-            .lock()
-            .volumes
-            .insert(name.to_owned(), entry.clone());
-        drop(res);
+        Ok((staged, cleanup, entry))
+    }
+
+    /// Replaces volume `name` (offline: the caller closed it) with a new clone of `image`
+    /// holding `files`: the server keeps its name and gets a fresh OS (`volume redeploy`).
+    /// Without `keep_as`, the old volume is swapped out in one step (`RENAME_EXCHANGE`) and
+    /// deleted. With it, the old volume becomes `keep_as` and the new one `name`, in two
+    /// renames a crash can stop between: the staged new volume carries a note of the plan
+    /// (`redeploy.json`), and opening the pool finishes it (`finish_redeploys`). The kept
+    /// volume's personality is set aside as `personality.previous.json` (no address is held by
+    /// two volumes).
+    pub fn redeploy_volume(
+        &self,
+        name: &str,
+        image: &str,
+        size: Option<u64>,
+        files: &[(&str, &[u8])],
+        keep_as: Option<&str>,
+    ) -> Result<VolumeEntry, PoolError> {
+        self.volume(name)?;
+        let _res = keep_as.map(|k| self.reserve("volume", k)).transpose()?;
+        let err = || io_err(format!("redeploying volume {name:?}"));
+        let (staged, cleanup, entry) = self.stage_volume(name, Some(image), size, files)?;
+        let live = Path::new("volumes").join(name);
+        match keep_as {
+            None => {
+                self.dir.exchange(&staged, &live).map_err(err())?;
+                self.dir.sync_dir(Path::new("volumes")).map_err(err())?;
+                // The old volume is in the staging directory now: gone at the next open if
+                // this stops here.
+                self.dir.sync_dir(Path::new(".staging")).map_err(err())?;
+                drop(cleanup);
+            }
+            Some(keep) => {
+                let note = serde_json::to_vec(&RedeployNote {
+                    name: name.to_owned(),
+                    keep_as: keep.to_owned(),
+                })
+                .expect("a note serialises");
+                let mut f = self
+                    .dir
+                    .open_file(&staged.join(REDEPLOY_NOTE), Access::CreateNew)
+                    .map_err(err())?;
+                std::io::Write::write_all(&mut f, &note).map_err(err())?;
+                f.sync_all().map_err(err())?;
+                self.dir.sync_dir(&staged).map_err(err())?;
+                self.dir
+                    .rename(&live, &Path::new("volumes").join(keep), true)
+                    .map_err(err())?;
+                self.dir.sync_dir(Path::new("volumes")).map_err(err())?;
+                // From here a crash is finished at open: the note names both.
+                cleanup.disarm();
+                self.publish(&staged, "volumes", name)?;
+                self.finish_redeploy(name, keep).map_err(err())?;
+            }
+        }
+        let mut c = self.catalog.lock();
+        if let Some(keep) = keep_as {
+            let mut old = c.volumes.remove(name).expect("checked above");
+            old.name = keep.to_owned();
+            c.volumes.insert(keep.to_owned(), old);
+        }
+        c.volumes.insert(name.to_owned(), entry.clone());
         Ok(entry)
+    }
+
+    /// The last steps of a redeploy that keeps the old volume, once both are published: the
+    /// kept volume's personality set aside, then the note removed.
+    fn finish_redeploy(&self, name: &str, keep: &str) -> io::Result<()> {
+        finish_redeploy(&self.dir, name, keep)
     }
 
     /// Opens a volume of the pool (its files and its backing image), with its whole block map
@@ -1178,3 +1287,58 @@ pub fn random_id() -> [u8; 16] {
 
 #[cfg(test)]
 mod tests;
+
+/// Finishes the redeploys a crash stopped (`Pool::redeploy_volume`): a staged volume with a
+/// note whose old volume was already renamed to `keep_as` is published as `name`; a published
+/// volume with a note gets its last steps. A staged one whose old volume was not renamed yet
+/// is left to the sweep (the redeploy did not happen).
+fn finish_redeploys(dir: &PoolDir) -> Result<(), PoolError> {
+    let note_of = |d: &Path| -> Option<RedeployNote> {
+        let mut f = dir.open_file(&d.join(REDEPLOY_NOTE), Access::Read).ok()?;
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let err = io_err("finishing an interrupted redeploy");
+    let exists = |p: &Path| dir.stat(p).is_ok();
+    for s in dir.entries(Path::new(".staging")).map_err(&err)? {
+        let staged = Path::new(".staging").join(&s);
+        let Some(n) = note_of(&staged) else { continue };
+        if crate::names::validate_name(&n.name).is_err()
+            || crate::names::validate_name(&n.keep_as).is_err()
+        {
+            continue;
+        }
+        let live = Path::new("volumes").join(&n.name);
+        if !exists(&live) && exists(&Path::new("volumes").join(&n.keep_as)) {
+            tracing::warn!(volume = %n.name, "finishing its redeploy (the node stopped in it)");
+            dir.rename(&staged, &live, true).map_err(&err)?;
+            dir.sync_dir(Path::new("volumes")).map_err(&err)?;
+        }
+    }
+    for v in dir.entries(Path::new("volumes")).map_err(&err)? {
+        let Some(n) = note_of(&Path::new("volumes").join(&v)) else {
+            continue;
+        };
+        if v.to_str() == Some(n.name.as_str()) && crate::names::validate_name(&n.keep_as).is_ok() {
+            finish_redeploy(dir, &n.name, &n.keep_as).map_err(&err)?;
+        }
+    }
+    Ok(())
+}
+
+fn finish_redeploy(dir: &PoolDir, name: &str, keep: &str) -> io::Result<()> {
+    let kept = Path::new("volumes").join(keep);
+    match dir.rename(
+        &kept.join(PERSONALITY),
+        &kept.join(PERSONALITY_PREVIOUS),
+        false,
+    ) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        r => r?,
+    }
+    dir.sync_dir(&kept)?;
+    let live = Path::new("volumes").join(name);
+    dir.remove_file(&live.join(REDEPLOY_NOTE))?;
+    dir.sync_dir(&live)
+}

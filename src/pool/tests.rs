@@ -267,3 +267,109 @@ fn a_cancelled_import_publishes_nothing() {
     assert!(pool.images().is_empty());
     assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
 }
+
+/// Two images `g` (bytes 0x11) and `h` (0x22), and volume `v`, a clone of `g` with a
+/// personality record and a write of its own.
+fn redeploy_pool(d: &TempDir) -> Pool {
+    let pool = Pool::open(&d.0).unwrap();
+    for (name, b) in [("g", 0x11u8), ("h", 0x22)] {
+        pool.import_image(
+            name,
+            &mut Cursor::new(vec![b; 1 << 20]),
+            &Expect::default(),
+            GO,
+            |_| {},
+        )
+        .unwrap();
+    }
+    pool.create_volume_with("v", Some("g"), None, Some(b"{\"hostname\":\"v\"}"))
+        .unwrap();
+    let mut vol = pool.open_volume("v").unwrap();
+    vol.write(0, b"own data").unwrap();
+    vol.flush().unwrap();
+    pool
+}
+
+fn first_bytes(pool: &Pool, name: &str) -> Vec<u8> {
+    let mut vol = pool.open_volume(name).unwrap();
+    let mut b = vec![0u8; 8];
+    vol.read(0, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn a_redeploy_swaps_in_a_fresh_clone_and_keeps_the_old_volume_if_asked() {
+    let d = tempdir("redeploy");
+    let pool = redeploy_pool(&d);
+    let rec: &[u8] = b"{\"hostname\":\"v2\"}";
+    let e = pool
+        .redeploy_volume("v", "h", None, &[(PERSONALITY, rec)], None)
+        .unwrap();
+    assert_eq!(e.image.as_deref(), Some("h"));
+    assert_eq!(first_bytes(&pool, "v"), vec![0x22; 8]);
+    assert_eq!(pool.personality("v").unwrap().unwrap(), rec);
+    assert_eq!(pool.volumes().len(), 1);
+
+    pool.redeploy_volume("v", "g", None, &[(PERSONALITY, rec)], Some("v.previous"))
+        .unwrap();
+    assert_eq!(first_bytes(&pool, "v"), vec![0x11; 8]);
+    assert_eq!(first_bytes(&pool, "v.previous"), vec![0x22; 8]);
+    assert_eq!(pool.personality("v.previous").unwrap(), None);
+    assert_eq!(pool.personality("v").unwrap().unwrap(), rec);
+    let e = pool
+        .redeploy_volume("v", "g", None, &[], Some("v.previous"))
+        .unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    drop(pool);
+    let pool = Pool::open(&d.0).unwrap();
+    assert_eq!(pool.volumes().len(), 2);
+    assert!(!d.0.join("volumes/v").join(REDEPLOY_NOTE).exists());
+}
+
+/// A redeploy that keeps the old volume, stopped at each point between its renames: opening
+/// the pool finishes it (or, before the first rename, it did not happen), and nothing is lost.
+#[test]
+fn a_redeploy_cut_short_is_finished_or_undone_at_open() {
+    for stop in 0..3 {
+        let d = tempdir(&format!("redeploy-cut-{stop}"));
+        let pool = redeploy_pool(&d);
+        let (staged, cleanup, _) = pool
+            .stage_volume("v", Some("h"), None, &[(PERSONALITY, b"{}")])
+            .unwrap();
+        let note = br#"{"name":"v","keep_as":"v.previous"}"#;
+        fs::write(d.0.join(&staged).join(REDEPLOY_NOTE), note).unwrap();
+        cleanup.disarm();
+        if stop >= 1 {
+            pool.dir
+                .rename(
+                    Path::new("volumes/v"),
+                    Path::new("volumes/v.previous"),
+                    true,
+                )
+                .unwrap();
+        }
+        if stop >= 2 {
+            pool.publish(&staged, "volumes", "v").unwrap();
+        }
+        drop(pool);
+        let pool = Pool::open(&d.0).unwrap();
+        if stop == 0 {
+            assert_eq!(pool.volumes().len(), 1);
+            assert_eq!(first_bytes(&pool, "v"), b"own data");
+            assert!(pool.personality("v").unwrap().is_some());
+        } else {
+            assert_eq!(pool.volumes().len(), 2, "stop {stop}");
+            assert_eq!(first_bytes(&pool, "v"), vec![0x22; 8]);
+            assert_eq!(first_bytes(&pool, "v.previous"), b"own data");
+            assert_eq!(pool.personality("v").unwrap().unwrap(), b"{}");
+            assert_eq!(pool.personality("v.previous").unwrap(), None);
+            assert!(
+                d.0.join("volumes/v.previous")
+                    .join(PERSONALITY_PREVIOUS)
+                    .exists()
+            );
+            assert!(!d.0.join("volumes/v").join(REDEPLOY_NOTE).exists());
+        }
+        assert_eq!(fs::read_dir(d.0.join(".staging")).unwrap().count(), 0);
+    }
+}
