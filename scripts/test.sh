@@ -28,6 +28,8 @@ command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 # Personalities' NoCloud seeds checked by real tools (tests/personality.rs).
 command -v fsck.fat >/dev/null || need_pkgs+=(dosfstools)
 command -v mtype >/dev/null || need_pkgs+=(mtools)
+# Golden images with a CIDATA partition (tests/personality.rs).
+command -v sfdisk >/dev/null || need_pkgs+=(fdisk)
 # Link cuts in a network namespace of the test's own (tests/pair.rs).
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)

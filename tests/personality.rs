@@ -591,3 +591,172 @@ fn kill_9_while_personalities_change_leaves_every_record_whole() {
         server.stop();
     }
 }
+
+/// A 32 MiB golden image with a partition table made by sfdisk: GPT with a root partition and
+/// an empty one named CIDATA, or MBR with a FAT file system labelled CIDATA (holding a file of
+/// the image's own) at 16 MiB.
+fn image_with_cidata(dir: &Scratch, gpt: bool) -> std::path::PathBuf {
+    let img = dir.path(if gpt { "gpt.img" } else { "mbr.img" });
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(32 << 20).unwrap();
+    drop(f);
+    let script = if gpt {
+        "label: gpt\nstart=2048, size=16M, type=linux\nstart=34816, size=8M, type=linux, name=CIDATA\n"
+    } else {
+        "label: dos\nstart=2048, size=14M, type=83\nstart=32768, size=8M, type=c\n"
+    };
+    let mut child = Command::new("sfdisk")
+        .args(["-q", img.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    if !gpt {
+        common::run(
+            "mkfs.vfat",
+            &[
+                "-n",
+                "CIDATA",
+                "--offset=32768",
+                img.to_str().unwrap(),
+                "8192",
+            ],
+        );
+        let keep = dir.path("keep.txt");
+        std::fs::write(&keep, "the image's own file\n").unwrap();
+        let at = format!("{}@@{}", img.display(), 32768 * 512);
+        common::run("mcopy", &["-i", &at, keep.to_str().unwrap(), "::keep.txt"]);
+    }
+    img
+}
+
+/// The volume's CIDATA partition, copied out of its export (`start` in bytes).
+fn partition_of(server: &Server, dir: &Scratch, name: &str, start: u64) -> String {
+    let copy = dir.path(&format!("{name}.copy"));
+    let _ = std::fs::remove_file(&copy);
+    common::run("nbdcopy", &[&server.uri(name), copy.to_str().unwrap()]);
+    format!("{}@@{start}", copy.display())
+}
+
+/// A golden image with a CIDATA partition (GPT by name, MBR by FAT label): each clone with a
+/// personality gets its seed written there before it is published, in a few blocks; a changed
+/// personality rewrites it (refused while a server uses the volume); the root partition and
+/// the image's own files in the partition are left alone.
+#[test]
+fn the_seed_is_written_into_a_cidata_partition_of_the_clone() {
+    let dir = Scratch::new("pers-cidata");
+    let server = start(&dir);
+    let file = dir.path("web1.toml");
+    std::fs::write(&file, WEB1).unwrap();
+    let f = file.to_str().unwrap();
+    for (gpt, start) in [(true, 34816u64 * 512), (false, 32768 * 512)] {
+        let img = image_with_cidata(&dir, gpt);
+        let (image, vol) = if gpt { ("gpt", "g1") } else { ("mbr", "m1") };
+        ok(&dir, &["image", "import", image, img.to_str().unwrap()]);
+        ok(
+            &dir,
+            &[
+                "volume",
+                "create",
+                vol,
+                "--image",
+                image,
+                "--personality",
+                f,
+            ],
+        );
+        let v = show(&dir, vol);
+        let id = v["personality"]["instance_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            v["allocated_bytes"].as_u64().unwrap() < 1 << 20,
+            "a few copied-on-write blocks: {v}"
+        );
+        let part = partition_of(&server, &dir, vol, start);
+        let mtype = |file: &str| {
+            common::stdout(&common::run("mtype", &["-i", &part, &format!("::{file}")]))
+        };
+        let meta: serde_json::Value = serde_json::from_str(&mtype("meta-data")).unwrap();
+        assert_eq!(meta["instance-id"], id.as_str());
+        assert_eq!(meta["local-hostname"], "web-01");
+        assert!(mtype("user-data").contains("web-01.rack1.example.com"));
+        assert!(mtype("network-config").contains("10.0.0.11/24"));
+        if !gpt {
+            assert_eq!(mtype("keep.txt"), "the image's own file\n");
+        }
+        // The file system is sound.
+        let raw = dir.path(&format!("{vol}.part"));
+        let copy = dir.path(&format!("{vol}.copy"));
+        common::run(
+            "dd",
+            &[
+                &format!("if={}", copy.display()),
+                &format!("of={}", raw.display()),
+                "bs=512",
+                &format!("skip={}", start / 512),
+                "count=16384",
+                "status=none",
+            ],
+        );
+        common::run("fsck.fat", &["-n", raw.to_str().unwrap()]);
+        let label = common::stdout(&common::run("fatlabel", &[raw.to_str().unwrap()]));
+        assert_eq!(label.trim(), "CIDATA");
+
+        // A new personality is written into the volume too, while no server uses it.
+        let file2 = dir.path("web1b.toml");
+        std::fs::write(&file2, WEB1.replace("web-01", "web-09")).unwrap();
+        let uri = server.unix_uri(vol);
+        let mut client = Command::new("timeout")
+            .args([
+                "20",
+                "/usr/bin/python3",
+                "-m",
+                "nbd",
+                "-u",
+                &uri,
+                "-c",
+                "import time; time.sleep(2)",
+            ])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let err = fails(
+            &dir,
+            &[
+                "volume",
+                "personality",
+                vol,
+                "--set",
+                file2.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            err.contains("cannot be rewritten while a server uses it"),
+            "{err}"
+        );
+        client.wait().unwrap();
+        assert_eq!(show(&dir, vol)["personality"]["instance_id"], id.as_str());
+        ok(
+            &dir,
+            &[
+                "volume",
+                "personality",
+                vol,
+                "--set",
+                file2.to_str().unwrap(),
+            ],
+        );
+        let part = partition_of(&server, &dir, vol, start);
+        let meta = common::stdout(&common::run("mtype", &["-i", &part, "::meta-data"]));
+        assert!(meta.contains("web-09"), "{meta}");
+        // The image's own bytes outside the partition are the clone's.
+        let copy = std::fs::read(dir.path(&format!("{vol}.copy"))).unwrap();
+        let orig = std::fs::read(&img).unwrap();
+        assert_eq!(copy[..start as usize], orig[..start as usize]);
+        ok(&dir, &["volume", "delete", vol]);
+    }
+    server.stop();
+}

@@ -279,8 +279,7 @@ impl Node {
             DeployAction::Update => {
                 let _busy = self.busy("volume", name)?;
                 let p = step.prepared.expect("an update has a personality");
-                self.pool.set_personality(name, Some(&p.record))?;
-                self.serve_seed(name, p.seed)
+                self.store_personality(name, p)
             }
             DeployAction::Refused | DeployAction::Failed => {
                 unreachable!("only good servers are applied")
@@ -360,9 +359,18 @@ impl Node {
             .map(|p| (crate::pool::PERSONALITY_FILE, p.record.as_slice()))
             .into_iter()
             .collect();
-        let swapped = self
-            .pool
-            .redeploy_volume(name, image, Some(size), &files, keep.as_deref());
+        let mut seed = |v: &mut volume_format::Volume<volume_format::FileStorage>| match &prepared {
+            Some(p) => super::personality::write_seed_into(v, &p.docs),
+            None => Ok(()),
+        };
+        let swapped = self.pool.redeploy_volume(
+            name,
+            image,
+            Some(size),
+            &files,
+            Some(&mut seed),
+            keep.as_deref(),
+        );
         // Served again either way: the new volume, or the old one if nothing changed.
         let served = self.serve_volume(name);
         swapped?;

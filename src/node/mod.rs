@@ -798,7 +798,21 @@ impl Node {
         if self.pair.lock().is_some() {
             self.create_pair_volume(name, image, size, record)?;
         } else {
-            self.pool.create_volume_with(name, image, size, record)?;
+            let files: Vec<(&str, &[u8])> = record
+                .map(|r| (crate::pool::PERSONALITY_FILE, r))
+                .into_iter()
+                .collect();
+            // A clone of an image with a `CIDATA` partition gets its seed written there before
+            // it is published.
+            let mut seed =
+                |v: &mut volume_format::Volume<volume_format::FileStorage>| match &prepared {
+                    Some(p) => personality::write_seed_into(v, &p.docs),
+                    None => Ok(()),
+                };
+            let edit: Option<crate::pool::Edit<'_>> =
+                (prepared.is_some() && image.is_some()).then_some(&mut seed);
+            self.pool
+                .create_volume_with_files(name, image, size, &files, edit)?;
         }
         self.serve_volume(name)?;
         if let Some(p) = prepared

@@ -10,17 +10,63 @@ use std::net::IpAddr;
 use super::info::{HeldAddress, IpPoolInfo};
 use super::{Node, NodeError, SEED_EXPORT_PREFIX};
 use crate::personality::ippool::{IpPool, POOL_REF};
-use crate::personality::{Personality, seed};
+use crate::personality::{Personality, cidata, seed};
 use crate::target::{BlockTarget, Export, FileTarget};
 
 /// Largest personality record (compact JSON): its seed must fit the seed's file system with
 /// room to spare.
 const MAX_RECORD_BYTES: usize = 64 << 10;
 
-/// A personality checked and completed for storing: its record and its seed image.
+/// A personality checked and completed for storing: its record, its NoCloud documents and
+/// their seed image.
 pub(super) struct Prepared {
     pub record: Vec<u8>,
+    pub docs: crate::personality::NoCloud,
     pub seed: Vec<u8>,
+}
+
+/// A golden image's bytes read as a disk.
+struct FileDisk {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl cidata::Disk for FileDisk {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+}
+
+/// A volume read as a disk (to find its `CIDATA` partition).
+struct VolumeDisk<'a>(&'a mut volume_format::Volume<volume_format::FileStorage>);
+
+impl cidata::Disk for VolumeDisk<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, buf).map_err(std::io::Error::other)
+    }
+}
+
+/// Writes `docs` into the volume's `CIDATA` partition, if it has one: only the blocks that
+/// change (`personality::cidata`). Unflushed: the caller flushes.
+pub(super) fn write_seed_into(
+    v: &mut volume_format::Volume<volume_format::FileStorage>,
+    docs: &crate::personality::NoCloud,
+) -> Result<(), String> {
+    let Some((p, blocks)) = cidata::seed_blocks(&mut VolumeDisk(v), docs)? else {
+        return Ok(());
+    };
+    tracing::debug!(how = %p.how, blocks = blocks.len(), "seed written into the volume");
+    for (at, b) in blocks {
+        v.write(at, &b)
+            .map_err(|e| format!("writing the seed into {}: {e}", p.how))?;
+    }
+    Ok(())
 }
 
 impl Node {
@@ -55,12 +101,77 @@ impl Node {
             }
             Some(p) => {
                 let prepared = self.prepare_personality(name, *p)?;
-                self.pool.set_personality(name, Some(&prepared.record))?;
-                // The new seed replaces the old in one step: a server attaching now finds one.
-                self.serve_seed(name, prepared.seed)?;
+                self.store_personality(name, prepared)?;
             }
         }
         self.volume_info(name)
+    }
+
+    /// Stores a prepared personality for existing volume `name` (the caller holds it busy and
+    /// the personalities' lock): the record, the seed inside the volume if its image has a
+    /// `CIDATA` partition, the seed export.
+    ///
+    /// The volume's seed is rewritten with the volume offline, so it is refused, before
+    /// anything changes, while a server uses the volume. The record is stored first: a crash
+    /// before the volume's seed is written leaves the volume's seed at the previous personality
+    /// (setting the personality again writes it).
+    pub(super) fn store_personality(&self, name: &str, p: Prepared) -> Result<(), NodeError> {
+        let inside = self.cidata_of_volume(name)?;
+        if let Some(how) = &inside
+            && let Some(t) = self.served.lock().volumes.get(name)
+            && t.clients() > 0
+        {
+            return Err(NodeError::InUse(format!(
+                "volume {name:?} has {} connected client(s): its seed ({how} of its image)                  cannot be rewritten while a server uses it; stop the server first",
+                t.clients()
+            )));
+        }
+        self.pool.set_personality(name, Some(&p.record))?;
+        if inside.is_some() {
+            self.offline_volume(name, super::Force::No)?;
+            let written = self
+                .pool
+                .open_volume(name)
+                .map_err(NodeError::from)
+                .and_then(|mut v| {
+                    write_seed_into(&mut v, &p.docs).map_err(NodeError::Io)?;
+                    v.flush()
+                        .and_then(|()| v.close().map(drop))
+                        .map_err(|e| NodeError::Io(format!("volume {name:?}: {e}")))
+                });
+            let served = self.serve_volume(name);
+            written?;
+            served?;
+        }
+        // The new seed replaces the old in one step: a server attaching now finds one.
+        self.serve_seed(name, p.seed)
+    }
+
+    /// How the `CIDATA` partition of volume `name`'s image is known, if it has one and the
+    /// volume is a single node's (a pair volume's copies must stay equal: not yet).
+    pub(super) fn cidata_of_volume(&self, name: &str) -> Result<Option<String>, NodeError> {
+        let Some(image) = self.pool.volume(name)?.image else {
+            return Ok(None);
+        };
+        if self.pair_record(name)?.is_some() {
+            return Ok(None);
+        }
+        self.cidata_of_image(&image)
+    }
+
+    /// How the `CIDATA` partition of image `name` is known, if it has one.
+    pub(super) fn cidata_of_image(&self, name: &str) -> Result<Option<String>, NodeError> {
+        let file = self.pool.open_image_raw(name)?;
+        let mut disk = FileDisk {
+            len: file
+                .metadata()
+                .map_err(|e| NodeError::Io(e.to_string()))?
+                .len(),
+            file,
+        };
+        cidata::find(&mut disk)
+            .map(|p| p.map(|p| p.how))
+            .map_err(|e| NodeError::Invalid(format!("image {name:?}: {e}")))
     }
 
     /// Checks `p` for volume `name` (again: the request is outside input), refuses an address
@@ -275,9 +386,10 @@ pub(super) fn seal(mut p: Personality) -> Result<Prepared, NodeError> {
     }
     // The seed is built before anything is stored: a personality whose seed cannot be made is
     // refused, not recorded to fail at every start.
-    let seed = seed::image(&p.nocloud())
+    let docs = p.nocloud();
+    let seed = seed::image(&docs)
         .map_err(|e| NodeError::Invalid(format!("personality: its seed cannot be made: {e}")))?;
-    Ok(Prepared { record, seed })
+    Ok(Prepared { record, docs, seed })
 }
 
 /// Replaces each `pool:NAME` address of `p` with the pool's next free address (lowest

@@ -529,7 +529,7 @@ impl Node {
         }
         if let Err(e) = self
             .pool
-            .create_volume_with_files(name, image, Some(size), &files)
+            .create_volume_with_files(name, image, Some(size), &files, None)
         {
             undo_record();
             return Err(e.into());
@@ -618,6 +618,7 @@ impl Node {
             rec.image.as_deref(),
             Some(rec.size),
             &[(PAIR_RECORD, &bytes)],
+            None,
         )?;
         if let Err(e) = self.serve_volume(name) {
             let _ = self.pool.delete_volume(name);

@@ -7,6 +7,7 @@
 //! ...`). The documents are written as JSON, which is YAML: cloud-init reads them as it reads
 //! YAML, and no YAML emitter is needed.
 
+pub mod cidata;
 pub mod ippool;
 pub mod plan;
 pub mod seed;

@@ -59,6 +59,10 @@ const PERSONALITY_PREVIOUS: &str = "personality.previous.json";
 /// In a redeployed volume's directory until the redeploy that keeps the old one is finished.
 const REDEPLOY_NOTE: &str = "redeploy.json";
 
+/// Changes made to a new volume before it is published (a personality's seed written into
+/// its `CIDATA` partition): whatever it writes is published with the volume, or not at all.
+pub type Edit<'a> = &'a mut dyn FnMut(&mut Volume<FileStorage>) -> Result<(), String>;
+
 /// What a redeploy that keeps the old volume does: `name` becomes the new volume, the old one
 /// `keep_as`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -599,7 +603,7 @@ impl Pool {
         personality: Option<&[u8]>,
     ) -> Result<VolumeEntry, PoolError> {
         let files: Vec<(&str, &[u8])> = personality.map(|p| (PERSONALITY, p)).into_iter().collect();
-        self.create_volume_with_files(name, image, size, &files)
+        self.create_volume_with_files(name, image, size, &files, None)
     }
 
     /// `create_volume`, with records (personality, pair record) beside the volume's files,
@@ -610,9 +614,10 @@ impl Pool {
         image: Option<&str>,
         size: Option<u64>,
         files: &[(&str, &[u8])],
+        edit: Option<Edit<'_>>,
     ) -> Result<VolumeEntry, PoolError> {
         let res = self.reserve("volume", name)?;
-        let (staged, cleanup, entry) = self.stage_volume(name, image, size, files)?;
+        let (staged, cleanup, entry) = self.stage_volume(name, image, size, files, edit)?;
         self.publish(&staged, "volumes", name)?;
         cleanup.disarm();
         self.catalog
@@ -623,14 +628,15 @@ impl Pool {
         Ok(entry)
     }
 
-    /// A complete new volume `name` (its files synced), in a staging directory removed on drop
-    /// of the `Cleanup` unless disarmed.
+    /// A complete new volume `name` (its files synced, `edit` made and flushed first), in a
+    /// staging directory removed on drop of the `Cleanup` unless disarmed.
     fn stage_volume(
         &self,
         name: &str,
         image: Option<&str>,
         size: Option<u64>,
         files: &[(&str, &[u8])],
+        edit: Option<Edit<'_>>,
     ) -> Result<(PathBuf, Cleanup<'_>, VolumeEntry), PoolError> {
         let backing = match image {
             Some(i) => Some(self.image(i)?),
@@ -671,7 +677,7 @@ impl Pool {
             )),
             None => None,
         };
-        let v = Volume::create(
+        let mut v = Volume::create(
             self.create(&staged.join(VOLUME_META))?,
             self.create(&staged.join(VOLUME_DATA))?,
             backing_storage,
@@ -685,6 +691,11 @@ impl Pool {
         })?;
         volume_format::file::reserve_metadata(v.files().0.file(), size)
             .map_err(io_err(format!("creating volume {name:?}")))?;
+        if let Some(edit) = edit {
+            edit(&mut v).map_err(|e| PoolError::Invalid(format!("volume {name:?}: {e}")))?;
+            v.flush()
+                .map_err(vol_err(format!("creating volume {name:?}")))?;
+        }
         v.close()
             .map_err(vol_err(format!("creating volume {name:?}")))?;
         for (file, record) in files {
@@ -722,12 +733,13 @@ impl Pool {
         image: &str,
         size: Option<u64>,
         files: &[(&str, &[u8])],
+        edit: Option<Edit<'_>>,
         keep_as: Option<&str>,
     ) -> Result<VolumeEntry, PoolError> {
         self.volume(name)?;
         let _res = keep_as.map(|k| self.reserve("volume", k)).transpose()?;
         let err = || io_err(format!("redeploying volume {name:?}"));
-        let (staged, cleanup, entry) = self.stage_volume(name, Some(image), size, files)?;
+        let (staged, cleanup, entry) = self.stage_volume(name, Some(image), size, files, edit)?;
         let live = Path::new("volumes").join(name);
         match keep_as {
             None => {

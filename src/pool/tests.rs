@@ -303,21 +303,28 @@ fn a_redeploy_swaps_in_a_fresh_clone_and_keeps_the_old_volume_if_asked() {
     let pool = redeploy_pool(&d);
     let rec: &[u8] = b"{\"hostname\":\"v2\"}";
     let e = pool
-        .redeploy_volume("v", "h", None, &[(PERSONALITY, rec)], None)
+        .redeploy_volume("v", "h", None, &[(PERSONALITY, rec)], None, None)
         .unwrap();
     assert_eq!(e.image.as_deref(), Some("h"));
     assert_eq!(first_bytes(&pool, "v"), vec![0x22; 8]);
     assert_eq!(pool.personality("v").unwrap().unwrap(), rec);
     assert_eq!(pool.volumes().len(), 1);
 
-    pool.redeploy_volume("v", "g", None, &[(PERSONALITY, rec)], Some("v.previous"))
-        .unwrap();
+    pool.redeploy_volume(
+        "v",
+        "g",
+        None,
+        &[(PERSONALITY, rec)],
+        None,
+        Some("v.previous"),
+    )
+    .unwrap();
     assert_eq!(first_bytes(&pool, "v"), vec![0x11; 8]);
     assert_eq!(first_bytes(&pool, "v.previous"), vec![0x22; 8]);
     assert_eq!(pool.personality("v.previous").unwrap(), None);
     assert_eq!(pool.personality("v").unwrap().unwrap(), rec);
     let e = pool
-        .redeploy_volume("v", "g", None, &[], Some("v.previous"))
+        .redeploy_volume("v", "g", None, &[], None, Some("v.previous"))
         .unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
     drop(pool);
@@ -334,7 +341,7 @@ fn a_redeploy_cut_short_is_finished_or_undone_at_open() {
         let d = tempdir(&format!("redeploy-cut-{stop}"));
         let pool = redeploy_pool(&d);
         let (staged, cleanup, _) = pool
-            .stage_volume("v", Some("h"), None, &[(PERSONALITY, b"{}")])
+            .stage_volume("v", Some("h"), None, &[(PERSONALITY, b"{}")], None)
             .unwrap();
         let note = br#"{"name":"v","keep_as":"v.previous"}"#;
         fs::write(d.0.join(&staged).join(REDEPLOY_NOTE), note).unwrap();
