@@ -20,6 +20,10 @@
 #          once, one NBD connection each, after the page cache was dropped. Reports the time, the
 #          bytes served, the bytes read from the block device under the pool (/sys/class/block/
 #          DEV/stat) and the servers' CPU time. qemu-nbd and nbdkit need one process per clone.
+#          With --trace FILE (and --golden FILE, the image the trace was recorded on; both made
+#          by scripts/record-boot-trace.sh from a real guest's boot), each clone replays the
+#          boot's reads in order instead, and every server runs it with 1 clone alone and with N
+#          at once: the boot storm's cost is N clones' time against one's.
 #   mgmt   what management work costs the data path: fio on one clone for --runtime seconds
 #          (default 20), alone and while the node imports a --import-size image (default 2G, not
 #          in the page cache) or captures a written 1 GiB clone as a new image. IOPS are taken
@@ -36,6 +40,8 @@ OUT=
 SERVERS="streamer,qemu-nbd,nbdkit"
 ROWS=
 CLONES=50
+TRACE=            # storm: replay this boot trace ("OFFSET LENGTH" lines) instead of reading whole
+GOLDEN_SRC=       # storm: the golden image (default: --size of random data)
 IMPORT_SIZE=2G
 BULK_RATE=        # mgmt: the node's --bulk-rate (default: the node's default)
 TRANSPORT=tcp
@@ -52,6 +58,8 @@ usage: $0 --mode clone|storm|mgmt [options]
   --runtime SECS           fio runtime per cell (clone: 5, mgmt: 20)
   --size SIZE              golden image size (clone, mgmt: 1G; storm: 512M)
   --clones N               storm: clones read at once (default $CLONES)
+  --trace FILE             storm: replay this boot trace per clone, 1 clone alone and N at once
+  --golden FILE            storm: the golden image (the one the trace was recorded on)
   --import-size SIZE       mgmt: size of the image imported under load (default $IMPORT_SIZE)
   --bulk-rate RATE         mgmt: the node's --bulk-rate (0: unpaced; default: the node's)
   --servers LIST           clone, storm: subset of $SERVERS
@@ -71,6 +79,8 @@ parse_args() {
             --runtime) RUNTIME=$2; shift ;;
             --size) SIZE=$2; shift ;;
             --clones) CLONES=$2; shift ;;
+            --trace) TRACE=$2; shift ;;
+            --golden) GOLDEN_SRC=$2; shift ;;
             --import-size) IMPORT_SIZE=$2; shift ;;
             --bulk-rate) BULK_RATE=$2; shift ;;
             --servers) SERVERS=$2; shift ;;
@@ -155,11 +165,17 @@ cli() { timeout 600 "$STREAMER" "$@" --socket "$POOL/streamer.sock"; }
 # A pool holding the golden image: random data, imported through the CLI like an operator would.
 make_pool() {
     local bytes src=$WORKDIR/golden-src.raw
-    bytes=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
     POOL=$WORKDIR/pool
     mkdir -p "$POOL"
-    log "creating the golden image ($bytes bytes of random data)"
-    timeout 600 head -c "$bytes" /dev/urandom > "$src"
+    if [ -n "$GOLDEN_SRC" ]; then
+        src=$GOLDEN_SRC
+        SIZE=$(stat -c %s "$src")
+        log "golden image: $src ($SIZE bytes)"
+    else
+        bytes=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
+        log "creating the golden image ($bytes bytes of random data)"
+        timeout 600 head -c "$bytes" /dev/urandom > "$src"
+    fi
     # The node serves `image/golden`, which node_start waits for: start on an empty pool first.
     "$STREAMER" serve --create --data-dir "$POOL" --socket "$WORKDIR/streamer.nbd" > "$WORKDIR/node.log" 2>&1 &
     NODE_PID=$!
@@ -169,9 +185,9 @@ make_pool() {
         kill -0 "$NODE_PID" 2>/dev/null || { cat "$WORKDIR/node.log" >&2; die "streamer exited"; }
         sleep 0.1
     done
-    cli image import golden "$src" >/dev/null
+    cli image import golden "$src" --format raw >/dev/null
     node_stop
-    rm -f "$src"
+    [ -n "$GOLDEN_SRC" ] || rm -f "$src"
     GOLDEN=$POOL/images/golden/image.raw
     [ -f "$GOLDEN" ] || die "no $GOLDEN after the import (pool layout changed?)"
 }
@@ -286,7 +302,7 @@ drop_caches() {
 STORM_PIDS=()
 # storm_cell ROUND SERVER: starts the servers, drops the cache, reads every clone whole at once.
 storm_cell() {
-    local round=$1 srv=$2 i uris=()
+    local round=$1 srv=$2 clones=${3:-$CLONES} i uris=() CLONES=${3:-$CLONES}
     local jobfile=$WORKDIR/storm.fio d0 d1 t0 t1 c0 c1 json m bytes
     STORM_PIDS=()
     local secs
@@ -336,8 +352,14 @@ storm_cell() {
     c0=$(cpu_ticks_sum "${STORM_PIDS[@]}")
     t0=$(date +%s%N)
     json=$WORKDIR/storm-$round-$srv.json
-    timeout 900 fio --output-format=json --output="$json" "$jobfile" > "$json.stdout" 2>&1 \
-        || log "warning: storm fio failed for $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
+    if [ -n "$TRACE" ]; then
+        local replay
+        replay=$(timeout 900 $PY "$(dirname "$0")/replay-trace.py" "$TRACE" "${uris[@]}" 2>&1) \
+            || log "warning: storm replay failed for $srv: $replay"
+    else
+        timeout 900 fio --output-format=json --output="$json" "$jobfile" > "$json.stdout" 2>&1 \
+            || log "warning: storm fio failed for $srv: $(tail -3 "$json.stdout" | tr '\n' ' ')"
+    fi
     t1=$(date +%s%N)
     c1=$(cpu_ticks_sum "${STORM_PIDS[@]}")
     d1=$(disk_read_bytes "$DEV")
@@ -350,14 +372,18 @@ storm_cell() {
         STORM_PIDS=()
         rm -f "$WORKDIR"/s*.qcow2
     fi
-    if m=$(parse_fio "$json" 2>&1); then
+    if [ -n "$TRACE" ]; then
+        if [[ "$replay" =~ ^[0-9]+\ [0-9.]+$ ]]; then m="0 0 0 0 0 ${replay%% *}"; else m=; fi
+    fi
+    if [ -z "$TRACE" ] && ! m=$(parse_fio "$json" 2>&1); then m=; fi
+    if [ -n "$m" ]; then
         read -r _ _ _ _ _ bytes <<< "$m"
         secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$srv" "$secs" "$bytes" "$((d1 - d0))" \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$srv" "$clones" "$secs" "$bytes" "$((d1 - d0))" \
             "$(awk -v d=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / hz }')" >> "$RESULTS"
         log "storm round $round $srv: ${secs}s, served $bytes, disk read $((d1 - d0)) ($DEV: $d0 -> $d1), cpu $(((c1 - c0)))ticks"
     else
-        log "warning: storm round $round $srv: $m"
+        log "warning: storm round $round $srv: no result"
     fi
 }
 
@@ -366,16 +392,33 @@ storm_mode() {
     [ -n "$DEV" ] || log "warning: no block device found under $WORKDIR: disk bytes not measured"
     local round srv
     for ((round = 1; round <= ROUNDS; round++)); do
-        for srv in $SERVERS; do storm_cell "$round" "$srv"; done
+        for srv in $SERVERS; do
+            # With a trace: one clone alone first, for the storm's cost against one boot.
+            [ -z "$TRACE" ] || storm_cell "$round" "$srv" 1
+            storm_cell "$round" "$srv" "$CLONES"
+        done
     done
-    $PY - "$RESULTS" "$SERVERS" "$(numfmt --from=iec "$SIZE")" <<'PYEOF'
+    $PY - "$RESULTS" "$SERVERS" "$(numfmt --from=iec "$SIZE")" "$CLONES" "$TRACE" <<'PYEOF'
 import sys, statistics
 from collections import defaultdict
-path, servers, size = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
+path, servers, size, clones, trace = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 v = defaultdict(list)
+one = defaultdict(list)
 for line in open(path):
-    rnd, srv, secs, served, disk, cpu = line.split()
-    v[srv].append((float(secs), int(served), int(disk), float(cpu)))
+    rnd, srv, n, secs, served, disk, cpu = line.split()
+    row = (float(secs), int(served), int(disk), float(cpu))
+    (v if n == clones else one)[srv].append(row)
+if trace:
+    print("| server | 1 clone s | %s clones s | %s clones / 1 | read from disk, 1 clone MiB | read from disk, %s clones MiB | served GiB | server CPU s |" % (clones, clones, clones))
+    print("|---|---|---|---|---|---|---|---|")
+    for s in servers:
+        if not v[s] or not one[s]:
+            print("| %s | n/a | | | | | | |" % s)
+            continue
+        m = lambda d, i: statistics.median(x[i] for x in d[s])
+        print("| %s | %.2f | %.2f | %.1fx | %.1f | %.1f | %.1f | %.1f |" % (s, m(one, 0), m(v, 0),
+              m(v, 0) / m(one, 0), m(one, 2) / 2**20, m(v, 2) / 2**20, m(v, 1) / 2**30, m(v, 3)))
+    sys.exit(0)
 med = lambda srv, i: statistics.median(x[i] for x in v[srv]) if v[srv] else None
 print("| server | time s | served GiB | read from disk GiB | disk reads / golden size | server CPU s | GB/s served |")
 print("|---|---|---|---|---|---|---|")
@@ -497,7 +540,7 @@ print_header() {
     echo "- date: $(date -Is)"
     echo "- host: $(uname -sr), $(nproc) CPUs"
     echo "- fio: $(fio --version), ioengine=nbd, $ROUNDS rounds (medians)${RUNTIME:+, runtime ${RUNTIME}s per cell}"
-    echo "- golden image: $SIZE of random data, imported with \`streamer image import\`; transport: $([ "$MODE" = storm ] && echo unix || echo "$TRANSPORT")"
+    echo "- golden image: ${GOLDEN_SRC:-$SIZE of random data}, imported with \`streamer image import\`; transport: $([ "$MODE" = storm ] && echo unix || echo "$TRANSPORT")"
     echo "- versions: $(qemu-nbd --version 2>/dev/null | head -1); $(nbdkit --version 2>/dev/null)"
     echo "- streamer: \`$STREAMER serve --data-dir POOL ...\`, clones made with \`streamer volume create NAME --image golden\`"
     case " $SERVERS " in *" qemu-nbd "*)
@@ -507,7 +550,12 @@ print_header() {
         echo "- nbdkit: \`nbdkit -f --filter=cow file GOLDEN\`" ;;
     esac
     case $MODE in
-        storm) echo "- storm: $CLONES clones read whole at once (fio rw=read bs=256k iodepth=2, one connection each), cold page cache" ;;
+        storm)
+            if [ -n "$TRACE" ]; then
+                echo "- storm: a real boot's reads ($TRACE: $(wc -l < "$TRACE") reads, $(awk '{s += $2} END {printf "%.1f MiB", s / 1048576}' "$TRACE")) replayed in order, one at a time, by 1 clone alone, then by $CLONES clones at once (one connection each, scripts/replay-trace.py), cold page cache"
+            else
+                echo "- storm: $CLONES clones read whole at once (fio rw=read bs=256k iodepth=2, one connection each), cold page cache"
+            fi ;;
         mgmt) echo "- mgmt: import of a $IMPORT_SIZE raw file (cold cache) and capture of a written $SIZE clone, each starting 3 s into the fio run; node --bulk-rate ${BULK_RATE:-default}" ;;
     esac
 }

@@ -10,7 +10,14 @@ command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
 command -v nbdcopy >/dev/null || need_pkgs+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_pkgs+=(python3-libnbd)
 command -v fio >/dev/null || need_pkgs+=(fio)
-command -v qemu-io >/dev/null || need_pkgs+=(qemu-utils)
+# qemu from bookworm-backports (10.x): extended headers (tests/clients.rs), and the guests
+# booted under TCG (tests/guest.rs). Bookworm's own qemu-system-x86 (7.2) would replace a
+# newer qemu-utils with its own, which speaks no extended headers.
+need_bpo=()
+command -v qemu-io >/dev/null || need_bpo+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || need_bpo+=(qemu-system-x86 qemu-utils)
+# The guests are built from Debian packages (scripts/guest-image.sh).
+command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
 command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
 # ext4 on a loop device over nbdfuse (tests/kernel_fs.rs); nbdfuse comes with libnbd-bin.
 command -v nbdfuse >/dev/null || need_pkgs+=(libnbd-bin)
@@ -39,6 +46,16 @@ if ! command -v cloud-init >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends cloud-init
+fi
+if ((${#need_bpo[@]})); then
+    echo "installing from bookworm-backports: ${need_bpo[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n' \
+            >/etc/apt/sources.list.d/bookworm-backports.sources
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${need_bpo[@]}"
 fi
 if ((${#need_pkgs[@]})); then
     echo "installing: ${need_pkgs[*]}"
