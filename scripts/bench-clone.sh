@@ -303,7 +303,7 @@ STORM_PIDS=()
 # storm_cell ROUND SERVER: starts the servers, drops the cache, reads every clone whole at once.
 storm_cell() {
     local round=$1 srv=$2 clones=${3:-$CLONES} i uris=() CLONES=${3:-$CLONES}
-    local jobfile=$WORKDIR/storm.fio d0 d1 t0 t1 c0 c1 json m bytes
+    local jobfile=$WORKDIR/storm.fio d0 d1 t0 t1 c0 c1 json m bytes t_replay= c_replay=
     STORM_PIDS=()
     local secs
     case $srv in
@@ -373,14 +373,19 @@ storm_cell() {
         rm -f "$WORKDIR"/s*.qcow2
     fi
     if [ -n "$TRACE" ]; then
-        if [[ "$replay" =~ ^[0-9]+\ [0-9.]+$ ]]; then m="0 0 0 0 0 ${replay%% *}"; else m=; fi
+        if [[ "$replay" =~ ^[0-9]+\ [0-9.]+\ [0-9.]+$ ]]; then
+            m="0 0 0 0 0 ${replay%% *}"
+            # The clients' wall time (from all connected) and CPU replace the script's.
+            read -r _ t_replay c_replay <<< "$replay"
+        else m=; fi
     fi
     if [ -z "$TRACE" ] && ! m=$(parse_fio "$json" 2>&1); then m=; fi
     if [ -n "$m" ]; then
         read -r _ _ _ _ _ bytes <<< "$m"
         secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$srv" "$clones" "$secs" "$bytes" "$((d1 - d0))" \
-            "$(awk -v d=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / hz }')" >> "$RESULTS"
+        [ -z "$TRACE" ] || secs=$t_replay
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$srv" "$clones" "$secs" "$bytes" "$((d1 - d0))" \
+            "$(awk -v d=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / hz }')" "${c_replay:-0}" >> "$RESULTS"
         log "storm round $round $srv: ${secs}s, served $bytes, disk read $((d1 - d0)) ($DEV: $d0 -> $d1), cpu $(((c1 - c0)))ticks"
     else
         log "warning: storm round $round $srv: no result"
@@ -399,25 +404,27 @@ storm_mode() {
         done
     done
     $PY - "$RESULTS" "$SERVERS" "$(numfmt --from=iec "$SIZE")" "$CLONES" "$TRACE" <<'PYEOF'
-import sys, statistics
+import os, sys, statistics
 from collections import defaultdict
 path, servers, size, clones, trace = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 v = defaultdict(list)
 one = defaultdict(list)
 for line in open(path):
-    rnd, srv, n, secs, served, disk, cpu = line.split()
-    row = (float(secs), int(served), int(disk), float(cpu))
+    rnd, srv, n, secs, served, disk, cpu, ccpu = line.split()
+    row = (float(secs), int(served), int(disk), float(cpu), float(ccpu))
     (v if n == clones else one)[srv].append(row)
 if trace:
-    print("| server | 1 clone s | %s clones s | %s clones / 1 | read from disk, 1 clone MiB | read from disk, %s clones MiB | served GiB | server CPU s |" % (clones, clones, clones))
-    print("|---|---|---|---|---|---|---|---|")
+    print("| server | 1 clone s | %s clones s | %s clones / 1 | read from disk, 1 clone MiB | read from disk, %s clones MiB | served GiB | server CPU s | clients' CPU s | CPU busy, of 2 cores |" % (clones, clones, clones))
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ncpu = os.cpu_count()
     for s in servers:
         if not v[s] or not one[s]:
-            print("| %s | n/a | | | | | | |" % s)
+            print("| %s | n/a | | | | | | | | |" % s)
             continue
         m = lambda d, i: statistics.median(x[i] for x in d[s])
-        print("| %s | %.2f | %.2f | %.1fx | %.1f | %.1f | %.1f | %.1f |" % (s, m(one, 0), m(v, 0),
-              m(v, 0) / m(one, 0), m(one, 2) / 2**20, m(v, 2) / 2**20, m(v, 1) / 2**30, m(v, 3)))
+        print("| %s | %.2f | %.2f | %.1fx | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% |" % (s, m(one, 0), m(v, 0),
+              m(v, 0) / m(one, 0), m(one, 2) / 2**20, m(v, 2) / 2**20, m(v, 1) / 2**30, m(v, 3), m(v, 4),
+              100 * (m(v, 3) + m(v, 4)) / (m(v, 0) * ncpu)))
     sys.exit(0)
 med = lambda srv, i: statistics.median(x[i] for x in v[srv]) if v[srv] else None
 print("| server | time s | served GiB | read from disk GiB | disk reads / golden size | server CPU s | GB/s served |")
