@@ -13,11 +13,14 @@ set -euo pipefail
 out=${1:?usage: scripts/guest-image.sh OUT}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$out"
-if [ -f "$out/complete" ]; then exit 0; fi
+# The images are made again when this script changes.
+version=$(sha256sum "$0" | cut -c1-16)
+if [ "$(cat "$out/complete" 2>/dev/null)" = "$version" ]; then exit 0; fi
+rm -f "$out/complete"
 work=$(mktemp -d "$out/build.XXXXXX")
 cleanup() {
     for m in proc sys dev/pts dev; do umount -l "$work/root/$m" 2>/dev/null || true; done
-    rm -rf "$work"
+    rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 root=$work/root
@@ -103,7 +106,6 @@ EOF
 chmod +x "$root/usr/local/sbin/streamer-nbd-test"
 ln -sf /etc/systemd/system/streamer-report.service \
     "$root/etc/systemd/system/multi-user.target.wants/streamer-report.service"
-# A root password nobody knows; the console is for reading only.
 cp "$root/boot/vmlinuz-"* "$work/vmlinuz"
 cp "$root/boot/initrd.img-"* "$work/initrd.img"
 for m in dev/pts dev sys proc; do umount "$root/$m"; done
@@ -124,5 +126,5 @@ mkfs.vfat -n CIDATA -C "$work/cidata.fat" 8192 >/dev/null
 dd if="$work/cidata.fat" of="$work/gpt.img" bs=512 seek="$cidata_start" conv=notrunc status=none
 
 mv "$work/plain.img" "$work/gpt.img" "$work/vmlinuz" "$work/initrd.img" "$out/"
-touch "$out/complete"
+echo "$version" >"$out/complete"
 echo "guest images in $out: $(du -sh --apparent-size "$out/plain.img" | cut -f1) root"

@@ -8,6 +8,7 @@ Usage: replay-trace.py TRACE URI...   (TRACE: lines of "OFFSET LENGTH")"""
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 
 import nbd
@@ -24,7 +25,8 @@ def client(uri, trace, ready, results):
         t = os.times()
         results.put(("ok", t.user + t.system))
     except Exception as e:  # reported by the parent
-        results.put(("error", repr(e)))
+        results.put(("error", "%s: %r" % (uri, e)))
+        ready.abort()  # the parent stops waiting for everyone to connect
 
 
 def main():
@@ -35,7 +37,15 @@ def main():
     procs = [mp.Process(target=client, args=(u, trace, ready, results)) for u in uris]
     for p in procs:
         p.start()
-    ready.wait(timeout=120)
+    try:
+        ready.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        errors = []
+        while not results.empty():
+            errors.append(results.get()[1])
+        for p in procs:
+            p.kill()
+        sys.exit("replay failed: " + ("; ".join(errors[:3]) or "a client did not connect"))
     t0 = time.monotonic()
     out = [results.get(timeout=900) for _ in procs]
     secs = time.monotonic() - t0

@@ -322,6 +322,37 @@ addresses = ["10.1.9.9/16"]
         .collect();
     assert_eq!(names, ["a1", "good-1", "good-2", "good-3", "taken"]);
 
+    // A pool that runs out: the server past its last address is refused by name, and
+    // nothing of the plan is made.
+    ok(
+        &dir,
+        &[
+            "ippool",
+            "create",
+            "tiny",
+            "--subnet",
+            "10.7.0.0/24",
+            "--first",
+            "10.7.0.10",
+            "--last",
+            "10.7.0.11",
+        ],
+    );
+    std::fs::write(
+        &file,
+        "image = \"g\"\n[[servers]]\nname = \"t-{index}\"\ncount = 3\n\
+         [[servers.interfaces]]\nname = \"eth0\"\naddresses = [\"pool:tiny\"]\n",
+    )
+    .unwrap();
+    let (out, _) = fails(&dir, &["deploy", f]);
+    assert!(
+        out.contains("servers[0] #3 refused: personality: interfaces[0].addresses[0]: IP pool \"tiny\" has no free address (all 2 are held)"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was made"), "{out}");
+    let vols = json(&ok(&dir, &["volume", "list", "--json"]));
+    assert_eq!(vols.as_array().unwrap().len(), 5, "{vols}");
+
     // A file that is not a plan at all.
     std::fs::write(&file, "image = \n").unwrap();
     let (_, err) = fails(&dir, &["deploy", f]);

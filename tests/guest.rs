@@ -6,8 +6,8 @@
 //!
 //! - `plain.img` (ext4, the whole disk) boots with its seed export `seed/NAME` as a second
 //!   disk; `gpt.img` (GPT, a CIDATA partition) boots alone, its seed written into the clone.
-//! - After `deploy` runs again with a changed host name, the first server boots as the new
-//!   name (a new instance id, so cloud-init applies it).
+//! - After `volume personality --set` with another host name, the first server boots as the
+//!   new name (a new instance id, so cloud-init applies it).
 //! - The Linux kernel's own NBD client, in a guest, attaches a volume through a virtio-serial
 //!   port whose host side is the node's Unix socket: read, O_DIRECT write and read back, mkfs,
 //!   mount, fsck.
@@ -134,7 +134,6 @@ fqdn = "{hostname}.test.example"
 [[servers]]
 name = "web-01"
 image = "deb"
-hostname = "HOST1"
 [[servers.interfaces]]
 name = "eno1"
 mac = "52:54:00:12:34:01"
@@ -171,7 +170,7 @@ fn deployed_servers_boot_as_themselves() {
         );
     }
     let plan = dir.path("plan.toml");
-    std::fs::write(&plan, PLAN.replace("HOST1", "web-01")).unwrap();
+    std::fs::write(&plan, PLAN).unwrap();
     let out = cli(&dir, &["deploy", plan.to_str().unwrap()]);
     assert!(out.contains("2 created"), "{out}");
 
@@ -203,10 +202,26 @@ fn deployed_servers_boot_as_themselves() {
     assert!(r.contains("eno1=10.9.0.22/24"), "{r}");
     assert!(r.ends_with("cloud-init=done"), "{r}");
 
-    // A changed plan: the personality is updated, and the server comes up as its new self.
-    std::fs::write(&plan, PLAN.replace("HOST1", "web-01b")).unwrap();
-    let out = cli(&dir, &["deploy", plan.to_str().unwrap()]);
-    assert!(out.contains("1 updated, 1 unchanged"), "{out}");
+    // A new personality: the server comes up as its new self (a new instance id, so
+    // cloud-init applies it), with the same address.
+    let p = dir.path("web-01b.toml");
+    std::fs::write(
+        &p,
+        "hostname = \"web-01b\"\nfqdn = \"web-01b.test.example\"\n[[interfaces]]\n\
+         name = \"eno1\"\nmac = \"52:54:00:12:34:01\"\naddresses = [\"10.9.0.21/24\"]\n\
+         gateway = \"10.9.0.1\"\n",
+    )
+    .unwrap();
+    cli(
+        &dir,
+        &[
+            "volume",
+            "personality",
+            "web-01",
+            "--set",
+            p.to_str().unwrap(),
+        ],
+    );
     let r = boot(
         &server,
         &dir,

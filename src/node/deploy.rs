@@ -254,6 +254,11 @@ impl Node {
                 resolved,
             ));
         }
+        // Refused now, not halfway through the plan, if its seed inside cannot be rewritten.
+        let inside = self.cidata_of_volume(name).map_err(|e| e.to_string())?;
+        if let Some(why) = self.seed_rewrite_refusal(name, inside.as_deref()) {
+            return Err(why);
+        }
         let prepared = seal(resolved.clone()).map_err(|e| e.to_string())?;
         Ok((
             Step {
@@ -316,6 +321,10 @@ impl Node {
             )));
         }
         let keep = keep_previous.then(|| previous_name(name));
+        if let Some(k) = &keep {
+            crate::names::validate_name(k)
+                .map_err(|e| NodeError::Invalid(format!("--keep-previous: {e}")))?;
+        }
         let _busy_keep = keep
             .as_deref()
             .map(|k| self.busy("volume", k))
@@ -376,7 +385,7 @@ impl Node {
         swapped?;
         served?;
         match prepared {
-            Some(p) => self.serve_seed(name, p.seed)?,
+            Some(p) => self.serve_docs(name, &p.docs)?,
             None => self.withdraw_seed(name),
         }
         if let Some(k) = &keep {

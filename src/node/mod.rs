@@ -816,7 +816,7 @@ impl Node {
         }
         self.serve_volume(name)?;
         if let Some(p) = prepared
-            && let Err(e) = self.serve_seed(name, p.seed)
+            && let Err(e) = self.serve_docs(name, &p.docs)
         {
             // The volume and its record exist; the seed is made again at the next start.
             tracing::error!(volume = name, "seed not served: {e}");

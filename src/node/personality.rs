@@ -17,12 +17,12 @@ use crate::target::{BlockTarget, Export, FileTarget};
 /// room to spare.
 const MAX_RECORD_BYTES: usize = 64 << 10;
 
-/// A personality checked and completed for storing: its record, its NoCloud documents and
-/// their seed image.
+/// A personality checked and completed for storing: its record and its NoCloud documents
+/// (their seed image is built when it is served: a plan of thousands of servers must not hold
+/// a megabyte per server while it is checked).
 pub(super) struct Prepared {
     pub record: Vec<u8>,
     pub docs: crate::personality::NoCloud,
-    pub seed: Vec<u8>,
 }
 
 /// A golden image's bytes read as a disk.
@@ -108,25 +108,18 @@ impl Node {
     }
 
     /// Stores a prepared personality for existing volume `name` (the caller holds it busy and
-    /// the personalities' lock): the record, the seed inside the volume if its image has a
-    /// `CIDATA` partition, the seed export.
+    /// the personalities' lock): the seed inside the volume if its image has a `CIDATA`
+    /// partition, then the record, then the seed export.
     ///
     /// The volume's seed is rewritten with the volume offline, so it is refused, before
-    /// anything changes, while a server uses the volume. The record is stored first: a crash
-    /// before the volume's seed is written leaves the volume's seed at the previous personality
-    /// (setting the personality again writes it).
+    /// anything changes, while a server uses the volume. It is written and flushed before the
+    /// record is stored: a failure or a crash between them leaves the old record, so the
+    /// change is not done and running it again (the same plan, the same `--set`) does it.
     pub(super) fn store_personality(&self, name: &str, p: Prepared) -> Result<(), NodeError> {
         let inside = self.cidata_of_volume(name)?;
-        if let Some(how) = &inside
-            && let Some(t) = self.served.lock().volumes.get(name)
-            && t.clients() > 0
-        {
-            return Err(NodeError::InUse(format!(
-                "volume {name:?} has {} connected client(s): its seed ({how} of its image)                  cannot be rewritten while a server uses it; stop the server first",
-                t.clients()
-            )));
+        if let Some(why) = self.seed_rewrite_refusal(name, inside.as_deref()) {
+            return Err(NodeError::InUse(why));
         }
-        self.pool.set_personality(name, Some(&p.record))?;
         if inside.is_some() {
             self.offline_volume(name, super::Force::No)?;
             let written = self
@@ -143,8 +136,27 @@ impl Node {
             written?;
             served?;
         }
+        self.pool.set_personality(name, Some(&p.record))?;
         // The new seed replaces the old in one step: a server attaching now finds one.
-        self.serve_seed(name, p.seed)
+        self.serve_docs(name, &p.docs)
+    }
+
+    /// Why the seed inside volume `name` (its image's `CIDATA` partition, `inside`) cannot be
+    /// rewritten now: a server uses the volume.
+    pub(super) fn seed_rewrite_refusal(&self, name: &str, inside: Option<&str>) -> Option<String> {
+        let how = inside?;
+        let clients = self
+            .served
+            .lock()
+            .volumes
+            .get(name)
+            .map_or(0, |t| t.clients());
+        (clients > 0).then(|| {
+            format!(
+                "volume {name:?} has {clients} connected client(s): its seed ({how} of its \
+                 image) cannot be rewritten while a server uses it; stop the server first"
+            )
+        })
     }
 
     /// How the `CIDATA` partition of volume `name`'s image is known, if it has one and the
@@ -189,7 +201,16 @@ impl Node {
 
     /// Builds `p`'s seed and exports it (at start, from the stored record).
     pub(super) fn serve_seed_of(&self, name: &str, p: &Personality) -> Result<(), NodeError> {
-        let bytes = seed::image(&p.nocloud())
+        self.serve_docs(name, &p.nocloud())
+    }
+
+    /// Builds the seed of `docs` and exports it as `seed/NAME`.
+    pub(super) fn serve_docs(
+        &self,
+        name: &str,
+        docs: &crate::personality::NoCloud,
+    ) -> Result<(), NodeError> {
+        let bytes = seed::image(docs)
             .map_err(|e| NodeError::Io(format!("building volume {name:?}'s seed: {e}")))?;
         self.serve_seed(name, bytes)
     }
@@ -384,12 +405,12 @@ pub(super) fn seal(mut p: Personality) -> Result<Prepared, NodeError> {
             record.len()
         )));
     }
-    // The seed is built before anything is stored: a personality whose seed cannot be made is
-    // refused, not recorded to fail at every start.
-    let docs = p.nocloud();
-    let seed = seed::image(&docs)
-        .map_err(|e| NodeError::Invalid(format!("personality: its seed cannot be made: {e}")))?;
-    Ok(Prepared { record, docs, seed })
+    // The seed always fits: the documents are a few times the record's 64 KiB at most, and the
+    // seed's file system holds 1 MiB.
+    Ok(Prepared {
+        record,
+        docs: p.nocloud(),
+    })
 }
 
 /// Replaces each `pool:NAME` address of `p` with the pool's next free address (lowest

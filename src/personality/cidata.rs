@@ -21,6 +21,12 @@ const SECTOR: u64 = 512;
 const MAX_GPT_ENTRIES: u32 = 1024;
 /// Unit of the overlay, and of the writes into the volume.
 const BLOCK: u64 = 4096;
+/// Most reads, writes and seeks the file system code may make on a partition: writing three
+/// small files takes hundreds; a loop in a crafted file system's cluster chains ends here.
+const MAX_OPS: u64 = 1_000_000;
+/// Largest FAT file system written into (every sector count times the sector size then fits
+/// the 32 bits the FAT code computes in).
+const MAX_FAT_BYTES: u64 = (4 << 30) - 1;
 
 /// Reads a disk (a golden image or a volume) at byte offsets.
 pub trait Disk {
@@ -47,6 +53,9 @@ pub struct Partition {
     pub len: u64,
     /// `GPT partition 3 named "CIDATA"`, `MBR partition 1, FAT labelled "CIDATA"`.
     pub how: String,
+    /// Whether it holds a FAT file system (its boot sector says so). One that does is written
+    /// into and never formatted: the image's own files in it stay.
+    pub has_fat: bool,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -91,6 +100,7 @@ pub fn find(disk: &mut dyn Disk) -> Result<Option<Partition>, String> {
                     start,
                     len: size,
                     how: format!("MBR partition {}, FAT labelled CIDATA", i + 1),
+                    has_fat: true,
                 });
             }
         }
@@ -172,9 +182,24 @@ fn gpt(disk: &mut dyn Disk, len: u64) -> Result<Vec<Partition>, String> {
             .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
             .take_while(|&c| c != '\0')
             .collect();
+        let label = fat_label(disk, start, size)?;
+        if name.eq_ignore_ascii_case("cidata")
+            && let Some(l) = label.as_ref().filter(|l| !l.eq_ignore_ascii_case("cidata"))
+        {
+            // cloud-init finds its seed by the file system's label, not the partition's name.
+            return Err(format!(
+                "GPT partition {} is named CIDATA but its FAT is labelled {}: cloud-init would \
+                 not find a seed there (label it CIDATA)",
+                i + 1,
+                cut(l)
+            ));
+        }
         let how = if name.eq_ignore_ascii_case("cidata") {
             format!("GPT partition {} named {name:?}", i + 1)
-        } else if fat_label(disk, start, size)?.is_some_and(|l| l.eq_ignore_ascii_case("cidata")) {
+        } else if label
+            .as_ref()
+            .is_some_and(|l| l.eq_ignore_ascii_case("cidata"))
+        {
             format!("GPT partition {}, FAT labelled CIDATA", i + 1)
         } else {
             continue;
@@ -183,9 +208,15 @@ fn gpt(disk: &mut dyn Disk, len: u64) -> Result<Vec<Partition>, String> {
             start,
             len: size,
             how,
+            has_fat: label.is_some(),
         });
     }
     Ok(found)
+}
+
+/// `s` quoted for a message, cut to 16 characters.
+fn cut(s: &str) -> String {
+    format!("{:?}", s.chars().take(16).collect::<String>())
 }
 
 /// The label in the boot sector of a FAT file system at `start`, if there is one.
@@ -213,6 +244,43 @@ fn fat_label(disk: &mut dyn Disk, start: u64, size: u64) -> Result<Option<String
     ))
 }
 
+/// Checks a FAT boot sector's geometry before the file system code trusts it: every region
+/// inside the partition, each count within what the FAT code computes without overflow.
+fn fat_sane(b: &[u8], part_len: u64) -> Result<(), String> {
+    let bps = u64::from(u16_at(b, 11));
+    let spc = u64::from(b[13]);
+    let reserved = u64::from(u16_at(b, 14));
+    let fats = u64::from(b[16]);
+    let root_entries = u64::from(u16_at(b, 17));
+    let total = match u16_at(b, 19) {
+        0 => u64::from(u32_at(b, 32)),
+        n => u64::from(n),
+    };
+    let per_fat = match u16_at(b, 22) {
+        0 => u64::from(u32_at(b, 36)),
+        n => u64::from(n),
+    };
+    let bad = |what: &str| Err(format!("its FAT boot sector is damaged ({what})"));
+    if !matches!(bps, 512 | 1024 | 2048 | 4096) {
+        return bad("sector size");
+    }
+    if !spc.is_power_of_two() || spc * bps > 64 << 10 {
+        return bad("cluster size");
+    }
+    if reserved == 0 || !(1..=2).contains(&fats) || per_fat == 0 {
+        return bad("reserved sectors or FATs");
+    }
+    let bytes = total * bps;
+    if bytes > part_len || bytes > MAX_FAT_BYTES {
+        return bad("larger than its partition, or than 4 GiB");
+    }
+    let root = (root_entries * 32).div_ceil(bps);
+    if reserved + fats * per_fat + root >= total {
+        return bad("no room for data");
+    }
+    Ok(())
+}
+
 /// A window of `len` bytes at `start` of a disk, read from it and written into memory only:
 /// the file system code works on it, then the caller writes the changed blocks to the volume.
 pub struct Overlay<'a> {
@@ -222,6 +290,8 @@ pub struct Overlay<'a> {
     pos: u64,
     /// Blocks written, by their offset on the disk, with their bytes before.
     blocks: BTreeMap<u64, (Vec<u8>, Vec<u8>)>,
+    /// Reads, writes and seeks so far (bounded by `MAX_OPS`).
+    ops: u64,
 }
 
 impl<'a> Overlay<'a> {
@@ -232,6 +302,7 @@ impl<'a> Overlay<'a> {
             len: p.len,
             pos: 0,
             blocks: BTreeMap::new(),
+            ops: 0,
         }
     }
 
@@ -253,6 +324,16 @@ impl<'a> Overlay<'a> {
             self.blocks.insert(at, (b.clone(), b));
         }
         Ok(self.blocks.get_mut(&at).expect("just inserted"))
+    }
+
+    fn count(&mut self) -> io::Result<()> {
+        self.ops += 1;
+        if self.ops > MAX_OPS {
+            return Err(io::Error::other(
+                "the FAT file system takes too much work to write (a loop in its cluster chains?)",
+            ));
+        }
+        Ok(())
     }
 
     /// Copies between `buf` and the window at the current position, block by block.
@@ -279,6 +360,7 @@ impl<'a> Overlay<'a> {
 
 impl Read for Overlay<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.count()?;
         let n = buf.len();
         self.each(n, |b, off, done, k| {
             buf[done..done + k].copy_from_slice(&b[off..off + k])
@@ -288,6 +370,7 @@ impl Read for Overlay<'_> {
 
 impl Write for Overlay<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.count()?;
         if self.pos >= self.len && !buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -305,6 +388,7 @@ impl Write for Overlay<'_> {
 
 impl Seek for Overlay<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.count()?;
         let new = match to {
             SeekFrom::Start(n) => Some(n),
             SeekFrom::End(d) => self.len.checked_add_signed(d),
@@ -317,9 +401,14 @@ impl Seek for Overlay<'_> {
 }
 
 /// Writes the documents into the FAT file system of `part` (replacing the three files, keeping
-/// anything else in it), or into a new one labelled `CIDATA` if it holds none.
-pub fn write_seed(part: &mut Overlay<'_>, docs: &NoCloud) -> io::Result<()> {
-    if fatfs::FileSystem::new(&mut *part, fatfs::FsOptions::new()).is_err() {
+/// anything else in it), or, if it holds none (`!has_fat`), into a new one labelled `CIDATA`.
+pub fn write_seed(part: &mut Overlay<'_>, has_fat: bool, docs: &NoCloud) -> io::Result<()> {
+    if has_fat {
+        let mut b = [0u8; SECTOR as usize];
+        part.seek(SeekFrom::Start(0))?;
+        part.read_exact(&mut b)?;
+        fat_sane(&b, part.len).map_err(io::Error::other)?;
+    } else {
         part.seek(SeekFrom::Start(0))?;
         fatfs::format_volume(
             &mut *part,
@@ -327,18 +416,7 @@ pub fn write_seed(part: &mut Overlay<'_>, docs: &NoCloud) -> io::Result<()> {
         )?;
     }
     part.seek(SeekFrom::Start(0))?;
-    let fs = fatfs::FileSystem::new(&mut *part, fatfs::FsOptions::new())?;
-    for (name, text) in [
-        ("meta-data", &docs.meta_data),
-        ("user-data", &docs.user_data),
-        ("network-config", &docs.network_config),
-    ] {
-        let mut f = fs.root_dir().create_file(name)?;
-        f.truncate()?;
-        f.write_all(text.as_bytes())?;
-        f.flush()?;
-    }
-    fs.unmount()
+    super::seed::write_documents(&mut *part, docs)
 }
 
 /// Blocks to write, each at its disk offset.
@@ -354,7 +432,8 @@ pub fn seed_blocks(
         return Ok(None);
     };
     let mut o = Overlay::new(disk, &p);
-    write_seed(&mut o, docs).map_err(|e| format!("writing the seed into {}: {e}", p.how))?;
+    write_seed(&mut o, p.has_fat, docs)
+        .map_err(|e| format!("writing the seed into {}: {e}", p.how))?;
     Ok(Some((p, o.changed())))
 }
 
@@ -517,6 +596,24 @@ mod tests {
         d[462..478].copy_from_slice(&first);
         let e = find(&mut Cursor::new(d)).unwrap_err();
         assert!(e.contains("2 partitions are labelled CIDATA"), "{e}");
+        // A FAT labelled CIDATA that the file system code cannot read is refused, never
+        // formatted over (the image's own files in it would go).
+        let mut d = mbr_disk(b"CIDATA     ");
+        d[(1 << 20) + 13] = 0; // no sectors per cluster
+        let e = seed_blocks(&mut Cursor::new(d), &docs("x")).unwrap_err();
+        assert!(e.contains("writing the seed into MBR partition 1"), "{e}");
+        // A GPT partition named CIDATA whose FAT carries another label: cloud-init would not
+        // look there.
+        let mut d = gpt_disk("CIDATA");
+        let mut part = Cursor::new(vec![0u8; 2048 * 512]);
+        fatfs::format_volume(
+            &mut part,
+            fatfs::FormatVolumeOptions::new().volume_label(*b"OTHER      "),
+        )
+        .unwrap();
+        d[8192 * 512..10240 * 512].copy_from_slice(part.get_ref());
+        let e = find(&mut Cursor::new(d)).unwrap_err();
+        assert!(e.contains("labelled \"OTHER\""), "{e}");
         // A partition past the end of the disk is not one of this disk's.
         let mut d = mbr_disk(b"CIDATA     ");
         d[446 + 12..446 + 16].copy_from_slice(&u32::MAX.to_le_bytes());

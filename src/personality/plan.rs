@@ -98,7 +98,12 @@ pub fn parse(text: &str) -> Result<Plan, Invalid> {
     let image = match top.remove("image") {
         None => None,
         Some(Value::String(s)) => Some(s),
-        Some(v) => return Err(Invalid::new("image", format!("{v} is not an image name"))),
+        Some(v) => {
+            return Err(Invalid::new(
+                "image",
+                format!("{} is not an image name", cut_json(&v)),
+            ));
+        }
     };
     let size = top
         .remove("size")
@@ -107,7 +112,12 @@ pub fn parse(text: &str) -> Result<Plan, Invalid> {
     let defaults = match top.remove("defaults") {
         None => Map::new(),
         Some(Value::Object(m)) => m,
-        Some(v) => return Err(Invalid::new("defaults", format!("{v} is not a table"))),
+        Some(v) => {
+            return Err(Invalid::new(
+                "defaults",
+                format!("{} is not a table", cut_json(&v)),
+            ));
+        }
     };
     if Value::Object(defaults.clone()).to_string().len() > MAX_DEFAULTS_BYTES {
         return Err(Invalid::new(
@@ -126,7 +136,12 @@ pub fn parse(text: &str) -> Result<Plan, Invalid> {
         Some(Value::Array(_)) | None => {
             return Err(Invalid::new("servers", "the plan names no servers"));
         }
-        Some(v) => return Err(Invalid::new("servers", format!("{v} is not a list"))),
+        Some(v) => {
+            return Err(Invalid::new(
+                "servers",
+                format!("{} is not a list", cut_json(&v)),
+            ));
+        }
     };
     if let Some(k) = top.keys().next() {
         return Err(Invalid::new(
@@ -292,7 +307,7 @@ impl Run {
                 Some(v) => v.as_u64().filter(|n| *n >= min).ok_or_else(|| {
                     Invalid::new(
                         format!("{entry}.{key}"),
-                        format!("{v} is not a whole number of at least {min}"),
+                        format!("{} is not a whole number of at least {min}", cut_json(v)),
                     )
                 }),
             }
@@ -312,8 +327,11 @@ fn size_of(field: &str, v: &Value) -> Result<u64, Invalid> {
         Value::String(s) => parse_size::Config::new()
             .with_binary()
             .parse_size(s)
-            .map_err(|e| Invalid::new(field, format!("{s:?} is not a size ({e}; e.g. 20G)"))),
-        v => Err(Invalid::new(field, format!("{v} is not a size (e.g. 20G)"))),
+            .map_err(|e| Invalid::new(field, format!("{} is not a size ({e}; e.g. 20G)", cut(s)))),
+        v => Err(Invalid::new(
+            field,
+            format!("{} is not a size (e.g. 20G)", cut_json(v)),
+        )),
     }
 }
 
@@ -335,7 +353,7 @@ fn server(
         }
         Some(v) => Err(Invalid::new(
             at("name"),
-            format!("{v} is not a volume name"),
+            format!("{} is not a volume name", cut_json(v)),
         )),
         None => Err(Invalid::new(at("name"), "every server needs a volume name")),
     }
@@ -349,7 +367,7 @@ fn server(
         Some(v) => {
             return Err(named(Invalid::new(
                 at("image"),
-                format!("{v} is not an image name"),
+                format!("{} is not an image name", cut_json(v)),
             )));
         }
     };
@@ -377,14 +395,17 @@ fn server(
         Some(v) => {
             return Err(named(Invalid::new(
                 at("hostname"),
-                format!("{v} is not a host name"),
+                format!("{} is not a host name", cut_json(&v)),
             )));
         }
     };
     if hostname.len() > 63 {
         return Err(named(Invalid::new(
             at("hostname"),
-            format!("{hostname:.20?}... is longer than a host name's 63 characters"),
+            format!(
+                "{} is longer than a host name's 63 characters",
+                cut(&hostname)
+            ),
         )));
     }
     vars.hostname = Some(hostname.clone());
@@ -453,6 +474,24 @@ fn named_tables(a: &[Value]) -> bool {
         .all(|v| v.get("name").is_some_and(Value::is_string))
 }
 
+/// `s` for an error message: quoted, and cut to its first 48 characters (a plan's values may
+/// be megabytes long, and a thousand bad entries must not make a gigabyte of messages).
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(48) {
+        None => format!("{s:?}"),
+        Some((at, _)) => format!("{:?}...", &s[..at]),
+    }
+}
+
+/// A plan's value for an error message, as JSON, cut like [`cut`].
+fn cut_json(v: &Value) -> String {
+    let t = v.to_string();
+    match t.char_indices().nth(48) {
+        None => t,
+        Some((at, _)) => format!("{}...", &t[..at]),
+    }
+}
+
 /// What a template may name: `{index}` always, `{name}` once the volume's name is made,
 /// `{hostname}` once the host name is.
 #[derive(Debug, Clone, Default)]
@@ -518,15 +557,17 @@ pub fn fill(t: &str, vars: &Vars) -> Result<String, String> {
         }
         if c == b'}' {
             return Err(format!(
-                "{t:?}: a '}}' closes no template (write '}}}}' for a brace)"
+                "{}: a '}}' closes no template (write '}}}}' for a brace)",
+                cut(t)
             ));
         }
         let Some(end) = after.find('}') else {
             return Err(format!(
-                "{t:?}: a '{{' opens a template that never closes (write '{{{{' for a brace)"
+                "{}: a '{{' opens a template that never closes (write '{{{{' for a brace)",
+                cut(t)
             ));
         };
-        out.push_str(&one(&after[..end], vars).map_err(|e| format!("{t:?}: {e}"))?);
+        out.push_str(&one(&after[..end], vars).map_err(|e| format!("{}: {e}", cut(t)))?);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -543,7 +584,7 @@ fn one(spec: &str, vars: &Vars) -> Result<String, String> {
                  {index%256:02x}), {name} and {hostname}; write '{{' for a brace";
     let text = |v: &Option<String>, what: &str| -> Result<String, String> {
         if format.is_some() {
-            return Err(format!("{{{spec}}}: only {{index}} takes a format"));
+            return Err(format!("{{{}}}: only {{index}} takes a format", cut(spec)));
         }
         v.clone()
             .ok_or_else(|| format!("{{{what}}} cannot be used here (it is not made yet)"))
@@ -555,34 +596,36 @@ fn one(spec: &str, vars: &Vars) -> Result<String, String> {
     }
     let offset = var
         .strip_prefix("index")
-        .ok_or_else(|| format!("{{{spec}}}: unknown; {known}"))?;
+        .ok_or_else(|| format!("{{{}}}: unknown; {known}", cut(spec)))?;
     // Arithmetic, left to right: `+N`, `-N`, `*N`, `/N`, `%N`.
     let mut value = i128::from(vars.index);
     let mut ops = offset;
     while let Some(op) = ops.chars().next() {
-        let digits = ops[1..]
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or(&ops[1..], |end| &ops[1..1 + end]);
-        if !"+-*/%".contains(op) || digits.is_empty() {
-            return Err(format!("{{{spec}}}: unknown; {known}"));
+        if !"+-*/%".contains(op) {
+            return Err(format!("{{{}}}: unknown; {known}", cut(spec)));
         }
+        let rest = &ops[1..]; // `op` is one of five ASCII characters
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let digits = &rest[..end];
         let n = i128::from(
             digits
                 .parse::<u32>()
-                .map_err(|_| format!("{{{spec}}}: {digits} is too large"))?,
+                .map_err(|_| format!("{{{}}}: {op} takes a whole number below 2^32", cut(spec)))?,
         );
         value = match op {
-            '+' => value + n,
-            '-' => value - n,
-            '*' => value * n,
-            _ if n == 0 => return Err(format!("{{{spec}}}: a division by zero")),
-            '/' => value / n,
-            _ => value % n,
-        };
-        ops = &ops[1 + digits.len()..];
+            '+' => value.checked_add(n),
+            '-' => value.checked_sub(n),
+            '*' => value.checked_mul(n),
+            '/' => value.checked_div(n),
+            _ => value.checked_rem(n),
+        }
+        .ok_or_else(|| format!("{{{}}}: too large, or a division by zero", cut(spec)))?;
+        ops = &rest[end..];
     }
     let value = u64::try_from(value)
-        .map_err(|_| format!("{{{spec}}} is below zero for index {}", vars.index))?;
+        .map_err(|_| format!("{{{}}} is out of range for index {}", cut(spec), vars.index))?;
     let Some(f) = format else {
         return Ok(value.to_string());
     };
@@ -595,7 +638,8 @@ fn one(spec: &str, vars: &Vars) -> Result<String, String> {
     };
     if !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 2 {
         return Err(format!(
-            "{{{spec}}}: the format is a width and x or X for hexadecimal (e.g. :03, :02x)"
+            "{{{}}}: the format is a width and x or X for hexadecimal (e.g. :03, :02x)",
+            cut(spec)
         ));
     }
     let width: usize = if digits.is_empty() {
@@ -717,6 +761,9 @@ dhcp4 = true
             "{index:123}",
             "{index+}",
             "{index/0}",
+            "{indexé}",
+            "{index+1é}",
+            "{index*4294967295*4294967295*4294967295*4294967295*4294967295}",
             "{index%}",
             "{index^2}",
             "{index+99999999999}",

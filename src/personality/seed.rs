@@ -20,21 +20,28 @@ pub fn image(docs: &NoCloud) -> io::Result<Vec<u8>> {
             .fat_type(fatfs::FatType::Fat12)
             .volume_label(*b"CIDATA     "),
     )?;
-    {
-        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
-        for (name, text) in [
-            ("meta-data", &docs.meta_data),
-            ("user-data", &docs.user_data),
-            ("network-config", &docs.network_config),
-        ] {
-            let mut f = fs.root_dir().create_file(name)?;
-            f.truncate()?;
-            f.write_all(text.as_bytes())?;
-            f.flush()?;
-        }
-        fs.unmount()?;
-    }
+    write_documents(&mut disk, docs)?;
     Ok(disk.into_inner())
+}
+
+/// Writes (or replaces) the three documents in the root of the FAT file system on `disk`,
+/// leaving anything else there as it is.
+pub fn write_documents<T: io::Read + io::Write + io::Seek>(
+    disk: T,
+    docs: &NoCloud,
+) -> io::Result<()> {
+    let fs = fatfs::FileSystem::new(disk, fatfs::FsOptions::new())?;
+    for (name, text) in [
+        ("meta-data", &docs.meta_data),
+        ("user-data", &docs.user_data),
+        ("network-config", &docs.network_config),
+    ] {
+        let mut f = fs.root_dir().create_file(name)?;
+        f.truncate()?;
+        f.write_all(text.as_bytes())?;
+        f.flush()?;
+    }
+    fs.unmount()
 }
 
 #[cfg(test)]

@@ -741,13 +741,25 @@ impl Pool {
         let err = || io_err(format!("redeploying volume {name:?}"));
         let (staged, cleanup, entry) = self.stage_volume(name, Some(image), size, files, edit)?;
         let live = Path::new("volumes").join(name);
+        // Each path has one commit point; what follows it cannot undo the redeploy, so a
+        // failure there is logged (and finished at the next open), not returned as if nothing
+        // had happened.
+        let after = |what: &str, r: io::Result<()>| {
+            if let Err(e) = r {
+                tracing::error!(volume = name, "redeploy done, but {what}: {e}");
+            }
+        };
         match keep_as {
             None => {
                 self.dir.exchange(&staged, &live).map_err(err())?;
-                self.dir.sync_dir(Path::new("volumes")).map_err(err())?;
                 // The old volume is in the staging directory now: gone at the next open if
                 // this stops here.
-                self.dir.sync_dir(Path::new(".staging")).map_err(err())?;
+                after(
+                    "syncing the pool's directories failed",
+                    self.dir
+                        .sync_dir(Path::new("volumes"))
+                        .and_then(|()| self.dir.sync_dir(Path::new(".staging"))),
+                );
                 drop(cleanup);
             }
             Some(keep) => {
@@ -766,20 +778,38 @@ impl Pool {
                 self.dir
                     .rename(&live, &Path::new("volumes").join(keep), true)
                     .map_err(err())?;
-                self.dir.sync_dir(Path::new("volumes")).map_err(err())?;
                 // From here a crash is finished at open: the note names both.
                 cleanup.disarm();
-                self.publish(&staged, "volumes", name)?;
-                self.finish_redeploy(name, keep).map_err(err())?;
+                let published = self
+                    .dir
+                    .sync_dir(Path::new("volumes"))
+                    .and_then(|()| self.dir.rename(&staged, &live, true))
+                    .and_then(|()| self.dir.sync_dir(Path::new("volumes")))
+                    .and_then(|()| self.dir.sync_dir(Path::new(".staging")));
+                let mut c = self.catalog.lock();
+                let mut old = c.volumes.remove(name).expect("checked above");
+                old.name = keep.to_owned();
+                c.volumes.insert(keep.to_owned(), old);
+                if let Err(e) = published {
+                    // The old volume is `keep` now; the new one is published at the next open.
+                    return Err(err()(io::Error::new(
+                        e.kind(),
+                        format!("{e} (the node finishes it at its next start)"),
+                    )));
+                }
+                c.volumes.insert(name.to_owned(), entry.clone());
+                drop(c);
+                after(
+                    "setting the kept volume's personality aside failed",
+                    self.finish_redeploy(name, keep),
+                );
+                return Ok(entry);
             }
         }
-        let mut c = self.catalog.lock();
-        if let Some(keep) = keep_as {
-            let mut old = c.volumes.remove(name).expect("checked above");
-            old.name = keep.to_owned();
-            c.volumes.insert(keep.to_owned(), old);
-        }
-        c.volumes.insert(name.to_owned(), entry.clone());
+        self.catalog
+            .lock()
+            .volumes
+            .insert(name.to_owned(), entry.clone());
         Ok(entry)
     }
 
