@@ -254,6 +254,8 @@ impl Node {
                 resolved,
             ));
         }
+        self.personality_changes_here(name)
+            .map_err(|e| e.to_string())?;
         // Refused now, not halfway through the plan, if its seed inside cannot be rewritten.
         let inside = self.cidata_of_volume(name).map_err(|e| e.to_string())?;
         if let Some(why) = self.seed_rewrite_refusal(name, inside.as_deref()) {
@@ -284,7 +286,9 @@ impl Node {
             DeployAction::Update => {
                 let _busy = self.busy("volume", name)?;
                 let p = step.prepared.expect("an update has a personality");
-                self.store_personality(name, p)
+                self.store_personality(name, p)?;
+                self.share_personality(name);
+                Ok(())
             }
             DeployAction::Refused | DeployAction::Failed => {
                 unreachable!("only good servers are applied")

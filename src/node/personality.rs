@@ -94,6 +94,7 @@ impl Node {
         let _busy = self.busy("volume", name)?;
         let _one_at_a_time = self.personalities.lock();
         self.pool.volume(name)?;
+        self.personality_changes_here(name)?;
         match personality {
             None => {
                 self.pool.set_personality(name, None)?;
@@ -104,6 +105,7 @@ impl Node {
                 self.store_personality(name, prepared)?;
             }
         }
+        self.share_personality(name);
         self.volume_info(name)
     }
 
@@ -456,4 +458,132 @@ fn hand_out(
         }
     }
     Ok(())
+}
+
+// ---- personalities of pair volumes -------------------------------------------------------
+
+impl Node {
+    /// Sends pair volume `name`'s personality record (or its absence) to the peer's replica.
+    pub(super) fn send_personality(
+        &self,
+        name: &str,
+        id: u32,
+        record: Option<&[u8]>,
+    ) -> Result<(), NodeError> {
+        let record = record
+            .map(|r| String::from_utf8(r.to_vec()))
+            .transpose()
+            .map_err(|_| {
+                NodeError::Io(format!("volume {name:?}'s personality record is not text"))
+            })?;
+        let req = crate::peer::control::ControlRequest::SetPersonality {
+            name: name.to_owned(),
+            id,
+            record,
+        }
+        .try_encode()
+        .map_err(|e| NodeError::Invalid(format!("volume {name:?}'s personality: {e}")))?;
+        self.peer_control_pub(&req).map(drop)
+    }
+
+    /// After this node changed the personality of volume `name`: if it is a pair volume this
+    /// node owns, the peer's replica gets it too; if the peer cannot be told now, it is told by
+    /// the resync thread once the link is up (`share_personalities`).
+    pub(super) fn share_personality(&self, name: &str) {
+        let Ok(Some(local)) = self.pair_record(name) else {
+            return;
+        };
+        if !self.pair_volumes.mirrors.lock().contains_key(name) {
+            return; // not the owner: the owner's record is the one that counts
+        }
+        let record = match self.pool.personality_record(name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(volume = name, "personality not sent to the peer: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.send_personality(name, local.id, record.as_deref()) {
+            tracing::warn!(volume = name, "personality not sent to the peer yet: {e}");
+            self.pair_volumes
+                .personality_pending
+                .lock()
+                .insert(name.to_owned());
+        }
+    }
+
+    /// Refused when `name` is a pair volume the peer owns: its owner's record is the one both
+    /// nodes keep.
+    pub(super) fn personality_changes_here(&self, name: &str) -> Result<(), NodeError> {
+        if self.pair_record(name)?.is_some() && !self.pair_volumes.mirrors.lock().contains_key(name)
+        {
+            return Err(NodeError::InUse(format!(
+                "volume {name:?} is a pair volume this node does not own: change its \
+                 personality on its owner (`streamer pair status` names it), which sends it here"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends the personalities the peer may have missed (resync thread, link up).
+    pub(super) fn share_personalities(&self) {
+        let pending: Vec<String> =
+            std::mem::take(&mut *self.pair_volumes.personality_pending.lock())
+                .into_iter()
+                .collect();
+        for name in pending {
+            self.share_personality(&name);
+        }
+    }
+
+    /// Every volume this node owns is sent again (the link came up: the peer may have been
+    /// away, or replaced).
+    pub(super) fn personalities_pending_all(&self) {
+        let owned: Vec<String> = self.pair_volumes.mirrors.lock().keys().cloned().collect();
+        self.pair_volumes.personality_pending.lock().extend(owned);
+    }
+
+    /// The owner of pair volume `name` sends its personality record: kept beside this node's
+    /// replica (checked like any outside input), its seed exported here too.
+    pub(super) fn set_replica_personality(
+        &self,
+        name: &str,
+        id: u32,
+        record: Option<&str>,
+    ) -> Result<(), NodeError> {
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::NotFound(format!("no pair volume {name:?} here")))?;
+        if local.id != id {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} here is pair volume {}, not {id}",
+                local.id
+            )));
+        }
+        if self.pair_volumes.mirrors.lock().contains_key(name) {
+            return Err(NodeError::InUse(format!(
+                "this node owns volume {name:?}: its personality is changed here"
+            )));
+        }
+        let _one_at_a_time = self.personalities.lock();
+        match record {
+            None => {
+                self.pool.set_personality(name, None)?;
+                self.withdraw_seed(name);
+            }
+            Some(text) => {
+                let p: Personality = serde_json::from_str(text)
+                    .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+                p.validate()
+                    .map_err(|e| NodeError::Invalid(format!("personality: {e}")))?;
+                if text.len() > MAX_RECORD_BYTES {
+                    return Err(NodeError::Invalid("personality: too large".into()));
+                }
+                self.pool.set_personality(name, Some(text.as_bytes()))?;
+                self.serve_seed_of(name, &p)?;
+            }
+        }
+        tracing::info!(volume = name, "personality from the owner kept");
+        Ok(())
+    }
 }

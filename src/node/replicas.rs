@@ -59,6 +59,9 @@ pub(super) struct PairVolumes {
     pub not_adopted: Mutex<BTreeMap<String, String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
+    /// Owned volumes whose personality the peer may not have (a send failed, or the link was
+    /// down): sent again by the resync thread while the link is up.
+    pub personality_pending: Mutex<std::collections::BTreeSet<String>>,
 }
 
 use crate::peer::control::ControlRequest as Control;
@@ -104,6 +107,9 @@ impl Replicas for ReplicaService {
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
             Control::FlushReplica { name } => node.flush_replica(&name),
             Control::BecameOwner { name } => node.became_owner(&name),
+            Control::SetPersonality { name, id, record } => {
+                node.set_replica_personality(&name, id, record.as_deref())
+            }
             Control::DeleteImage { name } => {
                 let gone = match node.delete_image_here(&name) {
                     Ok(()) => Ok(()),
@@ -535,7 +541,11 @@ impl Node {
             return Err(e.into());
         }
         let req = Control::CreateReplica { name: name.into() }.encode();
-        let made = self.peer_control(&req);
+        let made = self.peer_control(&req).and_then(|_| match personality {
+            // The personality goes with the replica, before the volume is ready.
+            Some(p) => self.send_personality(name, rec.id, Some(p)),
+            None => Ok(()),
+        });
         let done = made.and_then(|_| cluster.set_volume_ready(name, &rec).map_err(pair_err));
         if let Err(e) = done {
             let del = Control::DeleteReplica {

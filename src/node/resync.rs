@@ -59,6 +59,7 @@ impl Node {
             .name("streamer-resync".into())
             .spawn(move || {
                 let mut round = 0u64;
+                let mut was_up = false;
                 loop {
                     std::thread::sleep(Duration::from_secs(1));
                     round += 1;
@@ -70,8 +71,17 @@ impl Node {
                     }
                     node.check_ownership();
                     node.resync_degraded();
+                    // The peer may have missed personalities while the link was down.
+                    let up = node.link_up();
+                    if up && !was_up {
+                        node.personalities_pending_all();
+                    }
+                    was_up = up;
+                    if up {
+                        node.share_personalities();
+                    }
                     // Images the peer lacks (it was away when they were imported) go to it.
-                    if round.is_multiple_of(5) && node.link_up() {
+                    if round.is_multiple_of(5) && up {
                         node.share_missing_images();
                         node.adopt_volumes();
                     }

@@ -32,6 +32,14 @@ pub enum ControlRequest {
     FlushReplica { name: String },
     /// `volume move`: this node owns `name` now: serve it as its owner.
     BecameOwner { name: String },
+    /// The owner's personality record of pair volume `name` (volume `id`), compact JSON, or
+    /// none: kept beside this node's replica, its seed served here too, so the volume keeps its
+    /// personality when this node takes it over.
+    SetPersonality {
+        name: String,
+        id: u32,
+        record: Option<String>,
+    },
     /// End every data link from the sender and answer once none applies frames any more.
     FenceDataLinks,
 }
@@ -46,6 +54,18 @@ pub struct ImageRequest {
 }
 
 impl ControlRequest {
+    /// Encodes a request that may not fit a CONTROL payload (one carrying a record).
+    pub fn try_encode(&self) -> Result<Vec<u8>, String> {
+        let b = serde_json::to_vec(self).expect("a request serialises");
+        if b.len() > MAX_CONTROL_BYTES {
+            return Err(format!(
+                "{} bytes, more than a control request's {MAX_CONTROL_BYTES}",
+                b.len()
+            ));
+        }
+        Ok(b)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let b = serde_json::to_vec(self).expect("a request serialises");
         assert!(
@@ -62,6 +82,18 @@ impl ControlRequest {
 }
 
 impl ImageRequest {
+    /// Encodes a request that may not fit a CONTROL payload (one carrying a record).
+    pub fn try_encode(&self) -> Result<Vec<u8>, String> {
+        let b = serde_json::to_vec(self).expect("a request serialises");
+        if b.len() > MAX_CONTROL_BYTES {
+            return Err(format!(
+                "{} bytes, more than a control request's {MAX_CONTROL_BYTES}",
+                b.len()
+            ));
+        }
+        Ok(b)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a request serialises")
     }
@@ -98,9 +130,21 @@ mod tests {
                 blocks: 9,
             },
             ControlRequest::FenceDataLinks,
+            ControlRequest::SetPersonality {
+                name: "v".into(),
+                id: 4,
+                record: Some(r#"{"hostname":"h"}"#.into()),
+            },
         ] {
             assert_eq!(ControlRequest::decode(&r.encode()), Ok(r));
         }
+        // A record too large for a control request is an error, not a panic.
+        let big = ControlRequest::SetPersonality {
+            name: "v".into(),
+            id: 4,
+            record: Some("x".repeat(MAX_CONTROL_BYTES)),
+        };
+        assert!(big.try_encode().unwrap_err().contains("more than"));
         assert!(ControlRequest::decode(br#"{"op":"format_disk"}"#).is_err());
         assert!(ControlRequest::decode(br#"{"op":"create_replica","name":"v","x":1}"#).is_err());
         assert!(decode_checksums(b"[1,2]", 3).is_err());
