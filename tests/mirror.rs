@@ -1256,3 +1256,41 @@ fn a_pair_volumes_personality_is_on_both_nodes_and_survives_a_promotion() {
     assert_eq!(seed_host(&b, "b3"), "srv-4");
     b.server.stop();
 }
+
+/// `volume resize` of a pair volume on its owner grows both copies and the etcd record: new
+/// connections on either node see the new size, and writes past the old end are mirrored. The
+/// other node refuses to resize it.
+#[test]
+fn a_pair_volume_grows_on_both_nodes() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-grow");
+    let (a, b) = pair_with_image(&etcd, &scratch);
+    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    let e = cli_fails(&b, &["volume", "resize", "v1", "32M"]);
+    assert!(e.contains("owned by node a: resize it there"), "{e}");
+    cli(&a, &["volume", "resize", "v1", "32M"]);
+    for n in [&a, &b] {
+        let v: serde_json::Value =
+            serde_json::from_str(&cli(n, &["volume", "show", "v1", "--json"])).unwrap();
+        assert_eq!(v["size"], 32 << 20, "{v}");
+        let info = stdout(&run("nbdinfo", &["--size", &n.server.uri("v1")]));
+        assert_eq!(info.trim(), (32u64 << 20).to_string());
+    }
+    // Past the old end, through the owner: on both copies.
+    let code = "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+                h.pwrite(b'\\x5a' * (4 << 20), 24 << 20); h.flush(); print('ok')\n";
+    assert_eq!(
+        stdout(&run("/usr/bin/python3", &["-c", code, &a.server.uri("v1")])).trim(),
+        "ok"
+    );
+    let out = cli(&a, &["volume", "verify", "v1"]);
+    assert!(out.contains("identical"), "{out}");
+    assert!(
+        contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
+        "the copies differ after writes past the old end"
+    );
+    let e = cli_fails(&a, &["volume", "resize", "v1", "16M"]);
+    assert!(e.contains("only grow"), "{e}");
+    a.server.stop();
+    b.server.stop();
+}

@@ -486,6 +486,44 @@ impl Cluster {
 impl Cluster {
     /// Hands volume `name` to node `to` with the next fencing token, while the record is still
     /// `current` and the peer's replica is in sync (no stale record).
+    /// Records pair volume `name` as `size` bytes, if its record is still `current` and the
+    /// other node's copy is not recorded stale (both copies grew).
+    pub fn resize_record(
+        &self,
+        name: &str,
+        current: &VolumeRecord,
+        other: &str,
+        size: u64,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let vkey = self.volume_key(name);
+        let theirs = self.replica_key(name, other);
+        let grown = VolumeRecord {
+            size,
+            ..current.clone()
+        };
+        let expected = serde_json::to_vec(current).expect("a record serialises");
+        let txn = Txn::new()
+            .when([
+                Compare::value(vkey.clone(), CompareOp::Equal, expected),
+                Compare::create_revision(theirs, CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                vkey,
+                serde_json::to_vec(&grown).expect("a record serialises"),
+                None,
+            )]);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            if client.txn(txn).await?.succeeded() {
+                Ok(grown)
+            } else {
+                Err(ClusterError::Contended)
+            }
+        });
+        self.note(&result);
+        result
+    }
+
     pub fn move_record(
         &self,
         name: &str,

@@ -887,13 +887,17 @@ impl Node {
     /// Grows a volume; connected clients keep the old size, new connections see the new one.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, NodeError> {
         let _busy = self.busy("volume", name)?;
-        // Both copies would have to grow together, and the etcd record with them.
-        if let Some(r) = self.pair_record(name)? {
-            return Err(NodeError::Invalid(format!(
-                "volume {name:?} belongs to pair {}: growing a pair volume is not built yet",
-                r.pair
-            )));
+        // Both copies grow together, and the etcd record with them (`grow_pair_volume`).
+        if self.pair_record(name)?.is_some() {
+            self.grow_pair_volume(name, size)?;
         }
+        self.grow_here(name, size)?;
+        self.volume_info(name)
+    }
+
+    /// Grows this node's copy of volume `name`: served, its connected clients keep the old
+    /// size and new connections see the new one.
+    fn grow_here(&self, name: &str, size: u64) -> Result<(), NodeError> {
         let t = self.served.lock().volumes.get(name).cloned();
         match t {
             Some(t) => {
@@ -907,7 +911,7 @@ impl Node {
                 self.pool.resize_volume(name, size)?;
             }
         }
-        self.volume_info(name)
+        Ok(())
     }
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), NodeError> {
@@ -922,7 +926,8 @@ impl Node {
             && self.pair.lock().is_none()
         {
             return Err(NodeError::Invalid(format!(
-                "volume {name:?} is not served ({why}); a pair volume is deleted from its pair                  (pair {})",
+                "volume {name:?} is not served ({why}); a pair volume is deleted from its pair \
+                 (pair {})",
                 local.pair
             )));
         }

@@ -203,6 +203,69 @@ impl Node {
     /// are committed, etcd names `to` the owner with the next token, this node serves the
     /// volume as a replica and `to` as its owner. Clients here are disconnected (they
     /// reconnect to `to`).
+    /// `volume resize` of a pair volume, on its owner while the other copy is in sync: the
+    /// peer's replica grows first (so it takes writes past the old end), then the etcd record,
+    /// then the caller grows this node's copy. A failure between leaves the peer's copy larger
+    /// than the owner's, which nothing writes past; resizing again finishes it.
+    pub(super) fn grow_pair_volume(&self, name: &str, size: u64) -> Result<(), NodeError> {
+        let (local, cluster, me, rec) = self.pair_context(name)?;
+        let m = self.pair_volumes.mirrors.lock().get(name).cloned();
+        let Some(m) = m.filter(|_| rec.owner == me) else {
+            return Err(NodeError::InUse(format!(
+                "volume {name:?} is owned by node {}: resize it there",
+                rec.owner
+            )));
+        };
+        if !matches!(m.peer_state(), crate::target::PeerState::InSync) {
+            return Err(NodeError::InUse(format!(
+                "the other copy of {name:?} is not in sync (see `pair status`): both copies \
+                 grow together, so not before its resync ends"
+            )));
+        }
+        if size < rec.size {
+            return Err(NodeError::Invalid(format!(
+                "volumes only grow: {size} is smaller than the current {}",
+                rec.size
+            )));
+        }
+        let peer = cluster
+            .peer()
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::Invalid("the pair has no other node".into()))?;
+        let req = crate::peer::control::ControlRequest::GrowReplica {
+            name: name.to_owned(),
+            id: local.id,
+            size,
+        }
+        .encode();
+        self.peer_control_pub(&req)
+            .map_err(|e| NodeError::Io(format!("growing node {}'s copy: {e}", peer.name)))?;
+        cluster
+            .resize_record(name, &rec, &peer.name, size)
+            .map_err(etcd)?;
+        Ok(())
+    }
+
+    /// The owner grows pair volume `name` (volume `id`): this node's replica first.
+    pub(super) fn grow_replica(&self, name: &str, id: u32, size: u64) -> Result<(), NodeError> {
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::NotFound(format!("no pair volume {name:?} here")))?;
+        if local.id != id {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} here is pair volume {}, not {id}",
+                local.id
+            )));
+        }
+        if self.pair_volumes.mirrors.lock().contains_key(name) {
+            return Err(NodeError::InUse(format!(
+                "this node owns volume {name:?}: it is resized here"
+            )));
+        }
+        let _busy = self.busy("volume", name)?;
+        self.grow_here(name, size)
+    }
+
     pub fn move_volume(&self, name: &str, to: &str) -> Result<(), NodeError> {
         let (cluster, me) = self
             .this_node()

@@ -107,6 +107,7 @@ impl Replicas for ReplicaService {
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
             Control::FlushReplica { name } => node.flush_replica(&name),
             Control::BecameOwner { name } => node.became_owner(&name),
+            Control::GrowReplica { name, id, size } => node.grow_replica(&name, id, size),
             Control::SetPersonality { name, id, record } => {
                 node.set_replica_personality(&name, id, record.as_deref())
             }

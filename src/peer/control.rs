@@ -32,6 +32,9 @@ pub enum ControlRequest {
     FlushReplica { name: String },
     /// `volume move`: this node owns `name` now: serve it as its owner.
     BecameOwner { name: String },
+    /// `volume resize` on the owner: grow this node's replica of `name` (volume `id`) to
+    /// `size` bytes, before the owner grows its own copy.
+    GrowReplica { name: String, id: u32, size: u64 },
     /// The owner's personality record of pair volume `name` (volume `id`), compact JSON, or
     /// none: kept beside this node's replica, its seed served here too, so the volume keeps its
     /// personality when this node takes it over.
@@ -134,6 +137,11 @@ mod tests {
                 name: "v".into(),
                 id: 4,
                 record: Some(r#"{"hostname":"h"}"#.into()),
+            },
+            ControlRequest::GrowReplica {
+                name: "v".into(),
+                id: 4,
+                size: 1 << 30,
             },
         ] {
             assert_eq!(ControlRequest::decode(&r.encode()), Ok(r));
