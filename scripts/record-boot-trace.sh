@@ -28,7 +28,7 @@ nbdkit -f -U "$work/proxy.sock" --filter=log nbd socket="$work/nbd.sock" export=
     logfile="$work/nbd.log" >"$work/nbdkit.log" 2>&1 &
 proxy=$!
 for _ in $(seq 100); do [ -S "$work/proxy.sock" ] && break; sleep 0.1; done
-timeout -k 5 400 qemu-system-x86_64 -m 512 -smp 1 -display none -no-reboot \
+timeout -k 5 400 qemu-system-x86_64 -m 512 -smp 1 -display none -no-reboot -nic none \
     -serial "file:$work/console.log" -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
     -append "console=ttyS0 root=/dev/vda rw quiet modprobe.blacklist=floppy" \
     -drive "file=nbd+unix:///?socket=$work/proxy.sock,format=raw,if=virtio"
