@@ -495,33 +495,11 @@ impl Cluster {
         other: &str,
         size: u64,
     ) -> Result<VolumeRecord, ClusterError> {
-        let vkey = self.volume_key(name);
-        let theirs = self.replica_key(name, other);
         let grown = VolumeRecord {
             size,
             ..current.clone()
         };
-        let expected = serde_json::to_vec(current).expect("a record serialises");
-        let txn = Txn::new()
-            .when([
-                Compare::value(vkey.clone(), CompareOp::Equal, expected),
-                Compare::create_revision(theirs, CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(
-                vkey,
-                serde_json::to_vec(&grown).expect("a record serialises"),
-                None,
-            )]);
-        let mut client = self.client.clone();
-        let result = self.rt.block_on(async move {
-            if client.txn(txn).await?.succeeded() {
-                Ok(grown)
-            } else {
-                Err(ClusterError::Contended)
-            }
-        });
-        self.note(&result);
-        result
+        self.replace_record_in_sync(name, current, other, grown)
     }
 
     pub fn move_record(
@@ -530,13 +508,25 @@ impl Cluster {
         current: &VolumeRecord,
         to: &str,
     ) -> Result<VolumeRecord, ClusterError> {
-        let vkey = self.volume_key(name);
-        let theirs = self.replica_key(name, to);
         let moved = VolumeRecord {
             owner: to.to_owned(),
             token: current.token + 1,
             ..current.clone()
         };
+        self.replace_record_in_sync(name, current, to, moved)
+    }
+
+    /// Replaces volume `name`'s record by `new` if it is still `current` and node `other`'s
+    /// copy is not recorded stale (its replica record is absent).
+    fn replace_record_in_sync(
+        &self,
+        name: &str,
+        current: &VolumeRecord,
+        other: &str,
+        new: VolumeRecord,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let vkey = self.volume_key(name);
+        let theirs = self.replica_key(name, other);
         let expected = serde_json::to_vec(current).expect("a record serialises");
         let txn = Txn::new()
             .when([
@@ -545,13 +535,13 @@ impl Cluster {
             ])
             .and_then([TxnOp::put(
                 vkey,
-                serde_json::to_vec(&moved).expect("a record serialises"),
+                serde_json::to_vec(&new).expect("a record serialises"),
                 None,
             )]);
         let mut client = self.client.clone();
         let result = self.rt.block_on(async move {
             if client.txn(txn).await?.succeeded() {
-                Ok(moved)
+                Ok(new)
             } else {
                 Err(ClusterError::Contended)
             }

@@ -512,6 +512,31 @@ impl Node {
         }
     }
 
+    /// Whether the peer may change this node's copy of pair volume `name`: it is volume `id`
+    /// here, and this node does not own it (else `why_not`).
+    pub(super) fn peer_may_change(
+        &self,
+        name: &str,
+        id: u32,
+        why_not: &str,
+    ) -> Result<(), NodeError> {
+        let local = self
+            .pair_record(name)?
+            .ok_or_else(|| NodeError::NotFound(format!("no pair volume {name:?} here")))?;
+        if local.id != id {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} here is pair volume {}, not {id}",
+                local.id
+            )));
+        }
+        if self.pair_volumes.mirrors.lock().contains_key(name) {
+            return Err(NodeError::InUse(format!(
+                "this node owns volume {name:?}: {why_not}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Refused when `name` is a pair volume the peer owns: its owner's record is the one both
     /// nodes keep.
     pub(super) fn personality_changes_here(&self, name: &str) -> Result<(), NodeError> {
@@ -551,20 +576,7 @@ impl Node {
         id: u32,
         record: Option<&str>,
     ) -> Result<(), NodeError> {
-        let local = self
-            .pair_record(name)?
-            .ok_or_else(|| NodeError::NotFound(format!("no pair volume {name:?} here")))?;
-        if local.id != id {
-            return Err(NodeError::Invalid(format!(
-                "volume {name:?} here is pair volume {}, not {id}",
-                local.id
-            )));
-        }
-        if self.pair_volumes.mirrors.lock().contains_key(name) {
-            return Err(NodeError::InUse(format!(
-                "this node owns volume {name:?}: its personality is changed here"
-            )));
-        }
+        self.peer_may_change(name, id, "its personality is changed here")?;
         let _one_at_a_time = self.personalities.lock();
         match record {
             None => {

@@ -248,20 +248,7 @@ impl Node {
 
     /// The owner grows pair volume `name` (volume `id`): this node's replica first.
     pub(super) fn grow_replica(&self, name: &str, id: u32, size: u64) -> Result<(), NodeError> {
-        let local = self
-            .pair_record(name)?
-            .ok_or_else(|| NodeError::NotFound(format!("no pair volume {name:?} here")))?;
-        if local.id != id {
-            return Err(NodeError::Invalid(format!(
-                "volume {name:?} here is pair volume {}, not {id}",
-                local.id
-            )));
-        }
-        if self.pair_volumes.mirrors.lock().contains_key(name) {
-            return Err(NodeError::InUse(format!(
-                "this node owns volume {name:?}: it is resized here"
-            )));
-        }
+        self.peer_may_change(name, id, "it is resized here")?;
         let _busy = self.busy("volume", name)?;
         self.grow_here(name, size)
     }
