@@ -139,7 +139,7 @@ fn a_volume_lives_on_both_nodes_and_every_write_reaches_both() {
         "{out}"
     );
     let e = cli_fails(&b, &["volume", "verify", "v1"]);
-    assert!(e.contains("run it on the owner"), "{e}");
+    assert!(e.contains("run it on its owner"), "{e}");
 
     // Trims and zeroes travel too (python libnbd: trim, zero with and without NO_HOLE).
     let code = "import nbd, sys\n\

@@ -267,17 +267,7 @@ impl Node {
                 peer.name
             )));
         }
-        let m = self
-            .pair_volumes
-            .mirrors
-            .lock()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                NodeError::Invalid(format!(
-                    "this node does not own volume {name:?}: run it on its owner"
-                ))
-            })?;
+        let m = self.owned_mirror(name)?;
         if !matches!(m.peer_state(), crate::target::PeerState::InSync) {
             return Err(NodeError::InUse(format!(
                 "node {to}'s copy of {name:?} is not in sync (see `pair status`): it cannot \

@@ -164,6 +164,21 @@ impl Node {
             .map_err(|e| NodeError::Invalid(format!("volume {name:?}'s {PAIR_RECORD}: {e}")))
     }
 
+    /// The mirror of volume `name` when this node owns it; else a refusal that says to run
+    /// the command on the owner.
+    pub(super) fn owned_mirror(&self, name: &str) -> Result<Arc<Mirror>, NodeError> {
+        self.pair_volumes
+            .mirrors
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                NodeError::Invalid(format!(
+                    "volume {name:?} is not a pair volume this node owns: run it on its owner"
+                ))
+            })
+    }
+
     pub(super) fn this_node(&self) -> Option<(Arc<crate::cluster::Cluster>, String)> {
         let p = self.pair.lock();
         let c = p.as_ref()?.cluster.clone();

@@ -59,17 +59,7 @@ impl Node {
         job: &Job,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<VerifyInfo, NodeError> {
-        let m = self
-            .pair_volumes
-            .mirrors
-            .lock()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                NodeError::Invalid(format!(
-                    "volume {name:?} is not a pair volume this node owns: run it on the owner"
-                ))
-            })?;
+        let m = self.owned_mirror(name)?;
         let mut session = {
             let p = self.pair.lock();
             let link = p
