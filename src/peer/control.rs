@@ -69,13 +69,10 @@ impl ControlRequest {
         Ok(b)
     }
 
+    /// Encodes a request that always fits (one carrying no record).
     pub fn encode(&self) -> Vec<u8> {
-        let b = serde_json::to_vec(self).expect("a request serialises");
-        assert!(
-            b.len() <= MAX_CONTROL_BYTES,
-            "a control request within the limit"
-        );
-        b
+        self.try_encode()
+            .expect("a control request without a record within the limit")
     }
 
     /// Decodes a request from the peer: the request, or what is wrong with it.
@@ -85,18 +82,6 @@ impl ControlRequest {
 }
 
 impl ImageRequest {
-    /// Encodes a request that may not fit a CONTROL payload (one carrying a record).
-    pub fn try_encode(&self) -> Result<Vec<u8>, String> {
-        let b = serde_json::to_vec(self).expect("a request serialises");
-        if b.len() > MAX_CONTROL_BYTES {
-            return Err(format!(
-                "{} bytes, more than a control request's {MAX_CONTROL_BYTES}",
-                b.len()
-            ));
-        }
-        Ok(b)
-    }
-
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a request serialises")
     }
