@@ -16,12 +16,14 @@
 //!             the export list; blocking.rs runs a plan           directory descriptor
 //!             without a ring (the replica side)
 //!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md), the
-//!             control link and dialer (link.rs), the replica side of data links (replica.rs)
+//!             control link and dialer (link.rs), the replica side of data links (replica.rs),
+//!             the copies' generation identifiers and their verdict (generations.rs)
 //!   cluster/  the pair's shared state in etcd: members, presence, volume, replica and image
 //!             records
 //!   node/     ... and, on a pair: pair volumes on both nodes (replicas.rs), degrade and resync
-//!             threads (resync.rs), promote/move/split brain (promote.rs), verify, images on
-//!             both nodes, an existing pool joining (adopt.rs)
+//!             threads (resync.rs), promote/move/resolve (promote.rs), the copies'
+//!             generations compared (generations.rs), verify, images on both nodes, an
+//!             existing pool joining (adopt.rs)
 //!   personality/ servers' personalities as validated data, rendered for cloud-init; IP pools;
 //!             deployment plans (plan.rs), applied by node/deploy.rs
 //!   volume-format/ (own crate): every on-disk byte of images and volumes; SPEC.md beside it

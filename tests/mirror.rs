@@ -856,73 +856,188 @@ fn a_dead_owner_is_replaced_by_promotion_and_nothing_acknowledged_is_lost() {
     b.server.stop();
 }
 
-/// A partition with writes on both sides: the owner writes alone (the peer recorded stale),
-/// then dies; the stale survivor is not promoted without --force; forced, it writes too. When
-/// the old owner returns, both nodes report a split brain and nothing is merged; `volume
-/// resolve --keep b` discards a's changes and resyncs it from b.
-#[test]
-fn a_forced_promotion_and_writes_on_both_sides_are_a_split_brain_resolved_by_hand() {
-    let etcd = Etcd::start();
-    let scratch = Scratch::new("mirror-split");
-    let (a, mut b) = pair_with(&etcd, &scratch, "2", &[]);
+/// Writes 1 MiB of `byte` at `at` through `uri` and flushes.
+fn write_mib(uri: &str, byte: u8, at: u64) {
+    let code = format!(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         h.pwrite(bytes([{byte}]) * (1 << 20), {at}); h.flush(); print('ok')\n"
+    );
+    assert_eq!(
+        stdout(&run("/usr/bin/python3", &["-c", &code, uri])).trim(),
+        "ok"
+    );
+}
+
+/// The state `pair status` gives volume `name` on `node`.
+fn volume_state(node: &Node, name: &str) -> String {
+    let v = node.pair_status();
+    v["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|x| x["name"] == name))
+        .map_or_else(String::new, |x| {
+            x["state"].as_str().unwrap_or("").to_owned()
+        })
+}
+
+/// A partition with writes on both sides: the owner a writes alone (b recorded stale), then
+/// dies; the stale survivor b is not promoted without --force; forced, it writes too. When a
+/// returns, both nodes find the split brain (their copies' generations both moved on from the
+/// one they parted at) and nothing is merged or resynced. a wrote 0xaa at 1 MiB, b 0xbb at
+/// 5 MiB.
+fn split_brain(etcd: &Etcd, scratch: &Scratch) -> (Node, Node) {
+    let (a, mut b) = pair_with(etcd, scratch, "2", &[]);
     cli(&a, &["volume", "create", "v1", "--image", "g"]);
-    // b dies; a writes alone (b recorded stale); b returns, then a dies before any resync
-    // could run long (the resync is slowed to a crawl).
     kill9(&mut b.server);
-    let write = |uri: &str, byte: u8, at: u64| {
-        let code = format!(
-            "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
-             h.pwrite(bytes([{byte}]) * (1 << 20), {at}); h.flush(); print('ok')\n"
-        );
-        assert_eq!(
-            stdout(&run("/usr/bin/python3", &["-c", &code, uri])).trim(),
-            "ok"
-        );
-    };
-    write(&a.server.uri("v1"), 0xaa, 1 << 20);
+    write_mib(&a.server.uri("v1"), 0xaa, 1 << 20);
     let mut a = a;
     kill9(&mut a.server);
     // b's own presence (lease 2 s) must expire before b can start again.
     std::thread::sleep(Duration::from_secs(3));
-    let b = Node::start_with(b.dir, "b", &etcd, "2", &["--resync-rate", "1"]);
+    let b = Node::start_in(b.dir, "b", etcd, "2");
     wait_until(20, "a seen down", || {
         cluster::node_up(&b.pair_status(), "a") == Some(false)
     });
     let e = cli_fails(&b, &["volume", "promote", "v1"]);
     assert!(e.contains("copy of \"v1\" is stale"), "{e}");
     cli(&b, &["volume", "promote", "v1", "--force"]);
-    write(&b.server.uri("v1"), 0xbb, 5 << 20);
-    // a returns: it wrote alone and was deposed: split brain, not served, nothing merged.
-    let a = Node::start_with(a.dir, "a", &etcd, "2", &[]);
+    write_mib(&b.server.uri("v1"), 0xbb, 5 << 20);
+    let a = Node::start_in(a.dir, "a", etcd, "2");
     wait_until(20, "links up", || cluster::link_up(&a.pair_status()));
-    let alerts = a.alerts().join("\n");
-    assert!(alerts.contains("split brain"), "{alerts}");
-    let alerts = b.alerts().join("\n");
-    assert!(alerts.contains("promoted with --force"), "{alerts}");
-    assert!(!contents_ok(&a, "v1") || !cli(&a, &["volume", "list"]).contains("served"));
-    // The operator keeps b's data: a's changes go, a is resynced whole from b.
-    let e = cli_fails(&a, &["volume", "resolve", "v1", "--keep", "a"]);
-    assert!(e.contains("not built yet"), "{e}");
-    cli(&b, &["volume", "resolve", "v1", "--keep", "b"]);
-    let b = {
-        // The resync was slowed to a crawl for the split; let it run at full speed now.
-        let dir = b.dir;
-        b.server.stop();
-        Node::start_with(dir, "b", &etcd, "2", &[])
-    };
-    wait_until(60, "resynced", || {
-        b.alerts().iter().all(|x| !x.contains("volume v1")) && cluster::link_up(&b.pair_status())
+    // Both nodes say so, from the generations; a does not serve its copy.
+    wait_until(20, "both see the split brain", || {
+        let found = |n: &Node| {
+            n.alerts()
+                .iter()
+                .any(|x| x.contains("split brain") && x.contains("both changed since generation"))
+        };
+        found(&a) && found(&b)
     });
-    wait_until(10, "a serves reads again", || contents_ok(&a, "v1"));
-    let (ca, cb) = (
-        contents(&a, "v1", &scratch, "a"),
-        contents(&b, "v1", &scratch, "b"),
-    );
-    assert!(ca == cb, "the replicas differ after the resolve");
+    assert_eq!(volume_state(&b, "v1"), "split_brain");
+    assert_eq!(volume_state(&a, "v1"), "split_brain");
+    assert!(!contents_ok(&a, "v1"));
+    // Nothing is resynced over either side while it lasts.
+    std::thread::sleep(Duration::from_secs(3));
     assert!(
-        cb[5 << 20..6 << 20].iter().all(|&x| x == 0xbb),
-        "b's write kept"
+        !b.server.log().contains("resync started"),
+        "{}",
+        b.server.log()
     );
+    (a, b)
+}
+
+/// The ends of a resolve: both copies equal, the kept side's write there, the other's gone.
+fn resolved(a: &Node, b: &Node, owner: &Node, scratch: &Scratch, kept: (u8, u64), gone: (u8, u64)) {
+    wait_until(60, "resynced", || {
+        owner.alerts().iter().all(|x| !x.contains("volume v1"))
+            && cluster::link_up(&owner.pair_status())
+    });
+    wait_until(10, "both serve reads", || {
+        contents_ok(a, "v1") && contents_ok(b, "v1")
+    });
+    let (ca, cb) = (
+        contents(a, "v1", scratch, "a"),
+        contents(b, "v1", scratch, "b"),
+    );
+    assert!(ca == cb, "the copies differ after the resolve");
+    let range = |at: u64| &ca[at as usize..(at + (1 << 20)) as usize];
+    assert!(range(kept.1).iter().all(|&x| x == kept.0), "the kept write");
+    assert!(
+        !range(gone.1).iter().all(|&x| x == gone.0),
+        "the discarded write"
+    );
+    let out = cli(owner, &["volume", "verify", "v1"]);
+    assert!(out.contains("identical"), "{out}");
+    for n in [a, b] {
+        let alerts = n.alerts().join("\n");
+        assert!(!alerts.contains("volume v1"), "{alerts}");
+    }
+}
+
+/// `volume resolve --keep b` (the owner since the forced promotion): a's changes are
+/// discarded and its copy resynced from b.
+#[test]
+fn a_split_brain_resolved_keeping_the_new_owner() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-split-b");
+    let (a, b) = split_brain(&etcd, &scratch);
+    let e = cli_fails(&a, &["volume", "resolve", "v1", "--keep", "c"]);
+    assert!(e.contains("not in the pair"), "{e}");
+    cli(&b, &["volume", "resolve", "v1", "--keep", "b"]);
+    resolved(&a, &b, &b, &scratch, (0xbb, 5 << 20), (0xaa, 1 << 20));
+    a.server.stop();
+    b.server.stop();
+}
+
+/// `volume resolve --keep a` (the deposed side), run on b: a becomes the owner again with the
+/// next fencing token, b stops writing, its changes are discarded, its copy resynced from a.
+#[test]
+fn a_split_brain_resolved_keeping_the_deposed_side() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-split-a");
+    let (a, b) = split_brain(&etcd, &scratch);
+    cli(&b, &["volume", "resolve", "v1", "--keep", "a"]);
+    resolved(&a, &b, &a, &scratch, (0xaa, 1 << 20), (0xbb, 5 << 20));
+    // a owns it: writes there are mirrored to b again.
+    write_mib(&a.server.uri("v1"), 0xcc, 9 << 20);
+    let out = cli(&a, &["volume", "verify", "v1"]);
+    assert!(out.contains("identical"), "{out}");
+    a.server.stop();
+    b.server.stop();
+}
+
+/// Copies with no generation in common (here b's copy given another history on disk while b
+/// was stopped) are unrelated data: both nodes alert, and the owner's resync does not copy
+/// over it, until `volume resolve` picks a side. A volume that is not split has nothing to
+/// resolve.
+#[test]
+fn unrelated_copies_are_refused_until_resolved() {
+    let etcd = Etcd::start();
+    let scratch = Scratch::new("mirror-unrelated");
+    let (a, b) = pair_with(&etcd, &scratch, "2", &[]);
+    cli(&a, &["volume", "create", "v2", "--size", "16M"]);
+    let e = cli_fails(&b, &["volume", "resolve", "v2", "--keep", "a"]);
+    assert!(e.contains("not split"), "{e}");
+    let dir_b = b.dir;
+    b.server.stop();
+    write_mib(&a.server.uri("v2"), 0xcc, 0);
+    // Another history for b's copy, written with the format's own code.
+    {
+        let open = |f: &str| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir_b.path("pool/volumes/v2").join(f))
+                .unwrap();
+            volume_format::FileStorage::new(file).unwrap()
+        };
+        let mut v =
+            volume_format::Volume::open(open("volume.meta"), open("volume.data"), None).unwrap();
+        v.set_generation([0x5a; 16], false).unwrap();
+        v.close().unwrap();
+    }
+    let b = Node::start_in(dir_b, "b", &etcd, "2");
+    wait_until(20, "both see unrelated data", || {
+        a.alerts().iter().any(|x| x.contains("unrelated data"))
+            && b.alerts().iter().any(|x| x.contains("unrelated data"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!a.server.log().contains("resync started"));
+    assert_eq!(volume_state(&a, "v2"), "unrelated");
+    assert!(
+        !contents_ok(&b, "v2"),
+        "b serves reads of unrelated data: {}\n{}",
+        b.pair_status(),
+        b.server.log()
+    );
+    cli(&a, &["volume", "resolve", "v2", "--keep", "a"]);
+    wait_until(60, "resynced", || {
+        a.alerts().iter().all(|x| !x.contains("volume v2"))
+    });
+    wait_until(10, "b serves reads", || contents_ok(&b, "v2"));
+    let out = cli(&a, &["volume", "verify", "v2"]);
+    assert!(out.contains("identical"), "{out}");
+    let cb = contents(&b, "v2", &scratch, "b");
+    assert!(cb[..1 << 20].iter().all(|&x| x == 0xcc));
     a.server.stop();
     b.server.stop();
 }

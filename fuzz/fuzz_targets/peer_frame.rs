@@ -77,6 +77,13 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(control::ImageRequest::decode(&r.encode()), Ok(r));
                 }
                 let _ = control::decode_checksums(payload, payload.len() % 1025);
+                // The answer to `generations`.
+                if let Ok(g) = streamer::peer::generations::Generations::decode(payload) {
+                    assert_eq!(
+                        streamer::peer::generations::Generations::decode(&g.encode()),
+                        Ok(g)
+                    );
+                }
             }
             _ => assert_eq!(payload.len() as u64, if h.kind == Kind::Write { h.range } else { 0 }),
         }

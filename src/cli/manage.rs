@@ -164,8 +164,9 @@ enum VolumeSub {
         #[arg(long)]
         force: bool,
     },
-    /// End a split brain of a pair volume: keep NODE's data (the current owner's), discard the
-    /// other node's changes; its copy is then resynced whole from the owner.
+    /// End a split brain (or unrelated copies) of a pair volume, both nodes up: keep NODE's
+    /// copy, discard the other node's changes; NODE becomes the owner if it is not, and the
+    /// other copy is resynced whole from it.
     Resolve {
         name: String,
         #[arg(long, value_name = "NODE")]

@@ -23,6 +23,11 @@ pub struct VolumeRecord {
     pub size: u64,
     /// False while it is being created: set once both replicas exist.
     pub ready: bool,
+    /// The generation (hex) both copies start from (`peer/generations.rs`); empty in records
+    /// made before generations were kept (left out of the JSON then, so those records keep
+    /// their bytes, which every guarded change compares).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub generation: String,
 }
 
 /// The counter the next volume id comes from.
@@ -41,13 +46,16 @@ impl Cluster {
     }
 
     /// Records a new volume owned by this node (`ready: false`), with the next free id and
-    /// token 1. Refused when the pair already has a volume of that name.
+    /// token 1, whose copies start at `generation`. Refused when the pair already has a volume
+    /// of that name.
     pub fn create_volume_record(
         &self,
         name: &str,
         image: Option<&str>,
         size: u64,
+        generation: &crate::peer::generations::Generation,
     ) -> Result<VolumeRecord, ClusterError> {
+        let generation = volume_format::image::hex(generation);
         let key = self.volume_key(name);
         let counter = Self::key(&self.cfg.pair, NEXT_ID);
         let mut client = self.client.clone();
@@ -78,6 +86,7 @@ impl Cluster {
                     image: image.clone(),
                     size,
                     ready: false,
+                    generation: generation.clone(),
                 };
                 let counter_guard = if rev == 0 {
                     Compare::create_revision(counter.clone(), CompareOp::Equal, 0)
@@ -196,6 +205,10 @@ pub struct ReplicaRecord {
     /// Recorded by a forced promotion: its node may hold writes it acknowledged alone.
     #[serde(default)]
     pub forced: bool,
+    /// Recorded by `volume resolve`: this copy's changes are discarded (its node drops its
+    /// bitmap and its generation), and the owner resyncs it whole.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discard: bool,
 }
 
 impl Cluster {
@@ -253,6 +266,7 @@ impl Cluster {
             token: owned.token,
             full,
             forced: false,
+            discard: false,
         };
         let value = serde_json::to_vec(&rec).expect("a record serialises");
         let mut client = self.client.clone();
@@ -354,6 +368,7 @@ impl Cluster {
             token: promoted.token,
             full: true,
             forced: force,
+            discard: false,
         };
         let expected = serde_json::to_vec(current).expect("a record serialises");
         let mut guards = vec![Compare::value(vkey.clone(), CompareOp::Equal, expected)];
@@ -377,6 +392,72 @@ impl Cluster {
         let result = self.rt.block_on(async move {
             if client.txn(txn).await?.succeeded() {
                 Ok(promoted)
+            } else {
+                Err(ClusterError::Contended)
+            }
+        });
+        self.note(&result);
+        result
+    }
+}
+
+impl Cluster {
+    /// `volume resolve NAME --keep KEEP` (`docs/pair.md` §6): node `loser`'s copy of `name` is
+    /// recorded stale with its changes to be discarded, and `keep` is made the owner if it is
+    /// not (with the next fencing token; its own stale record goes). One transaction, guarded
+    /// by the volume record being still `current`: this is the moment the decision is made;
+    /// each node then acts on the records (the loser drops its bitmap and generation, the
+    /// owner resyncs it whole).
+    pub fn resolve_record(
+        &self,
+        name: &str,
+        current: &VolumeRecord,
+        keep: &str,
+        loser: &str,
+    ) -> Result<VolumeRecord, ClusterError> {
+        let resolved = if current.owner == keep {
+            current.clone()
+        } else {
+            VolumeRecord {
+                owner: keep.to_owned(),
+                token: current.token + 1,
+                ..current.clone()
+            }
+        };
+        let vkey = self.volume_key(name);
+        let lkey = self.replica_key(name, loser);
+        let kkey = self.replica_key(name, keep);
+        let forced = self.replica_record(name, loser)?.is_some_and(|r| r.forced);
+        let discarded = ReplicaRecord {
+            state: "stale".into(),
+            generation: String::new(),
+            since_unix: super::now_unix(),
+            by: keep.to_owned(),
+            token: resolved.token,
+            full: false,
+            forced,
+            discard: true,
+        };
+        let expected = serde_json::to_vec(current).expect("a record serialises");
+        let txn = Txn::new()
+            .when([Compare::value(vkey.clone(), CompareOp::Equal, expected)])
+            .and_then([
+                TxnOp::put(
+                    vkey,
+                    serde_json::to_vec(&resolved).expect("a record serialises"),
+                    None,
+                ),
+                TxnOp::put(
+                    lkey,
+                    serde_json::to_vec(&discarded).expect("a record serialises"),
+                    None,
+                ),
+                TxnOp::delete(kkey, None),
+            ]);
+        let mut client = self.client.clone();
+        let result = self.rt.block_on(async move {
+            if client.txn(txn).await?.succeeded() {
+                Ok(resolved)
             } else {
                 Err(ClusterError::Contended)
             }

@@ -79,8 +79,10 @@ impl Node {
             .this_node()
             .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
         let etcd = |e: crate::cluster::ClusterError| NodeError::Io(e.to_string());
+        // The peer's replica starts at this copy's generation (it is behind it, whole).
+        let generation = self.local_generations(name)?.current;
         let rec = cluster
-            .create_volume_record(name, image, size)
+            .create_volume_record(name, image, size, &generation)
             .map_err(etcd)?;
         let undo = || {
             let _ = cluster.delete_volume_record(name);

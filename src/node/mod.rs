@@ -24,6 +24,7 @@ use info::{
 
 mod adopt;
 mod deploy;
+mod generations;
 mod images;
 pub mod info;
 mod jobs;
@@ -939,6 +940,7 @@ impl Node {
             return Err(e);
         }
         self.pair_volumes.unserved.lock().remove(name);
+        self.pair_volumes.generation_problems.lock().remove(name);
         if let Err(e) = self.pool.delete_volume(name) {
             let _ = self.serve_volume(name);
             return Err(e.into());

@@ -10,24 +10,18 @@
 //! old owner acknowledged alone are then not here.
 //!
 //! Split brain: a deposed owner that comes back with bits in its peer dirty bitmap wrote alone
-//! while another node was promoted past it (only `--force` allows that). Both nodes say so
-//! (the deposed one refuses to serve the volume, the owner alerts while the forced record
-//! stands); nothing is merged. `volume resolve NAME --keep OWNER` discards the deposed node's
-//! changes: its bitmap is dropped and its copy resynced whole from the owner.
+//! while another node was promoted past it (only `--force` allows that). Both nodes say so:
+//! their copies' generations both moved on from the one they parted at (`generations.rs`), and
+//! the deposed one refuses to serve the volume even with the peer away. Nothing is merged.
+//! `volume resolve NAME --keep NODE` keeps either side: the other's changes are discarded
+//! (its bitmap and generation dropped) and its copy resynced whole from the kept one, which
+//! becomes the owner if it was not.
 
-use crate::peer::control::ControlRequest;
-use serde::{Deserialize, Serialize};
+use crate::peer::control::ControlRequest as Control;
 
 use super::{Force, Node, NodeError};
 use crate::pool::PAIR_RECORD;
 use crate::target::BlockTarget;
-
-/// CONTROL request: the owner asks the deposed node to discard its split-brain changes.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct DiscardRequest {
-    pub op: String,
-    pub name: String,
-}
 
 fn etcd(e: crate::cluster::ClusterError) -> NodeError {
     NodeError::Io(format!("the pair's records: {e}"))
@@ -130,8 +124,13 @@ impl Node {
         self.serve_volume(name)
     }
 
-    /// Ends a split brain of `name` keeping `keep`'s data. Only the owner's data can be kept
-    /// for now: the deposed node drops its changes and is resynced whole.
+    /// `volume resolve NAME --keep KEEP`: ends a split brain (or a standoff of unrelated
+    /// data) of `name` keeping node `keep`'s copy. Both nodes must be up: the copies'
+    /// generations must show the split now. One etcd transaction decides (the other copy
+    /// recorded discarded; `keep` made the owner if it is not); then the losing node drops its
+    /// changes and serves its copy as a stale replica, the keeper serves the volume as its
+    /// owner, and the resync copies every block that differs (both bitmaps' blocks among
+    /// them) from the kept copy.
     pub fn resolve_volume(&self, name: &str, keep: &str) -> Result<(), NodeError> {
         let (cluster, me) = self
             .this_node()
@@ -140,43 +139,75 @@ impl Node {
             .volume_record(name)
             .map_err(etcd)?
             .ok_or_else(|| NodeError::NotFound(format!("pair volume {name:?} has no record")))?;
-        if keep != rec.owner {
+        let peer = cluster
+            .peer()
+            .map_err(etcd)?
+            .ok_or_else(|| NodeError::Invalid("the pair has no other node".into()))?
+            .name;
+        let loser = if keep == me {
+            peer.clone()
+        } else if keep == peer {
+            me.clone()
+        } else {
             return Err(NodeError::Invalid(format!(
-                "keeping node {keep}'s data is not built yet: only the owner's ({}) can be kept; \
-                 to keep the other side, copy its volume out first (it is not served, its files \
-                 are intact)",
-                rec.owner
+                "node {keep:?} is not in the pair: its nodes are {me} and {peer}"
+            )));
+        };
+        let verdict = self.check_generations(name).map_err(|e| {
+            NodeError::InUse(format!(
+                "comparing the two copies of {name:?} needs both nodes ({e}); resolve when                  node {peer} is up"
+            ))
+        })?;
+        if !matches!(
+            verdict,
+            crate::peer::generations::Verdict::SplitBrain { .. }
+                | crate::peer::generations::Verdict::Unrelated
+        ) {
+            return Err(NodeError::Invalid(format!(
+                "volume {name:?} is not split ({verdict:?}): there is nothing to resolve"
             )));
         }
-        if rec.owner == me {
-            // The split is on the other node: it drops its changes.
-            let req = serde_json::to_vec(&DiscardRequest {
-                op: "discard_split_brain".into(),
-                name: name.into(),
-            })
-            .expect("a request serialises");
-            self.peer_control_pub(&req)?;
-            return Ok(());
+        let resolved = cluster
+            .resolve_record(name, &rec, keep, &loser)
+            .map_err(|e| match e {
+                crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
+                    "volume {name:?}'s record changed meanwhile: look again with `pair                      status` and retry"
+                )),
+                e => etcd(e),
+            })?;
+        tracing::warn!(
+            volume = name,
+            owner = %resolved.owner,
+            token = resolved.token,
+            "split brain resolved: node {keep}'s copy is kept, node {loser}'s changes are              discarded"
+        );
+        // The loser first (if it owned the volume it stops writing), then the keeper.
+        let tell = |req: Vec<u8>| self.peer_control_pub(&req).map(|_| ());
+        if loser == me {
+            self.discard_split_brain(name)?;
+        } else {
+            tell(Control::DiscardSplitBrain { name: name.into() }.encode())?;
         }
-        self.discard_split_brain(name)
+        if resolved.owner != rec.owner {
+            if keep == me {
+                self.became_owner(name)?;
+            } else {
+                tell(Control::BecameOwner { name: name.into() }.encode())?;
+            }
+        }
+        Ok(())
     }
 
-    /// This node is the deposed side of a split brain of `name`: drop the changes it made
-    /// alone (its peer dirty bitmap), record the owner's token, and serve its copy as the
-    /// stale replica the owner resyncs whole.
+    /// etcd records this node's copy of `name` discarded (`volume resolve`): served again as
+    /// what it is now, a stale replica whose changes are dropped as it is served.
     pub(super) fn discard_split_brain(&self, name: &str) -> Result<(), NodeError> {
         let _busy = self.busy("volume", name)?;
-        let (local, _, _, rec) = self.pair_context(name)?;
-        self.offline_volume(name, Force::Yes)?;
-        let mut vol = self.pool.open_volume(name)?;
-        if vol.peer_bitmap() {
-            let blocks = vol.size().div_ceil(4096);
-            vol.clear_peer_dirty(0, blocks);
-            vol.end_peer_bitmap()
-                .map_err(|e| NodeError::Io(format!("dropping the split-brain changes: {e}")))?;
+        let (local, _, me, rec) = self.pair_context(name)?;
+        if !self.is_discarded(name) || rec.owner == me {
+            return Err(NodeError::Invalid(format!(
+                "etcd does not record this node's copy of {name:?} discarded"
+            )));
         }
-        vol.close()
-            .map_err(|e| NodeError::Io(format!("closing volume {name:?}: {e}")))?;
         let record = super::replicas::PairRecord {
             token: rec.token.max(local.token),
             ..local
@@ -186,14 +217,7 @@ impl Node {
             PAIR_RECORD,
             Some(&serde_json::to_vec(&record).expect("a record serialises")),
         )?;
-        tracing::warn!(
-            volume = name,
-            "split brain resolved: this node's changes are discarded; node {} resyncs it",
-            rec.owner
-        );
-        self.pair_volumes.unserved.lock().remove(name);
-        self.served.lock().broken.remove(name);
-        self.serve_volume(name)
+        self.serve_as_recorded(name)
     }
 }
 
@@ -232,7 +256,7 @@ impl Node {
             .peer()
             .map_err(etcd)?
             .ok_or_else(|| NodeError::Invalid("the pair has no other node".into()))?;
-        let req = crate::peer::control::ControlRequest::GrowReplica {
+        let req = Control::GrowReplica {
             name: name.to_owned(),
             id: local.id,
             size,
@@ -291,7 +315,7 @@ impl Node {
         m.volume()
             .commit_now()
             .map_err(|e| NodeError::Io(e.to_string()))?;
-        let flush = ControlRequest::FlushReplica { name: name.into() }.encode();
+        let flush = Control::FlushReplica { name: name.into() }.encode();
         self.peer_control_pub(&flush)?;
         let moved = cluster.move_record(name, &rec, to).map_err(|e| match e {
             crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
@@ -313,7 +337,7 @@ impl Node {
         // Served here as a replica from now on; the new owner takes over.
         self.offline_volume(name, Force::Yes)?;
         self.serve_volume(name)?;
-        let req = ControlRequest::BecameOwner { name: name.into() }.encode();
+        let req = Control::BecameOwner { name: name.into() }.encode();
         if let Err(e) = self.peer_control_pub(&req) {
             // It finds out by itself within a second or at its next start (check_ownership
             // works both ways only for owners; a replica re-serves on its next start).
@@ -338,7 +362,8 @@ impl Node {
         t.commit_now().map_err(|e| NodeError::Io(e.to_string()))
     }
 
-    /// `volume move` on the old owner: this node owns `name` now. Served again, as its owner.
+    /// `volume move` on the old owner, or `volume resolve` keeping this node's copy: this node
+    /// owns `name` now. Served again, as its owner.
     pub(super) fn became_owner(&self, name: &str) -> Result<(), NodeError> {
         let _busy = self.busy("volume", name)?;
         let (local, _, me, rec) = self.pair_context(name)?;
@@ -357,8 +382,7 @@ impl Node {
             PAIR_RECORD,
             Some(&serde_json::to_vec(&record).expect("a record serialises")),
         )?;
-        self.offline_volume(name, Force::Yes)?;
-        self.serve_volume(name)?;
+        self.serve_as_recorded(name)?;
         tracing::info!(
             volume = name,
             token = rec.token,

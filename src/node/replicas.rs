@@ -49,7 +49,7 @@ pub(super) struct PairVolumes {
     /// Names of mirrors whose peer failed, for the degrade thread (`Node::degrade`).
     degrade_tx: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     /// Replicas recorded stale in etcd (their reads refused), by name.
-    stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
+    pub stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// The dialer's count of data links when the peer last fenced this node's links: a new
     /// fence is needed before a resync only if a link was replaced since.
     pub fenced_dials: Mutex<Option<u64>>,
@@ -59,6 +59,8 @@ pub(super) struct PairVolumes {
     pub not_adopted: Mutex<BTreeMap<String, String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
+    /// Volumes whose copies' generations do not agree as they should (`generations.rs`).
+    pub generation_problems: Mutex<BTreeMap<String, super::generations::GenerationProblem>>,
     /// Owned volumes whose personality the peer may not have (a send failed, or the link was
     /// down): sent again by the resync thread while the link is up.
     pub personality_pending: Mutex<std::collections::BTreeSet<String>>,
@@ -105,6 +107,15 @@ impl Replicas for ReplicaService {
                 Ok(())
             }
             Control::DiscardSplitBrain { name } => node.discard_split_brain(&name),
+            Control::Generations { name } => {
+                let g = node.local_generations(&name).map_err(|e| e.to_string())?;
+                return Ok(g.encode());
+            }
+            Control::AdoptGeneration {
+                name,
+                id,
+                generation,
+            } => node.adopt_generation(&name, id, &generation),
             Control::FlushReplica { name } => node.flush_replica(&name),
             Control::BecameOwner { name } => node.became_owner(&name),
             Control::GrowReplica { name, id, size } => node.grow_replica(&name, id, size),
@@ -307,8 +318,15 @@ impl Node {
                 .insert(name.to_owned(), m.clone());
             return Ok(m);
         }
+        // `volume resolve` discarded this copy's changes: they go before anything else (again
+        // after a crash: dropping them twice is harmless).
+        let mine = cluster.replica_record(name, &me).map_err(pair_err)?;
+        if mine.as_ref().is_some_and(|r| r.discard) {
+            self.discard_changes(name, target)?;
+        }
         // A deposed owner that wrote alone (bits in its bitmap) while another node was promoted
-        // past it: a split brain. Its copy is kept apart, not served, never merged.
+        // past it: a split brain. Its copy is kept apart, not served, never merged. (With the
+        // peer up, the generations say so on both nodes too: `generations.rs`.)
         if local.token < rec.token
             && let Some(bits) = target.peer_bitmap()
             && bits > 0
@@ -316,12 +334,11 @@ impl Node {
             return Err(NodeError::Invalid(format!(
                 "split brain: this node owned it (token {}) and wrote {} alone, and node {} \
                  was promoted since (token {}); nothing is merged: `streamer volume resolve \
-                 {name} --keep {}` discards this node's changes",
+                 {name} --keep NODE` keeps one side and discards the other's changes",
                 local.token,
                 indicatif::HumanBytes(bits * 4096),
                 rec.owner,
                 rec.token,
-                rec.owner
             )));
         }
         // A replica's writes in flight at a crash are the owner's to resend (it saw the link
@@ -354,10 +371,12 @@ impl Node {
         ));
         self.pair_volumes.replicas.write().insert(local.id, replica);
         let stale = Arc::new(std::sync::atomic::AtomicBool::new(
-            cluster
-                .replica_record(name, &me)
-                .map_err(pair_err)?
-                .is_some(),
+            mine.is_some()
+                || self
+                    .pair_volumes
+                    .generation_problems
+                    .lock()
+                    .contains_key(name),
         ));
         self.pair_volumes
             .stale
@@ -464,7 +483,7 @@ impl Node {
 
     /// A replica in sync keeps no peer bitmap of its own (one left from when this node owned
     /// the volume, or from a discarded split brain).
-    fn drop_replica_bitmap(&self, name: &str) {
+    pub(super) fn drop_replica_bitmap(&self, name: &str) {
         let Some(t) = self.served.lock().volumes.get(name).cloned() else {
             return;
         };
@@ -490,8 +509,13 @@ impl Node {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, flag) in stale {
+            let problem = self
+                .pair_volumes
+                .generation_problems
+                .lock()
+                .contains_key(&name);
             if let Ok(r) = cluster.replica_record(&name, &me) {
-                flag.store(r.is_some(), std::sync::atomic::Ordering::Release);
+                flag.store(r.is_some() || problem, std::sync::atomic::Ordering::Release);
             }
         }
     }
@@ -526,8 +550,9 @@ impl Node {
             (None, Some(i)) => self.pool.image(i)?.info.size.max(1).div_ceil(4096) * 4096,
             (None, None) => return Err(NodeError::Invalid("a blank volume needs --size".into())),
         };
+        let generation = super::generations::new_generation();
         let rec = cluster
-            .create_volume_record(name, image, size)
+            .create_volume_record(name, image, size, &generation)
             .map_err(|e| match e {
                 e @ crate::cluster::ClusterError::VolumeExists { .. } => {
                     NodeError::InUse(e.to_string())
@@ -549,9 +574,10 @@ impl Node {
         if let Some(p) = personality {
             files.push(("personality.json", p));
         }
-        if let Err(e) = self
-            .pool
-            .create_volume_with_files(name, image, Some(size), &files, None)
+        let mut start = super::generations::start_at(generation);
+        if let Err(e) =
+            self.pool
+                .create_volume_with_files(name, image, Some(size), &files, Some(&mut start))
         {
             undo_record();
             return Err(e.into());
@@ -639,12 +665,20 @@ impl Node {
             token: rec.token,
         };
         let bytes = serde_json::to_vec(&local).expect("a record serialises");
+        // Both copies start at the record's generation (a record from before generations has
+        // none: the replica keeps the random one it is made with).
+        let mut start = match rec.generation.as_str() {
+            "" => None,
+            g => Some(super::generations::start_at(super::generations::parse(g)?)),
+        };
         self.pool.create_volume_with_files(
             name,
             rec.image.as_deref(),
             Some(rec.size),
             &[(PAIR_RECORD, &bytes)],
-            None,
+            start
+                .as_mut()
+                .map(|s| s as &mut dyn FnMut(&mut _) -> Result<(), String>),
         )?;
         if let Err(e) = self.serve_volume(name) {
             let _ = self.pool.delete_volume(name);
@@ -664,6 +698,7 @@ impl Node {
         self.offline_volume(name, super::Force::Yes)?;
         self.pool.delete_volume(name)?;
         self.pair_volumes.unserved.lock().remove(name);
+        self.pair_volumes.generation_problems.lock().remove(name);
         self.served.lock().broken.remove(name);
         tracing::info!(volume = name, id, "replica deleted");
         Ok(())
@@ -745,6 +780,7 @@ impl Node {
                 .map_or(0, |d| d.as_secs())
         };
         let mut out = Vec::new();
+        let problems = self.pair_volumes.generation_problems.lock().clone();
         for (name, m) in self.pair_volumes.mirrors.lock().iter() {
             let bits = m.volume().peer_bitmap().unwrap_or(0);
             let (state, since) = match m.peer_state() {
@@ -754,10 +790,11 @@ impl Node {
                 PeerState::Resyncing { since } => ("resyncing", Some(unix(since))),
             };
             let progress = self.pair_volumes.progress.lock().get(name).cloned();
+            let problem = problems.get(name);
             out.push(PairVolumeInfo {
                 name: name.clone(),
                 role: "owner".into(),
-                state: state.into(),
+                state: problem.map_or(state, |p| p.state).into(),
                 since_unix: since,
                 out_of_sync_bytes: bits * 4096,
                 resync_percent: progress.as_ref().map(|p| {
@@ -767,27 +804,39 @@ impl Node {
                         .min(100)
                 }),
                 resync_eta_secs: progress.and_then(|p| p.eta_secs(bits * 4096)),
-                reason: m.degrade_failure().map(|(_, why)| why),
+                reason: problem
+                    .map(|p| p.message.clone())
+                    .or_else(|| m.degrade_failure().map(|(_, why)| why)),
             });
         }
         for (name, stale) in self.pair_volumes.stale.lock().iter() {
             let stale = stale.load(std::sync::atomic::Ordering::Acquire);
+            let problem = problems.get(name);
+            let state = match problem {
+                Some(p) => p.state,
+                None if stale => "stale",
+                None => "in_sync",
+            };
             out.push(PairVolumeInfo {
                 name: name.clone(),
                 role: "replica".into(),
-                state: if stale { "stale" } else { "in_sync" }.into(),
+                state: state.into(),
                 since_unix: None,
                 out_of_sync_bytes: 0,
                 resync_percent: None,
                 resync_eta_secs: None,
-                reason: None,
+                reason: problem.map(|p| p.message.clone()),
             });
         }
         for (name, why) in self.pair_volumes.unserved.lock().iter() {
+            let state = match problems.get(name) {
+                Some(p) if p.state == "split_brain" => "split_brain",
+                _ => "not_served",
+            };
             out.push(PairVolumeInfo {
                 name: name.clone(),
                 role: "-".into(),
-                state: "not_served".into(),
+                state: state.into(),
                 since_unix: None,
                 out_of_sync_bytes: 0,
                 resync_percent: None,
@@ -850,11 +899,17 @@ impl Node {
                 ));
             }
         }
+        let problems = self.pair_volumes.generation_problems.lock().clone();
+        for (name, p) in &problems {
+            out.push(format!("volume {name}: {}", p.message));
+        }
         for (name, why) in self.pair_volumes.unserved.lock().iter() {
-            out.push(format!("volume {name} not served: {why}"));
+            if !problems.contains_key(name) {
+                out.push(format!("volume {name} not served: {why}"));
+            }
         }
         for (name, stale) in self.pair_volumes.stale.lock().iter() {
-            if stale.load(std::sync::atomic::Ordering::Acquire) {
+            if stale.load(std::sync::atomic::Ordering::Acquire) && !problems.contains_key(name) {
                 out.push(format!(
                     "volume {name}: this node's copy is stale (the owner wrote without it): reads \
                      here are refused until the owner resyncs it"

@@ -76,6 +76,11 @@ impl Node {
                     if up && !was_up {
                         node.personalities_pending_all();
                     }
+                    // Both nodes compare their copies' generations when the link comes up,
+                    // and those that disagreed every few seconds (a resolve clears them).
+                    if up && (!was_up || round.is_multiple_of(5)) {
+                        node.check_all_generations(was_up);
+                    }
                     was_up = up;
                     if up {
                         node.share_personalities();
@@ -128,16 +133,8 @@ impl Node {
             let Ok(_busy) = self.busy("volume", &name) else {
                 continue; // a command works on it: next second
             };
-            if let Err(e) = self.offline_volume(&name, super::Force::Yes) {
-                tracing::error!(volume = %name, "taking the deposed volume offline: {e}");
-                continue;
-            }
-            if let Err(e) = self.serve_volume(&name) {
+            if let Err(e) = self.serve_as_recorded(&name) {
                 tracing::error!(volume = %name, "not served: {e}");
-                self.pair_volumes
-                    .unserved
-                    .lock()
-                    .insert(name.clone(), e.to_string());
             }
         }
     }
@@ -204,6 +201,11 @@ impl Node {
             if let Err(e) = self.fence_peer() {
                 tracing::warn!(volume = %name, "resync waits: {e}");
                 return;
+            }
+            // The copies' generations must say the peer is behind (or equal): a split brain or
+            // unrelated data is never copied over.
+            if !self.may_resync(&name, &m) {
+                continue;
             }
             if !m.begin_resync() {
                 continue;
@@ -422,6 +424,16 @@ impl Node {
             if rec.token != m.token() {
                 return Err(format!("node {} owns the volume now", rec.owner));
             }
+            // The peer's copy is this one's now: it takes this copy's generation before the
+            // bitmap (and its generation) ends here, so a crash between leaves them equal.
+            let adopt = ControlRequest::AdoptGeneration {
+                name: name.into(),
+                id: m.id(),
+                generation: volume_format::image::hex(&m.volume().generations().current),
+            }
+            .encode();
+            self.peer_control_pub(&adopt)
+                .map_err(|e| format!("the peer adopting this copy's generation: {e}"))?;
             cluster
                 .mark_replica_in_sync(name, &rec)
                 .map_err(|e| e.to_string())?;

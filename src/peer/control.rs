@@ -18,7 +18,8 @@ pub enum ControlRequest {
     ReplicaInSync { name: String },
     /// The owner recorded this node's replica of `name` stale: stop serving reads of it.
     ReplicaStale { name: String },
-    /// `volume resolve --keep OWNER` on the owner: this node drops its split-brain changes.
+    /// `volume resolve`: etcd records this node's copy of `name` discarded: drop its changes
+    /// (bitmap and generation) and serve it as the stale replica the owner resyncs whole.
     DiscardSplitBrain { name: String },
     /// crc32c of each 4 KiB block `first .. first + blocks` of this node's copy of `name`.
     Checksums {
@@ -30,7 +31,7 @@ pub enum ControlRequest {
     DeleteImage { name: String },
     /// `volume move`: commit this node's replica of `name`.
     FlushReplica { name: String },
-    /// `volume move`: this node owns `name` now: serve it as its owner.
+    /// `volume move` or `volume resolve`: this node owns `name` now: serve it as its owner.
     BecameOwner { name: String },
     /// `volume resize` on the owner: grow this node's replica of `name` (volume `id`) to
     /// `size` bytes, before the owner grows its own copy.
@@ -45,6 +46,16 @@ pub enum ControlRequest {
     },
     /// End every data link from the sender and answer once none applies frames any more.
     FenceDataLinks,
+    /// The generation identifiers of this node's copy of `name` (`peer/generations.rs`); the
+    /// answer is `Generations::encode`.
+    Generations { name: String },
+    /// The owner's resync made this node's replica of `name` (volume `id`) equal to its copy:
+    /// adopt its current generation (hex) before the owner ends its bitmap.
+    AdoptGeneration {
+        name: String,
+        id: u32,
+        generation: String,
+    },
 }
 
 /// The request that opens an image link: the image's name, size and digest (hex).
@@ -118,6 +129,12 @@ mod tests {
                 blocks: 9,
             },
             ControlRequest::FenceDataLinks,
+            ControlRequest::Generations { name: "v".into() },
+            ControlRequest::AdoptGeneration {
+                name: "v".into(),
+                id: 2,
+                generation: "01".repeat(16),
+            },
             ControlRequest::SetPersonality {
                 name: "v".into(),
                 id: 4,

@@ -749,6 +749,28 @@ impl ReadOnly {
             link_up,
         }
     }
+
+    /// Reads are served only from a copy that is current: not recorded stale (nor found
+    /// split from the owner's), and with the link to the owner up.
+    fn readable(&self, what: &'static str) -> Result<(), TargetError> {
+        if self.stale.load(Ordering::Acquire) {
+            return Err(TargetError::Volume {
+                what,
+                errno: libc::EIO,
+                message: "this replica is stale (the owner wrote without it): read from the \
+                          owner"
+                    .into(),
+            });
+        }
+        if !self.link_up.load(Ordering::Acquire) {
+            return Err(TargetError::Volume {
+                what,
+                errno: libc::EIO,
+                message: "the link to the owner is down: this replica may be stale".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl BlockTarget for ReadOnly {
@@ -765,22 +787,7 @@ impl BlockTarget for ReadOnly {
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
         match op {
             TargetOp::Read { .. } | TargetOp::Cache { .. } => {
-                if self.stale.load(Ordering::Acquire) {
-                    return Err(TargetError::Volume {
-                        what: "reading",
-                        errno: libc::EIO,
-                        message: "this replica is stale (the owner wrote without it): read from \
-                                  the owner"
-                            .into(),
-                    });
-                }
-                if !self.link_up.load(Ordering::Acquire) {
-                    return Err(TargetError::Volume {
-                        what: "reading",
-                        errno: libc::EIO,
-                        message: "the link to the owner is down: this replica may be stale".into(),
-                    });
-                }
+                self.readable("reading")?;
                 self.inner.plan(op, plan)
             }
             TargetOp::Flush => self.inner.plan(op, plan),
@@ -808,6 +815,9 @@ impl BlockTarget for ReadOnly {
         max_extents: usize,
         out: &mut Vec<(u64, u32)>,
     ) -> Result<(), TargetError> {
+        // Which blocks are holes or zeroes is read too: a stale copy's answer would let a
+        // client skip data the owner wrote.
+        self.readable("reading the block status")?;
         self.inner.block_status(offset, len, max_extents, out)
     }
 
@@ -971,6 +981,41 @@ mod tests {
         .unwrap();
         assert_eq!(out, vec![5u8; 4096]);
         assert!(m.diverged().is_none());
+    }
+
+    /// The replica a non-owner exports: read-only; reads and block status only while it is
+    /// current (not stale, link up), since a stale copy's holes would let a client skip data.
+    #[test]
+    fn a_stale_replica_refuses_reads_and_block_status() {
+        let (m, _d, _c) = mirror("readonly");
+        let stale = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(AtomicBool::new(true));
+        let r = ReadOnly::new(m.volume().clone(), stale.clone(), up.clone());
+        assert!(r.geometry().read_only);
+        let read = TargetOp::Read {
+            offset: 0,
+            len: 4096,
+        };
+        let mut out = Vec::new();
+        let mut plan = Plan::default();
+        plan.begin();
+        r.plan(&read, &mut plan).unwrap();
+        r.block_status(0, 1 << 20, 16, &mut out).unwrap();
+        assert!(!out.is_empty());
+        let write = TargetOp::Write {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        plan.begin();
+        assert!(r.plan(&write, &mut plan).is_err());
+        for (s, u) in [(true, true), (false, false)] {
+            stale.store(s, Ordering::Release);
+            up.store(u, Ordering::Release);
+            plan.begin();
+            assert!(r.plan(&read, &mut plan).is_err());
+            assert!(r.block_status(0, 1 << 20, 16, &mut out).is_err());
+        }
     }
 
     /// A write the peer did not take is not answered until the peer is recorded stale (the

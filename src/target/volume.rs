@@ -294,11 +294,24 @@ impl VolumeTarget {
     }
 
     /// Starts the peer dirty bitmap (volume-format SPEC.md §10) with `extra` ranges set (changes
-    /// that completed before, which the peer did not take); committed before it returns.
+    /// that completed before, which the peer did not take); committed before it returns. The
+    /// volume takes a new generation with it (its contents part from the peer's here).
     pub fn start_peer_bitmap(&self, extra: &[(u64, u64)]) -> Result<(), VolumeError> {
         let _commit = self.shared.meta.lock();
         let mut vol = self.shared.vol.lock();
-        vol.start_peer_bitmap(extra)
+        vol.start_peer_bitmap(extra, crate::pool::random_id())
+    }
+
+    /// The generation identifiers (volume-format SPEC.md §10): current, the bitmap's, history.
+    pub fn generations(&self) -> crate::peer::generations::Generations {
+        crate::peer::generations::Generations::of(&self.shared.vol.lock())
+    }
+
+    /// Sets the current generation (committed): `keep_old` keeps the old one in the history.
+    pub fn set_generation(&self, generation: [u8; 16], keep_old: bool) -> Result<(), VolumeError> {
+        let _commit = self.shared.meta.lock();
+        let mut vol = self.shared.vol.lock();
+        vol.set_generation(generation, keep_old)
     }
 
     /// Sets the peer dirty bits of a range (a change the peer did not take).

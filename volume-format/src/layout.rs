@@ -36,11 +36,17 @@ pub const MAP_MAGIC: [u8; 8] = *b"STRMMAP1";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Incompatible feature flags known to this version (SPEC.md §5, §10).
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_PEER_DIRTY_BITMAP;
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_PEER_DIRTY_BITMAP | INCOMPAT_GENERATION_HISTORY;
 /// The volume holds a peer dirty bitmap (SPEC.md §10): the blocks written since the pair's
 /// other replica last had them. A build that does not know it must not write the volume (its
 /// writes would not be recorded), so the bit is incompatible.
 pub const INCOMPAT_PEER_DIRTY_BITMAP: u64 = 1 << 0;
+/// The superblock holds generation history (SPEC.md §10): the generations a pair replica had
+/// before its current one, which decide on reconnect whether two replicas share a past. A
+/// build that does not know it would drop the history on its next commit, so incompatible.
+pub const INCOMPAT_GENERATION_HISTORY: u64 = 1 << 1;
+/// Generations kept in the history.
+pub const GENERATION_HISTORY: usize = 2;
 /// The peer dirty bitmap's pages are numbered from here (their slots sit at
 /// `slot_offset(PEER_PAGE_BASE + q, s)`, far past any block map page: a 64 TiB volume has
 /// 532,611 map pages). The metadata file is sparse, so the gap costs nothing.

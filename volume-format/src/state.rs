@@ -560,7 +560,11 @@ impl VolumeState {
     /// Starts a peer dirty bitmap (if none is kept): from now on every completed change sets
     /// its blocks' bits. `peer_generation` records which generation the peer's replica was
     /// left at. Durable with the next commit, which also numbers the bitmap (`peer_since`).
-    pub fn start_peer_bitmap(&mut self) {
+    ///
+    /// The volume's generation becomes `next_generation` in the same commit: its contents
+    /// start to differ from the peer's now, so the generation the peer was left at (the bitmap
+    /// generation) and this one's current generation part here (SPEC.md §10, generations).
+    pub fn start_peer_bitmap(&mut self, next_generation: [u8; 16]) {
         if self.peer.is_some() {
             return;
         }
@@ -571,6 +575,7 @@ impl VolumeState {
         });
         self.sb.incompat |= INCOMPAT_PEER_DIRTY_BITMAP;
         self.sb.peer_generation = self.sb.generation;
+        self.sb.generation = next_generation;
         self.sb.peer_digest = 0;
         self.sb.peer_since = 0; // set by the commit that makes it durable
         self.sb_dirty = true;
@@ -627,9 +632,47 @@ impl VolumeState {
         self.sb.incompat &= !INCOMPAT_PEER_DIRTY_BITMAP;
         self.sb.peer_since = 0;
         self.sb.peer_digest = 0;
-        self.sb.peer_generation = [0; 16];
+        // The generation the peer was left at becomes history: the peer has this volume's
+        // current generation now (it adopted it before the bitmap ended).
+        let left_at = std::mem::take(&mut self.sb.peer_generation);
+        self.push_history(left_at);
         self.sb_dirty = true;
         true
+    }
+
+    /// Puts `g` at the head of the generation history (unless zero or already there).
+    fn push_history(&mut self, g: [u8; 16]) {
+        if g == [0; 16] || self.sb.history[0] == g {
+            return;
+        }
+        self.sb.history.rotate_right(1);
+        self.sb.history[0] = g;
+        self.sb.incompat |= INCOMPAT_GENERATION_HISTORY;
+    }
+
+    /// Sets the volume's current generation (durable with the next commit): a replica that
+    /// a resync made equal to its owner's copy adopts the owner's generation, its old one
+    /// going to the history (`keep_old`); a replica whose changes were discarded sets zero
+    /// (no generation: its contents are nobody's until a whole resync). Refused (false) while a
+    /// peer dirty bitmap is kept: that generation was this volume's own.
+    pub fn set_generation(&mut self, generation: [u8; 16], keep_old: bool) -> bool {
+        if self.peer.is_some() {
+            return false;
+        }
+        if self.sb.generation != generation {
+            if keep_old {
+                let old = self.sb.generation;
+                self.push_history(old);
+            }
+            self.sb.generation = generation;
+            self.sb_dirty = true;
+        }
+        true
+    }
+
+    /// The generation history, newest first (zero where none).
+    pub fn history(&self) -> [[u8; 16]; GENERATION_HISTORY] {
+        self.sb.history
     }
 
     /// The generation the peer's replica was left at, while a bitmap is kept.

@@ -26,8 +26,9 @@ mod at {
     pub const PEER_SINCE: usize = 192;
     pub const PEER_DIGEST: usize = 200;
     pub const PEER_GENERATION: usize = 208;
+    pub const HISTORY: usize = 224;
     /// First byte after the fields; the rest of the slot is zero up to the checksum.
-    pub const END: usize = 224;
+    pub const END: usize = 256;
     pub const CRC: usize = super::SUPERBLOCK_SLOT_BYTES - 4;
 }
 
@@ -69,6 +70,9 @@ pub struct Superblock {
     pub peer_since: u64,
     pub peer_digest: u64,
     pub peer_generation: [u8; 16],
+    /// With `INCOMPAT_GENERATION_HISTORY` (SPEC.md §10): the generations this volume had
+    /// before, newest first (zero where none). All zero without the feature.
+    pub history: [[u8; 16]; GENERATION_HISTORY],
 }
 
 impl Superblock {
@@ -93,6 +97,7 @@ impl Superblock {
             peer_since: 0,
             peer_digest: 0,
             peer_generation: [0; 16],
+            history: [[0; 16]; GENERATION_HISTORY],
         }
     }
 
@@ -141,6 +146,11 @@ impl Superblock {
                 "peer dirty bitmap fields without the feature",
             )?;
         }
+        let any_history = self.history.iter().any(|g| *g != [0; 16]);
+        inv(
+            any_history == (self.incompat & INCOMPAT_GENERATION_HISTORY != 0),
+            "generation history without the feature, or the feature without history",
+        )?;
         Ok(())
     }
 
@@ -172,6 +182,9 @@ impl Superblock {
         put(at::PEER_SINCE, &self.peer_since.to_le_bytes());
         put(at::PEER_DIGEST, &self.peer_digest.to_le_bytes());
         put(at::PEER_GENERATION, &self.peer_generation);
+        for (i, g) in self.history.iter().enumerate() {
+            put(at::HISTORY + 16 * i, g);
+        }
         let crc = crc32c::crc32c(&b[..at::CRC]);
         b[at::CRC..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -255,6 +268,10 @@ impl Superblock {
             peer_generation: b[at::PEER_GENERATION..at::PEER_GENERATION + 16]
                 .try_into()
                 .expect("16 bytes"),
+            history: std::array::from_fn(|i| {
+                let at = at::HISTORY + 16 * i;
+                b[at..at + 16].try_into().expect("16 bytes")
+            }),
         };
         sb.check()?;
         Ok(sb)
@@ -307,6 +324,24 @@ mod tests {
     }
 
     #[test]
+    fn history_round_trips_and_needs_its_feature() {
+        let mut sb = sample();
+        sb.history = [[3; 16], [0; 16]];
+        sb.incompat |= INCOMPAT_GENERATION_HISTORY;
+        assert_eq!(Superblock::decode(&sb.encode()), Ok(sb.clone()));
+        // History bytes without the feature bit, and the bit without history: refused.
+        let mut b = sb.encode();
+        b[at::INCOMPAT..at::INCOMPAT + 8].copy_from_slice(&0u64.to_le_bytes());
+        reseal(&mut b);
+        assert!(Superblock::decode(&b).is_err());
+        let mut b = sample().encode();
+        b[at::INCOMPAT..at::INCOMPAT + 8]
+            .copy_from_slice(&INCOMPAT_GENERATION_HISTORY.to_le_bytes());
+        reseal(&mut b);
+        assert!(Superblock::decode(&b).is_err());
+    }
+
+    #[test]
     fn every_flipped_byte_is_detected() {
         let bytes = sample().encode();
         for i in (0..SUPERBLOCK_SLOT_BYTES).step_by(7) {
@@ -321,9 +356,9 @@ mod tests {
 
     #[test]
     fn unknown_incompatible_feature_and_version_are_refused() {
-        // A feature bit this build does not know (bit 1): encode bypasses nothing, so set it
+        // A feature bit this build does not know (bit 2): encode bypasses nothing, so set it
         // in raw bytes and re-checksum.
-        let unknown = 1u64 << 1;
+        let unknown = 1u64 << 2;
         assert_eq!(INCOMPAT_KNOWN & unknown, 0);
         let mut b = sample().encode();
         b[at::INCOMPAT..at::INCOMPAT + 8]

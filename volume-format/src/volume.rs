@@ -680,11 +680,17 @@ impl<S: Storage> Volume<S> {
     /// Starts keeping a peer dirty bitmap (the pair's other replica stopped taking writes):
     /// every change completed from now on sets its blocks' bits, and `extra` (changes that
     /// completed before, which the peer did not take) are set now. Committed before it returns,
-    /// so the volume is known to keep one from then on, whatever happens.
-    pub fn start_peer_bitmap(&mut self, extra: &[(u64, u64)]) -> Result<(), VolumeError> {
+    /// so the volume is known to keep one from then on, whatever happens. The volume's
+    /// generation becomes `next_generation` in that commit (unless a bitmap is kept already:
+    /// then nothing changes but `extra`'s bits).
+    pub fn start_peer_bitmap(
+        &mut self,
+        extra: &[(u64, u64)],
+        next_generation: [u8; 16],
+    ) -> Result<(), VolumeError> {
         self.live()?;
         self.latching(|v| {
-            v.st.start_peer_bitmap();
+            v.st.start_peer_bitmap(next_generation);
             for &(offset, len) in extra {
                 v.mark_peer_dirty(offset, len);
             }
@@ -736,6 +742,35 @@ impl<S: Storage> Volume<S> {
     /// The generation the peer's replica was left at, while a bitmap is kept.
     pub fn peer_generation(&self) -> Option<[u8; 16]> {
         self.st.peer_generation()
+    }
+
+    /// Sets the current generation, committed before it returns (SPEC.md §10, generations):
+    /// `keep_old` puts the old one in the history. Refused while a peer dirty bitmap is kept.
+    pub fn set_generation(
+        &mut self,
+        generation: [u8; 16],
+        keep_old: bool,
+    ) -> Result<(), VolumeError> {
+        self.live()?;
+        if self.st.peer_bitmap() {
+            return Err(VolumeError::Invalid(
+                "the volume keeps a peer dirty bitmap: its generation is its own".into(),
+            ));
+        }
+        self.latching(|v| {
+            v.st.set_generation(generation, keep_old);
+            v.commit()
+        })
+    }
+
+    /// The generation identifiers (SPEC.md §10): current, the bitmap's (while one is kept),
+    /// and the history, newest first.
+    pub fn generations(&self) -> ([u8; 16], Option<[u8; 16]>, [[u8; 16]; GENERATION_HISTORY]) {
+        (
+            self.st.superblock().generation,
+            self.st.peer_generation(),
+            self.st.history(),
+        )
     }
 
     /// Starts a new epoch (replication): the first write after it adopts `next_generation`.

@@ -110,11 +110,11 @@ fn newer_formats_and_foreign_files_are_refused_with_a_reason() {
     // An incompatible feature this build does not know, in both copies.
     let mut m = meta.clone();
     for off in [0, 4096] {
-        reseal(&mut m, off, 16, &(1u64 << 1).to_le_bytes());
+        reseal(&mut m, off, 16, &(1u64 << 2).to_le_bytes());
     }
-    assert_eq!(layout::INCOMPAT_KNOWN & (1 << 1), 0);
+    assert_eq!(layout::INCOMPAT_KNOWN & (1 << 2), 0);
     let e = err(m, g.backing());
-    assert!(e.contains("unknown incompatible features 0x2"), "{e}");
+    assert!(e.contains("unknown incompatible features 0x4"), "{e}");
     // An unknown read-only-compatible feature: readable, never changed.
     let mut m = meta.clone();
     for off in [0, 4096] {

@@ -61,7 +61,8 @@ fn scenario(seed: u64, crashes: usize) -> usize {
     // Writes before the bitmap starts are the peer's already: not in it.
     vol.write(WINDOWS[1], &[7; 8192]).unwrap();
     vol.flush().unwrap();
-    vol.start_peer_bitmap(&[(WINDOWS[2], 100)]).unwrap();
+    vol.start_peer_bitmap(&[(WINDOWS[2], 100)], [5; 16])
+        .unwrap();
     // Blocks a completed flush acknowledged (must be set) and changed since the last flush.
     let mut must: BTreeSet<u64> = blocks_of(WINDOWS[2], 100).collect();
     let mut pending: BTreeSet<u64> = BTreeSet::new();
@@ -156,7 +157,7 @@ fn the_bitmap_never_misses_an_acknowledged_change_across_crashes() {
 fn an_ended_bitmap_stays_ended_and_a_new_one_starts_empty() {
     let mut rng = Rng::new(5);
     let mut m = Modelled::clone_of(&mut rng, None, 512 << 20);
-    m.vol.start_peer_bitmap(&[]).unwrap();
+    m.vol.start_peer_bitmap(&[], [5; 16]).unwrap();
     m.vol.write(40_000 * BLOCK, &[1; 4096]).unwrap();
     m.vol.write(3 * BLOCK, &[1; 4096]).unwrap();
     m.vol.flush().unwrap();
@@ -171,13 +172,47 @@ fn an_ended_bitmap_stays_ended_and_a_new_one_starts_empty() {
     let (meta, data, _) = m.vol.into_parts();
     let mut v = Volume::open(meta, data, None).unwrap();
     assert!(!v.peer_bitmap());
-    v.start_peer_bitmap(&[]).unwrap();
+    v.start_peer_bitmap(&[], [5; 16]).unwrap();
     v.write(5 * BLOCK, &[2; 4096]).unwrap();
     v.flush().unwrap();
     let (meta, data, _) = v.into_parts();
     let v = Volume::open(meta, data, None).unwrap();
     assert!(v.peer_bitmap());
     assert_eq!(bits(&v), BTreeSet::from([5]));
+}
+
+/// Generations (SPEC.md §10): starting a bitmap moves the current generation to the bitmap's
+/// and takes the new one in the same commit; ending it puts the bitmap's in the history; a
+/// replica sets (adopts) a generation only without a bitmap; all of it survives a reopen.
+#[test]
+fn generations_move_with_the_bitmap_and_survive_a_reopen() {
+    let mut rng = Rng::new(11);
+    let mut m = Modelled::clone_of(&mut rng, None, 64 << 20);
+    let (g0, b, h) = m.vol.generations();
+    assert_eq!((b, h), (None, [[0; 16]; 2]));
+    m.vol.start_peer_bitmap(&[], [1; 16]).unwrap();
+    assert_eq!(m.vol.generations(), ([1; 16], Some(g0), [[0; 16]; 2]));
+    // A second start keeps both (the bitmap and its generation are the first miss's).
+    m.vol.start_peer_bitmap(&[], [2; 16]).unwrap();
+    assert_eq!(m.vol.generations().0, [1; 16]);
+    assert!(m.vol.set_generation([3; 16], true).is_err());
+    // Durable at once: the start committed.
+    let (meta, data, _) = m.vol.into_parts();
+    let mut v = Volume::open(meta, data, None).unwrap();
+    assert_eq!(v.generations(), ([1; 16], Some(g0), [[0; 16]; 2]));
+    assert!(v.end_peer_bitmap().unwrap());
+    assert_eq!(v.generations(), ([1; 16], None, [g0, [0; 16]]));
+    v.start_peer_bitmap(&[], [4; 16]).unwrap();
+    assert!(v.end_peer_bitmap().unwrap());
+    assert_eq!(v.generations(), ([4; 16], None, [[1; 16], g0]));
+    // A replica adopting its owner's generation keeps its own in the history; a discard (zero)
+    // does not.
+    v.set_generation([6; 16], true).unwrap();
+    assert_eq!(v.generations(), ([6; 16], None, [[4; 16], [1; 16]]));
+    v.set_generation([0; 16], false).unwrap();
+    let (meta, data, _) = v.into_parts();
+    let v = Volume::open(meta, data, None).unwrap();
+    assert_eq!(v.generations(), ([0; 16], None, [[4; 16], [1; 16]]));
 }
 
 /// A build that does not know the feature must refuse the volume (its writes would not be
@@ -189,7 +224,7 @@ fn the_feature_is_incompatible_and_its_fields_are_checked() {
     use volume_format::layout::INCOMPAT_PEER_DIRTY_BITMAP;
     let mut rng = Rng::new(9);
     let mut m = Modelled::clone_of(&mut rng, None, 64 << 20);
-    m.vol.start_peer_bitmap(&[]).unwrap();
+    m.vol.start_peer_bitmap(&[], [5; 16]).unwrap();
     let (mut meta, _, _) = m.vol.into_parts();
     let mut a = [0u8; 4096];
     volume_format::Storage::read_at(&mut meta, 0, &mut a).unwrap();

@@ -1,0 +1,292 @@
+//! The generations of this node's pair volumes against the peer's (`docs/pair.md` §6,
+//! `peer/generations.rs`): compared when the link comes up and before every resync, by both
+//! nodes; a split brain, unrelated data, or an owner behind its replica is alerted on the node
+//! that finds it, and no resync copies over it.
+//!
+//! The copies' generations move at four points: the owner's bitmap start (a new current
+//! generation, committed with the bitmap), the end of a resync (the peer adopts the owner's
+//! current generation, then the owner ends its bitmap), a discard by `volume resolve` (the
+//! losing copy drops its bitmap and its generation), and creation (both copies start at the
+//! etcd record's generation).
+
+use super::{Force, Node, NodeError};
+use crate::peer::control::ControlRequest as Control;
+use crate::peer::generations::{Generation, Generations, NONE, Verdict, compare, short};
+use crate::target::{BlockTarget, VolumeTarget};
+
+/// A problem the comparison found with a volume's copies, for `status` and `pair status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationProblem {
+    /// `split_brain`, `unrelated`, `behind` (this owner's copy is behind the replica's) or
+    /// `ahead` (this replica holds writes the owner lacks).
+    pub state: &'static str,
+    pub message: String,
+}
+
+/// Parses a generation in hex (a CONTROL request's, or an etcd record's).
+pub(super) fn parse(hex: &str) -> Result<Generation, NodeError> {
+    let bad = || NodeError::Invalid(format!("{hex:?} is not a generation (32 hex digits)"));
+    if hex.len() != 32 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut g = NONE;
+    for (i, b) in g.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(g)
+}
+
+impl Node {
+    /// The generations of this node's copy of `name`: from its served target, or read from its
+    /// files when it is not served (a split brain kept apart).
+    pub(super) fn local_generations(&self, name: &str) -> Result<Generations, NodeError> {
+        if let Some(t) = self.served.lock().volumes.get(name).cloned() {
+            return Ok(t.generations());
+        }
+        let _busy = self.busy("volume", name)?;
+        let vol = self.pool.open_volume(name)?;
+        Ok(Generations::of(&vol))
+    }
+
+    fn peer_generations(&self, name: &str) -> Result<Generations, NodeError> {
+        let req = Control::Generations { name: name.into() }.encode();
+        let answer = self.peer_control_pub(&req)?;
+        Generations::decode(&answer).map_err(NodeError::Io)
+    }
+
+    /// Compares this node's copy of `name` with the peer's, and records (or clears) the
+    /// problem the verdict is for this node: `status` alerts it, and a replica with one
+    /// refuses reads.
+    pub(super) fn check_generations(&self, name: &str) -> Result<Verdict, NodeError> {
+        let mine = self.local_generations(name)?;
+        let theirs = self.peer_generations(name)?;
+        let verdict = compare(&mine, &theirs);
+        let peer = self
+            .this_node()
+            .and_then(|(c, _)| c.peer().ok().flatten())
+            .map_or_else(|| "?".to_owned(), |p| p.name);
+        let owner = self.pair_volumes.mirrors.lock().contains_key(name);
+        let problem = match verdict {
+            Verdict::SplitBrain { since } => Some(GenerationProblem {
+                state: "split_brain",
+                message: format!(
+                    "split brain: this node's copy ({mine}) and node {peer}'s ({theirs}) both \
+                     changed since generation {}; nothing is merged: `streamer volume resolve \
+                     {name} --keep NODE` keeps one side",
+                    short(&since)
+                ),
+            }),
+            Verdict::Unrelated => Some(GenerationProblem {
+                state: "unrelated",
+                message: format!(
+                    "unrelated data: this node's copy ({mine}) and node {peer}'s ({theirs}) have \
+                     no generation in common; neither is copied over the other: `streamer \
+                     volume resolve {name} --keep NODE` keeps one"
+                ),
+            }),
+            Verdict::ThisBehind { .. } if owner => Some(GenerationProblem {
+                state: "behind",
+                message: format!(
+                    "this node owns it, but its copy ({mine}) is behind node {peer}'s \
+                     ({theirs}): nothing is resynced over the newer copy"
+                ),
+            }),
+            Verdict::OtherBehind { .. } if !owner && !self.is_discarded(name) => {
+                Some(GenerationProblem {
+                    state: "ahead",
+                    message: format!(
+                        "this copy ({mine}) holds writes the owner's ({theirs}, node {peer}) \
+                         lacks: it is kept apart, nothing is merged"
+                    ),
+                })
+            }
+            _ => None,
+        };
+        let changed = {
+            let mut problems = self.pair_volumes.generation_problems.lock();
+            match &problem {
+                Some(p) => problems.insert(name.to_owned(), p.clone()).as_ref() != Some(p),
+                None => problems.remove(name).is_some(),
+            }
+        };
+        if changed {
+            match &problem {
+                Some(p) => tracing::error!(volume = name, "{}", p.message),
+                None => tracing::info!(volume = name, "the copies' generations agree again"),
+            }
+            self.refresh_stale();
+        }
+        Ok(verdict)
+    }
+
+    /// Compares every pair volume here with the peer's copy (the link just came up), and again
+    /// those with a problem (every few seconds, so a resolved one clears).
+    pub(super) fn check_all_generations(&self, only_problems: bool) {
+        let names: Vec<String> = if only_problems {
+            let p = self.pair_volumes.generation_problems.lock();
+            p.keys().cloned().collect()
+        } else {
+            let mut all: Vec<String> = self.pair_volumes.mirrors.lock().keys().cloned().collect();
+            all.extend(self.pair_volumes.stale.lock().keys().cloned());
+            all.extend(self.pair_volumes.unserved.lock().keys().cloned());
+            all
+        };
+        for name in names {
+            if let Err(e) = self.check_generations(&name) {
+                tracing::debug!(volume = %name, "comparing generations: {e}");
+            }
+        }
+    }
+
+    /// Whether etcd records this node's copy of `name` discarded by a `volume resolve`.
+    pub(super) fn is_discarded(&self, name: &str) -> bool {
+        self.this_node().is_some_and(|(c, me)| {
+            c.replica_record(name, &me)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.discard)
+        })
+    }
+
+    /// Drops this copy's changes as `volume resolve` decided (etcd records it discarded): its
+    /// peer dirty bitmap and its generation go (committed), so it is behind whatever the owner
+    /// holds and is resynced whole. Its blocks stay as they are until the resync.
+    pub(super) fn discard_changes(&self, name: &str, t: &VolumeTarget) -> Result<(), NodeError> {
+        if t.peer_bitmap().is_some() {
+            t.clear_peer_dirty(0, t.geometry().size_bytes.div_ceil(4096));
+            t.end_peer_bitmap()
+                .map_err(|e| NodeError::Io(format!("dropping the discarded changes: {e}")))?;
+        }
+        if t.generations().current != NONE {
+            t.set_generation(NONE, false)
+                .map_err(|e| NodeError::Io(format!("dropping the discarded generation: {e}")))?;
+            tracing::warn!(
+                volume = name,
+                "this copy's changes are discarded (volume resolve): the owner resyncs it whole"
+            );
+        }
+        Ok(())
+    }
+
+    /// CONTROL `adopt_generation`: the owner's resync made this replica equal to its copy.
+    pub(super) fn adopt_generation(
+        &self,
+        name: &str,
+        id: u32,
+        generation: &str,
+    ) -> Result<(), NodeError> {
+        let g = parse(generation)?;
+        match self.pair_record(name)? {
+            Some(local) if local.id == id => {}
+            _ => {
+                return Err(NodeError::NotFound(format!(
+                    "this node has no replica of pair volume {name:?} (id {id})"
+                )));
+            }
+        }
+        if self.pair_volumes.mirrors.lock().contains_key(name) {
+            return Err(NodeError::Invalid(format!(
+                "this node owns {name:?}: its generation is its own"
+            )));
+        }
+        let t = self
+            .served
+            .lock()
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                NodeError::NotFound(format!("this node's replica of {name:?} is not served"))
+            })?;
+        // A bitmap left from when this node owned the volume is void: its copy is the owner's.
+        self.drop_replica_bitmap(name);
+        t.set_generation(g, true)
+            .map_err(|e| NodeError::Io(format!("adopting the owner's generation: {e}")))?;
+        self.pair_volumes.generation_problems.lock().remove(name);
+        Ok(())
+    }
+
+    /// Takes pair volume `name` out of service and serves it again as etcd says it is now
+    /// (owner, replica, discarded replica); a failure leaves it unserved with the reason.
+    pub(super) fn serve_as_recorded(&self, name: &str) -> Result<(), NodeError> {
+        self.offline_volume(name, Force::Yes)?;
+        self.pair_volumes.unserved.lock().remove(name);
+        self.served.lock().broken.remove(name);
+        self.serve_volume(name).inspect_err(|e| {
+            self.pair_volumes
+                .unserved
+                .lock()
+                .insert(name.to_owned(), e.to_string());
+        })
+    }
+
+    /// The owner's resync is about to start for `name`: true when it may copy to the peer.
+    /// A peer behind by more than the bitmap covers (or discarded) gets every block compared:
+    /// the bitmap is set whole and committed before etcd records the resync whole, so a crash
+    /// between repeats the marking and nothing else.
+    pub(super) fn may_resync(&self, name: &str, m: &crate::target::Mirror) -> bool {
+        let verdict = match self.check_generations(name) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(volume = name, "resync waits: comparing generations: {e}");
+                return false;
+            }
+        };
+        let Some((cluster, _)) = self.this_node() else {
+            return false;
+        };
+        let peer_rec = cluster
+            .peer()
+            .ok()
+            .flatten()
+            .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten());
+        match verdict {
+            Verdict::InSync | Verdict::OtherBehind { whole: false } => true,
+            Verdict::OtherBehind { whole: true } => {
+                if peer_rec.as_ref().is_some_and(|r| r.full) {
+                    return true;
+                }
+                let Ok(Some(rec)) = cluster.volume_record(name) else {
+                    return false;
+                };
+                let v = m.volume();
+                v.mark_peer_dirty(0, v.geometry().size_bytes);
+                if let Err(e) = v.commit_now() {
+                    tracing::warn!(volume = name, "marking a whole resync: {e}");
+                    return false;
+                }
+                match cluster.mark_replica_full(name, &rec) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(volume = name, "recording a whole resync: {e}");
+                        false
+                    }
+                }
+            }
+            _ if peer_rec.as_ref().is_some_and(|r| r.discard) => {
+                // Resolved, and the peer has not dropped its changes yet: remind it.
+                let req = Control::DiscardSplitBrain { name: name.into() }.encode();
+                if let Err(e) = self.peer_control_pub(&req) {
+                    tracing::debug!(volume = name, "asking the peer to discard: {e}");
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The generation both copies of a new pair volume start at.
+pub(super) fn new_generation() -> Generation {
+    crate::pool::random_id()
+}
+
+/// Sets a new volume's generation (the `edit` of its creation, before it is published).
+pub(super) fn start_at(
+    g: Generation,
+) -> impl FnMut(&mut volume_format::Volume<volume_format::FileStorage>) -> Result<(), String> {
+    move |v| {
+        v.set_generation(g, false)
+            .map_err(|e| format!("setting its generation: {e}"))
+    }
+}
