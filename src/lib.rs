@@ -14,7 +14,8 @@
 //!   target/   BlockTarget: raw files, pool volumes, the           |
 //!             pair's mirror and read-only replica,       pool/   images and volumes on disk, by
 //!             the export list; blocking.rs runs a plan           directory descriptor
-//!             without a ring (the replica side)
+//!             without a ring (the replica side); the mirror's
+//!             activity log (activity.rs)
 //!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md), the
 //!             control link and dialer (link.rs), the replica side of data links (replica.rs),
 //!             the copies' generation identifiers and their verdict (generations.rs)

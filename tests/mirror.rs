@@ -57,11 +57,17 @@ fn pair_with(etcd: &Etcd, scratch: &Scratch, lease: &str, extra: &[&str]) -> (No
 
 /// The data bytes the last resync in a node's log sent (its "resync sent" line).
 fn resync_payload(log: &str) -> u64 {
+    resync_field(log, "payload_bytes")
+}
+
+/// A field of the last "resync sent" line in a node's log: `payload_bytes` (data sent) or
+/// `blocks_bytes` (the bitmap's blocks read, compared or sent).
+fn resync_field(log: &str, field: &str) -> u64 {
     let sent = log
         .lines()
         .rfind(|l| l.contains("resync sent"))
         .unwrap_or_else(|| panic!("no resync in the log:\n{log}"));
-    sent.split("payload_bytes=")
+    sent.split(&format!("{field}="))
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
@@ -985,44 +991,87 @@ fn a_split_brain_resolved_keeping_the_deposed_side() {
     b.server.stop();
 }
 
-/// Copies with no generation in common (here b's copy given another history on disk while b
-/// was stopped) are unrelated data: both nodes alert, and the owner's resync does not copy
-/// over it, until `volume resolve` picks a side. A volume that is not split has nothing to
-/// resolve.
+/// Gives the copy of blank volume `name` in `dir`'s pool another generation, with the format's
+/// own code (the node is stopped).
+fn regenerate(dir: &Scratch, name: &str, g: u8) {
+    let open = |f: &str| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path("pool/volumes").join(name).join(f))
+            .unwrap();
+        volume_format::FileStorage::new(file).unwrap()
+    };
+    let mut v =
+        volume_format::Volume::open(open("volume.meta"), open("volume.data"), None).unwrap();
+    v.set_generation([g; 16], false).unwrap();
+    v.close().unwrap();
+}
+
+/// Puts `value` at `key` through etcd's JSON gateway (a record as an older build wrote it).
+fn etcd_put(etcd: &Etcd, key: &str, value: &str) {
+    let code = "import base64, json, sys, urllib.request\n\
+                b = lambda s: base64.b64encode(s.encode()).decode()\n\
+                body = json.dumps({'key': b(sys.argv[2]), 'value': b(sys.argv[3])}).encode()\n\
+                urllib.request.urlopen(urllib.request.Request(sys.argv[1] + '/v3/kv/put', body))\n\
+                print('ok')\n";
+    let out = run("/usr/bin/python3", &["-c", code, &etcd.url, key, value]);
+    assert_eq!(stdout(&out).trim(), "ok");
+}
+
+/// Copies with no generation in common (here b's copies given another history on disk while
+/// b was stopped) are unrelated data: both nodes alert, and the owner's resync does not copy
+/// over it, until `volume resolve` picks a side, also for a volume whose owner was in sync
+/// (v3: it is then served again, degraded). A volume that is not split has nothing to resolve.
+/// A volume recorded by a build before generations (v4: its record names none) has its
+/// copies' generations made one by the owner, once, when nothing says they differ.
 #[test]
 fn unrelated_copies_are_refused_until_resolved() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-unrelated");
     let (a, b) = pair_with(&etcd, &scratch, "2", &[]);
-    cli(&a, &["volume", "create", "v2", "--size", "16M"]);
+    for v in ["v2", "v3", "v4"] {
+        cli(&a, &["volume", "create", v, "--size", "16M"]);
+    }
     let e = cli_fails(&b, &["volume", "resolve", "v2", "--keep", "a"]);
     assert!(e.contains("not split"), "{e}");
     let dir_b = b.dir;
     b.server.stop();
     write_mib(&a.server.uri("v2"), 0xcc, 0);
-    // Another history for b's copy, written with the format's own code.
-    {
-        let open = |f: &str| {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir_b.path("pool/volumes/v2").join(f))
-                .unwrap();
-            volume_format::FileStorage::new(file).unwrap()
-        };
-        let mut v =
-            volume_format::Volume::open(open("volume.meta"), open("volume.data"), None).unwrap();
-        v.set_generation([0x5a; 16], false).unwrap();
-        v.close().unwrap();
-    }
+    regenerate(&dir_b, "v2", 0x5a);
+    regenerate(&dir_b, "v3", 0x5b);
+    regenerate(&dir_b, "v4", 0x5c);
+    // v4's record as a build before generations wrote it (the third volume: id 3).
+    etcd_put(
+        &etcd,
+        "/streamer/p1/volumes/v4",
+        &format!(
+            r#"{{"id":3,"owner":"a","token":1,"image":null,"size":{},"ready":true}}"#,
+            16 << 20
+        ),
+    );
     let b = Node::start_in(dir_b, "b", &etcd, "2");
     wait_until(20, "both see unrelated data", || {
-        a.alerts().iter().any(|x| x.contains("unrelated data"))
-            && b.alerts().iter().any(|x| x.contains("unrelated data"))
+        let found = |n: &Node| {
+            n.alerts()
+                .iter()
+                .filter(|x| x.contains("unrelated data"))
+                .count()
+        };
+        found(&a) == 2 && found(&b) == 2
     });
     std::thread::sleep(Duration::from_secs(3));
     assert!(!a.server.log().contains("resync started"));
     assert_eq!(volume_state(&a, "v2"), "unrelated");
+    assert_eq!(volume_state(&a, "v4"), "in_sync");
+    assert!(a.server.log().contains("the peer's copy took this one's"));
+    // v3's owner was in sync: resolved, it is served again degraded and resyncs.
+    cli(&a, &["volume", "resolve", "v3", "--keep", "a"]);
+    wait_until(60, "v3 resynced", || {
+        volume_state(&a, "v3") == "in_sync" && contents_ok(&b, "v3")
+    });
+    let out = cli(&a, &["volume", "verify", "v3"]);
+    assert!(out.contains("identical"), "{out}");
     assert!(
         !contents_ok(&b, "v2"),
         "b serves reads of unrelated data: {}\n{}",
@@ -1044,14 +1093,18 @@ fn unrelated_copies_are_refused_until_resolved() {
 
 /// Kill -9 of the owner under a writer, then the owner restarts (no promotion): writes in
 /// flight may have reached one copy and not the other, so the restarted owner records its peer
-/// stale before it serves a write and resyncs it whole, comparing checksums first: only blocks
+/// stale before it serves a write and resyncs the extents of its activity log, comparing
+/// checksums first: only those 4 MiB extents are read (not the 256 MiB volume), only blocks
 /// that differ travel, and the copies end equal.
 #[test]
 fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
     let etcd = Etcd::start();
     let scratch = Scratch::new("mirror-owner-crash");
     let (a, b) = pair_with(&etcd, &scratch, "2", &[]);
-    cli(&a, &["volume", "create", "v1", "--image", "g"]);
+    cli(
+        &a,
+        &["volume", "create", "v1", "--image", "g", "--size", "256M"],
+    );
     let mut a = a;
     let acked = log_until_killed(&a.server.uri("v1"), 2, || kill9(&mut a.server));
     assert!(acked >= 8, "{acked}");
@@ -1064,12 +1117,15 @@ fn an_owner_killed_mid_write_resyncs_its_peer_on_restart() {
     });
     let log = a.server.log();
     assert!(
-        log.contains("stopped uncleanly: the peer's copy is resynced whole"),
+        log.contains("stopped uncleanly: the activity log's extents"),
         "{log}"
     );
     let payload = resync_payload(&log);
-    // Compared first: at most the blocks in flight at the kill travel, not the 16 MiB volume.
+    // Compared first: at most the blocks in flight at the kill travel.
     assert!(payload < 1 << 20, "{payload}");
+    // Only the logged extents were compared: the writer stays in the first 16 MiB.
+    let compared = resync_field(&log, "blocks_bytes");
+    assert!(compared > 0 && compared <= 16 << 20, "{compared}");
     check_logged(&a.server.uri("v1"), acked);
     let out = cli(&a, &["volume", "verify", "v1"]);
     assert!(out.contains("identical"), "{out}");

@@ -28,6 +28,10 @@ pub struct VolumeRecord {
     /// their bytes, which every guarded change compares).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub generation: String,
+    /// Made by a pool joining the pair (`node/adopt.rs`): the owner's volume existed before
+    /// its record, so an interrupted adoption is undone without deleting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// The counter the next volume id comes from.
@@ -54,6 +58,7 @@ impl Cluster {
         image: Option<&str>,
         size: u64,
         generation: &crate::peer::generations::Generation,
+        adopted: bool,
     ) -> Result<VolumeRecord, ClusterError> {
         let generation = volume_format::image::hex(generation);
         let key = self.volume_key(name);
@@ -87,6 +92,7 @@ impl Cluster {
                     size,
                     ready: false,
                     generation: generation.clone(),
+                    adopted,
                 };
                 let counter_guard = if rev == 0 {
                     Compare::create_revision(counter.clone(), CompareOp::Equal, 0)
@@ -209,6 +215,14 @@ pub struct ReplicaRecord {
     /// bitmap and its generation), and the owner resyncs it whole.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub discard: bool,
+    /// The resync compares checksums before it sends (the bitmap names blocks the peer may
+    /// already hold equal: the owner's activity log after its crash).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compare: bool,
+    /// The owner asked this copy to adopt its generation (a resync is ending): until the
+    /// record goes, the owner's bitmap may count from a generation the peer already holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopting: bool,
 }
 
 impl Cluster {
@@ -250,6 +264,7 @@ impl Cluster {
         owned: &VolumeRecord,
         generation: &str,
         full: bool,
+        compare: bool,
     ) -> Result<(), ClusterError> {
         let peer = self
             .peer()?
@@ -267,6 +282,8 @@ impl Cluster {
             full,
             forced: false,
             discard: false,
+            compare,
+            adopting: false,
         };
         let value = serde_json::to_vec(&rec).expect("a record serialises");
         let mut client = self.client.clone();
@@ -369,6 +386,8 @@ impl Cluster {
             full: true,
             forced: force,
             discard: false,
+            compare: false,
+            adopting: false,
         };
         let expected = serde_json::to_vec(current).expect("a record serialises");
         let mut guards = vec![Compare::value(vkey.clone(), CompareOp::Equal, expected)];
@@ -437,25 +456,40 @@ impl Cluster {
             full: false,
             forced,
             discard: true,
+            compare: false,
+            adopting: false,
         };
         let expected = serde_json::to_vec(current).expect("a record serialises");
-        let txn = Txn::new()
-            .when([Compare::value(vkey.clone(), CompareOp::Equal, expected)])
-            .and_then([
-                TxnOp::put(
-                    vkey,
-                    serde_json::to_vec(&resolved).expect("a record serialises"),
-                    None,
-                ),
-                TxnOp::put(
-                    lkey,
-                    serde_json::to_vec(&discarded).expect("a record serialises"),
-                    None,
-                ),
-                TxnOp::delete(kkey, None),
-            ]);
         let mut client = self.client.clone();
         let result = self.rt.block_on(async move {
+            // Also guarded by the keeper's own replica record as read now: two resolves with
+            // opposite choices (each writing the other's record discarded) cannot both win,
+            // even when one leaves the volume record's bytes as they were.
+            let keeper = client.get(kkey.clone(), None).await?;
+            let keeper_guard = match keeper.kvs().first() {
+                Some(kv) => {
+                    Compare::mod_revision(kkey.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::create_revision(kkey.clone(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new()
+                .when([
+                    Compare::value(vkey.clone(), CompareOp::Equal, expected),
+                    keeper_guard,
+                ])
+                .and_then([
+                    TxnOp::put(
+                        vkey,
+                        serde_json::to_vec(&resolved).expect("a record serialises"),
+                        None,
+                    ),
+                    TxnOp::put(
+                        lkey,
+                        serde_json::to_vec(&discarded).expect("a record serialises"),
+                        None,
+                    ),
+                    TxnOp::delete(kkey, None),
+                ]);
             if client.txn(txn).await?.succeeded() {
                 Ok(resolved)
             } else {
@@ -471,6 +505,37 @@ impl Cluster {
     /// Marks the peer's stale record of `name` whole (every block to be compared and resent),
     /// while the volume's record is still `owned`.
     pub fn mark_replica_full(&self, name: &str, owned: &VolumeRecord) -> Result<(), ClusterError> {
+        self.change_replica_record(name, owned, |r| std::mem::replace(&mut r.full, true))
+    }
+
+    /// Marks the peer's stale record of `name` compared (the resync compares checksums before
+    /// it sends), while the volume's record is still `owned`.
+    pub fn mark_replica_compare(
+        &self,
+        name: &str,
+        owned: &VolumeRecord,
+    ) -> Result<(), ClusterError> {
+        self.change_replica_record(name, owned, |r| std::mem::replace(&mut r.compare, true))
+    }
+
+    /// Notes in the peer's stale record of `name` that it is asked to adopt the owner's
+    /// generation, while the volume's record is still `owned`.
+    pub fn mark_replica_adopting(
+        &self,
+        name: &str,
+        owned: &VolumeRecord,
+    ) -> Result<(), ClusterError> {
+        self.change_replica_record(name, owned, |r| std::mem::replace(&mut r.adopting, true))
+    }
+
+    /// Applies `change` to the peer's stale record of `name` (none: nothing to do), while the
+    /// volume's record is still `owned`. `change` says whether the record already was so.
+    fn change_replica_record(
+        &self,
+        name: &str,
+        owned: &VolumeRecord,
+        change: impl FnOnce(&mut ReplicaRecord) -> bool,
+    ) -> Result<(), ClusterError> {
         let peer = self
             .peer()?
             .map(|m| m.name)
@@ -478,10 +543,9 @@ impl Cluster {
         let Some(mut rec) = self.replica_record(name, &peer)? else {
             return Ok(());
         };
-        if rec.full {
+        if change(&mut rec) {
             return Ok(());
         }
-        rec.full = true;
         let vkey = self.volume_key(name);
         let rkey = self.replica_key(name, &peer);
         let expected = serde_json::to_vec(owned).expect("a record serialises");

@@ -82,7 +82,7 @@ impl Node {
         // The peer's replica starts at this copy's generation (it is behind it, whole).
         let generation = self.local_generations(name)?.current;
         let rec = cluster
-            .create_volume_record(name, image, size, &generation)
+            .create_volume_record(name, image, size, &generation, true)
             .map_err(etcd)?;
         let undo = || {
             let _ = cluster.delete_volume_record(name);
@@ -113,7 +113,7 @@ impl Node {
             .peer_control_pub(&create)
             .and_then(|_| {
                 cluster
-                    .mark_replica_stale(name, &rec, &generation, true)
+                    .mark_replica_stale(name, &rec, &generation, true, false)
                     .map_err(etcd)
             })
             .and_then(|()| cluster.set_volume_ready(name, &rec).map_err(etcd));

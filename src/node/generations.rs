@@ -37,15 +37,16 @@ pub(super) fn parse(hex: &str) -> Result<Generation, NodeError> {
 }
 
 impl Node {
-    /// The generations of this node's copy of `name`: from its served target, or read from its
-    /// files when it is not served (a split brain kept apart).
+    /// The generations of this node's copy of `name`: from its served target, or from its
+    /// superblock on disk when it is not served (a split brain kept apart): read only, so
+    /// it takes no lock and cannot race a command that serves it.
     pub(super) fn local_generations(&self, name: &str) -> Result<Generations, NodeError> {
         if let Some(t) = self.served.lock().volumes.get(name).cloned() {
             return Ok(t.generations());
         }
-        let _busy = self.busy("volume", name)?;
-        let vol = self.pool.open_volume(name)?;
-        Ok(Generations::of(&vol))
+        Ok(Generations::of_superblock(
+            &self.pool.volume_superblock(name)?,
+        ))
     }
 
     fn peer_generations(&self, name: &str) -> Result<Generations, NodeError> {
@@ -58,9 +59,29 @@ impl Node {
     /// problem the verdict is for this node: `status` alerts it, and a replica with one
     /// refuses reads.
     pub(super) fn check_generations(&self, name: &str) -> Result<Verdict, NodeError> {
-        let mine = self.local_generations(name)?;
-        let theirs = self.peer_generations(name)?;
-        let verdict = compare(&mine, &theirs);
+        let compared = self
+            .local_generations(name)
+            .and_then(|mine| Ok((mine, self.peer_generations(name)?)));
+        // A comparison that cannot be made holds the resync back: said once per new reason.
+        let (mine, theirs) = match compared {
+            Ok(both) => {
+                self.pair_volumes.compare_errors.lock().remove(name);
+                both
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let old = self
+                    .pair_volumes
+                    .compare_errors
+                    .lock()
+                    .insert(name.to_owned(), why.clone());
+                if old.as_ref() != Some(&why) {
+                    tracing::warn!(volume = name, "the copies' generations not compared: {why}");
+                }
+                return Err(e);
+            }
+        };
+        let verdict = self.adopt_legacy(name, &mine, &theirs, compare(&mine, &theirs));
         let peer = self
             .this_node()
             .and_then(|(c, _)| c.peer().ok().flatten())
@@ -117,6 +138,66 @@ impl Node {
             self.refresh_stale();
         }
         Ok(verdict)
+    }
+
+    /// A pair volume made before generations were kept (its etcd record names none) has copies
+    /// with unrelated random generations. If nothing says they differ (no stale record, no
+    /// bitmap, no history on either side), the owner has the peer adopt its generation once:
+    /// the copies were mirrored all along.
+    fn adopt_legacy(
+        &self,
+        name: &str,
+        mine: &Generations,
+        theirs: &Generations,
+        verdict: Verdict,
+    ) -> Verdict {
+        let clean = |g: &Generations| g.bitmap.is_none() && g.history == [NONE; 2];
+        if verdict != Verdict::Unrelated || !clean(mine) || !clean(theirs) {
+            return verdict;
+        }
+        let Some(m) = self.pair_volumes.mirrors.lock().get(name).cloned() else {
+            return verdict;
+        };
+        let Some((cluster, _)) = self.this_node() else {
+            return verdict;
+        };
+        let legacy = cluster
+            .volume_record(name)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.generation.is_empty());
+        let peer_stale = cluster.peer().ok().flatten().is_none_or(|p| {
+            cluster
+                .replica_record(name, &p.name)
+                .ok()
+                .flatten()
+                .is_some()
+        });
+        if !legacy || peer_stale || !matches!(m.peer_state(), crate::target::PeerState::InSync) {
+            return verdict;
+        }
+        let req = Control::AdoptGeneration {
+            name: name.into(),
+            id: m.id(),
+            generation: volume_format::image::hex(&mine.current),
+        }
+        .encode();
+        match self.peer_control_pub(&req) {
+            Ok(_) => {
+                tracing::info!(
+                    volume = name,
+                    "a volume from before generations: the peer's copy took this one's"
+                );
+                Verdict::InSync
+            }
+            Err(e) => {
+                tracing::warn!(
+                    volume = name,
+                    "the peer adopting this copy's generation: {e}"
+                );
+                verdict
+            }
+        }
     }
 
     /// Compares every pair volume here with the peer's copy (the link just came up), and again
@@ -220,6 +301,35 @@ impl Node {
         })
     }
 
+    /// Pair volumes not served here whose records now say what to do (this node owns them,
+    /// or a `volume resolve` discarded this copy) are served as recorded: a node that missed
+    /// its step of a resolve, or could not reach etcd when it started, catches up within
+    /// seconds.
+    pub(super) fn serve_as_recorded_all(&self) {
+        let Some((cluster, me)) = self.this_node() else {
+            return;
+        };
+        let names: Vec<String> = self.pair_volumes.unserved.lock().keys().cloned().collect();
+        for name in names {
+            let (Ok(Some(rec)), Ok(Some(local))) =
+                (cluster.volume_record(&name), self.pair_record(&name))
+            else {
+                continue;
+            };
+            let discarded = rec.owner != me && self.is_discarded(&name);
+            if rec.id != local.id || (rec.owner != me && !discarded) {
+                continue;
+            }
+            let Ok(_busy) = self.busy("volume", &name) else {
+                continue;
+            };
+            match self.serve_as_recorded(&name) {
+                Ok(()) => tracing::info!(volume = %name, "served as etcd records it now"),
+                Err(e) => tracing::debug!(volume = %name, "still not served: {e}"),
+            }
+        }
+    }
+
     /// The owner's resync is about to start for `name`: true when it may copy to the peer.
     /// A peer behind by more than the bitmap covers (or discarded) gets every block compared:
     /// the bitmap is set whole and committed before etcd records the resync whole, so a crash
@@ -241,6 +351,17 @@ impl Node {
             .flatten()
             .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten());
         match verdict {
+            // The peer adopted this copy's generation but the bitmap never ended (a resync
+            // that stopped at its very end): the bitmap counts from that generation now.
+            Verdict::InSync if m.volume().peer_bitmap().is_some() => {
+                match m.volume().rebase_peer_bitmap() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(volume = name, "rebasing the bitmap: {e}");
+                        false
+                    }
+                }
+            }
             Verdict::InSync | Verdict::OtherBehind { whole: false } => true,
             Verdict::OtherBehind { whole: true } => {
                 if peer_rec.as_ref().is_some_and(|r| r.full) {

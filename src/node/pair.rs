@@ -68,11 +68,20 @@ impl Node {
         }
         // Before any mirror exists: each takes the degrade thread's sender.
         self.start_degrade_thread();
+        self.start_activity_thread();
         *self.pair.lock() = Some(pair);
         self.start_resync_thread();
         self.finish_interrupted_creates();
         let waiting = std::mem::take(&mut *self.pair_volumes.unserved.lock());
         for name in waiting.keys() {
+            // The peer may already ask about it (the link is up): one command at a time.
+            let Ok(_busy) = self.busy("volume", name) else {
+                self.pair_volumes
+                    .unserved
+                    .lock()
+                    .insert(name.clone(), "a command works on it".into());
+                continue;
+            };
             if let Err(e) = self.serve_volume(name) {
                 tracing::error!(volume = %name, "not served: {e}");
                 self.pair_volumes

@@ -100,7 +100,8 @@ impl Node {
             .map_err(|e| match e {
                 crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
                     "volume {name:?}'s records changed meanwhile (its copy here may have been \
-                     recorded stale): look again with `pair status` and retry"
+                     recorded stale): look again with `pair \
+                     status` and retry"
                 )),
                 e => etcd(e),
             })?;
@@ -155,7 +156,8 @@ impl Node {
         };
         let verdict = self.check_generations(name).map_err(|e| {
             NodeError::InUse(format!(
-                "comparing the two copies of {name:?} needs both nodes ({e}); resolve when                  node {peer} is up"
+                "comparing the two copies of {name:?} needs both nodes ({e}); resolve when \
+                 node {peer} is up"
             ))
         })?;
         if !matches!(
@@ -171,7 +173,8 @@ impl Node {
             .resolve_record(name, &rec, keep, &loser)
             .map_err(|e| match e {
                 crate::cluster::ClusterError::Contended => NodeError::InUse(format!(
-                    "volume {name:?}'s record changed meanwhile: look again with `pair                      status` and retry"
+                    "volume {name:?}'s record changed meanwhile: look again with `pair \
+                     status` and retry"
                 )),
                 e => etcd(e),
             })?;
@@ -179,23 +182,30 @@ impl Node {
             volume = name,
             owner = %resolved.owner,
             token = resolved.token,
-            "split brain resolved: node {keep}'s copy is kept, node {loser}'s changes are              discarded"
+            "split brain resolved: node {keep}'s copy is kept, node {loser}'s changes are \
+             discarded"
         );
-        // The loser first (if it owned the volume it stops writing), then the keeper.
+        // The loser first (if it owned the volume it stops writing), then the keeper serves
+        // it as its owner, degraded (a mirror in sync is served again so). Each step is tried
+        // even if the other failed: the records decide, and a node that missed its step takes
+        // it when the resync thread next looks (`serve_as_recorded_all`) or when it starts.
         let tell = |req: Vec<u8>| self.peer_control_pub(&req).map(|_| ());
-        if loser == me {
-            self.discard_split_brain(name)?;
+        let lost = if loser == me {
+            self.discard_split_brain(name)
         } else {
-            tell(Control::DiscardSplitBrain { name: name.into() }.encode())?;
-        }
-        if resolved.owner != rec.owner {
-            if keep == me {
-                self.became_owner(name)?;
-            } else {
-                tell(Control::BecameOwner { name: name.into() }.encode())?;
-            }
-        }
-        Ok(())
+            tell(Control::DiscardSplitBrain { name: name.into() }.encode())
+        };
+        let kept = if keep == me {
+            self.became_owner(name)
+        } else {
+            tell(Control::BecameOwner { name: name.into() }.encode())
+        };
+        lost.and(kept).map_err(|e| {
+            NodeError::Io(format!(
+                "resolved in etcd, but a node has not acted on it yet ({e}); it does within \
+                 seconds (or when it starts)"
+            ))
+        })
     }
 
     /// etcd records this node's copy of `name` discarded (`volume resolve`): served again as
@@ -372,6 +382,14 @@ impl Node {
                 "etcd names node {} the owner of {name:?}, not this node",
                 rec.owner
             )));
+        }
+        // Served already as its owner with this token, degraded (a resolve that kept this
+        // node's copy while the other was stale): its resync does the rest.
+        if let Some(m) = self.pair_volumes.mirrors.lock().get(name)
+            && m.token() == rec.token
+            && !matches!(m.peer_state(), crate::target::PeerState::InSync)
+        {
+            return Ok(());
         }
         let record = super::replicas::PairRecord {
             token: rec.token.max(local.token),

@@ -48,6 +48,8 @@ pub(super) struct PairVolumes {
     pub unserved: Mutex<BTreeMap<String, String>>,
     /// Names of mirrors whose peer failed, for the degrade thread (`Node::degrade`).
     degrade_tx: Mutex<Option<std::sync::mpsc::Sender<String>>>,
+    /// Activity logs with changes waiting, for the activity thread.
+    log_tx: Mutex<Option<std::sync::mpsc::Sender<Arc<crate::target::activity::ActivityLog>>>>,
     /// Replicas recorded stale in etcd (their reads refused), by name.
     pub stale: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// The dialer's count of data links when the peer last fenced this node's links: a new
@@ -59,6 +61,8 @@ pub(super) struct PairVolumes {
     pub not_adopted: Mutex<BTreeMap<String, String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
+    /// Why the copies' generations of a volume could not be compared, while they cannot.
+    pub compare_errors: Mutex<HashMap<String, String>>,
     /// Volumes whose copies' generations do not agree as they should (`generations.rs`).
     pub generation_problems: Mutex<BTreeMap<String, super::generations::GenerationProblem>>,
     /// Owned volumes whose personality the peer may not have (a send failed, or the link was
@@ -252,13 +256,24 @@ impl Node {
                 Some(p) => cluster.replica_record(name, &p.name).map_err(pair_err)?,
                 None => None,
             };
-            // After a crash of this node, writes that were in flight may have reached one copy
-            // and not the other, and nothing records which (the activity log that would is not
-            // built): the peer is recorded stale and resynced whole before a write is served.
+            let size = target.geometry().size_bytes;
+            // The activity log (`target/activity.rs`): after a crash of this node, every block
+            // a change in flight may have reached one copy and not the other lies in a logged
+            // extent. No log from before (the volume was owned by a build without one): all.
+            let (log_file, log_existed) = self.pool.open_activity_log(name)?;
+            let logged = crate::target::activity::read(&log_file)
+                .map_err(|e| NodeError::Io(format!("reading the activity log of {name:?}: {e}")))?;
             let crashed = self.crashed_volumes.lock().contains(name);
-            if peer_rec.is_none() && crashed {
+            let suspect = match (&logged, log_existed) {
+                (_, false) => vec![(0, size)],
+                (Some(l), true) => l.ranges(size),
+                (None, true) => Vec::new(),
+            };
+            // After a crash, the peer is recorded stale before a write is served, and the
+            // suspect extents compared and resent (comparing first: most are equal).
+            if peer_rec.is_none() && crashed && !suspect.is_empty() {
                 cluster
-                    .mark_replica_stale(name, &rec, &target.generation(), true)
+                    .mark_replica_stale(name, &rec, &target.generation(), false, true)
                     .map_err(|e| {
                         NodeError::Io(format!(
                             "this node stopped uncleanly and cannot record the peer's copy \
@@ -267,34 +282,55 @@ impl Node {
                     })?;
                 tracing::warn!(
                     volume = name,
-                    "this node stopped uncleanly: the peer's copy is resynced whole"
+                    extents = suspect.len(),
+                    "this node stopped uncleanly: the activity log's extents of the peer's copy \
+                     are compared and resynced"
                 );
                 peer_rec = cluster
                     .peer()
                     .map_err(pair_err)?
                     .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten());
             }
+            // A crash while a resync was ending: the peer may have adopted this copy's
+            // generation already; the bitmap counts from it and this copy takes a new one, so
+            // what it writes alone now is told apart (`peer/generations.rs`).
+            if crashed
+                && target.peer_bitmap().is_some()
+                && peer_rec.as_ref().is_some_and(|r| r.adopting)
+            {
+                target
+                    .rebase_peer_bitmap()
+                    .map_err(|e| NodeError::Io(format!("rebasing the bitmap: {e}")))?;
+            }
             // A crash also loses the bits of writes not yet committed, whose data may have
-            // reached the disk: a bitmap kept from before is no longer complete, and covers
-            // everything from now on.
-            if crashed && target.peer_bitmap().is_some() {
-                cluster.mark_replica_full(name, &rec).map_err(pair_err)?;
-                target.mark_peer_dirty(0, target.geometry().size_bytes);
+            // reached the disk: a bitmap kept from before gets the suspect extents too.
+            if crashed && target.peer_bitmap().is_some() && !suspect.is_empty() {
+                cluster.mark_replica_compare(name, &rec).map_err(pair_err)?;
+                for &(offset, len) in &suspect {
+                    target.mark_peer_dirty(offset, len);
+                }
                 target
                     .commit_now()
                     .map_err(|e| NodeError::Io(format!("{e}")))?;
             }
-            // Recorded (below, the bitmap starts whole if none was kept): the crash is dealt
-            // with. Until then the node does not mark a clean stop either.
-            self.crashed_volumes.lock().remove(name);
-            // The peer is stale and this copy keeps no bitmap (just promoted, or a crash came
-            // between recording the peer stale and starting one): every block goes to it.
-            if peer_rec.is_some() && target.peer_bitmap().is_none() {
-                let size = target.geometry().size_bytes;
+            // The peer is stale and this copy keeps no bitmap: after a crash, the suspect
+            // extents go to it; otherwise (just promoted, or a stop came between recording
+            // the peer stale and starting one) every block does.
+            if let Some(r) = &peer_rec
+                && target.peer_bitmap().is_none()
+            {
+                let ranges = if crashed && !r.full {
+                    suspect.clone()
+                } else {
+                    vec![(0, size)]
+                };
                 target
-                    .start_peer_bitmap(&[(0, size)])
-                    .map_err(|e| NodeError::Io(format!("starting a whole resync: {e}")))?;
+                    .start_peer_bitmap(&ranges)
+                    .map_err(|e| NodeError::Io(format!("starting a resync: {e}")))?;
             }
+            // Recorded: the crash is dealt with. Until then the node does not mark a clean
+            // stop either.
+            self.crashed_volumes.lock().remove(name);
             if peer_rec.as_ref().is_some_and(|r| r.forced) {
                 self.pair_volumes.forced.lock().insert(name.to_owned());
             } else {
@@ -305,12 +341,15 @@ impl Node {
                 let since = peer_rec.as_ref().map_or(0, |r| r.since_unix);
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(since)
             });
+            let log = Arc::new(crate::target::activity::ActivityLog::new(log_file, logged));
             let m = Arc::new(Mirror::new(
                 target.clone(),
                 rec.id,
                 rec.token,
                 degraded,
                 self.degrader(),
+                log,
+                self.log_writer(),
             ));
             self.pair_volumes
                 .mirrors
@@ -402,6 +441,43 @@ impl Node {
         })
     }
 
+    /// The activity-log writer every mirror of this node calls when a change waits for its
+    /// log: hands the log to the activity thread.
+    fn log_writer(&self) -> crate::target::activity::LogWriter {
+        let tx = self.pair_volumes.log_tx.lock().clone();
+        Arc::new(move |log| {
+            if let Some(tx) = &tx {
+                let _ = tx.send(log);
+            }
+        })
+    }
+
+    /// Starts the thread that writes the mirrors' activity logs (`target/activity.rs`): a
+    /// `pwrite` and an `fdatasync` per commit, never on an I/O thread.
+    pub(super) fn start_activity_thread(&self) {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<crate::target::activity::ActivityLog>>();
+        *self.pair_volumes.log_tx.lock() = Some(tx);
+        let spawned = std::thread::Builder::new()
+            .name("streamer-activity".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Every log that asked meanwhile, once each.
+                    let mut logs = vec![first];
+                    logs.extend(rx.try_iter());
+                    logs.sort_by_key(|l| Arc::as_ptr(l) as usize);
+                    logs.dedup_by_key(|l| Arc::as_ptr(l) as usize);
+                    for log in logs {
+                        if let Err(e) = log.commit() {
+                            tracing::error!("{e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("starting the activity thread: {e}");
+        }
+    }
+
     /// Starts the thread that records peers stale for the mirrors (`docs/pair.md` §4).
     pub(super) fn start_degrade_thread(self: &Arc<Self>) {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -464,7 +540,7 @@ impl Node {
                 ));
             }
             cluster
-                .mark_replica_stale(name, &rec, &m.volume().generation(), false)
+                .mark_replica_stale(name, &rec, &m.volume().generation(), false, false)
                 .map_err(|e| e.to_string())?;
             m.volume()
                 .start_peer_bitmap(&ranges)
@@ -552,7 +628,7 @@ impl Node {
         };
         let generation = super::generations::new_generation();
         let rec = cluster
-            .create_volume_record(name, image, size, &generation)
+            .create_volume_record(name, image, size, &generation, false)
             .map_err(|e| match e {
                 e @ crate::cluster::ClusterError::VolumeExists { .. } => {
                     NodeError::InUse(e.to_string())
@@ -757,6 +833,26 @@ impl Node {
             if rec.owner != me || rec.ready {
                 continue;
             }
+            if let Ok(Some(local)) = self.pair_record(&name)
+                && local.id == rec.id
+                && rec.adopted
+            {
+                // An interrupted adoption: the volume was this pool's before; it stays, a
+                // volume of this node alone again (it is tried again later).
+                tracing::warn!(volume = %name, "undoing an interrupted adoption into the pair");
+                if let Err(e) = self.pool.set_volume_record(&name, PAIR_RECORD, None) {
+                    tracing::error!(volume = %name, "{e}");
+                    continue;
+                }
+                let del = Control::DeleteReplica {
+                    name: name.clone(),
+                    id: rec.id,
+                }
+                .encode();
+                let _ = self.peer_control(&del);
+                let _ = cluster.delete_volume_record(&name);
+                continue;
+            }
             tracing::warn!(volume = %name, "removing a volume whose creation was interrupted");
             if let Ok(Some(local)) = self.pair_record(&name)
                 && local.id == rec.id
@@ -806,7 +902,11 @@ impl Node {
                 resync_eta_secs: progress.and_then(|p| p.eta_secs(bits * 4096)),
                 reason: problem
                     .map(|p| p.message.clone())
-                    .or_else(|| m.degrade_failure().map(|(_, why)| why)),
+                    .or_else(|| m.degrade_failure().map(|(_, why)| why))
+                    .or_else(|| {
+                        let e = self.pair_volumes.compare_errors.lock().get(name).cloned()?;
+                        Some(format!("the copies' generations not compared: {e}"))
+                    }),
             });
         }
         for (name, stale) in self.pair_volumes.stale.lock().iter() {

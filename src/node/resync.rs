@@ -90,6 +90,9 @@ impl Node {
                         node.share_missing_images();
                         node.adopt_volumes();
                     }
+                    if round.is_multiple_of(5) {
+                        node.serve_as_recorded_all();
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -248,7 +251,7 @@ impl Node {
                 .ok()
                 .flatten()
                 .and_then(|p| c.replica_record(name, &p.name).ok().flatten())
-                .is_some_and(|r| r.full),
+                .is_some_and(|r| r.full || r.compare),
             None => false,
         };
         let session = if compare {
@@ -299,11 +302,17 @@ impl Node {
                 let failures = m.peer_failures();
                 let mut batch = Vec::new();
                 let mut batch_bytes = 0;
+                // Chunks sent and not yet answered, each with its range still held: the next
+                // chunk is read while the peer applies the previous ones.
+                let mut window = std::collections::VecDeque::new();
                 while batch_bytes < BATCH_BYTES {
                     let Some((first, count)) = vol.next_peer_dirty(from, CHUNK_BLOCKS) else {
                         break;
                     };
-                    self.send_chunk(conn, m, first, count)?;
+                    window.push_back(self.send_chunk(conn, m, first, count)?);
+                    if window.len() > WINDOW_CHUNKS {
+                        conn.answered(window.pop_front())?;
+                    }
                     batch.push((first, count));
                     from = first + count;
                     batch_bytes += count * 4096;
@@ -315,12 +324,19 @@ impl Node {
                         .lock()
                         .insert(name.to_owned(), progress.clone());
                     if rate > 0 {
-                        // Paced: at most `rate` bytes per second since the start.
+                        // Paced: at most `rate` bytes per second since the start. No range is
+                        // held while it sleeps (client writes to it would wait as long).
                         let due = Duration::from_secs_f64(progress.done_bytes as f64 / rate as f64);
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            while let Some(sent) = window.pop_front() {
+                                conn.answered(Some(sent))?;
+                            }
                             std::thread::sleep(wait);
                         }
                     }
+                }
+                while let Some(sent) = window.pop_front() {
+                    conn.answered(Some(sent))?;
                 }
                 if batch.is_empty() {
                     break;
@@ -341,16 +357,17 @@ impl Node {
         self.finish_resync(name, m)
     }
 
-    /// Sends blocks `first..first + count` as they are now, under the mirror's range lock.
-    fn send_chunk(
+    /// Sends blocks `first..first + count` as they are now, under the mirror's range lock,
+    /// which the chunk keeps until the peer answered its frames (`Conn::answered`).
+    fn send_chunk<'m>(
         &self,
         conn: &mut Conn,
-        m: &Mirror,
+        m: &'m Mirror,
         first: u64,
         count: u64,
-    ) -> Result<(), String> {
+    ) -> Result<Sent<'m>, String> {
         let (offset, len) = (first * 4096, count * 4096);
-        let _held = m.lock_range(offset, offset + len);
+        let held = m.lock_range(offset, offset + len);
         let vol = m.volume();
         let mut buf = vec![0u8; len as usize];
         let op = TargetOp::Read {
@@ -400,10 +417,10 @@ impl Node {
             frames += 1;
             i = j;
         }
-        for _ in 0..frames {
-            conn.reply()?;
-        }
-        Ok(())
+        Ok(Sent {
+            _held: held,
+            frames,
+        })
     }
 
     /// The bitmap is empty: with the whole volume held against writes, remove the peer's stale
@@ -426,6 +443,12 @@ impl Node {
             }
             // The peer's copy is this one's now: it takes this copy's generation before the
             // bitmap (and its generation) ends here, so a crash between leaves them equal.
+            // etcd notes it first: a crash of this node after it rebases the bitmap's
+            // generation on restart (`pair_target`), so what it writes alone after is never
+            // taken for the peer's.
+            cluster
+                .mark_replica_adopting(name, &rec)
+                .map_err(|e| e.to_string())?;
             let adopt = ControlRequest::AdoptGeneration {
                 name: name.into(),
                 id: m.id(),
@@ -434,14 +457,20 @@ impl Node {
             .encode();
             self.peer_control_pub(&adopt)
                 .map_err(|e| format!("the peer adopting this copy's generation: {e}"))?;
-            cluster
+            let rest = cluster
                 .mark_replica_in_sync(name, &rec)
-                .map_err(|e| e.to_string())?;
-            match m.volume().end_peer_bitmap() {
-                Ok(true) => Ok(()),
-                Ok(false) => Err("bits were set while nothing was in flight".into()),
-                Err(e) => Err(format!("ending the bitmap: {e}")),
+                .map_err(|e| e.to_string())
+                .and_then(|()| match m.volume().end_peer_bitmap() {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("bits were set while nothing was in flight".into()),
+                    Err(e) => Err(format!("ending the bitmap: {e}")),
+                });
+            if rest.is_err()
+                && let Err(e) = m.volume().rebase_peer_bitmap()
+            {
+                tracing::error!(volume = name, "rebasing the bitmap's generation: {e}");
             }
+            rest
         })?;
         drop(held);
         if !done {
@@ -453,6 +482,15 @@ impl Node {
         }
         Ok(true)
     }
+}
+
+/// Most chunks in flight at once (4 MiB): the peer applies one while the next is read.
+const WINDOW_CHUNKS: usize = 4;
+
+/// A chunk sent: its range held until the peer answered its frames.
+struct Sent<'m> {
+    _held: crate::target::RangeGuard<'m>,
+    frames: usize,
 }
 
 /// The resync's data link.
@@ -488,6 +526,17 @@ impl Conn {
         self.s
             .write_all(&b)
             .map_err(|e| format!("sending to the peer: {e}"))
+    }
+
+    /// Reads the answers to a chunk's frames (in order: the peer answers each link in order);
+    /// then its range is released.
+    fn answered(&mut self, sent: Option<Sent<'_>>) -> Result<(), String> {
+        if let Some(sent) = sent {
+            for _ in 0..sent.frames {
+                self.reply()?;
+            }
+        }
+        Ok(())
     }
 
     fn reply(&mut self) -> Result<(), String> {

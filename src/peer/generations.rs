@@ -64,6 +64,16 @@ impl Generations {
         }
     }
 
+    /// The generations a volume's superblock records (read without opening the volume).
+    pub fn of_superblock(sb: &volume_format::Superblock) -> Generations {
+        let kept = sb.incompat & volume_format::layout::INCOMPAT_PEER_DIRTY_BITMAP != 0;
+        Generations {
+            current: sb.generation,
+            bitmap: kept.then_some(sb.peer_generation),
+            history: sb.history,
+        }
+    }
+
     /// Every generation it names (not zero), newest first.
     fn known(&self) -> impl Iterator<Item = Generation> + '_ {
         std::iter::once(self.current)

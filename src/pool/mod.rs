@@ -6,6 +6,8 @@
 //!                    personality.json           its personality, if it has one
 //!                    personality.previous.json  a volume kept by a redeploy: its old one
 //!                    redeploy.json              a redeploy that keeps the old volume, until done
+//!                    pair.json                  a pair volume: its pair, id, highest token seen
+//!                    activity.log               a pair volume this node owned: its activity log
 //! DIR/ippools/NAME.json                         an IP pool
 //! DIR/.staging/ID/   an object being built      removed when the pool opens
 //! DIR/.trash/ID/     an object being deleted    removed when the pool opens
@@ -73,6 +75,8 @@ struct RedeployNote {
 /// Beside a volume's files, on a node of a pair: the volume's id in the pair and the highest
 /// fencing token its replica has seen (JSON; `docs/pair.md` §2).
 pub const PAIR_RECORD: &str = "pair.json";
+/// The activity log of a pair volume this node owns (`target/activity.rs`).
+pub const ACTIVITY_LOG: &str = "activity.log";
 /// The IP pools' records, one JSON file each.
 const IPPOOLS: &str = "ippools";
 
@@ -825,6 +829,23 @@ impl Pool {
         self.open_volume_with_cache(name, usize::MAX)
     }
 
+    /// Volume `name`'s current superblock, read from its metadata file without opening the
+    /// volume (nothing is written; the volume may be open elsewhere).
+    pub fn volume_superblock(&self, name: &str) -> Result<volume_format::Superblock, PoolError> {
+        self.volume(name)?;
+        let err = io_err(format!("reading volume {name:?}'s superblock"));
+        let f = self
+            .dir
+            .open_file(&Self::volume_file(name, VOLUME_META), Access::Read)
+            .map_err(&err)?;
+        let mut a = [0u8; 4096];
+        let mut b = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut a, 0).map_err(&err)?;
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 4096).map_err(&err)?;
+        volume_format::Superblock::choose(&a, &b)
+            .map_err(|e| PoolError::Invalid(format!("volume {name:?}'s superblock: {e}")))
+    }
+
     /// Opens a volume holding at most `cache_pages` clean map pages in memory (to serve it).
     pub fn open_volume_with_cache(
         &self,
@@ -1069,6 +1090,28 @@ impl Pool {
         self.dir
             .sync_dir(&Path::new("volumes").join(name))
             .map_err(err)
+    }
+
+    /// Volume `name`'s activity log file (`activity.log`, `target/activity.rs`), opened for
+    /// reading and writing; created (and its directory synced) if missing. True when it
+    /// existed.
+    pub fn open_activity_log(&self, name: &str) -> Result<(File, bool), PoolError> {
+        self.volume(name)?;
+        let rel = Self::volume_file(name, ACTIVITY_LOG);
+        let err = io_err(format!("opening volume {name:?}'s {ACTIVITY_LOG}"));
+        match self.dir.open_file(&rel, Access::ReadWrite) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        let f = self
+            .dir
+            .open_file(&rel, Access::CreateOrOpen)
+            .map_err(&err)?;
+        self.dir
+            .sync_dir(&Path::new("volumes").join(name))
+            .map_err(err)?;
+        Ok((f, false))
     }
 
     /// The IP pools' records (JSON), by name.

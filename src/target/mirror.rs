@@ -20,6 +20,11 @@
 //! volume no longer this node's), the parked requests fail with `EIO`: nothing is acknowledged
 //! on one node that the pair does not know is on one node. Data protection before
 //! availability.
+//!
+//! Activity log (`activity.rs`, `docs/pair.md` §3.2): before a change is issued to either
+//! copy, its 4 MiB extents are in the volume's durable activity log; one whose extent is not
+//! parks (a `Wait`) while the node's activity thread writes the log. After a crash of this
+//! node, only the logged extents can differ between the copies.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -30,6 +35,7 @@ use std::time::SystemTime;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
 
+use super::activity::{ActivityLog, Admit, LogWriter};
 use super::{
     BlockTarget, FileIo, Geometry, PeerIo, PeerOp, Plan, Progress, TargetError, TargetOp,
     VolumeTarget,
@@ -44,6 +50,8 @@ const WAITING_FOR_DEGRADE: u32 = 3;
 /// `Outer::step`: done here while degraded, its bit set after its own commit: waits for a
 /// commit that makes the bit durable too (a FUA operation or a flush).
 const WAITING_FOR_COMMIT: u32 = 4;
+/// `Outer::step`: the change waits for its extents to be in the activity log.
+const WAITING_FOR_LOG: u32 = 5;
 
 /// Whether the peer's replica takes this volume's writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +132,9 @@ pub struct Mirror {
     unflushed: Mutex<std::collections::BTreeMap<u64, u64>>,
     /// Peer operations that failed so far (a resync batch whose window saw one keeps its bits).
     peer_failures: AtomicU64,
+    /// The extents changes may be in flight in, durable before they are issued.
+    log: Arc<ActivityLog>,
+    log_writer: LogWriter,
 }
 
 /// Granularity of `Mirror::unflushed`.
@@ -131,13 +142,15 @@ const EXTENT_BYTES: u64 = 4 << 20;
 
 impl Mirror {
     /// A mirror of `inner`; `degraded`: the volume keeps a peer bitmap (the peer is stale,
-    /// since then).
+    /// since then). `log`: its activity log, written by `log_writer`'s thread.
     pub fn new(
         inner: Arc<VolumeTarget>,
         id: u32,
         token: u64,
         degraded: Option<SystemTime>,
         degrader: Degrader,
+        log: Arc<ActivityLog>,
+        log_writer: LogWriter,
     ) -> Mirror {
         assert!(token > 0, "a mirrored volume has a fencing token");
         let state = match degraded {
@@ -159,7 +172,14 @@ impl Mirror {
             completions: AtomicU64::new(0),
             unflushed: Mutex::new(std::collections::BTreeMap::new()),
             peer_failures: AtomicU64::new(0),
+            log,
+            log_writer,
         }
+    }
+
+    /// The volume's activity log.
+    pub fn activity_log(&self) -> &Arc<ActivityLog> {
+        &self.log
     }
 
     /// Refuses every write, zeroing, trim and flush from now on (`EIO` with `why`): the volume
@@ -354,6 +374,8 @@ impl Mirror {
             *result = Some(Err(why.to_owned()));
             let _ = efd.write(1);
         }
+        drop(d);
+        self.log.abandon(why);
     }
 
     /// Whether the degrader should try again (a failed attempt left work waiting).
@@ -526,6 +548,16 @@ impl Mirror {
         Ok(true)
     }
 
+    /// An admitted change ended (done or failed): the activity log may let its extents go
+    /// once a flush covers it.
+    fn log_done(&self, op: &TargetOp, plan: &mut Plan) {
+        if std::mem::take(&mut plan.outer.logged)
+            && let Some((start, end)) = Self::range(op)
+        {
+            self.log.done(start, end);
+        }
+    }
+
     fn release(&self, plan: &mut Plan) {
         let ticket = std::mem::take(&mut plan.outer.ticket);
         if ticket == 0 {
@@ -564,10 +596,35 @@ impl Mirror {
         if !self.acquire(op, plan)? {
             return Ok(());
         }
+        // Its extents in the activity log before anything is issued (it holds its range
+        // meanwhile: overlapping changes queue behind it, in order).
+        if let Some((start, end)) = Self::range(op) {
+            match self.log.admit(start, end) {
+                Ok(Admit::Yes) => plan.outer.logged = true,
+                Ok(Admit::Wait(fd)) => {
+                    plan.outer.step = WAITING_FOR_LOG;
+                    plan.push(FileIo::Wait { fd });
+                    (self.log_writer)(self.log.clone());
+                    return Ok(());
+                }
+                Err(why) => {
+                    self.release(plan);
+                    return Err(TargetError::Volume {
+                        what: "logging the change",
+                        errno: libc::EIO,
+                        message: why,
+                    });
+                }
+            }
+        }
         plan.outer.step = RUNNING;
         plan.outer.result = None;
         plan.outer.sent = false;
+        if matches!(op, TargetOp::Flush) {
+            plan.outer.log_mark = self.log.mark();
+        }
         if let Err(e) = self.inner.plan(op, plan) {
+            self.log_done(op, plan);
             self.release(plan);
             return Err(e);
         }
@@ -612,6 +669,17 @@ impl BlockTarget for Mirror {
                 unreachable!("a range wait holds one Wait I/O");
             };
             self.inflight.lock().parked.remove(&fd);
+            plan.clear();
+            self.start(op, plan)?;
+            return Ok(Progress::Again);
+        }
+        if plan.outer.step == WAITING_FOR_LOG {
+            let Some(&FileIo::Wait { fd }) = plan.get(0) else {
+                unreachable!("a log wait holds one Wait I/O");
+            };
+            self.log.unpark(fd);
+            // Its range is still held: asked again, it is admitted or waits again.
+            self.release(plan);
             plan.clear();
             self.start(op, plan)?;
             return Ok(Progress::Again);
@@ -661,6 +729,16 @@ impl BlockTarget for Mirror {
             return Ok(Progress::Again);
         }
         let peer = plan.outer.result.expect("set above");
+        self.log_done(op, plan);
+        // A flush done on every copy that takes writes makes the changes before it durable
+        // there: their extents may leave the activity log.
+        if matches!(op, TargetOp::Flush)
+            && local.is_ok()
+            && peer >= 0
+            && self.log.flushed(plan.outer.log_mark)
+        {
+            (self.log_writer)(self.log.clone());
+        }
         if peer >= 0 && plan.outer.sent {
             match &local {
                 // Both took it: bookkeeping while its range is still held.
@@ -863,7 +941,21 @@ mod tests {
         let committers = Committers::start(1).unwrap();
         let t = Arc::new(VolumeTarget::new("v", vol, &committers).unwrap());
         let degrader: Degrader = Arc::new(|_: &str| {});
-        (Mirror::new(t, 9, 4, None, degrader), Dir(d), committers)
+        let (file, _) = pool.open_activity_log("v").unwrap();
+        // The volume's one extent is logged already (a_change_waits_for_its_log starts empty).
+        let logged = crate::target::activity::Logged {
+            sequence: 1,
+            extents: [0].into(),
+            overflow: false,
+        };
+        let log = Arc::new(ActivityLog::new(file, Some(logged)));
+        // The log is written at once, on the calling thread (the node has a thread for it).
+        let writer: LogWriter = Arc::new(|log: Arc<ActivityLog>| log.commit().unwrap());
+        (
+            Mirror::new(t, 9, 4, None, degrader, log, writer),
+            Dir(d),
+            committers,
+        )
     }
 
     fn peer_ios(plan: &Plan) -> Vec<PeerIo> {
@@ -981,6 +1073,45 @@ mod tests {
         .unwrap();
         assert_eq!(out, vec![5u8; 4096]);
         assert!(m.diverged().is_none());
+    }
+
+    /// A change whose extent is not in the activity log waits (holding its range) until the
+    /// log is written, then goes to both copies; the log on disk names its extent.
+    #[test]
+    fn a_change_waits_for_its_log() {
+        let (m0, d, c) = mirror("log");
+        let (file, _) = crate::pool::Pool::open_or_create(&d.0, false)
+            .unwrap()
+            .open_activity_log("v")
+            .unwrap();
+        file.set_len(0).unwrap();
+        let log = Arc::new(ActivityLog::new(file.try_clone().unwrap(), None));
+        let writer: LogWriter = Arc::new(|log: Arc<ActivityLog>| log.commit().unwrap());
+        let degrader: Degrader = Arc::new(|_: &str| {});
+        let m = Mirror::new(m0.volume().clone(), 9, 4, None, degrader, log, writer);
+        let w = TargetOp::Write {
+            offset: 4096,
+            len: 4096,
+            fua: false,
+        };
+        let mut plan = Plan::default();
+        plan.begin();
+        m.plan(&w, &mut plan).unwrap();
+        assert!(matches!(plan.get(0), Some(FileIo::Wait { .. })), "{plan:?}");
+        assert!(peer_ios(&plan).is_empty());
+        assert_eq!(
+            crate::target::activity::read(&file)
+                .unwrap()
+                .unwrap()
+                .extents,
+            [0].into()
+        );
+        let mut buf = vec![3u8; 4096];
+        // The wait ends (the log was written): the write and its peer I/O go.
+        assert_eq!(m.complete(&w, &mut plan, &[1]).unwrap(), Progress::Again);
+        assert_eq!(peer_ios(&plan).len(), 1);
+        finish(&m, &w, &mut plan, &mut buf, 0).unwrap();
+        drop(c);
     }
 
     /// The replica a non-owner exports: read-only; reads and block status only while it is

@@ -3,6 +3,7 @@
 //! back until the target says the operation is done. A raw file is one target; thin-clone volumes and
 //! mirrored volumes plug in behind the same trait, so the protocol code never knows which it serves.
 
+pub mod activity;
 pub mod blocking;
 mod file;
 mod mirror;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use file::{CacheMode, FileTarget};
-pub use mirror::{Degrader, Mirror, PeerState, ReadOnly};
+pub use mirror::{Degrader, Mirror, PeerState, RangeGuard, ReadOnly};
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
@@ -199,6 +200,10 @@ pub struct Outer {
     pub mark: u64,
     /// The wrapper's own I/O was issued (the mirror: the operation went to the peer too).
     pub sent: bool,
+    /// The mirror: the change was admitted by the activity log (it tells the log when done).
+    pub logged: bool,
+    /// The mirror: the activity log's count when a flush was issued.
+    pub log_mark: u64,
 }
 
 // `links` has a bit for every I/O a plan may hold.

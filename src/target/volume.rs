@@ -302,6 +302,14 @@ impl VolumeTarget {
         vol.start_peer_bitmap(extra, crate::pool::random_id())
     }
 
+    /// The peer adopted this copy's generation while its bitmap is kept: the bitmap counts
+    /// from it now and the copy takes a new one (committed).
+    pub fn rebase_peer_bitmap(&self) -> Result<(), VolumeError> {
+        let _commit = self.shared.meta.lock();
+        let mut vol = self.shared.vol.lock();
+        vol.rebase_peer_bitmap(crate::pool::random_id())
+    }
+
     /// The generation identifiers (volume-format SPEC.md §10): current, the bitmap's, history.
     pub fn generations(&self) -> crate::peer::generations::Generations {
         crate::peer::generations::Generations::of(&self.shared.vol.lock())

@@ -640,6 +640,23 @@ impl VolumeState {
         true
     }
 
+    /// The peer took this volume's current generation while the bitmap is still kept (a resync
+    /// ended on the peer, not yet here): the bitmap now counts from the current generation,
+    /// which becomes the bitmap generation (the old one goes to the history), and the volume
+    /// takes `next_generation`, so what it writes alone from now on is told apart from what
+    /// the peer holds. Refused (false) without a bitmap.
+    pub fn rebase_peer_bitmap(&mut self, next_generation: [u8; 16]) -> bool {
+        if self.peer.is_none() {
+            return false;
+        }
+        let old = self.sb.peer_generation;
+        self.push_history(old);
+        self.sb.peer_generation = self.sb.generation;
+        self.sb.generation = next_generation;
+        self.sb_dirty = true;
+        true
+    }
+
     /// Puts `g` at the head of the generation history (unless zero or already there).
     fn push_history(&mut self, g: [u8; 16]) {
         if g == [0; 16] || self.sb.history[0] == g {

@@ -763,6 +763,21 @@ impl<S: Storage> Volume<S> {
         })
     }
 
+    /// `rebase_peer_bitmap` of the state (SPEC.md §10, generations), committed before it
+    /// returns. Refused without a peer dirty bitmap.
+    pub fn rebase_peer_bitmap(&mut self, next_generation: [u8; 16]) -> Result<(), VolumeError> {
+        self.live()?;
+        if !self.st.peer_bitmap() {
+            return Err(VolumeError::Invalid(
+                "the volume keeps no peer dirty bitmap to rebase".into(),
+            ));
+        }
+        self.latching(|v| {
+            v.st.rebase_peer_bitmap(next_generation);
+            v.commit()
+        })
+    }
+
     /// The generation identifiers (SPEC.md §10): current, the bitmap's (while one is kept),
     /// and the history, newest first.
     pub fn generations(&self) -> ([u8; 16], Option<[u8; 16]>, [[u8; 16]; GENERATION_HISTORY]) {

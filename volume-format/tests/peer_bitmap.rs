@@ -203,8 +203,13 @@ fn generations_move_with_the_bitmap_and_survive_a_reopen() {
     assert!(v.end_peer_bitmap().unwrap());
     assert_eq!(v.generations(), ([1; 16], None, [g0, [0; 16]]));
     v.start_peer_bitmap(&[], [4; 16]).unwrap();
+    // The peer adopted 4 before the bitmap ended: rebased, the bitmap counts from 4 and the
+    // volume writes on as 7.
+    v.rebase_peer_bitmap([7; 16]).unwrap();
+    assert_eq!(v.generations(), ([7; 16], Some([4; 16]), [[1; 16], g0]));
     assert!(v.end_peer_bitmap().unwrap());
-    assert_eq!(v.generations(), ([4; 16], None, [[1; 16], g0]));
+    assert_eq!(v.generations(), ([7; 16], None, [[4; 16], [1; 16]]));
+    v.set_generation([4; 16], false).unwrap();
     // A replica adopting its owner's generation keeps its own in the history; a discard (zero)
     // does not.
     v.set_generation([6; 16], true).unwrap();
