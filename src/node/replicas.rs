@@ -261,13 +261,20 @@ impl Node {
             // a change in flight may have reached one copy and not the other lies in a logged
             // extent. No log from before (the volume was owned by a build without one): all.
             let (log_file, log_existed) = self.pool.open_activity_log(name)?;
+            let crashed = self.crashed_volumes.lock().contains(name);
+            if crashed && !log_existed {
+                // Made now for a volume that crashed without one: it says "every extent"
+                // until the crash is dealt with, so a failure below (or another crash) cannot
+                // leave an empty log that would say "nothing was in flight".
+                crate::target::activity::write_overflow(&log_file).map_err(|e| {
+                    NodeError::Io(format!("writing the activity log of {name:?}: {e}"))
+                })?;
+            }
             let logged = crate::target::activity::read(&log_file)
                 .map_err(|e| NodeError::Io(format!("reading the activity log of {name:?}: {e}")))?;
-            let crashed = self.crashed_volumes.lock().contains(name);
-            let suspect = match (&logged, log_existed) {
-                (_, false) => vec![(0, size)],
-                (Some(l), true) => l.ranges(size),
-                (None, true) => Vec::new(),
+            let suspect = match &logged {
+                Some(l) => l.ranges(size),
+                None => Vec::new(),
             };
             // After a crash, the peer is recorded stale before a write is served, and the
             // suspect extents compared and resent (comparing first: most are equal).
@@ -286,10 +293,10 @@ impl Node {
                     "this node stopped uncleanly: the activity log's extents of the peer's copy \
                      are compared and resynced"
                 );
-                peer_rec = cluster
-                    .peer()
-                    .map_err(pair_err)?
-                    .and_then(|p| cluster.replica_record(name, &p.name).ok().flatten());
+                peer_rec = match cluster.peer().map_err(pair_err)? {
+                    Some(p) => cluster.replica_record(name, &p.name).map_err(pair_err)?,
+                    None => None,
+                };
             }
             // A crash while a resync was ending: the peer may have adopted this copy's
             // generation already; the bitmap counts from it and this copy takes a new one, so
@@ -319,7 +326,7 @@ impl Node {
             if let Some(r) = &peer_rec
                 && target.peer_bitmap().is_none()
             {
-                let ranges = if crashed && !r.full {
+                let ranges = if crashed && !r.full && !r.discard {
                     suspect.clone()
                 } else {
                     vec![(0, size)]

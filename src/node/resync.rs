@@ -221,6 +221,11 @@ impl Node {
                 Ok(false) => tracing::info!(volume = %name, "resync stopped; it resumes later"),
                 Err(e) => tracing::warn!(volume = %name, "resync stopped: {e}"),
             }
+            if !matches!(outcome, Ok(true)) {
+                // Frames of this resync's link may still wait in the peer's socket: the next
+                // resync fences the peer's links from this node first, so none lands after it.
+                *self.pair_volumes.fenced_dials.lock() = None;
+            }
             m.end_resync(matches!(outcome, Ok(true)));
         }
     }
@@ -302,17 +307,11 @@ impl Node {
                 let failures = m.peer_failures();
                 let mut batch = Vec::new();
                 let mut batch_bytes = 0;
-                // Chunks sent and not yet answered, each with its range still held: the next
-                // chunk is read while the peer applies the previous ones.
-                let mut window = std::collections::VecDeque::new();
                 while batch_bytes < BATCH_BYTES {
                     let Some((first, count)) = vol.next_peer_dirty(from, CHUNK_BLOCKS) else {
                         break;
                     };
-                    window.push_back(self.send_chunk(conn, m, first, count)?);
-                    if window.len() > WINDOW_CHUNKS {
-                        conn.answered(window.pop_front())?;
-                    }
+                    self.send_chunk(conn, m, first, count)?;
                     batch.push((first, count));
                     from = first + count;
                     batch_bytes += count * 4096;
@@ -324,19 +323,12 @@ impl Node {
                         .lock()
                         .insert(name.to_owned(), progress.clone());
                     if rate > 0 {
-                        // Paced: at most `rate` bytes per second since the start. No range is
-                        // held while it sleeps (client writes to it would wait as long).
+                        // Paced: at most `rate` bytes per second since the start.
                         let due = Duration::from_secs_f64(progress.done_bytes as f64 / rate as f64);
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            while let Some(sent) = window.pop_front() {
-                                conn.answered(Some(sent))?;
-                            }
                             std::thread::sleep(wait);
                         }
                     }
-                }
-                while let Some(sent) = window.pop_front() {
-                    conn.answered(Some(sent))?;
                 }
                 if batch.is_empty() {
                     break;
@@ -358,16 +350,36 @@ impl Node {
     }
 
     /// Sends blocks `first..first + count` as they are now, under the mirror's range lock,
-    /// which the chunk keeps until the peer answered its frames (`Conn::answered`).
-    fn send_chunk<'m>(
+    /// held until the peer answered. If that fails, the mirror is degraded again **before**
+    /// the range is released: a frame of the chunk may still be unapplied on the peer, and a
+    /// client write to the range must not reach the peer ahead of it (it is done here alone,
+    /// its bit set; the next resync fences the old link first).
+    fn send_chunk(
         &self,
         conn: &mut Conn,
-        m: &'m Mirror,
+        m: &Mirror,
         first: u64,
         count: u64,
-    ) -> Result<Sent<'m>, String> {
+    ) -> Result<(), String> {
         let (offset, len) = (first * 4096, count * 4096);
-        let held = m.lock_range(offset, offset + len);
+        let _held = m.lock_range(offset, offset + len);
+        let sent = self.send_held_chunk(conn, m, first, count);
+        if sent.is_err() {
+            m.end_resync(false);
+            *self.pair_volumes.fenced_dials.lock() = None;
+        }
+        sent
+    }
+
+    /// `send_chunk`'s work, with the range held.
+    fn send_held_chunk(
+        &self,
+        conn: &mut Conn,
+        m: &Mirror,
+        first: u64,
+        count: u64,
+    ) -> Result<(), String> {
+        let (offset, len) = (first * 4096, count * 4096);
         let vol = m.volume();
         let mut buf = vec![0u8; len as usize];
         let op = TargetOp::Read {
@@ -417,10 +429,10 @@ impl Node {
             frames += 1;
             i = j;
         }
-        Ok(Sent {
-            _held: held,
-            frames,
-        })
+        for _ in 0..frames {
+            conn.reply()?;
+        }
+        Ok(())
     }
 
     /// The bitmap is empty: with the whole volume held against writes, remove the peer's stale
@@ -455,11 +467,17 @@ impl Node {
                 generation: volume_format::image::hex(&m.volume().generations().current),
             }
             .encode();
-            self.peer_control_pub(&adopt)
-                .map_err(|e| format!("the peer adopting this copy's generation: {e}"))?;
-            let rest = cluster
-                .mark_replica_in_sync(name, &rec)
-                .map_err(|e| e.to_string())
+            // From here a failure (the call itself too: the peer may have adopted before its
+            // answer was lost) rebases the bitmap, so this copy never writes alone under a
+            // generation the peer may hold.
+            let rest = self
+                .peer_control_pub(&adopt)
+                .map_err(|e| format!("the peer adopting this copy's generation: {e}"))
+                .and_then(|_| {
+                    cluster
+                        .mark_replica_in_sync(name, &rec)
+                        .map_err(|e| e.to_string())
+                })
                 .and_then(|()| match m.volume().end_peer_bitmap() {
                     Ok(true) => Ok(()),
                     Ok(false) => Err("bits were set while nothing was in flight".into()),
@@ -482,15 +500,6 @@ impl Node {
         }
         Ok(true)
     }
-}
-
-/// Most chunks in flight at once (4 MiB): the peer applies one while the next is read.
-const WINDOW_CHUNKS: usize = 4;
-
-/// A chunk sent: its range held until the peer answered its frames.
-struct Sent<'m> {
-    _held: crate::target::RangeGuard<'m>,
-    frames: usize,
 }
 
 /// The resync's data link.
@@ -526,17 +535,6 @@ impl Conn {
         self.s
             .write_all(&b)
             .map_err(|e| format!("sending to the peer: {e}"))
-    }
-
-    /// Reads the answers to a chunk's frames (in order: the peer answers each link in order);
-    /// then its range is released.
-    fn answered(&mut self, sent: Option<Sent<'_>>) -> Result<(), String> {
-        if let Some(sent) = sent {
-            for _ in 0..sent.frames {
-                self.reply()?;
-            }
-        }
-        Ok(())
     }
 
     fn reply(&mut self) -> Result<(), String> {

@@ -180,6 +180,13 @@ pub fn read(file: &File) -> std::io::Result<Option<Logged>> {
     })))
 }
 
+/// Writes a log that says OVERFLOW (every extent) into an empty `file`, synced: a volume that
+/// crashed before it had a log is treated whole until its crash is dealt with.
+pub fn write_overflow(file: &File) -> std::io::Result<()> {
+    file.write_all_at(&encode(1, &BTreeSet::new(), true), 0)?;
+    file.sync_data()
+}
+
 /// Reads up to `b.len()` bytes at `offset`, fewer at the end of the file.
 fn read_full(file: &File, b: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
@@ -214,6 +221,9 @@ struct State {
     waiters: HashMap<RawFd, EventFd>,
     /// Why the last write of the log failed (changes that need it fail with it).
     failed: Option<String>,
+    /// The volume left service: every change fails with this, and the log is not written
+    /// again (a new log of the volume may be writing the file).
+    closed: Option<String>,
 }
 
 /// A mirrored volume's activity log (see the module doc).
@@ -256,6 +266,9 @@ impl ActivityLog {
     /// the log failed: the change fails rather than go unlogged (the next one tries again).
     pub fn admit(&self, start: u64, end: u64) -> Result<Admit, String> {
         let mut st = self.state.lock();
+        if let Some(why) = &st.closed {
+            return Err(why.clone());
+        }
         st.tick += 1;
         let tick = st.tick;
         let missing: Vec<u64> = Self::extents(start, end)
@@ -324,7 +337,7 @@ impl ActivityLog {
     /// Whether `commit` has work: changes wait, or an overflowed log may fit again.
     pub fn wants_commit(&self) -> bool {
         let st = self.state.lock();
-        !st.wanted.is_empty() || st.overflow
+        st.closed.is_none() && (!st.wanted.is_empty() || st.overflow)
     }
 
     /// Writes the log with the wanted extents (dropping clean ones beyond the soft limit),
@@ -332,8 +345,8 @@ impl ActivityLog {
     /// commit at a time per log (the caller serialises).
     pub fn commit(&self) -> Result<(), String> {
         let (sequence, extents, overflow, bytes) = {
-            let st = self.state.lock();
-            if st.wanted.is_empty() && !st.overflow {
+            let mut st = self.state.lock();
+            if st.closed.is_some() || (st.wanted.is_empty() && !st.overflow) {
                 return Ok(());
             }
             // What the log holds, what changes wait for, and (after an overflow, when changes
@@ -370,6 +383,14 @@ impl ActivityLog {
             };
             let sequence = st.sequence + 1;
             let bytes = encode(sequence, &listed, overflow);
+            // While the slot is written, only what both the old log and the new one hold
+            // counts as logged: a change to an extent this commit drops (or, leaving an
+            // overflow, to one it does not list) waits for the next commit. Whether the new
+            // slot reaches the disk or not, the log there holds their common part.
+            if !overflow {
+                st.logged.retain(|x, _| set.contains(x));
+                st.overflow = false;
+            }
             (sequence, set, overflow, bytes)
         };
         let slot = (sequence % 2) * SLOT_BYTES as u64;
@@ -392,7 +413,7 @@ impl ActivityLog {
                 st.wanted.clear();
             }
             // The next change that needs the log fails with it; the others park again and ask
-            // for another commit.
+            // for another commit. What counts as logged stays the common part (above).
             Err(why) => {
                 st.failed = Some(why.clone());
                 st.wanted.clear();
@@ -405,10 +426,11 @@ impl ActivityLog {
         written
     }
 
-    /// The volume goes out of service: parked changes wake and fail with `why`.
+    /// The volume goes out of service: every change from now on fails with `why` (parked ones
+    /// wake to it) and the log is never written again.
     pub fn abandon(&self, why: &str) {
         let mut st = self.state.lock();
-        st.failed = Some(why.to_owned());
+        st.closed = Some(why.to_owned());
         for efd in st.waiters.values() {
             let _ = efd.write(1);
         }
@@ -527,6 +549,24 @@ mod tests {
         // Both damaged: every extent.
         f.write_all_at(&[0xff; 64], ((seq + 1) % 2) * SLOT_BYTES as u64)
             .unwrap();
+        assert!(read(&f).unwrap().unwrap().overflow);
+    }
+
+    /// An abandoned log (its volume left service) fails every change, parked or new, and is
+    /// never written again; a volume that crashed with no log gets one saying OVERFLOW.
+    #[test]
+    fn an_abandoned_log_refuses_everything_and_writes_nothing() {
+        let (_d, f) = temp();
+        let log = ActivityLog::new(f.try_clone().unwrap(), None);
+        let _fd = parked(log.admit(0, 4096));
+        log.abandon("taken offline");
+        assert!(!log.wants_commit());
+        log.commit().unwrap();
+        assert_eq!(read(&f).unwrap(), None, "nothing written");
+        for _ in 0..2 {
+            assert_eq!(log.admit(0, 4096).unwrap_err(), "taken offline");
+        }
+        write_overflow(&f).unwrap();
         assert!(read(&f).unwrap().unwrap().overflow);
     }
 

@@ -596,8 +596,8 @@ impl Mirror {
         if !self.acquire(op, plan)? {
             return Ok(());
         }
-        // Its extents in the activity log before anything is issued (it holds its range
-        // meanwhile: overlapping changes queue behind it, in order).
+        // Its extents in the activity log before anything is issued (it holds its range while
+        // it waits for the log, so overlapping changes wait too).
         if let Some((start, end)) = Self::range(op) {
             match self.log.admit(start, end) {
                 Ok(Admit::Yes) => plan.outer.logged = true,
@@ -678,7 +678,8 @@ impl BlockTarget for Mirror {
                 unreachable!("a log wait holds one Wait I/O");
             };
             self.log.unpark(fd);
-            // Its range is still held: asked again, it is admitted or waits again.
+            // Its range is released and taken again (another change to it may go first: each
+            // goes to both copies whole, in the same order on both).
             self.release(plan);
             plan.clear();
             self.start(op, plan)?;
@@ -695,7 +696,11 @@ impl BlockTarget for Mirror {
                 .remove(&fd)
                 .expect("every degrade wait has a waiter");
             return match result {
-                Some(Ok(())) => Ok(Progress::Done),
+                Some(Ok(())) => {
+                    // The peer is recorded stale and the change's bit committed.
+                    self.log_done(op, plan);
+                    Ok(Progress::Done)
+                }
                 Some(Err(why)) => Err(TargetError::Volume {
                     what: "recording the peer stale",
                     errno: libc::EIO,
@@ -729,7 +734,12 @@ impl BlockTarget for Mirror {
             return Ok(Progress::Again);
         }
         let peer = plan.outer.result.expect("set above");
-        self.log_done(op, plan);
+        // The activity log lets a change's extents go only once nothing can differ because of
+        // it: done on both copies (or here alone, degraded, its bit set). One that failed on a
+        // copy stays logged; one the peer missed, until its bit is set (below).
+        if peer >= 0 && local.is_ok() {
+            self.log_done(op, plan);
+        }
         // A flush done on every copy that takes writes makes the changes before it durable
         // there: their extents may leave the activity log.
         if matches!(op, TargetOp::Flush)
@@ -765,7 +775,12 @@ impl BlockTarget for Mirror {
                 return local;
             }
             tracing::debug!(volume = self.inner.name(), "{why}");
-            if self.peer_failed(op, plan)? {
+            let parked = self.peer_failed(op, plan)?;
+            // Its bit is set now, unless it waits for the degrade (which settles it then).
+            if plan.outer.step != WAITING_FOR_DEGRADE {
+                self.log_done(op, plan);
+            }
+            if parked {
                 return Ok(Progress::Again);
             }
         }

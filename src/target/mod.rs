@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use file::{CacheMode, FileTarget};
-pub use mirror::{Degrader, Mirror, PeerState, RangeGuard, ReadOnly};
+pub use mirror::{Degrader, Mirror, PeerState, ReadOnly};
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
