@@ -211,11 +211,27 @@ while sent < n:
 t.join(); print("%.0f" % (n / (time.time() - t0) / 1e6))
 PYEOF
 )
+    # The resync itself, from node a's log: its last "resync started" to its "resync done".
+    local own
+    own=$($PY - "$WORKDIR/a.log" <<'PYEOF'
+import datetime, sys
+start = done = None
+for line in open(sys.argv[1], errors="replace"):
+    t = line.split(" ", 1)[0].rstrip("Z")
+    if "resync started" in line:
+        start = t
+    elif "resync done" in line:
+        done = t
+p = lambda s: datetime.datetime.fromisoformat(s[:26])
+print("%.2f" % (p(done) - p(start)).total_seconds() if start and done else "?")
+PYEOF
+)
     echo
-    echo "| resync of $RESYNC written while b was down | seconds (b started to in sync) | MB/s | loopback TCP MB/s (one connection, no node) |"
-    echo "|---|---|---|---|"
-    awk -v s="$secs" -v n="$bytes" -v l="$link" -v r="$RESYNC" \
-        'BEGIN { printf "| %s | %s | %.0f | %s |\n", r, s, n / s / 1e6, l }'
+    echo "| resync of $RESYNC written while b was down | seconds (b started to in sync) | MB/s | the resync itself, s (a's log) | its MB/s | loopback TCP MB/s (one connection, no node) |"
+    echo "|---|---|---|---|---|---|"
+    awk -v s="$secs" -v n="$bytes" -v l="$link" -v r="$RESYNC" -v o="$own" \
+        'BEGIN { printf "| %s | %s | %.0f | %s | %s | %s |\n", r, s, n / s / 1e6, o,
+                 (o + 0 > 0 ? sprintf("%.0f", n / o / 1e6) : "?"), l }'
 }
 
 print_header() {
