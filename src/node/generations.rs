@@ -41,7 +41,7 @@ impl Node {
     /// superblock on disk when it is not served (a split brain kept apart): read only, so
     /// it takes no lock and cannot race a command that serves it.
     pub(super) fn local_generations(&self, name: &str) -> Result<Generations, NodeError> {
-        if let Some(t) = self.served.lock().volumes.get(name).cloned() {
+        if let Some(t) = self.served_volume(name) {
             return Ok(t.generations());
         }
         Ok(Generations::of_superblock(
@@ -270,15 +270,9 @@ impl Node {
                 "this node owns {name:?}: its generation is its own"
             )));
         }
-        let t = self
-            .served
-            .lock()
-            .volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                NodeError::NotFound(format!("this node's replica of {name:?} is not served"))
-            })?;
+        let t = self.served_volume(name).ok_or_else(|| {
+            NodeError::NotFound(format!("this node's replica of {name:?} is not served"))
+        })?;
         // A bitmap left from when this node owned the volume is void: its copy is the owner's.
         self.drop_replica_bitmap(name);
         t.set_generation(g, true)

@@ -371,6 +371,11 @@ impl Node {
         Ok(())
     }
 
+    /// Volume `name`'s target, if this node serves it.
+    pub(super) fn served_volume(&self, name: &str) -> Option<Arc<VolumeTarget>> {
+        self.served.lock().volumes.get(name).cloned()
+    }
+
     fn serve_image(&self, name: &str) -> Result<(), NodeError> {
         let raw = self.pool.open_image_raw(name)?;
         let shown = self.pool.dir().join("images").join(name);
@@ -395,7 +400,7 @@ impl Node {
     /// connected (naming `--force` only where the command has it); with it, they are
     /// disconnected first.
     fn offline_volume(&self, name: &str, force: Force) -> Result<(), NodeError> {
-        let Some(t) = self.served.lock().volumes.get(name).cloned() else {
+        let Some(t) = self.served_volume(name) else {
             return Ok(()); // not open (it failed to open): nothing to close
         };
         let n = t.clients();
@@ -845,7 +850,7 @@ impl Node {
             });
         }
         let e = self.pool.volume(name)?;
-        let t = self.served.lock().volumes.get(name).cloned();
+        let t = self.served_volume(name);
         let broken = self.served.lock().broken.get(name).cloned();
         let (allocated_bytes, generation, epoch, commit) = match &t {
             Some(t) => match t.stat() {
@@ -899,7 +904,7 @@ impl Node {
     /// Grows this node's copy of volume `name`: served, its connected clients keep the old
     /// size and new connections see the new one.
     fn grow_here(&self, name: &str, size: u64) -> Result<(), NodeError> {
-        let t = self.served.lock().volumes.get(name).cloned();
+        let t = self.served_volume(name);
         match t {
             Some(t) => {
                 t.grow(size).map_err(|e| match e {

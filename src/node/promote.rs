@@ -363,11 +363,7 @@ impl Node {
     /// `volume move` on the owner: this node's replica of `name` commits what it has.
     pub(super) fn flush_replica(&self, name: &str) -> Result<(), NodeError> {
         let t = self
-            .served
-            .lock()
-            .volumes
-            .get(name)
-            .cloned()
+            .served_volume(name)
             .ok_or_else(|| NodeError::NotFound(format!("volume {name:?} is not served here")))?;
         t.commit_now().map_err(|e| NodeError::Io(e.to_string()))
     }

@@ -567,7 +567,7 @@ impl Node {
     /// A replica in sync keeps no peer bitmap of its own (one left from when this node owned
     /// the volume, or from a discarded split brain).
     pub(super) fn drop_replica_bitmap(&self, name: &str) {
-        let Some(t) = self.served.lock().volumes.get(name).cloned() else {
+        let Some(t) = self.served_volume(name) else {
             return;
         };
         if t.peer_bitmap().is_some() {

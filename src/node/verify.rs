@@ -31,11 +31,7 @@ impl Node {
             )));
         }
         let t = self
-            .served
-            .lock()
-            .volumes
-            .get(name)
-            .cloned()
+            .served_volume(name)
             .ok_or_else(|| NodeError::NotFound(format!("volume {name:?} is not served here")))?;
         let size = t.geometry().size_bytes;
         let offset = first
