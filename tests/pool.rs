@@ -1048,6 +1048,9 @@ fn an_import_whose_client_goes_away_or_is_cancelled_publishes_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cancelled by uid 0"), "{err}");
+    // The client hears before the job has cleaned up and left the table: once it has, there
+    // is nothing to cancel.
+    wait_for("the import to end", || job_of("slow").is_none());
     assert!(cli_err(&dir, &["cancel", &id]).contains("no command"));
     // Nothing published, nothing staged, and the log says what happened.
     assert_eq!(json(&dir, &["image", "list"]).as_array().unwrap().len(), 0);
