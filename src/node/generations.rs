@@ -295,6 +295,83 @@ impl Node {
         })
     }
 
+    /// CONTROL `replica_crashed` on the owner: the peer's replica of `name` restarted after a
+    /// crash, so writes it took but never flushed may be gone (a power loss), though no write
+    /// failed here. Before anything else is acknowledged alone, the peer is recorded stale in
+    /// etcd (compared: most blocks are equal), the activity log's extents (where every change
+    /// not yet flushed on both lies) and those the peer had not flushed are set in the bitmap
+    /// and committed; then the mirror is degraded and the resync compares and resends them.
+    pub(super) fn peer_replica_crashed(&self, name: &str, id: u32) -> Result<(), NodeError> {
+        let m = self.owned_mirror(name)?;
+        if m.id() != id {
+            return Err(NodeError::NotFound(format!(
+                "this node owns pair volume {name:?} as id {}, not {id}",
+                m.id()
+            )));
+        }
+        let (cluster, me) = self
+            .this_node()
+            .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
+        let etcd =
+            |e: crate::cluster::ClusterError| NodeError::Io(format!("the pair's records: {e}"));
+        let rec = cluster
+            .volume_record(name)
+            .map_err(etcd)?
+            .filter(|r| r.owner == me && r.token == m.token())
+            .ok_or_else(|| NodeError::InUse(format!("this node no longer owns {name:?}")))?;
+        let v = m.volume();
+        let size = v.geometry().size_bytes;
+        let mut ranges = m.activity_log().logged_ranges(size);
+        ranges.extend(m.pending_ranges());
+        cluster
+            .mark_replica_stale(name, &rec, &v.generation(), false, true)
+            .map_err(etcd)?;
+        cluster.mark_replica_compare(name, &rec).map_err(etcd)?;
+        if v.peer_bitmap().is_none() {
+            v.start_peer_bitmap(&ranges)
+                .map_err(|e| NodeError::Io(format!("starting the peer dirty bitmap: {e}")))?;
+        } else {
+            for &(offset, len) in &ranges {
+                v.mark_peer_dirty(offset, len);
+            }
+            v.commit_now()
+                .map_err(|e| NodeError::Io(format!("committing the bitmap: {e}")))?;
+        }
+        m.degraded_now();
+        tracing::warn!(
+            volume = name,
+            ranges = ranges.len(),
+            "the peer's replica restarted after a crash: its copy of the activity log's extents \
+             is compared and resynced"
+        );
+        Ok(())
+    }
+
+    /// Replicas here that restarted after a crash: their owners are told, once each.
+    pub(super) fn tell_replica_crashes(&self) {
+        let crashed: Vec<(String, u32)> = self
+            .pair_volumes
+            .replica_crashed
+            .lock()
+            .iter()
+            .map(|(n, id)| (n.clone(), *id))
+            .collect();
+        for (name, id) in crashed {
+            let req = Control::ReplicaCrashed {
+                name: name.clone(),
+                id,
+            }
+            .encode();
+            match self.peer_control_pub(&req) {
+                Ok(_) => {
+                    self.pair_volumes.replica_crashed.lock().remove(&name);
+                    tracing::info!(volume = %name, "the owner was told this replica crashed");
+                }
+                Err(e) => tracing::debug!(volume = %name, "telling the owner of the crash: {e}"),
+            }
+        }
+    }
+
     /// Pair volumes not served here whose records now say what to do (this node owns them,
     /// or a `volume resolve` discarded this copy) are served as recorded: a node that missed
     /// its step of a resolve, or could not reach etcd when it started, catches up within

@@ -61,6 +61,9 @@ pub(super) struct PairVolumes {
     pub not_adopted: Mutex<BTreeMap<String, String>>,
     /// Resyncs under way, by volume.
     pub progress: Mutex<HashMap<String, super::resync::ResyncProgress>>,
+    /// Replicas here that restarted after a crash, by name with their id, until their owner
+    /// was told (`replica_crashed`).
+    pub replica_crashed: Mutex<BTreeMap<String, u32>>,
     /// Why the copies' generations of a volume could not be compared, while they cannot.
     pub compare_errors: Mutex<HashMap<String, String>>,
     /// Volumes whose copies' generations do not agree as they should (`generations.rs`).
@@ -120,6 +123,7 @@ impl Replicas for ReplicaService {
                 id,
                 generation,
             } => node.adopt_generation(&name, id, &generation),
+            Control::ReplicaCrashed { name, id } => node.peer_replica_crashed(&name, id),
             Control::FlushReplica { name } => node.flush_replica(&name),
             Control::BecameOwner { name } => node.became_owner(&name),
             Control::GrowReplica { name, id, size } => node.grow_replica(&name, id, size),
@@ -387,9 +391,15 @@ impl Node {
                 rec.token,
             )));
         }
-        // A replica's writes in flight at a crash are the owner's to resend (it saw the link
-        // die and recorded the peer stale).
-        self.crashed_volumes.lock().remove(name);
+        // A replica's writes in flight at a crash are the owner's to resend when it saw the
+        // link die; it is told anyway (`replica_crashed`), since writes it had taken but not
+        // flushed may be gone without a write failing.
+        if self.crashed_volumes.lock().remove(name) {
+            self.pair_volumes
+                .replica_crashed
+                .lock()
+                .insert(name.to_owned(), local.id);
+        }
         let weak = self.me.get().cloned().unwrap_or_default();
         let vol = name.to_owned();
         let id = local.id;

@@ -84,6 +84,7 @@ impl Node {
                     was_up = up;
                     if up {
                         node.share_personalities();
+                        node.tell_replica_crashes();
                     }
                     // Images the peer lacks (it was away when they were imported) go to it.
                     if round.is_multiple_of(5) && up {

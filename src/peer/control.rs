@@ -46,6 +46,9 @@ pub enum ControlRequest {
     },
     /// End every data link from the sender and answer once none applies frames any more.
     FenceDataLinks,
+    /// The sender's replica of `name` (volume `id`) restarted after a crash: writes it had
+    /// taken but not flushed may be gone. The owner resyncs its activity log's extents.
+    ReplicaCrashed { name: String, id: u32 },
     /// The generation identifiers of this node's copy of `name` (`peer/generations.rs`); the
     /// answer is `Generations::encode`.
     Generations { name: String },
@@ -130,6 +133,10 @@ mod tests {
             },
             ControlRequest::FenceDataLinks,
             ControlRequest::Generations { name: "v".into() },
+            ControlRequest::ReplicaCrashed {
+                name: "v".into(),
+                id: 2,
+            },
             ControlRequest::AdoptGeneration {
                 name: "v".into(),
                 id: 2,

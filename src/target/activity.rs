@@ -436,6 +436,18 @@ impl ActivityLog {
         }
     }
 
+    /// The byte ranges of a volume of `size` bytes that are logged now (every byte while the
+    /// log is in overflow): where a change may not yet be durable on both copies.
+    pub fn logged_ranges(&self, size: u64) -> Vec<(u64, u64)> {
+        let st = self.state.lock();
+        Logged {
+            sequence: st.sequence,
+            extents: st.logged.keys().copied().collect(),
+            overflow: st.overflow,
+        }
+        .ranges(size)
+    }
+
     /// Extents logged now (for tests and `status`).
     pub fn logged(&self) -> usize {
         let st = self.state.lock();

@@ -367,6 +367,21 @@ impl Mirror {
         Ok(true)
     }
 
+    /// The node recorded the peer stale and set `ranges` in the bitmap itself (the peer's
+    /// replica restarted after a crash): from now on writes are done here alone. A degrade
+    /// under way finishes on its own.
+    pub fn degraded_now(&self) {
+        let mut d = self.degrade.lock();
+        if matches!(
+            d.state,
+            Some(PeerState::InSync | PeerState::Resyncing { .. })
+        ) {
+            d.state = Some(PeerState::Degraded {
+                since: SystemTime::now(),
+            });
+        }
+    }
+
     /// The volume goes out of service: requests waiting for a degrade fail.
     pub fn abandon(&self, why: &str) {
         let mut d = self.degrade.lock();
