@@ -293,6 +293,11 @@ impl Node {
             tracing::warn!("not marking a clean stop: a crashed pair volume was never resynced");
             return;
         }
+        // Likewise a replica whose owner was not yet told that it crashed: told next time.
+        if !self.pair_volumes.replica_crashed.lock().is_empty() {
+            tracing::warn!("not marking a clean stop: an owner was not told its replica crashed");
+            return;
+        }
         if let Err(e) = self.pool.mark_clean_stop() {
             tracing::warn!("recording the clean stop: {e}");
         }
