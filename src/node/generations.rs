@@ -23,19 +23,6 @@ pub struct GenerationProblem {
     pub message: String,
 }
 
-/// Parses a generation in hex (a CONTROL request's, or an etcd record's).
-pub(super) fn parse(hex: &str) -> Result<Generation, NodeError> {
-    let bad = || NodeError::Invalid(format!("{hex:?} is not a generation (32 hex digits)"));
-    if hex.len() != 32 || !hex.is_ascii() {
-        return Err(bad());
-    }
-    let mut g = NONE;
-    for (i, b) in g.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(g)
-}
-
 impl Node {
     /// The generations of this node's copy of `name`: from its served target, or from its
     /// superblock on disk when it is not served (a split brain kept apart): read only, so
@@ -233,11 +220,8 @@ impl Node {
     /// peer dirty bitmap and its generation go (committed), so it is behind whatever the owner
     /// holds and is resynced whole. Its blocks stay as they are until the resync.
     pub(super) fn discard_changes(&self, name: &str, t: &VolumeTarget) -> Result<(), NodeError> {
-        if t.peer_bitmap().is_some() {
-            t.clear_peer_dirty(0, t.geometry().size_bytes.div_ceil(4096));
-            t.end_peer_bitmap()
-                .map_err(|e| NodeError::Io(format!("dropping the discarded changes: {e}")))?;
-        }
+        t.drop_peer_bitmap()
+            .map_err(|e| NodeError::Io(format!("dropping the discarded changes: {e}")))?;
         if t.generations().current != NONE {
             t.set_generation(NONE, false)
                 .map_err(|e| NodeError::Io(format!("dropping the discarded generation: {e}")))?;
@@ -256,7 +240,7 @@ impl Node {
         id: u32,
         generation: &str,
     ) -> Result<(), NodeError> {
-        let g = parse(generation)?;
+        let g = crate::peer::generations::parse(generation).map_err(NodeError::Invalid)?;
         match self.pair_record(name)? {
             Some(local) if local.id == id => {}
             _ => {
@@ -312,8 +296,7 @@ impl Node {
         let (cluster, me) = self
             .this_node()
             .ok_or_else(|| NodeError::Invalid("this node is not in a pair".into()))?;
-        let etcd =
-            |e: crate::cluster::ClusterError| NodeError::Io(format!("the pair's records: {e}"));
+        let etcd = super::replicas::pair_err;
         let rec = cluster
             .volume_record(name)
             .map_err(etcd)?

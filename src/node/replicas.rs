@@ -168,7 +168,7 @@ impl Replicas for ReplicaService {
     }
 }
 
-fn pair_err(e: crate::cluster::ClusterError) -> NodeError {
+pub(super) fn pair_err(e: crate::cluster::ClusterError) -> NodeError {
     NodeError::Io(format!("the pair's records: {e}"))
 }
 
@@ -580,12 +580,8 @@ impl Node {
         let Some(t) = self.served_volume(name) else {
             return;
         };
-        if t.peer_bitmap().is_some() {
-            let blocks = t.geometry().size_bytes.div_ceil(4096);
-            t.clear_peer_dirty(0, blocks);
-            if let Err(e) = t.end_peer_bitmap() {
-                tracing::warn!(volume = name, "dropping this replica's old bitmap: {e}");
-            }
+        if let Err(e) = t.drop_peer_bitmap() {
+            tracing::warn!(volume = name, "dropping this replica's old bitmap: {e}");
         }
     }
 
@@ -762,7 +758,9 @@ impl Node {
         // none: the replica keeps the random one it is made with).
         let mut start = match rec.generation.as_str() {
             "" => None,
-            g => Some(super::generations::start_at(super::generations::parse(g)?)),
+            g => Some(super::generations::start_at(
+                crate::peer::generations::parse(g).map_err(NodeError::Invalid)?,
+            )),
         };
         self.pool.create_volume_with_files(
             name,

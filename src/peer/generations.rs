@@ -147,8 +147,9 @@ fn hex(g: &Generation) -> String {
     volume_format::image::hex(g)
 }
 
-fn unhex(s: &str) -> Result<Generation, String> {
-    let bad = || format!("the peer's generations: {:?} is not 32 hex digits", cut(s));
+/// A generation in hex (32 digits): a CONTROL request's, an etcd record's, the peer's answer's.
+pub fn parse(s: &str) -> Result<Generation, String> {
+    let bad = || format!("{:?} is not a generation (32 hex digits)", cut(s));
     if s.len() != 32 || !s.is_ascii() {
         return Err(bad());
     }
@@ -157,6 +158,11 @@ fn unhex(s: &str) -> Result<Generation, String> {
         *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
     Ok(g)
+}
+
+/// `parse`, for the peer's answer.
+fn unhex(s: &str) -> Result<Generation, String> {
+    parse(s).map_err(|e| format!("the peer's generations: {e}"))
 }
 
 /// At most 40 characters of a value, for an error message.

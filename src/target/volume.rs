@@ -360,6 +360,16 @@ impl VolumeTarget {
         vol.end_peer_bitmap()
     }
 
+    /// Drops the peer dirty bitmap, set bits and all (committed): what it named no longer
+    /// matters (this copy is a replica now, or its changes were discarded).
+    pub fn drop_peer_bitmap(&self) -> Result<(), VolumeError> {
+        if self.peer_bitmap().is_none() {
+            return Ok(());
+        }
+        self.clear_peer_dirty(0, self.shared.size.load(Ordering::Acquire).div_ceil(4096));
+        self.end_peer_bitmap().map(|_| ())
+    }
+
     /// Whether the volume keeps a peer dirty bitmap, and how many blocks it has set.
     pub fn peer_bitmap(&self) -> Option<u64> {
         let vol = self.shared.vol.lock();
