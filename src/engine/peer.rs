@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::ring::{Submit, Tag, UserData};
-use crate::peer::wire::{FLAG_FUA, FLAG_NO_HOLE, HEADER_BYTES, Header, Kind};
+use crate::peer::wire::{FLAG_NOT_ON_REPLICA, HEADER_BYTES, Header};
 use crate::target::{PeerIo, PeerOp};
 
 /// Receive buffer: replies are bare headers, so this holds hundreds.
@@ -39,6 +39,9 @@ pub struct PeerSocket {
     pub fd: OwnedFd,
     pub up: Arc<AtomicBool>,
     pub timeout: Duration,
+    /// A forwarding link (operations this node's clients asked of a volume the peer owns),
+    /// not a link carrying this node's mirrored operations.
+    pub forward: bool,
 }
 
 struct Frame {
@@ -154,25 +157,7 @@ impl PeerChan {
         }
         self.next_cookie += 1;
         let cookie = self.next_cookie;
-        let (kind, range) = match op.op {
-            PeerOp::Write => (Kind::Write, op.len),
-            PeerOp::Zero => (Kind::Zero, op.len),
-            PeerOp::Trim => (Kind::Trim, op.len),
-            PeerOp::Flush => (Kind::Flush, 0),
-        };
-        let mut h = Header::request(kind, cookie);
-        h.token = op.token;
-        h.sequence = op.sequence;
-        h.handle = op.volume;
-        h.offset = if kind == Kind::Flush { 0 } else { op.offset };
-        h.range = range;
-        if op.fua && kind != Kind::Flush {
-            h.flags |= FLAG_FUA;
-        }
-        if op.no_hole && kind == Kind::Zero {
-            h.flags |= FLAG_NO_HOLE;
-        }
-        let (payload, payload_len) = if kind == Kind::Write {
+        let (h, payload, payload_len) = if op.op == PeerOp::Write {
             assert!(
                 !buf.is_null() && op.len > 0,
                 "a peer write without a payload"
@@ -182,10 +167,9 @@ impl PeerChan {
             let p = unsafe { buf.add(op.buf_start as usize) };
             // SAFETY: as above; read only, while the request holds the buffer.
             let bytes = unsafe { std::slice::from_raw_parts(p, len as usize) };
-            h = h.with_payload(bytes);
-            (p, len)
+            (Header::data_request(op, cookie, bytes), p, len)
         } else {
-            (std::ptr::null(), 0)
+            (Header::data_request(op, cookie, &[]), std::ptr::null(), 0)
         };
         self.queue.push_back((
             cookie,
@@ -383,10 +367,10 @@ impl PeerChan {
                 h.cookie
             ));
         };
-        let res = if h.status == 0 {
-            0
-        } else {
-            -i32::from(h.status)
+        let res = match h.status {
+            0 if h.flags & FLAG_NOT_ON_REPLICA != 0 => crate::target::PEER_DONE_NOT_ON_REPLICA,
+            0 => 0,
+            errno => -i32::from(errno),
         };
         if p.sent {
             out.push((p.ud, res));
@@ -460,6 +444,7 @@ impl Drop for PeerChan {
 mod tests {
     use super::*;
     use crate::engine::ring::fake::{FakeRing, Op};
+    use crate::peer::wire::Kind;
 
     fn chan() -> (PeerChan, FakeRing, Arc<AtomicBool>) {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -471,6 +456,7 @@ mod tests {
                 fd: OwnedFd::from(a),
                 up: up.clone(),
                 timeout: Duration::from_millis(50),
+                forward: false,
             },
         );
         c.begin(&mut ring);
@@ -488,6 +474,7 @@ mod tests {
             buf_start: 0,
             fua: false,
             no_hole: false,
+            forwarded: false,
         }
     }
 
@@ -572,6 +559,34 @@ mod tests {
         out.sort_by_key(|(ud, _)| ud.slot);
         assert_eq!(out, vec![(io_ud(1), 0), (io_ud(2), -libc::EIO)]);
         assert!(!c.is_dead());
+        close(c, ring);
+    }
+
+    /// A forwarded operation's owner may answer that it did the change but not on this node's
+    /// replica: the I/O completes with `PEER_DONE_NOT_ON_REPLICA`, not 0.
+    #[test]
+    fn a_reply_not_on_this_replica_completes_with_its_own_result() {
+        let (mut c, mut ring, _up) = chan();
+        let a = vec![1u8; 4096];
+        let op = PeerIo {
+            forwarded: true,
+            ..write_op(0, 4096)
+        };
+        // SAFETY: `a` outlives the send (completed below).
+        assert!(unsafe { c.submit(io_ud(1), &op, a.as_ptr()) });
+        c.flush(&mut ring);
+        let bytes = take(&mut ring, "send").sent(usize::MAX);
+        let mut out = Vec::new();
+        c.complete(&mut ring, Tag::PeerSend, bytes.len() as i32, &mut out);
+        let mut r = Header::decode(&bytes).unwrap().unwrap().reply_to(0);
+        r.flags = crate::peer::wire::FLAG_NOT_ON_REPLICA;
+        let recv = take(&mut ring, "recv");
+        let n = recv.recv(&r.encode());
+        c.complete(&mut ring, Tag::PeerRecv, n, &mut out);
+        assert_eq!(
+            out,
+            vec![(io_ud(1), crate::target::PEER_DONE_NOT_ON_REPLICA)]
+        );
         close(c, ring);
     }
 

@@ -137,7 +137,7 @@ impl Worker {
             touched.extend(self.peer_done.iter().map(|(ud, _)| ud.conn));
             self.deliver_peer_done();
             // Frames queued in this round go out in one sendmsg.
-            if let Some(p) = self.io.peer.as_mut() {
+            for p in self.io.peers.iter_mut().flatten() {
                 p.flush(&mut self.io.ring);
             }
             // Replies that became ready in this round go out now, one sendmsg per connection.
@@ -155,7 +155,7 @@ impl Worker {
             }
             self.wake_memory_waiters();
             // Requests the memory waiters started may have queued frames too.
-            if let Some(p) = self.io.peer.as_mut() {
+            for p in self.io.peers.iter_mut().flatten() {
                 p.flush(&mut self.io.ring);
             }
             if completions.iter().any(|&(ud, _)| {
@@ -165,9 +165,11 @@ impl Worker {
             }
             if self.shutdown_deadline.is_some() && self.conns.iter().all(Option::is_none) {
                 // The kernel must give back the peer links' buffers before the worker goes.
-                if let Some(mut p) = self.io.peer.take() {
-                    p.kill("the server is stopping".into(), &mut self.peer_done);
-                    self.retired_links.push(p);
+                for slot in &mut self.io.peers {
+                    if let Some(mut p) = slot.take() {
+                        p.kill("the server is stopping".into(), &mut self.peer_done);
+                        self.retired_links.push(p);
+                    }
                 }
                 self.retired_links.retain(|p| !p.is_idle());
                 if !self.retired_links.is_empty() {
@@ -229,21 +231,22 @@ impl Worker {
                 self.arm_tick();
             }
             Tag::PeerRecv | Tag::PeerSend => {
-                let chan = match self.io.peer.as_mut() {
-                    Some(p) if p.id == ud.conn => p,
-                    _ => match self.retired_links.iter_mut().find(|p| p.id == ud.conn) {
-                        Some(p) => p,
-                        None => {
-                            tracing::error!(worker = self.id, ?ud, "completion for a missing link");
-                            return;
-                        }
-                    },
+                let chan = match self
+                    .io
+                    .peers
+                    .iter_mut()
+                    .flatten()
+                    .chain(self.retired_links.iter_mut())
+                    .find(|p| p.id == ud.conn)
+                {
+                    Some(p) => p,
+                    None => {
+                        tracing::error!(worker = self.id, ?ud, "completion for a missing link");
+                        return;
+                    }
                 };
                 chan.complete(&mut self.io.ring, ud.tag, res, &mut self.peer_done);
-                if self.io.peer.as_ref().is_some_and(PeerChan::is_dead) {
-                    let p = self.io.peer.take().expect("checked");
-                    self.retired_links.push(p);
-                }
+                self.retire_dead_links();
                 self.retired_links.retain(|p| !p.is_idle());
             }
             Tag::Recv | Tag::Send | Tag::Io | Tag::Splice => {
@@ -316,7 +319,8 @@ impl Worker {
     /// A new data link to the peer: it replaces the one the worker had (which is killed; its
     /// frames fail and its buffers come back before it is dropped).
     fn attach_peer(&mut self, link: super::PeerSocket) {
-        if let Some(mut old) = self.io.peer.take() {
+        let slot = usize::from(link.forward);
+        if let Some(mut old) = self.io.peers[slot].take() {
             old.kill("replaced by a new link".into(), &mut self.peer_done);
             self.retired_links.push(old);
         }
@@ -324,8 +328,17 @@ impl Worker {
         self.next_link_id = (self.next_link_id + 1) & MAX_CONN_ID;
         let mut chan = PeerChan::new(self.next_link_id, link);
         chan.begin(&mut self.io.ring);
-        self.io.peer = Some(chan);
+        self.io.peers[slot] = Some(chan);
         self.deliver_peer_done();
+    }
+
+    /// Dead links wait among the retired ones until the kernel gave their buffers back.
+    fn retire_dead_links(&mut self) {
+        for slot in &mut self.io.peers {
+            if slot.as_ref().is_some_and(PeerChan::is_dead) {
+                self.retired_links.push(slot.take().expect("checked"));
+            }
+        }
     }
 
     fn accept_new(&mut self) {
@@ -379,13 +392,10 @@ impl Worker {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        if let Some(p) = self.io.peer.as_mut() {
+        for p in self.io.peers.iter_mut().flatten() {
             p.check_timeout(now, &mut self.peer_done);
-            if p.is_dead() {
-                let p = self.io.peer.take().expect("checked");
-                self.retired_links.push(p);
-            }
         }
+        self.retire_dead_links();
         let force = self.shutdown_deadline.is_some_and(|d| now >= d);
         for cid in 0..self.conns.len() {
             if let Some(c) = self.conns[cid].as_mut() {

@@ -1,6 +1,7 @@
 //! The pair's volumes on this node (`docs/pair.md` §2-§3): created on both nodes, served as a
-//! [`Mirror`] by their owner and as a read-only replica by the other node, whose copy the
-//! peer link writes ([`Replica`]).
+//! [`Mirror`] by their owner and by the other node as a replica whose copy the peer link
+//! writes ([`Replica`]), exported there as a [`Forward`]: reads its own, changes forwarded to
+//! the owner.
 //!
 //! A pair volume has a record beside its files (`pair.json`: the pair, the volume's id in it,
 //! the highest fencing token its replica has seen) and one in etcd (`volumes/NAME`: id, owner,
@@ -26,7 +27,7 @@ use super::{Node, NodeError};
 use crate::cluster::VolumeRecord;
 use crate::peer::replica::{Replica, Replicas};
 use crate::pool::PAIR_RECORD;
-use crate::target::{BlockTarget, Degrader, Mirror, PeerState, ReadOnly, VolumeTarget};
+use crate::target::{BlockTarget, Degrader, Forward, Mirror, PeerState, VolumeTarget};
 
 /// `pair.json` beside a pair volume's files.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -92,6 +93,16 @@ impl Replicas for ReplicaService {
     fn receive_image(&self, request: &[u8], src: std::fs::File) -> Result<(), String> {
         let node = self.0.upgrade().ok_or("the node is stopping")?;
         node.receive_image(request, src).map_err(|e| e.to_string())
+    }
+
+    fn forwarded(
+        &self,
+        h: &crate::peer::wire::Header,
+        payload: &mut [u8],
+        to_replica: &mut crate::peer::replica::ToReplica<'_>,
+    ) -> Result<bool, i32> {
+        let node = self.0.upgrade().ok_or(libc::ESHUTDOWN)?;
+        node.forwarded(h, payload, to_replica)
     }
 
     fn data_link_ended(&self) {
@@ -173,6 +184,71 @@ pub(super) fn pair_err(e: crate::cluster::ClusterError) -> NodeError {
 }
 
 impl Node {
+    /// A change (or flush) a client of the peer's asked of volume `h.handle`, forwarded here
+    /// (`docs/pair.md` §8): carried out through this node's mirror exactly as a local client's
+    /// (its order, activity log, both copies, degraded mode), its replica part sent by
+    /// `to_replica`. Whether that part was done (the peer's copy has the change), or the errno
+    /// that refused it: `ENOENT` when this node does not own the volume, `ESTALE` when the
+    /// forwarder names another owner's token.
+    fn forwarded(
+        &self,
+        h: &crate::peer::wire::Header,
+        payload: &mut [u8],
+        to_replica: &mut crate::peer::replica::ToReplica<'_>,
+    ) -> Result<bool, i32> {
+        let m = self
+            .pair_volumes
+            .mirrors
+            .lock()
+            .values()
+            .find(|m| m.id() == h.handle)
+            .cloned();
+        let Some(m) = m else {
+            tracing::warn!(
+                "refused a forwarded {:?} for volume id {}: this node does not own it",
+                h.kind,
+                h.handle
+            );
+            return Err(libc::ENOENT);
+        };
+        if h.token != m.token() {
+            tracing::warn!(
+                volume = m.volume().name(),
+                "refused a forwarded {:?} with fencing token {}: this owner's is {}",
+                h.kind,
+                h.token,
+                m.token()
+            );
+            return Err(libc::ESTALE);
+        }
+        let size = m.geometry().size_bytes;
+        if h.kind != crate::peer::wire::Kind::Flush && h.offset + h.range > size {
+            return Err(libc::EINVAL);
+        }
+        let op = crate::peer::replica::target_op(h)?;
+        let (mut reached, mut missed) = (0, false);
+        let ran = crate::target::blocking::run_with_peer(m.as_ref(), &op, payload, &mut |io, b| {
+            let r = to_replica(io, b);
+            if r < 0 {
+                missed = true;
+            } else {
+                reached += 1;
+            }
+            r
+        });
+        match ran {
+            Ok(()) => Ok(reached > 0 && !missed),
+            Err(e) => {
+                tracing::warn!(
+                    volume = m.volume().name(),
+                    "a forwarded {:?} failed: {e}",
+                    h.kind
+                );
+                Err(i32::try_from(e.errno().wire()).unwrap_or(libc::EIO))
+            }
+        }
+    }
+
     /// The volume's `pair.json`, if it is a pair volume.
     pub(super) fn pair_record(&self, name: &str) -> Result<Option<PairRecord>, NodeError> {
         let Some(bytes) = self.pool.volume_record(name, PAIR_RECORD)? else {
@@ -444,7 +520,13 @@ impl Node {
             .as_ref()
             .and_then(|p| p.link().map(|l| l.up_flag()))
             .unwrap_or_default();
-        Ok(Arc::new(ReadOnly::new(target.clone(), stale, link_up)))
+        Ok(Arc::new(Forward::new(
+            target.clone(),
+            local.id,
+            rec.token,
+            stale,
+            link_up,
+        )))
     }
 
     /// The degrader every mirror of this node calls when its peer failed: hands the volume's

@@ -2,9 +2,13 @@
 //! dials the other (its address from the pair's members in etcd), introduces itself with HELLO
 //! and then PINGs once a second. A peer that answers nothing for `--peer-timeout` is down.
 //!
-//! This is the liveness and identity check of the link; the replicated data will travel on
-//! links of the same protocol driven from the I/O threads' rings (`docs/pair.md` §1). Control
-//! traffic is a frame a second, so plain threads and blocking sockets serve it.
+//! This is the liveness and identity check of the link. While it is up, the dialer also keeps
+//! one data link per I/O worker (the mirrored operations of the volumes this node owns) and one
+//! forwarding link per I/O worker (what this node's clients ask of volumes the peer owns), both
+//! handed to the workers' rings (`engine/peer.rs`). What the peer dials in is served here on a
+//! thread per connection: control calls, images, data links (applied to the replicas) and
+//! forwarding links (carried out as this node's own clients' operations, `docs/pair.md` §8).
+//! Control traffic is a frame a second, so plain threads and blocking sockets serve it.
 //!
 //! Everything that arrives is decoded by `wire` before it is acted on; a connection that sends
 //! anything but well-formed frames of this pair is logged (with the reason) and closed.
@@ -20,7 +24,7 @@ use parking_lot::Mutex;
 
 use super::replica::{self, Replicas};
 use super::wire::{
-    self, CONTROL_CALL, CONTROL_LINK, HEADER_BYTES, Header, Hello, IMAGE_LINK, Kind,
+    self, CONTROL_CALL, CONTROL_LINK, HEADER_BYTES, Header, Hello, Kind, LinkKind,
     MAX_CONTROL_BYTES, WireError,
 };
 use crate::cluster::Cluster;
@@ -190,6 +194,9 @@ impl PeerLink {
             up: (0..workers)
                 .map(|_| Arc::new(AtomicBool::new(false)))
                 .collect(),
+            forward_up: (0..workers)
+                .map(|_| Arc::new(AtomicBool::new(false)))
+                .collect(),
             dials: AtomicU64::new(0),
             attach: Mutex::new(Some(attach)),
         });
@@ -238,7 +245,7 @@ impl PeerLink {
         sha256: &str,
         src: &mut std::fs::File,
     ) -> Result<(), String> {
-        let (mut s, peer) = connect_peer(&self.shared, IMAGE_LINK)?;
+        let (mut s, peer) = connect_peer(&self.shared, wire::IMAGE_LINK)?;
         let req = super::control::ImageRequest {
             name: name.into(),
             size,
@@ -502,10 +509,12 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
     let superseded = || {
         hello.link != CONTROL_CALL && shared.current_peer_conn.lock().get(&hello.link) != Some(&id)
     };
-    if hello.link == IMAGE_LINK {
-        return receive_image(s, shared, &hello.from);
+    match LinkKind::of(hello.link) {
+        LinkKind::Image => return receive_image(s, shared, &hello.from),
+        LinkKind::Forward => return serve_forward_link(s, &hello, shared, &superseded),
+        LinkKind::Data | LinkKind::Control | LinkKind::ControlCall => {}
     }
-    if hello.link != CONTROL_LINK && hello.link != CONTROL_CALL {
+    if LinkKind::of(hello.link) == LinkKind::Data {
         tracing::info!(peer = %hello.from, link = hello.link, "peer data link connected");
         let Some(replicas) = shared.replicas.get() else {
             return Err(LinkError::Refused(
@@ -592,6 +601,117 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
     }
 }
 
+/// A forwarding link (`docs/pair.md` §8): the operations the peer's clients ask of volumes
+/// this node owns, each carried out here as a local client's, its part for the peer's replica
+/// sent on a data link of this thread's own to the peer (dialed when first needed).
+fn serve_forward_link(
+    mut s: TcpStream,
+    hello: &Hello,
+    shared: &Shared,
+    superseded: &dyn Fn() -> bool,
+) -> Result<(), LinkError> {
+    let Some(replicas) = shared.replicas.get() else {
+        return Err(LinkError::Refused(
+            "a forwarding link before this node opened its pool".into(),
+        ));
+    };
+    tracing::info!(peer = %hello.from, link = hello.link, "peer forwarding link connected");
+    keep_alive(&s, shared.timeout);
+    let mut back = BackLink {
+        shared,
+        peer: hello.from.clone(),
+        link: wire::FORWARDED_DATA_LINK + (hello.link - wire::FORWARD_LINK),
+        s: None,
+        cookie: 0,
+    };
+    let stop = || shared.stop.load(Ordering::Acquire) || superseded();
+    let served = replica::serve_forwarded(&mut s, replicas.as_ref(), &stop, &mut |op, buf| {
+        back.send(op, buf)
+    });
+    if let Some(b) = back.s.take() {
+        let _ = b.shutdown(Shutdown::Both);
+    }
+    served.map_err(|e| LinkError::Refused(format!("forwarding link {}: {e}", hello.link)))
+}
+
+/// The data link on which the owner puts a forwarded operation's part on the forwarder's
+/// replica: blocking, one frame and its answer at a time (the forwarding link's thread is
+/// serial anyway). Any failure drops the connection: the operation's peer I/O fails as a
+/// worker link's would (the mirror degrades), and the next one dials anew.
+struct BackLink<'a> {
+    shared: &'a Shared,
+    /// The node that forwarded (the only one this link may go to).
+    peer: String,
+    link: u16,
+    s: Option<TcpStream>,
+    cookie: u64,
+}
+
+impl BackLink<'_> {
+    fn send(&mut self, op: &crate::target::PeerIo, buf: &[u8]) -> i32 {
+        match self.try_send(op, buf) {
+            Ok(res) => res,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, link = self.link, "forwarded data link: {e}");
+                if let Some(s) = self.s.take() {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                match e {
+                    LinkError::Io(e) if e.kind() == io::ErrorKind::TimedOut => -libc::ETIMEDOUT,
+                    _ => -libc::ENOTCONN,
+                }
+            }
+        }
+    }
+
+    fn try_send(&mut self, op: &crate::target::PeerIo, buf: &[u8]) -> Result<i32, LinkError> {
+        if self.s.is_none() {
+            let peer = match self.shared.cluster.peer() {
+                Ok(Some(p)) if p.name == self.peer => p,
+                Ok(_) => {
+                    return Err(LinkError::Refused(format!(
+                        "node {} is not this pair's other member",
+                        self.peer
+                    )));
+                }
+                Err(e) => {
+                    return Err(LinkError::Refused(format!(
+                        "cannot learn the peer's address: {e}"
+                    )));
+                }
+            };
+            let s = connect(
+                &peer.name,
+                &peer.peer_addr,
+                self.shared,
+                self.link,
+                &mut self.cookie,
+            )?;
+            keep_alive(&s, self.shared.timeout);
+            self.s = Some(s);
+        }
+        let s = self.s.as_mut().expect("connected above");
+        let payload = match op.op {
+            crate::target::PeerOp::Write => buf
+                .get(op.buf_start as usize..)
+                .and_then(|b| b.get(..usize::try_from(op.len).ok()?))
+                .ok_or_else(|| LinkError::Refused("a write past its buffer".into()))?,
+            _ => &[],
+        };
+        self.cookie += 1;
+        let h = Header::data_request(op, self.cookie, payload);
+        write_frame(s, &h, payload)?;
+        let (r, _) = read_frame(s, Instant::now() + self.shared.timeout)?;
+        if !r.reply || r.kind != h.kind || r.cookie != h.cookie || r.flags != 0 {
+            return Err(LinkError::Refused(format!(
+                "answered {:?} (cookie {}) to {:?} (cookie {})",
+                r.kind, r.cookie, h.kind, h.cookie
+            )));
+        }
+        Ok(-i32::from(r.status))
+    }
+}
+
 /// An image link: its request, its bytes (imported by the node), the answer.
 fn receive_image(mut s: TcpStream, shared: &Shared, from: &str) -> Result<(), LinkError> {
     let (h, request) = read_frame_up_to(&mut s, Instant::now() + HELLO_WITHIN, MAX_CONTROL_BYTES)?;
@@ -668,10 +788,12 @@ fn keep_alive(s: &TcpStream, timeout: Duration) {
     let _ = setsockopt(s, sockopt::TcpKeepCount, &3);
 }
 
-/// The data links the dialer keeps: one per I/O worker.
+/// The data links the dialer keeps: one per I/O worker, and a forwarding link per I/O worker.
 struct DataLinks {
     /// Whether worker n has a live link (it clears the flag when its link dies).
     up: Vec<Arc<AtomicBool>>,
+    /// Whether worker n has a live forwarding link.
+    forward_up: Vec<Arc<AtomicBool>>,
     /// Data links made so far.
     dials: AtomicU64,
     /// `None` once stopped.
@@ -712,12 +834,19 @@ fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
     let Some(data) = shared.data.get() else {
         return;
     };
-    for (w, up) in data.up.iter().enumerate() {
+    let mirrored = data.up.iter().enumerate().map(|(w, up)| (w, up, false));
+    let forwarding = data
+        .forward_up
+        .iter()
+        .enumerate()
+        .map(|(w, up)| (w, up, true));
+    for (w, up, forward) in mirrored.chain(forwarding) {
         if up.load(Ordering::Acquire) {
             continue;
         }
-        let link = match u16::try_from(w + 1) {
-            Ok(l) if l < wire::RESYNC_LINK => l,
+        let link = match u16::try_from(w) {
+            Ok(w) if w < wire::MAX_FORWARD_LINKS && forward => wire::FORWARD_LINK + w,
+            Ok(w) if w + 1 < wire::FORWARD_LINK => w + 1,
             _ => return,
         };
         match connect(name, addr, shared, link, cookie) {
@@ -725,12 +854,22 @@ fn dial_data(name: &str, addr: &str, shared: &Shared, cookie: &mut u64) {
                 keep_alive(&s, shared.timeout);
                 let _ = s.set_write_timeout(None);
                 up.store(true, Ordering::Release);
+                // A forwarded operation may wait on the owner's degraded mode (its own peer
+                // timeout, then etcd) before it is answered.
+                let timeout = if forward {
+                    shared.timeout * 3
+                } else {
+                    shared.timeout
+                };
                 let sock = PeerSocket {
                     fd: std::os::fd::OwnedFd::from(s),
                     up: up.clone(),
-                    timeout: shared.timeout,
+                    timeout,
+                    forward,
                 };
-                data.dials.fetch_add(1, Ordering::AcqRel);
+                if !forward {
+                    data.dials.fetch_add(1, Ordering::AcqRel);
+                }
                 let attached = data.attach.lock().as_ref().is_some_and(|a| a(w, sock));
                 if !attached {
                     up.store(false, Ordering::Release);

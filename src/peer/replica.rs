@@ -26,6 +26,19 @@ pub trait Replicas: Send + Sync {
     fn control(&self, request: &[u8]) -> Result<Vec<u8>, String>;
     /// A data link from the peer ended.
     fn data_link_ended(&self) {}
+    /// Carries out a checked data frame a client of the peer's asked of a volume this node
+    /// owns (`docs/pair.md` §8): as this node's own client's, each operation for the peer's
+    /// replica done by `to_replica` (the operation, the payload; 0 or `-errno`). Whether the
+    /// change reached the peer's replica, or the errno that refused it.
+    fn forwarded(
+        &self,
+        h: &Header,
+        payload: &mut [u8],
+        to_replica: &mut crate::peer::replica::ToReplica<'_>,
+    ) -> Result<bool, i32> {
+        let _ = (h, payload, to_replica);
+        Err(libc::ENOENT)
+    }
     /// The peer sends a golden image (`request`: its name, size and digest as JSON) whose raw
     /// bytes `src` yields until its end: import it (digest checked) or say why not.
     fn receive_image(&self, request: &[u8], src: std::fs::File) -> Result<(), String> {
@@ -33,6 +46,13 @@ pub trait Replicas: Send + Sync {
         Err("this node takes no images".into())
     }
 }
+
+/// Carries out an owner's operation on the peer's replica (the operation, the request buffer):
+/// 0, or `-errno` as the ring would give it.
+pub type ToReplica<'a> = dyn FnMut(&crate::target::PeerIo, &[u8]) -> i32 + 'a;
+
+/// What a link of requests does with each checked frame: the reply (status, flags).
+type Act<'a> = dyn FnMut(&Header, &mut [u8]) -> Result<Header, DataLinkError> + 'a;
 
 /// Records a replica's new highest token durably (the volume's `pair.json`).
 pub type StoreToken = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
@@ -98,33 +118,38 @@ impl Replica {
             );
             return Err(libc::EINVAL);
         }
-        let fua = h.flags & FLAG_FUA != 0;
-        let op = match h.kind {
-            Kind::Write => TargetOp::Write {
-                offset: h.offset,
-                len: u32::try_from(h.range).map_err(|_| libc::EINVAL)?,
-                fua,
-            },
-            Kind::Zero => TargetOp::Zero {
-                offset: h.offset,
-                len: h.range,
-                fua,
-                may_trim: h.flags & FLAG_NO_HOLE == 0,
-                fast: false,
-            },
-            Kind::Trim => TargetOp::Trim {
-                offset: h.offset,
-                len: h.range,
-                fua,
-            },
-            Kind::Flush => TargetOp::Flush,
-            other => unreachable!("{other:?} is not a data operation"),
-        };
+        let op = target_op(h)?;
         blocking::run(self.target.as_ref(), &op, payload).map_err(|e| {
             tracing::warn!(volume = %self.name, "applying {:?} from the peer: {e}", h.kind);
             e.errno().wire() as i32
         })
     }
+}
+
+/// The operation a checked data frame asks for (`EINVAL`: a write too large for one).
+pub fn target_op(h: &Header) -> Result<TargetOp, i32> {
+    let fua = h.flags & FLAG_FUA != 0;
+    Ok(match h.kind {
+        Kind::Write => TargetOp::Write {
+            offset: h.offset,
+            len: u32::try_from(h.range).map_err(|_| libc::EINVAL)?,
+            fua,
+        },
+        Kind::Zero => TargetOp::Zero {
+            offset: h.offset,
+            len: h.range,
+            fua,
+            may_trim: h.flags & FLAG_NO_HOLE == 0,
+            fast: false,
+        },
+        Kind::Trim => TargetOp::Trim {
+            offset: h.offset,
+            len: h.range,
+            fua,
+        },
+        Kind::Flush => TargetOp::Flush,
+        other => unreachable!("{other:?} is not a data operation"),
+    })
 }
 
 /// Why a data link ended.
@@ -152,6 +177,52 @@ pub fn serve_data(
     s: &mut TcpStream,
     replicas: &dyn Replicas,
     stop: &dyn Fn() -> bool,
+) -> Result<(), DataLinkError> {
+    serve_frames(s, stop, false, &mut |h, payload| {
+        Ok(h.reply_to(apply_frame(h, payload, replicas)?))
+    })
+}
+
+/// Serves a forwarding link after its HELLO (`docs/pair.md` §8): each data frame is carried out
+/// by `replicas` as this node's own client's operation, its replica part on the peer by
+/// `to_replica`; the reply says whether that part was done. Each reply leaves as soon as its
+/// operation is done (one may wait on this node's degraded mode: the next must not wait for
+/// it).
+pub fn serve_forwarded(
+    s: &mut TcpStream,
+    replicas: &dyn Replicas,
+    stop: &dyn Fn() -> bool,
+    to_replica: &mut crate::peer::replica::ToReplica<'_>,
+) -> Result<(), DataLinkError> {
+    serve_frames(s, stop, true, &mut |h, payload| {
+        Ok(match h.kind {
+            Kind::Ping => h.reply_to(0),
+            kind if kind.is_data() => match replicas.forwarded(h, payload, to_replica) {
+                Ok(true) => h.reply_to(0),
+                Ok(false) => {
+                    let mut r = h.reply_to(0);
+                    r.flags = super::wire::FLAG_NOT_ON_REPLICA;
+                    r
+                }
+                Err(errno) => h.reply_to(u16::try_from(errno).unwrap_or(libc::EIO as u16)),
+            },
+            other => {
+                return Err(DataLinkError::Refused(format!(
+                    "{other:?} is not served on a forwarding link"
+                )));
+            }
+        })
+    })
+}
+
+/// The loop of a link of requests: reads what has arrived, carries out each whole frame (`act`
+/// gives its reply) once its header and payload are checked, and answers, in one write per
+/// read unless `reply_each`.
+fn serve_frames(
+    s: &mut TcpStream,
+    stop: &dyn Fn() -> bool,
+    reply_each: bool,
+    act: &mut Act<'_>,
 ) -> Result<(), DataLinkError> {
     s.set_read_timeout(None)?;
     let mut buf = vec![0u8; RECV_BYTES];
@@ -191,10 +262,13 @@ pub fn serve_data(
             }
             let payload = &mut buf[at + HEADER_BYTES..end];
             header.check_payload(payload)?;
-            let status = apply_frame(&header, payload, replicas)?;
-            let reply = header.reply_to(u16::try_from(status).unwrap_or(libc::EIO as u16));
+            let reply = act(&header, payload)?;
             replies.extend_from_slice(&reply.encode());
             at = end;
+            if reply_each {
+                s.write_all(&replies)?;
+                replies.clear();
+            }
         }
         if !replies.is_empty() {
             s.write_all(&replies)?;
@@ -210,8 +284,8 @@ fn apply_frame(
     header: &Header,
     payload: &mut [u8],
     replicas: &dyn Replicas,
-) -> Result<i32, DataLinkError> {
-    Ok(match header.kind {
+) -> Result<u16, DataLinkError> {
+    let status = match header.kind {
         Kind::Ping => 0,
         kind if kind.is_data() => match replicas.replica(header.handle) {
             None => {
@@ -231,5 +305,6 @@ fn apply_frame(
                 "{other:?} is not served on a data link"
             )));
         }
-    })
+    };
+    Ok(u16::try_from(status).unwrap_or(libc::EIO as u16))
 }

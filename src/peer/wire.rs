@@ -15,6 +15,9 @@ pub const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
 pub const FLAG_FUA: u8 = 1 << 0;
 pub const FLAG_NO_HOLE: u8 = 1 << 1;
 pub const FLAG_REPLY: u8 = 1 << 7;
+/// In the reply to a forwarded data operation (`docs/pair.md` §8): the owner carried it out,
+/// but not on the requester's own replica (the owner is degraded): that copy is stale now.
+pub const FLAG_NOT_ON_REPLICA: u8 = 1 << 2;
 
 /// What a frame asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +147,31 @@ impl Header {
         }
     }
 
+    /// The request frame of a data operation: its kind, flags, token, sequence, volume and
+    /// range from `op`, and `payload` (a write's, empty otherwise) checksummed.
+    pub fn data_request(op: &crate::target::PeerIo, cookie: u64, payload: &[u8]) -> Header {
+        use crate::target::PeerOp;
+        let (kind, range) = match op.op {
+            PeerOp::Write => (Kind::Write, op.len),
+            PeerOp::Zero => (Kind::Zero, op.len),
+            PeerOp::Trim => (Kind::Trim, op.len),
+            PeerOp::Flush => (Kind::Flush, 0),
+        };
+        let mut h = Header::request(kind, cookie);
+        h.token = op.token;
+        h.sequence = op.sequence;
+        h.handle = op.volume;
+        h.offset = if kind == Kind::Flush { 0 } else { op.offset };
+        h.range = range;
+        if op.fua && kind != Kind::Flush {
+            h.flags |= FLAG_FUA;
+        }
+        if op.no_hole && kind == Kind::Zero {
+            h.flags |= FLAG_NO_HOLE;
+        }
+        h.with_payload(payload)
+    }
+
     /// Sets the payload's length and checksum.
     pub fn with_payload(mut self, payload: &[u8]) -> Header {
         self.payload_len = u32::try_from(payload.len()).expect("payload within the limit");
@@ -190,8 +218,13 @@ impl Header {
         let kind = Kind::from_u8(b[4]).ok_or(WireError::UnknownKind(b[4]))?;
         let reply = b[5] & FLAG_REPLY != 0;
         let flags = b[5] & !FLAG_REPLY;
-        // A reply echoes nothing but the REPLY bit.
-        let allowed = if reply { 0 } else { kind.allowed_flags() };
+        // A reply echoes nothing but the REPLY bit, and says whether a forwarded data
+        // operation reached the requester's replica.
+        let allowed = match (reply, kind.is_data()) {
+            (true, true) => FLAG_NOT_ON_REPLICA,
+            (true, false) => 0,
+            (false, _) => kind.allowed_flags(),
+        };
         if flags & !allowed != 0 {
             return Err(WireError::BadFlags { kind, flags });
         }
@@ -359,6 +392,41 @@ pub const IMAGE_LINK: u16 = u16::MAX - 2;
 /// [`Hello::link`] of a connection made for one CONTROL request (many may run at once; none
 /// supersedes another).
 pub const CONTROL_CALL: u16 = u16::MAX;
+/// [`Hello::link`] of the forwarding link of the sender's I/O worker `n`: `FORWARD_LINK + n`.
+/// It carries the data operations a client of the sender's (not the volume's owner) asked for,
+/// to the owner, which carries them out as its own (`docs/pair.md` §8).
+pub const FORWARD_LINK: u16 = 0x8000;
+/// [`Hello::link`] of the data link an owner uses to put forwarded operations on the
+/// forwarder's replica, one per forwarding link: `FORWARDED_DATA_LINK + n`.
+pub const FORWARDED_DATA_LINK: u16 = 0xC000;
+/// Most I/O workers a node may have forwarding links for (the ranges above must not meet).
+pub const MAX_FORWARD_LINKS: u16 = 0x3F00;
+
+/// What a connection is, from its HELLO's link number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    Control,
+    ControlCall,
+    Image,
+    /// Data operations from the owner to this node's replicas: a worker's, the resync's, or
+    /// the one carrying forwarded operations back.
+    Data,
+    /// Operations this node (the owner) carries out for the sender's clients.
+    Forward,
+}
+
+impl LinkKind {
+    pub fn of(link: u16) -> LinkKind {
+        match link {
+            CONTROL_LINK => LinkKind::Control,
+            CONTROL_CALL => LinkKind::ControlCall,
+            IMAGE_LINK => LinkKind::Image,
+            l if (FORWARD_LINK..FORWARD_LINK + MAX_FORWARD_LINKS).contains(&l) => LinkKind::Forward,
+            _ => LinkKind::Data,
+        }
+    }
+}
+
 /// Longest CONTROL payload (request or answer): a JSON document.
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 
@@ -472,6 +540,44 @@ mod tests {
             ..Header::request(Kind::Write, 42)
         }
         .with_payload(payload)
+    }
+
+    /// NOT_ON_REPLICA is a flag of data replies only: a request or another kind's reply that
+    /// carries it is refused.
+    #[test]
+    fn not_on_replica_is_only_in_data_replies() {
+        let data = vec![9u8; 4096];
+        let mut r = write(&data).reply_to(0);
+        r.flags = FLAG_NOT_ON_REPLICA;
+        assert_eq!(Header::decode(&r.encode()), Ok(Some(r)));
+        let mut req = write(&data);
+        req.flags |= FLAG_NOT_ON_REPLICA;
+        assert!(matches!(
+            Header::decode(&req.encode()),
+            Err(WireError::BadFlags { .. })
+        ));
+        let mut pong = Header::request(Kind::Ping, 1).reply_to(0);
+        pong.flags = FLAG_NOT_ON_REPLICA;
+        assert!(matches!(
+            Header::decode(&pong.encode()),
+            Err(WireError::BadFlags { .. })
+        ));
+    }
+
+    #[test]
+    fn link_numbers_name_their_kind() {
+        assert_eq!(LinkKind::of(CONTROL_LINK), LinkKind::Control);
+        assert_eq!(LinkKind::of(CONTROL_CALL), LinkKind::ControlCall);
+        assert_eq!(LinkKind::of(IMAGE_LINK), LinkKind::Image);
+        assert_eq!(LinkKind::of(RESYNC_LINK), LinkKind::Data);
+        assert_eq!(LinkKind::of(1), LinkKind::Data);
+        assert_eq!(LinkKind::of(FORWARD_LINK), LinkKind::Forward);
+        assert_eq!(
+            LinkKind::of(FORWARD_LINK + MAX_FORWARD_LINKS - 1),
+            LinkKind::Forward
+        );
+        assert_eq!(LinkKind::of(FORWARDED_DATA_LINK), LinkKind::Data);
+        assert!(FORWARDED_DATA_LINK + MAX_FORWARD_LINKS < IMAGE_LINK);
     }
 
     #[test]

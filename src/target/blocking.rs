@@ -14,6 +14,19 @@ use super::{BlockTarget, FileIo, MAX_PLAN_IOS, Plan, Progress, TargetError, Targ
 /// Carries out `op` on `target`; `buf` is the request buffer (a write's payload, a read's
 /// destination), aligned for `O_DIRECT` when the target's files use it.
 pub fn run(target: &dyn BlockTarget, op: &TargetOp, buf: &mut [u8]) -> Result<(), TargetError> {
+    // A replica applies; it never sends on to a peer of its own.
+    run_with_peer(target, op, buf, &mut |_, _| -libc::ENOTSUP)
+}
+
+/// As [`run`], each [`FileIo::Peer`] carried out by `peer` (the operation and the request
+/// buffer; its result as the ring would give it): how the owner runs a forwarded operation
+/// through its mirror on a thread of the forwarding link.
+pub fn run_with_peer(
+    target: &dyn BlockTarget,
+    op: &TargetOp,
+    buf: &mut [u8],
+    peer: &mut dyn FnMut(&super::PeerIo, &[u8]) -> i32,
+) -> Result<(), TargetError> {
     let mut plan = Plan::default();
     plan.begin();
     target.plan(op, &mut plan)?;
@@ -26,10 +39,10 @@ pub fn run(target: &dyn BlockTarget, op: &TargetOp, buf: &mut [u8]) -> Result<()
             .chain((0..n).filter(|&i| matches!(plan.get(i), Some(FileIo::Wait { .. }))));
         for i in order {
             let io = *plan.get(i).expect("within the plan");
-            results[i] = if cancelled {
-                -libc::ECANCELED
-            } else {
-                perform(&io, buf)
+            results[i] = match io {
+                _ if cancelled => -libc::ECANCELED,
+                FileIo::Peer(p) => peer(&p, buf),
+                io => perform(&io, buf),
             };
             cancelled = plan.linked(i) && results[i] < 0;
         }

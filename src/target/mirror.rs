@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -135,6 +135,40 @@ pub struct Mirror {
     /// The extents changes may be in flight in, durable before they are issued.
     log: Arc<ActivityLog>,
     log_writer: LogWriter,
+}
+
+/// The peer operation that carries out `op` on the other node (volume, token and sequence
+/// left for the caller), or none: reads, and empty writes without FUA, stay here.
+pub(super) fn peer_io_of(op: &TargetOp) -> Option<PeerIo> {
+    let (op, offset, len, fua, no_hole) = match *op {
+        TargetOp::Write { offset, len, fua } if len > 0 => {
+            (PeerOp::Write, offset, u64::from(len), fua, false)
+        }
+        // An empty FUA write asks for durability only.
+        TargetOp::Write { fua: true, .. } | TargetOp::Flush => (PeerOp::Flush, 0, 0, false, false),
+        TargetOp::Write { .. } => return None,
+        TargetOp::Zero {
+            offset,
+            len,
+            fua,
+            may_trim,
+            ..
+        } => (PeerOp::Zero, offset, len, fua, !may_trim),
+        TargetOp::Trim { offset, len, fua } => (PeerOp::Trim, offset, len, fua, false),
+        TargetOp::Read { .. } | TargetOp::Cache { .. } => return None,
+    };
+    Some(PeerIo {
+        op,
+        volume: 0,
+        token: 0,
+        sequence: 0,
+        offset,
+        len,
+        buf_start: 0,
+        fua,
+        no_hole,
+        forwarded: false,
+    })
 }
 
 /// Granularity of `Mirror::unflushed`.
@@ -489,36 +523,11 @@ impl Mirror {
     }
 
     fn peer_io(&self, op: &TargetOp) -> Option<PeerIo> {
-        let (op, offset, len, fua, no_hole) = match *op {
-            TargetOp::Write { offset, len, fua } if len > 0 => {
-                (PeerOp::Write, offset, u64::from(len), fua, false)
-            }
-            // An empty FUA write asks for durability only.
-            TargetOp::Write { fua: true, .. } | TargetOp::Flush => {
-                (PeerOp::Flush, 0, 0, false, false)
-            }
-            TargetOp::Write { .. } => return None,
-            TargetOp::Zero {
-                offset,
-                len,
-                fua,
-                may_trim,
-                ..
-            } => (PeerOp::Zero, offset, len, fua, !may_trim),
-            TargetOp::Trim { offset, len, fua } => (PeerOp::Trim, offset, len, fua, false),
-            TargetOp::Read { .. } | TargetOp::Cache { .. } => return None,
-        };
-        Some(PeerIo {
-            op,
-            volume: self.id,
-            token: self.token.load(Ordering::Acquire),
-            sequence: self.sequence.fetch_add(1, Ordering::AcqRel) + 1,
-            offset,
-            len,
-            buf_start: 0,
-            fua,
-            no_hole,
-        })
+        let mut io = peer_io_of(op)?;
+        io.volume = self.id;
+        io.token = self.token.load(Ordering::Acquire);
+        io.sequence = self.sequence.fetch_add(1, Ordering::AcqRel) + 1;
+        Some(io)
     }
 
     /// The byte range a write-like operation changes (none for a flush).
@@ -833,121 +842,6 @@ impl BlockTarget for Mirror {
     }
 }
 
-/// A replica served by the node that does not own it: reads only, since writes are ordered by
-/// the owner (forwarding them to it is `docs/pair.md` §8, not built yet). Its data is as fresh
-/// as the owner's while the owner mirrors to it: the owner acknowledges a write only after this
-/// replica applied it, or after recording it stale in etcd. So reads are served only while the
-/// peer link is up and etcd does not record this replica stale; otherwise they fail (`EIO`)
-/// rather than return data older than what a client was told is written.
-pub struct ReadOnly {
-    inner: Arc<VolumeTarget>,
-    stale: Arc<AtomicBool>,
-    link_up: Arc<AtomicBool>,
-}
-
-impl ReadOnly {
-    pub fn new(
-        inner: Arc<VolumeTarget>,
-        stale: Arc<AtomicBool>,
-        link_up: Arc<AtomicBool>,
-    ) -> ReadOnly {
-        ReadOnly {
-            inner,
-            stale,
-            link_up,
-        }
-    }
-
-    /// Reads are served only from a copy that is current: not recorded stale (nor found
-    /// split from the owner's), and with the link to the owner up.
-    fn readable(&self, what: &'static str) -> Result<(), TargetError> {
-        if self.stale.load(Ordering::Acquire) {
-            return Err(TargetError::Volume {
-                what,
-                errno: libc::EIO,
-                message: "this replica is stale (the owner wrote without it): read from the \
-                          owner"
-                    .into(),
-            });
-        }
-        if !self.link_up.load(Ordering::Acquire) {
-            return Err(TargetError::Volume {
-                what,
-                errno: libc::EIO,
-                message: "the link to the owner is down: this replica may be stale".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl BlockTarget for ReadOnly {
-    fn geometry(&self) -> Geometry {
-        Geometry {
-            read_only: true,
-            can_trim: false,
-            can_zero: false,
-            can_fast_zero: false,
-            ..self.inner.geometry()
-        }
-    }
-
-    fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
-        match op {
-            TargetOp::Read { .. } | TargetOp::Cache { .. } => {
-                self.readable("reading")?;
-                self.inner.plan(op, plan)
-            }
-            TargetOp::Flush => self.inner.plan(op, plan),
-            _ => Err(TargetError::Volume {
-                what: "writing",
-                errno: libc::EROFS,
-                message: "this node is not the volume's owner".into(),
-            }),
-        }
-    }
-
-    fn complete(
-        &self,
-        op: &TargetOp,
-        plan: &mut Plan,
-        results: &[i32],
-    ) -> Result<Progress, TargetError> {
-        self.inner.complete(op, plan, results)
-    }
-
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-        max_extents: usize,
-        out: &mut Vec<(u64, u32)>,
-    ) -> Result<(), TargetError> {
-        // Which blocks are holes or zeroes is read too: a stale copy's answer would let a
-        // client skip data the owner wrote.
-        self.readable("reading the block status")?;
-        self.inner.block_status(offset, len, max_extents, out)
-    }
-
-    fn sync(&self) -> Result<(), TargetError> {
-        self.inner.sync()
-    }
-
-    fn attach(&self) {
-        self.inner.attach()
-    }
-
-    fn detach(&self) {
-        self.inner.detach()
-    }
-
-    fn revoked(&self) -> bool {
-        self.inner.revoked()
-    }
-
-    // No read-ahead: the replica changes by writes the engine does not see (the peer link's).
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1142,41 +1036,6 @@ mod tests {
         assert_eq!(peer_ios(&plan).len(), 1);
         finish(&m, &w, &mut plan, &mut buf, 0).unwrap();
         drop(c);
-    }
-
-    /// The replica a non-owner exports: read-only; reads and block status only while it is
-    /// current (not stale, link up), since a stale copy's holes would let a client skip data.
-    #[test]
-    fn a_stale_replica_refuses_reads_and_block_status() {
-        let (m, _d, _c) = mirror("readonly");
-        let stale = Arc::new(AtomicBool::new(false));
-        let up = Arc::new(AtomicBool::new(true));
-        let r = ReadOnly::new(m.volume().clone(), stale.clone(), up.clone());
-        assert!(r.geometry().read_only);
-        let read = TargetOp::Read {
-            offset: 0,
-            len: 4096,
-        };
-        let mut out = Vec::new();
-        let mut plan = Plan::default();
-        plan.begin();
-        r.plan(&read, &mut plan).unwrap();
-        r.block_status(0, 1 << 20, 16, &mut out).unwrap();
-        assert!(!out.is_empty());
-        let write = TargetOp::Write {
-            offset: 0,
-            len: 4096,
-            fua: false,
-        };
-        plan.begin();
-        assert!(r.plan(&write, &mut plan).is_err());
-        for (s, u) in [(true, true), (false, false)] {
-            stale.store(s, Ordering::Release);
-            up.store(u, Ordering::Release);
-            plan.begin();
-            assert!(r.plan(&read, &mut plan).is_err());
-            assert!(r.block_status(0, 1 << 20, 16, &mut out).is_err());
-        }
     }
 
     /// A write the peer did not take is not answered until the peer is recorded stale (the

@@ -6,6 +6,7 @@
 pub mod activity;
 pub mod blocking;
 mod file;
+mod forward;
 mod mirror;
 mod volume;
 
@@ -15,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use file::{CacheMode, FileTarget};
-pub use mirror::{Degrader, Mirror, PeerState, ReadOnly};
+pub use forward::Forward;
+pub use mirror::{Degrader, Mirror, PeerState};
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
@@ -121,10 +123,16 @@ pub enum FileIo {
     /// An operation sent to the pair's other node on the worker's peer link (`engine/peer.rs`,
     /// `docs/peer-protocol.md`). Completes with 0 once the peer answered that it is done, or
     /// `-errno`: the peer's refusal, `ENOTCONN` when the worker has no link, `ETIMEDOUT` when
-    /// the peer did not answer within the peer timeout. A target that sends one may be
-    /// mirrored; the engine never knows more than that a second copy exists.
+    /// the peer did not answer within the peer timeout. A forwarded operation may also
+    /// complete with [`PEER_DONE_NOT_ON_REPLICA`]. A target that sends one may be mirrored or
+    /// forward to the volume's owner; the engine never knows more than that the other node
+    /// takes part.
     Peer(PeerIo),
 }
+
+/// The result of a forwarded [`FileIo::Peer`] the owner carried out on its copy but not on
+/// this node's replica (it is degraded): this node's copy is stale from then on.
+pub const PEER_DONE_NOT_ON_REPLICA: i32 = 1;
 
 /// What a [`FileIo::Peer`] asks of the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +152,9 @@ pub struct PeerIo {
     pub fua: bool,
     /// For a zeroing: the range must stay allocated.
     pub no_hole: bool,
+    /// Asked by a client of this node of a volume the peer owns (`docs/pair.md` §8): it goes
+    /// on the worker's forwarding link, and the owner carries it out as its own.
+    pub forwarded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,8 +66,11 @@ pub(super) struct Io<R> {
     pub buffer_limit: u64,
     /// Connections that stopped reading until the worker's buffer memory has room again.
     pub memory_waiters: Vec<u32>,
-    /// The worker's data link to the pair's other node, when it has one.
-    pub peer: Option<PeerChan>,
+    /// The worker's links to the pair's other node, when it has them: `[0]` carries the
+    /// mirrored operations of the volumes this node owns, `[1]` the operations forwarded to
+    /// the owner of the volumes it does not (`PeerIo::forwarded`). Two links, so that a
+    /// forwarded operation waiting on the owner never delays (or times out) a mirrored one.
+    pub peers: [Option<PeerChan>; 2],
 }
 
 impl<R> Io<R> {
@@ -86,7 +89,7 @@ impl<R> Io<R> {
                 .max(2 * u64::from(cfg.max_payload_bytes)),
             buffer_bytes: 0,
             memory_waiters: Vec::new(),
-            peer: None,
+            peers: [None, None],
         }
     }
 

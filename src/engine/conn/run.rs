@@ -59,7 +59,7 @@ impl Conn {
         }
         let buf = slot.buf_ptr();
         let cid = self.cid;
-        // Peer I/O goes to the worker's peer link; without one it fails at once.
+        // Peer I/O goes to the worker's peer link of its kind; without one it fails at once.
         let mut file_ios = slot.pending;
         for i in 0..n {
             if let Some(FileIo::Peer(op)) = slot.plan.get(i) {
@@ -67,8 +67,7 @@ impl Conn {
                 let ud = UserData::new(Tag::Io, cid, sid, i as u16);
                 // SAFETY: the slot keeps its buffer (and stays `Running`) until this I/O's
                 // completion is delivered, which the link does only after its send completed.
-                let queued = io
-                    .peer
+                let queued = io.peers[usize::from(op.forwarded)]
                     .as_mut()
                     .is_some_and(|p| unsafe { p.submit(ud, op, buf) });
                 if queued {
