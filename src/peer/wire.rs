@@ -402,6 +402,12 @@ pub const FORWARDED_DATA_LINK: u16 = 0xC000;
 /// Most I/O workers a node may have forwarding links for (the ranges above must not meet).
 pub const MAX_FORWARD_LINKS: u16 = 0x3F00;
 
+// The ranges of link numbers do not meet.
+const _: () = assert!(
+    FORWARD_LINK + MAX_FORWARD_LINKS <= FORWARDED_DATA_LINK
+        && FORWARDED_DATA_LINK + MAX_FORWARD_LINKS < IMAGE_LINK
+);
+
 /// What a connection is, from its HELLO's link number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
@@ -577,7 +583,6 @@ mod tests {
             LinkKind::Forward
         );
         assert_eq!(LinkKind::of(FORWARDED_DATA_LINK), LinkKind::Data);
-        assert!(FORWARDED_DATA_LINK + MAX_FORWARD_LINKS < IMAGE_LINK);
     }
 
     #[test]
