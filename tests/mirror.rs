@@ -1246,11 +1246,17 @@ fn a_volume_moves_between_the_nodes() {
     fio_verify(&a.server.uri("v1"), "1", "1");
     let e = cli_fails(&b, &["volume", "move", "v1", "--to", "a"]);
     assert!(e.contains("run it on its owner"), "{e}");
-    cli(&a, &["volume", "move", "v1", "--to", "b"]);
     let role = |n: &Node| {
         let s = n.pair_status();
         s["volumes"][0]["role"].as_str().unwrap().to_string()
     };
+    // Moved while a client of a's writes and verifies: it stays connected, its writes wait
+    // for the move and then go to b through a (fio fails on any error or wrong byte).
+    std::thread::scope(|s| {
+        s.spawn(|| fio_verify(&a.server.uri("v1"), "1", "6"));
+        std::thread::sleep(Duration::from_secs(2));
+        cli(&a, &["volume", "move", "v1", "--to", "b"]);
+    });
     assert_eq!(role(&a), "replica");
     wait_until(10, "b owns it", || role(&b) == "owner");
     fio_verify(&b.server.uri("v1"), "1", "1");

@@ -346,11 +346,7 @@ impl Node {
             VolumeTarget::new(name, vol, &self.committers)
                 .map_err(|e| NodeError::Io(format!("serving volume {name:?}: {e}")))?,
         );
-        let entry = self.pool.volume(name)?;
-        let description = match &entry.image {
-            Some(i) => format!("volume {name} (clone of {i})"),
-            None => format!("volume {name}"),
-        };
+        let description = self.volume_description(name)?;
         let exported: Arc<dyn BlockTarget> = match self.pair_record(name)? {
             Some(local) => {
                 let t = self.pair_target(name, &target, &local);
@@ -358,7 +354,7 @@ impl Node {
                     // Not served: its files close with the target.
                     self.forget_pair_volume(name);
                 }
-                t?
+                t?.target()
             }
             None => target.clone(),
         };
@@ -373,6 +369,30 @@ impl Node {
         let mut s = self.served.lock();
         s.broken.remove(name);
         s.volumes.insert(name.to_owned(), target);
+        Ok(())
+    }
+
+    /// What a volume's export says of it.
+    fn volume_description(&self, name: &str) -> Result<String, NodeError> {
+        Ok(match &self.pool.volume(name)?.image {
+            Some(i) => format!("volume {name} (clone of {i})"),
+            None => format!("volume {name}"),
+        })
+    }
+
+    /// Puts `target` in place of volume `name`'s export for the clients that connect from now
+    /// on (those connected keep theirs).
+    pub(super) fn replace_volume_export(
+        &self,
+        name: &str,
+        target: Arc<dyn BlockTarget>,
+    ) -> Result<(), NodeError> {
+        self.exports.replace(Export {
+            name: name.to_owned(),
+            description: self.volume_description(name)?,
+            target,
+            max_payload_bytes: self.limits.max_payload_bytes,
+        });
         Ok(())
     }
 

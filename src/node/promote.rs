@@ -334,21 +334,33 @@ impl Node {
             )),
             e => etcd(e),
         })?;
+        // Nothing more is written here as the owner. (A flush that comes before the clients
+        // here are forwarded fails; a write waits for the range.)
         m.fence(&format!(
             "volume {name:?} moved to node {to}: reconnect there"
         ));
-        drop(held);
         tracing::info!(
             volume = name,
             to,
             token = moved.token,
             "moved to the other node"
         );
-        // Served here as a replica from now on; the new owner takes over.
-        self.offline_volume(name, Force::Yes)?;
-        self.serve_volume(name)?;
+        // Served here as a replica from now on, on the same open volume (its copy takes the
+        // new owner's writes at once), then the new owner takes over; only then are the
+        // clients still connected here forwarded to it and the writes that waited let go.
+        let served = self.serve_moved(name, &m);
         let req = Control::BecameOwner { name: name.into() }.encode();
-        if let Err(e) = self.peer_control_pub(&req) {
+        let told = self.peer_control_pub(&req);
+        match served {
+            Ok(forward) => m.forward_to(forward),
+            Err(e) => {
+                tracing::warn!(volume = name, "served anew, its clients disconnected: {e}");
+                drop(held);
+                self.offline_volume(name, Force::Yes)?;
+                self.serve_volume(name)?;
+            }
+        }
+        if let Err(e) = told {
             // It finds out by itself within a second or at its next start (check_ownership
             // works both ways only for owners; a replica re-serves on its next start).
             tracing::warn!(volume = name, "telling node {to} it owns the volume: {e}");

@@ -38,6 +38,21 @@ pub(super) struct PairRecord {
     pub token: u64,
 }
 
+/// How this node serves a pair volume: as its owner, or as the other node.
+pub(super) enum Served {
+    Owner(Arc<Mirror>),
+    Replica(Arc<Forward>),
+}
+
+impl Served {
+    pub fn target(self) -> Arc<dyn BlockTarget> {
+        match self {
+            Served::Owner(m) => m,
+            Served::Replica(f) => f,
+        }
+    }
+}
+
 /// The pair volumes this node serves.
 #[derive(Default)]
 pub(super) struct PairVolumes {
@@ -288,7 +303,7 @@ impl Node {
         name: &str,
         target: &Arc<VolumeTarget>,
         local: &PairRecord,
-    ) -> Result<Arc<dyn BlockTarget>, NodeError> {
+    ) -> Result<Served, NodeError> {
         let Some((cluster, me)) = self.this_node() else {
             return Err(NodeError::Invalid(format!(
                 "volume {name:?} belongs to pair {}: start the node with --etcd to serve it",
@@ -442,7 +457,7 @@ impl Node {
                 .mirrors
                 .lock()
                 .insert(name.to_owned(), m.clone());
-            return Ok(m);
+            return Ok(Served::Owner(m));
         }
         // `volume resolve` discarded this copy's changes: they go before anything else (again
         // after a crash: dropping them twice is harmless).
@@ -520,13 +535,13 @@ impl Node {
             .as_ref()
             .and_then(|p| p.link().map(|l| l.up_flag()))
             .unwrap_or_default();
-        Ok(Arc::new(Forward::new(
+        Ok(Served::Replica(Arc::new(Forward::new(
             target.clone(),
             local.id,
             rec.token,
             stale,
             link_up,
-        )))
+        ))))
     }
 
     /// The degrader every mirror of this node calls when its peer failed: hands the volume's
@@ -692,6 +707,31 @@ impl Node {
     }
 
     /// The volume left this node's service (offline or deleted): the link no longer writes it.
+    /// `volume move` on the old owner, once etcd names the other node: the volume is served
+    /// here as a replica from now on, on the volume already open (so its clients stay
+    /// connected): the replica takes the new owner's writes, and new clients get a
+    /// [`Forward`]. The same one is what the old mirror's clients get (`Mirror::forward_to`).
+    pub(super) fn serve_moved(&self, name: &str, m: &Mirror) -> Result<Arc<Forward>, NodeError> {
+        if let Some(old) = self.pair_volumes.mirrors.lock().remove(name) {
+            old.abandon("the volume moved to the other node");
+        }
+        let local = self.pair_record(name)?.ok_or_else(|| {
+            NodeError::NotFound(format!("volume {name:?} has no pair record here"))
+        })?;
+        let forward = match self.pair_target(name, m.volume(), &local)? {
+            Served::Replica(f) => f,
+            Served::Owner(m) => {
+                // etcd names this node the owner again: it stays so.
+                self.replace_volume_export(name, m)?;
+                return Err(NodeError::InUse(format!(
+                    "etcd names this node the owner of {name:?} again"
+                )));
+            }
+        };
+        self.replace_volume_export(name, forward.clone())?;
+        Ok(forward)
+    }
+
     pub(super) fn forget_pair_volume(&self, name: &str) {
         if let Some(m) = self.pair_volumes.mirrors.lock().remove(name) {
             m.abandon("the volume was taken out of service");
