@@ -5,6 +5,8 @@
 #   single  one `streamer serve` node (no etcd), volume `vol`: a clone of the golden image.
 #   pair    two nodes `a` and `b` of pair `bench` (one etcd on loopback), volume `vol` created
 #           on `a` (its owner) and mirrored to `b`; fio writes to `a`. CPU is both nodes'.
+#   forwarded  the same pair volume through node `b`, which does not own it: reads from b's
+#           replica, changes forwarded to `a` (docs/pair.md §8). CPU is both nodes'.
 #
 # All three nodes, etcd and fio share this machine's CPUs: the pair's second copy costs CPU
 # the single node does not pay, on the same cores fio uses. So beside IOPS and latency the table
@@ -17,7 +19,7 @@
 # run; cells are interleaved (for round, for row, for server) so drift affects both alike.
 #
 # usage: scripts/bench-pair.sh [--rounds N] [--runtime S] [--size SIZE] [--rows LIST]
-#          [--streamer PATH] [--out FILE] [--dir DIR]
+#          [--servers LIST] [--streamer PATH] [--out FILE] [--dir DIR]
 set -euo pipefail
 . "$(dirname "$0")/bench-lib.sh"
 
@@ -28,7 +30,7 @@ STREAMER=target/release/streamer
 OUT=
 ROWS="rw1,rw32,sw8,rr32"
 RESYNC=512M       # bytes written alone for the resync row (0: no resync row)
-SERVERS="pair single"
+SERVERS="pair single forwarded"
 WORKDIR=
 TITLES="rw1=4k randwrite QD1|rw32=4k randwrite QD32|sw8=1MiB seq write QD8|rr32=4k randread QD32|rwf1=4k randwrite QD1 + fsync each"
 
@@ -40,6 +42,7 @@ usage: $0 [options]
   --size SIZE       golden image and volume size (default $SIZE)
   --rows LIST       subset of rw1,rw32,sw8,rr32,rwf1 (default $ROWS)
   --resync SIZE     bytes written while node b is down, then resynced (default $RESYNC; 0: skip)
+  --servers LIST    subset of pair,single,forwarded (default $SERVERS; pair always runs)
   --streamer PATH   streamer binary (default $STREAMER)
   --out FILE        also write the report to FILE
   --dir DIR         work directory (default: mktemp -d under /var/tmp)
@@ -54,6 +57,7 @@ parse_args() {
             --size) SIZE=$2; shift ;;
             --rows) ROWS=$2; shift ;;
             --resync) RESYNC=$2; shift ;;
+            --servers) SERVERS=$2; shift ;;
             --streamer) STREAMER=$2; shift ;;
             --out) OUT=$2; shift ;;
             --dir) WORKDIR=$2; shift ;;
@@ -63,6 +67,8 @@ parse_args() {
         shift
     done
     ROWS=${ROWS//,/ }
+    SERVERS=${SERVERS//,/ }
+    case " $SERVERS " in *" pair "*) ;; *) SERVERS="pair $SERVERS" ;; esac
     [ -x "$STREAMER" ] || die "streamer binary $STREAMER not found (cargo build --release)"
     for x in fio nbdinfo etcd numfmt; do command -v "$x" >/dev/null || die "$x not found"; done
 }
@@ -122,12 +128,13 @@ uri() {
     case $1 in
         pair) echo "nbd://127.0.0.1:${PORT[a]}/vol" ;;
         single) echo "nbd://127.0.0.1:${PORT[s]}/vol" ;;
+        forwarded) echo "nbd://127.0.0.1:${PORT[b]}/vol" ;;
     esac
 }
 
 pids() {
     case $1 in
-        pair) echo "${PID[a]},${PID[b]}" ;;
+        pair | forwarded) echo "${PID[a]},${PID[b]}" ;;
         single) echo "${PID[s]}" ;;
     esac
 }
@@ -158,6 +165,7 @@ setup() {
     cli a volume create vol --image golden > /dev/null
     cli s volume create vol --image golden > /dev/null
     for srv in $SERVERS; do
+        [ "$srv" = forwarded ] && continue # the pair's volume, written as pair
         log "writing $srv's volume once"
         fio --name=fill --ioengine=nbd --uri="$(uri "$srv")" --rw=write --bs=1M --iodepth=8 \
             --end_fsync=1 > "$WORKDIR/fill-$srv.log" 2>&1 || die "filling $srv's volume failed"
@@ -243,6 +251,7 @@ print_header() {
     echo "- volumes: a clone of a $SIZE golden image of random data, written whole once before the cells"
     echo "- pair: \`streamer serve --etcd URL --node a|b --pair bench --peer-listen ...\`, volume created on a (its owner), mirrored to b over the peer link; CPU us/IO is both nodes' together"
     echo "- single: \`streamer serve --data-dir POOL --listen ...\` (no etcd)"
+    echo "- forwarded: the pair's volume through node b (not its owner): reads from b's replica, changes forwarded to a; CPU us/IO is both nodes' together"
 }
 
 cleanup() {

@@ -25,6 +25,10 @@
 //! copy, its 4 MiB extents are in the volume's durable activity log; one whose extent is not
 //! parks (a `Wait`) while the node's activity thread writes the log. After a crash of this
 //! node, only the logged extents can differ between the copies.
+//!
+//! Moved (`volume move`): the connections that hold this mirror stay; once the new owner
+//! serves the volume, everything they start goes through the [`Forward`] of this node's
+//! replica (`Mirror::forward_to`), as a client of the node that does not own the volume gets.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
