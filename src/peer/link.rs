@@ -649,7 +649,21 @@ struct BackLink<'a> {
 
 impl BackLink<'_> {
     fn send(&mut self, op: &crate::target::PeerIo, buf: &[u8]) -> i32 {
-        match self.try_send(op, buf) {
+        let reused = self.s.is_some();
+        let mut sent = self.try_send(op, buf);
+        if reused
+            && matches!(sent, Err(LinkError::Io(ref e)) if e.kind() != io::ErrorKind::TimedOut)
+        {
+            // The connection kept from an earlier operation may have been ended meanwhile (the
+            // peer fences its data links before each resync): once more on a new one. Safe
+            // even if the first reached the replica: the owner holds the range, so nothing
+            // newer can land between the two, and the same change applied twice is the same.
+            if let Some(s) = self.s.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            sent = self.try_send(op, buf);
+        }
+        match sent {
             Ok(res) => res,
             Err(e) => {
                 tracing::warn!(peer = %self.peer, link = self.link, "forwarded data link: {e}");
