@@ -1250,25 +1250,36 @@ fn a_volume_moves_between_the_nodes() {
         let s = n.pair_status();
         s["volumes"][0]["role"].as_str().unwrap().to_string()
     };
-    // Moved while a client of a's writes and verifies: it stays connected, its writes wait
-    // for the move and then go to b through a (fio fails on any error or wrong byte).
-    std::thread::scope(|s| {
-        s.spawn(|| fio_verify(&a.server.uri("v1"), "1", "6"));
-        std::thread::sleep(Duration::from_secs(2));
-        cli(&a, &["volume", "move", "v1", "--to", "b"]);
-    });
+    // Moved while clients on both nodes write and verify, each its half of the volume: they
+    // stay connected, their writes wait for the move, then go on through the new roles (the
+    // old owner's forwarded to the new one, the other node's now ordered there). fio fails on
+    // any error or wrong byte. Then back again, the same way.
+    let moved_under_fio = |from: &Node, to: &str| {
+        std::thread::scope(|s| {
+            s.spawn(|| fio_verify_at(&a.server.uri("v1"), "1", "6", 0));
+            s.spawn(|| fio_verify_at(&b.server.uri("v1"), "1", "6", 8 << 20));
+            std::thread::sleep(Duration::from_secs(2));
+            cli(from, &["volume", "move", "v1", "--to", to]);
+        });
+    };
+    moved_under_fio(&a, "b");
     assert_eq!(role(&a), "replica");
     wait_until(10, "b owns it", || role(&b) == "owner");
-    fio_verify(&b.server.uri("v1"), "1", "1");
-    // The old owner's export forwards changes to the new one.
-    fio_verify(&a.server.uri("v1"), "1", "1");
     assert!(
         contents(&a, "v1", &scratch, "a") == contents(&b, "v1", &scratch, "b"),
         "the copies differ after the move"
     );
-    cli(&b, &["volume", "move", "v1", "--to", "a"]);
+    moved_under_fio(&b, "a");
+    assert_eq!(role(&b), "replica");
     wait_until(10, "a owns it again", || role(&a) == "owner");
-    fio_verify(&a.server.uri("v1"), "1", "1");
+    // Neither node served the volume anew: no client was disconnected.
+    for n in [&a, &b] {
+        assert!(
+            !n.server.log().contains("served anew"),
+            "{}",
+            n.server.log()
+        );
+    }
     let out = cli(&a, &["volume", "verify", "v1"]);
     assert!(out.contains("identical"), "{out}");
     b.server.stop();

@@ -354,7 +354,12 @@ impl Node {
                     // Not served: its files close with the target.
                     self.forget_pair_volume(name);
                 }
-                t?.target()
+                let pt = Arc::new(crate::target::PairTarget::new(target.clone(), t?.target()));
+                self.pair_volumes
+                    .targets
+                    .lock()
+                    .insert(name.to_owned(), pt.clone());
+                pt
             }
             None => target.clone(),
         };
@@ -378,22 +383,6 @@ impl Node {
             Some(i) => format!("volume {name} (clone of {i})"),
             None => format!("volume {name}"),
         })
-    }
-
-    /// Puts `target` in place of volume `name`'s export for the clients that connect from now
-    /// on (those connected keep theirs).
-    pub(super) fn replace_volume_export(
-        &self,
-        name: &str,
-        target: Arc<dyn BlockTarget>,
-    ) -> Result<(), NodeError> {
-        self.exports.replace(Export {
-            name: name.to_owned(),
-            description: self.volume_description(name)?,
-            target,
-            max_payload_bytes: self.limits.max_payload_bytes,
-        });
-        Ok(())
     }
 
     /// Volume `name`'s target, if this node serves it.

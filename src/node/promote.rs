@@ -334,8 +334,9 @@ impl Node {
             )),
             e => etcd(e),
         })?;
-        // Nothing more is written here as the owner. (A flush that comes before the clients
-        // here are forwarded fails; a write waits for the range.)
+        // Nothing more is written here as the owner: every change refuses from now on (those
+        // waiting for the range too, once it is let go), and the connections' `PairTarget`
+        // plans it again on the role this node takes next.
         m.fence(&format!(
             "volume {name:?} moved to node {to}: reconnect there"
         ));
@@ -345,16 +346,35 @@ impl Node {
             token = moved.token,
             "moved to the other node"
         );
-        // Served here as a replica from now on, on the same open volume (its copy takes the
-        // new owner's writes at once), then the new owner takes over; only then are the
-        // clients still connected here forwarded to it and the writes that waited let go.
-        let served = self.serve_moved(name, &m);
+        // This node's copy becomes a replica, on the volume already open: registered before
+        // the new owner is told, so its first frames find it. The mirror stays findable until
+        // then: changes forwarded to it meanwhile wait for the range, then are refused as moved
+        // and the other node carries them out itself.
+        let local = self.pair_record(name)?.ok_or_else(|| {
+            NodeError::NotFound(format!("volume {name:?} has no pair record here"))
+        })?;
+        let served = self.pair_target(name, m.volume(), &local);
         let req = Control::BecameOwner { name: name.into() }.encode();
         let told = self.peer_control_pub(&req);
-        match served {
-            Ok(forward) => m.forward_to(forward),
-            Err(e) => {
-                tracing::warn!(volume = name, "served anew, its clients disconnected: {e}");
+        if let Some(old) = self.pair_volumes.mirrors.lock().remove(name) {
+            old.abandon("the volume moved to the other node");
+        }
+        let pt = self.pair_volumes.targets.lock().get(name).cloned();
+        match (served, pt) {
+            (Ok(role), Some(pt)) => {
+                // The connections here stay: what they start (and what waited) goes to the
+                // new role, a `Forward` to the new owner.
+                pt.set_role(role.target());
+                drop(held);
+            }
+            (served, _) => {
+                let why = served
+                    .err()
+                    .map_or("no connections' target".into(), |e| e.to_string());
+                tracing::warn!(
+                    volume = name,
+                    "served anew, its clients disconnected: {why}"
+                );
                 drop(held);
                 self.offline_volume(name, Force::Yes)?;
                 self.serve_volume(name)?;
@@ -408,7 +428,12 @@ impl Node {
             PAIR_RECORD,
             Some(&serde_json::to_vec(&record).expect("a record serialises")),
         )?;
-        self.serve_as_recorded(name)?;
+        // On the volume already open, its connections kept (they were forwarding to the old
+        // owner; their changes are this node's to order now); served anew if it was not.
+        if let Err(e) = self.switch_role(name) {
+            tracing::info!(volume = name, "served anew: {e}");
+            self.serve_as_recorded(name)?;
+        }
         tracing::info!(
             volume = name,
             token = rec.token,

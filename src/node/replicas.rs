@@ -60,6 +60,9 @@ pub(super) struct PairVolumes {
     replicas: RwLock<HashMap<u32, Arc<Replica>>>,
     /// Volumes this node owns, by name.
     pub mirrors: Mutex<BTreeMap<String, Arc<Mirror>>>,
+    /// What the connections of each served pair volume hold: its role here can change under
+    /// them (`switch_role`).
+    pub targets: Mutex<HashMap<String, Arc<crate::target::PairTarget>>>,
     /// Local pair volumes not served, with the reason (orphans, volumes of another pair).
     pub unserved: Mutex<BTreeMap<String, String>>,
     /// Names of mirrors whose peer failed, for the degrade thread (`Node::degrade`).
@@ -219,7 +222,9 @@ impl Node {
             .find(|m| m.id() == h.handle)
             .cloned();
         let Some(m) = m else {
-            tracing::warn!(
+            // Expected for what was on its way while the volume moved (the forwarder plans
+            // it again on its own new role).
+            tracing::info!(
                 "refused a forwarded {:?} for volume id {}: this node does not own it",
                 h.kind,
                 h.handle
@@ -253,6 +258,9 @@ impl Node {
         });
         match ran {
             Ok(()) => Ok(reached > 0 && !missed),
+            // Fenced by a move while it waited: nothing was done; the forwarder tries again
+            // on whatever serves the volume there now.
+            Err(crate::target::TargetError::NotOwner(_)) => Err(libc::ESTALE),
             Err(e) => {
                 tracing::warn!(
                     volume = m.volume().name(),
@@ -707,32 +715,37 @@ impl Node {
     }
 
     /// The volume left this node's service (offline or deleted): the link no longer writes it.
-    /// `volume move` on the old owner, once etcd names the other node: the volume is served
-    /// here as a replica from now on, on the volume already open (so its clients stay
-    /// connected): the replica takes the new owner's writes, and new clients get a
-    /// [`Forward`]. The same one is what the old mirror's clients get (`Mirror::forward_to`).
-    pub(super) fn serve_moved(&self, name: &str, m: &Mirror) -> Result<Arc<Forward>, NodeError> {
-        if let Some(old) = self.pair_volumes.mirrors.lock().remove(name) {
-            old.abandon("the volume moved to the other node");
-        }
+    /// Serves pair volume `name` as etcd records it now, on the volume already open: the
+    /// role its connections go through changes under them (`PairTarget`), they stay connected.
+    /// `volume move` on the old owner (fenced, holding the whole volume) and on the new one
+    /// (`became_owner`). The old role's registrations go: a mirror (its activity log
+    /// abandoned: nothing is in flight) or a replica (its place for the peer's frames).
+    pub(super) fn switch_role(&self, name: &str) -> Result<(), NodeError> {
+        let pt = self.pair_volumes.targets.lock().get(name).cloned();
+        let (Some(pt), Some(target)) = (pt, self.served_volume(name)) else {
+            return Err(NodeError::NotFound(format!(
+                "pair volume {name:?} is not served here"
+            )));
+        };
         let local = self.pair_record(name)?.ok_or_else(|| {
             NodeError::NotFound(format!("volume {name:?} has no pair record here"))
         })?;
-        let forward = match self.pair_target(name, m.volume(), &local)? {
-            Served::Replica(f) => f,
-            Served::Owner(m) => {
-                // etcd names this node the owner again: it stays so.
-                self.replace_volume_export(name, m)?;
-                return Err(NodeError::InUse(format!(
-                    "etcd names this node the owner of {name:?} again"
-                )));
-            }
-        };
-        self.replace_volume_export(name, forward.clone())?;
-        Ok(forward)
+        let old = self.pair_volumes.mirrors.lock().remove(name);
+        self.pair_volumes.stale.lock().remove(name);
+        self.pair_volumes
+            .replicas
+            .write()
+            .retain(|_, r| r.name != name);
+        let served = self.pair_target(name, &target, &local);
+        if let Some(old) = old {
+            old.abandon("the volume moved to the other node");
+        }
+        pt.set_role(served?.target());
+        Ok(())
     }
 
     pub(super) fn forget_pair_volume(&self, name: &str) {
+        self.pair_volumes.targets.lock().remove(name);
         if let Some(m) = self.pair_volumes.mirrors.lock().remove(name) {
             m.abandon("the volume was taken out of service");
         }

@@ -128,6 +128,13 @@ impl BlockTarget for Forward {
                     );
                 }
             }
+            r if r == -libc::ESTALE || r == -libc::ENOENT => {
+                // The owner refused before it did anything: the volume changed owner (perhaps
+                // to this node, which then carries it out itself, `PairTarget`).
+                return Err(TargetError::NotOwner(
+                    "the owner refused it: the volume changed owner (reconnect)".into(),
+                ));
+            }
             r => {
                 let errno = -r;
                 return Err(TargetError::Volume {
@@ -137,9 +144,6 @@ impl BlockTarget for Forward {
                         _ => libc::EIO,
                     },
                     message: match errno {
-                        libc::ESTALE => "the owner refused it: the volume changed owner \
-                                         (reconnect)"
-                            .into(),
                         libc::ENOTCONN => "no link to the owner".into(),
                         libc::ETIMEDOUT => "the owner did not answer in time".into(),
                         e => std::io::Error::from_raw_os_error(e).to_string(),

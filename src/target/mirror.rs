@@ -26,9 +26,9 @@
 //! parks (a `Wait`) while the node's activity thread writes the log. After a crash of this
 //! node, only the logged extents can differ between the copies.
 //!
-//! Moved (`volume move`): the connections that hold this mirror stay; once the new owner
-//! serves the volume, everything they start goes through the [`Forward`] of this node's
-//! replica (`Mirror::forward_to`), as a client of the node that does not own the volume gets.
+//! Moved (`volume move`): once fenced, every change refuses with [`TargetError::NotOwner`],
+//! which the [`PairTarget`](super::PairTarget) its connections hold takes as the sign to plan
+//! it again on the volume's new role here.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -41,7 +41,7 @@ use parking_lot::Mutex;
 
 use super::activity::{ActivityLog, Admit, LogWriter};
 use super::{
-    BlockTarget, FileIo, Forward, Geometry, PeerIo, PeerOp, Plan, Progress, TargetError, TargetOp,
+    BlockTarget, FileIo, Geometry, PeerIo, PeerOp, Plan, Progress, TargetError, TargetOp,
     VolumeTarget,
 };
 
@@ -56,8 +56,6 @@ const WAITING_FOR_DEGRADE: u32 = 3;
 const WAITING_FOR_COMMIT: u32 = 4;
 /// `Outer::step`: the change waits for its extents to be in the activity log.
 const WAITING_FOR_LOG: u32 = 5;
-/// `Outer::step`: planned by the [`Forward`] the volume moved to (`Mirror::forward_to`).
-const FORWARDED: u32 = 6;
 
 /// Whether the peer's replica takes this volume's writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,10 +139,6 @@ pub struct Mirror {
     /// The extents changes may be in flight in, durable before they are issued.
     log: Arc<ActivityLog>,
     log_writer: LogWriter,
-    /// Once the volume moved to the other node (`volume move`): what the clients still
-    /// connected here get from then on, this node's replica's reads and changes forwarded to
-    /// the new owner.
-    forwarding: std::sync::OnceLock<Arc<Forward>>,
 }
 
 /// The peer operation that carries out `op` on the other node (volume, token and sequence
@@ -218,7 +212,6 @@ impl Mirror {
             peer_failures: AtomicU64::new(0),
             log,
             log_writer,
-            forwarding: std::sync::OnceLock::new(),
         }
     }
 
@@ -231,14 +224,6 @@ impl Mirror {
     /// is another node's now. Requests already planned finish.
     pub fn fence(&self, why: &str) {
         self.degrade.lock().fenced = Some(why.to_owned());
-    }
-
-    /// The volume moved to the other node: operations that start from now on (those waiting
-    /// for a range too) go through `to`, as a client of the node that does not own the volume
-    /// gets them. Called while the whole volume is held (`lock_range`), so no change of this
-    /// mirror's is in flight, and once the new owner serves it.
-    pub fn forward_to(&self, to: Arc<Forward>) {
-        let _ = self.forwarding.set(to);
     }
 
     /// Peer operations that failed so far.
@@ -622,21 +607,13 @@ impl Mirror {
 
     /// Plans the operation's first phase: the volume's I/O and the peer's, together.
     fn start(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
-        if let Some(f) = self.forwarding.get() {
-            plan.outer.step = FORWARDED;
-            return f.plan(op, plan);
-        }
         // One look at the state per operation: refused, degraded (no peer I/O), or mirrored. A
         // degrade that completes after this look meets a peer I/O that fails: its bit is set
         // then (`peer_failed`).
         let degraded = {
             let d = self.degrade.lock();
             if let Some(why) = &d.fenced {
-                return Err(TargetError::Volume {
-                    what: "writing",
-                    errno: libc::EIO,
-                    message: why.clone(),
-                });
+                return Err(TargetError::NotOwner(why.clone()));
             }
             matches!(d.state, Some(PeerState::Degraded { .. }))
         };
@@ -697,11 +674,7 @@ impl BlockTarget for Mirror {
 
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
         match op {
-            TargetOp::Read { .. } | TargetOp::Cache { .. } => match self.forwarding.get() {
-                // Reads of a replica are served only while it is current.
-                Some(f) => f.plan(op, plan),
-                None => self.inner.plan(op, plan),
-            },
+            TargetOp::Read { .. } | TargetOp::Cache { .. } => self.inner.plan(op, plan),
             _ => self.start(op, plan),
         }
     }
@@ -714,10 +687,6 @@ impl BlockTarget for Mirror {
     ) -> Result<Progress, TargetError> {
         if matches!(op, TargetOp::Read { .. } | TargetOp::Cache { .. }) {
             return self.inner.complete(op, plan, results);
-        }
-        if plan.outer.step == FORWARDED {
-            let f = self.forwarding.get().expect("forwarded after forward_to");
-            return f.complete(op, plan, results);
         }
         if plan.outer.step == WAITING_FOR_RANGE {
             let Some(&FileIo::Wait { fd }) = plan.get(0) else {
@@ -849,10 +818,7 @@ impl BlockTarget for Mirror {
         max_extents: usize,
         out: &mut Vec<(u64, u32)>,
     ) -> Result<(), TargetError> {
-        match self.forwarding.get() {
-            Some(f) => f.block_status(offset, len, max_extents, out),
-            None => self.inner.block_status(offset, len, max_extents, out),
-        }
+        self.inner.block_status(offset, len, max_extents, out)
     }
 
     fn sync(&self) -> Result<(), TargetError> {

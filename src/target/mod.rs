@@ -8,6 +8,7 @@ pub mod blocking;
 mod file;
 mod forward;
 mod mirror;
+mod pair;
 mod volume;
 
 use std::io;
@@ -18,6 +19,7 @@ use std::sync::atomic::AtomicU64;
 pub use file::{CacheMode, FileTarget};
 pub use forward::Forward;
 pub use mirror::{Degrader, Mirror, PeerState};
+pub use pair::PairTarget;
 pub use volume::{Committers, VolumeCounters, VolumeTarget};
 
 use crate::nbd::{ExportInfo, ExportLookup, NbdErrno};
@@ -196,6 +198,23 @@ pub struct Plan {
     /// The state of a target that wraps another (the mirror around a volume), which leaves
     /// `step` and `cursor` to the target it wraps. Reset by [`Plan::begin`] too.
     pub outer: Outer,
+    /// The role of a pair volume that planned the operation, which completes it
+    /// ([`PairTarget`]: the role may change while it runs). Reset by [`Plan::begin`].
+    pub role: Option<Role>,
+}
+
+/// A pair volume's role on this node, as [`Plan::role`] holds it.
+#[derive(Clone)]
+pub struct Role {
+    /// How many times the volume's role had changed when this one took over.
+    pub generation: u64,
+    pub target: Arc<dyn BlockTarget>,
+}
+
+impl std::fmt::Debug for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Role")
+    }
 }
 
 /// A wrapping target's own place in an operation (see [`Plan::outer`]).
@@ -227,6 +246,7 @@ impl Plan {
         self.step = 0;
         self.cursor = 0;
         self.outer = Outer::default();
+        self.role = None;
     }
     /// Empties the plan for the next phase of the same operation (step and cursor stay).
     pub fn clear(&mut self) {
@@ -329,6 +349,10 @@ pub enum TargetError {
     Latched,
     #[error("the export was withdrawn (its volume is being deleted or taken offline)")]
     Withdrawn,
+    /// This node no longer orders the pair volume's writes (it moved to the other node); a
+    /// [`PairTarget`] plans the operation again on the volume's new role.
+    #[error("{0}")]
+    NotOwner(String),
     /// A volume operation failed; `errno` is what a block device would report.
     #[error("{what}: {message}")]
     Volume {
@@ -349,7 +373,9 @@ impl TargetError {
             | TargetError::Zeroing { source, .. }
             | TargetError::QueryingAllocation { source, .. } => errno_of(source),
             TargetError::FastZeroUnsupported => NbdErrno::NotSup,
-            TargetError::Latched | TargetError::Withdrawn => NbdErrno::Io,
+            TargetError::Latched | TargetError::Withdrawn | TargetError::NotOwner(_) => {
+                NbdErrno::Io
+            }
             TargetError::Volume { errno, .. } => errno_of(&io::Error::from_raw_os_error(*errno)),
         }
     }
