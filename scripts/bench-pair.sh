@@ -30,6 +30,7 @@ STREAMER=target/release/streamer
 OUT=
 ROWS="rw1,rw32,sw8,rr32"
 RESYNC=512M       # bytes written alone for the resync row (0: no resync row)
+DROP_CACHES=1     # empty the page cache before each write cell (root only)
 SERVERS="pair single forwarded"
 WORKDIR=
 TITLES="rw1=4k randwrite QD1|rw32=4k randwrite QD32|sw8=1MiB seq write QD8|rr32=4k randread QD32|rwf1=4k randwrite QD1 + fsync each"
@@ -43,6 +44,8 @@ usage: $0 [options]
   --rows LIST       subset of rw1,rw32,sw8,rr32,rwf1 (default $ROWS)
   --resync SIZE     bytes written while node b is down, then resynced (default $RESYNC; 0: skip)
   --servers LIST    subset of pair,single,forwarded (default $SERVERS; pair always runs)
+  --keep-caches     do not empty the page cache before each write cell (it is emptied by
+                    default, as root: sync, then drop_caches)
   --streamer PATH   streamer binary (default $STREAMER)
   --out FILE        also write the report to FILE
   --dir DIR         work directory (default: mktemp -d under /var/tmp)
@@ -58,6 +61,7 @@ parse_args() {
             --rows) ROWS=$2; shift ;;
             --resync) RESYNC=$2; shift ;;
             --servers) SERVERS=$2; shift ;;
+            --keep-caches) DROP_CACHES=0 ;;
             --streamer) STREAMER=$2; shift ;;
             --out) OUT=$2; shift ;;
             --dir) WORKDIR=$2; shift ;;
@@ -67,6 +71,10 @@ parse_args() {
         shift
     done
     ROWS=${ROWS//,/ }
+    if [ "$DROP_CACHES" = 1 ] && [ ! -w /proc/sys/vm/drop_caches ]; then
+        log "not root: the page cache is not emptied before each cell"
+        DROP_CACHES=0
+    fi
     SERVERS=${SERVERS//,/ }
     case " $SERVERS " in *" pair "*) ;; *) SERVERS="pair $SERVERS" ;; esac
     [ -x "$STREAMER" ] || die "streamer binary $STREAMER not found (cargo build --release)"
@@ -276,6 +284,16 @@ main() {
         for row in $ROWS; do
             for srv in $SERVERS; do
                 sync
+                # Every write cell starts from the same page cache: none of the volumes'
+                # pages. What the cells before left there (the fill's 1 MiB writes, a read's
+                # readahead) is in large folios, into which each 4 KiB buffered write costs
+                # ~25 us in ext4 (README, "How the image came into the page cache"), on some
+                # nodes and not others. Read cells keep what the writes before them cached
+                # (emptied, they would measure the disk).
+                case $row in
+                    rr*) ;;
+                    *) if [ "$DROP_CACHES" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi ;;
+                esac
                 fio_cell "$round" "$row" tcp "$srv" "$(uri "$srv")" "$(pids "$srv")" no_stop
             done
         done
