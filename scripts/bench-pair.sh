@@ -30,7 +30,7 @@ STREAMER=target/release/streamer
 OUT=
 ROWS="rw1,rw32,sw8,rr32"
 RESYNC=512M       # bytes written alone for the resync row (0: no resync row)
-DROP_CACHES=1     # empty the page cache before each write cell (root only)
+DROP_CACHES=1     # empty the page cache before each 4 KiB write cell (root only)
 SERVERS="pair single forwarded"
 WORKDIR=
 TITLES="rw1=4k randwrite QD1|rw32=4k randwrite QD32|sw8=1MiB seq write QD8|rr32=4k randread QD32|rwf1=4k randwrite QD1 + fsync each"
@@ -44,8 +44,8 @@ usage: $0 [options]
   --rows LIST       subset of rw1,rw32,sw8,rr32,rwf1 (default $ROWS)
   --resync SIZE     bytes written while node b is down, then resynced (default $RESYNC; 0: skip)
   --servers LIST    subset of pair,single,forwarded (default $SERVERS; pair always runs)
-  --keep-caches     do not empty the page cache before each write cell (it is emptied by
-                    default, as root: sync, then drop_caches)
+  --keep-caches     do not empty the page cache before each 4 KiB write cell (it is emptied
+                    by default, as root: sync, then drop_caches)
   --streamer PATH   streamer binary (default $STREAMER)
   --out FILE        also write the report to FILE
   --dir DIR         work directory (default: mktemp -d under /var/tmp)
@@ -260,6 +260,11 @@ print_header() {
     echo "- pair: \`streamer serve --etcd URL --node a|b --pair bench --peer-listen ...\`, volume created on a (its owner), mirrored to b over the peer link; CPU us/IO is both nodes' together"
     echo "- single: \`streamer serve --data-dir POOL --listen ...\` (no etcd)"
     echo "- forwarded: the pair's volume through node b (not its owner): reads from b's replica, changes forwarded to a; CPU us/IO is both nodes' together"
+    if [ "$DROP_CACHES" = 1 ]; then
+        echo "- page cache: emptied (sync, drop_caches) before every 4 KiB write cell"
+    else
+        echo "- page cache: kept between cells (--keep-caches)"
+    fi
 }
 
 cleanup() {
@@ -284,15 +289,14 @@ main() {
         for row in $ROWS; do
             for srv in $SERVERS; do
                 sync
-                # Every write cell starts from the same page cache: none of the volumes'
+                # Every 4 KiB write cell starts from the same page cache: none of the volumes'
                 # pages. What the cells before left there (the fill's 1 MiB writes, a read's
                 # readahead) is in large folios, into which each 4 KiB buffered write costs
                 # ~25 us in ext4 (README, "How the image came into the page cache"), on some
-                # nodes and not others. Read cells keep what the writes before them cached
-                # (emptied, they would measure the disk).
+                # nodes and not others. The other cells keep what is cached: a 1 MiB write
+                # covers whole folios, and emptied, a read cell would measure the disk.
                 case $row in
-                    rr*) ;;
-                    *) if [ "$DROP_CACHES" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi ;;
+                    rw*) if [ "$DROP_CACHES" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi ;;
                 esac
                 fio_cell "$round" "$row" tcp "$srv" "$(uri "$srv")" "$(pids "$srv")" no_stop
             done
