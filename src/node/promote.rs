@@ -319,6 +319,9 @@ impl Node {
                 rec.owner, rec.token
             )));
         }
+        let local = self.pair_record(name)?.ok_or_else(|| {
+            NodeError::NotFound(format!("volume {name:?} has no pair record here"))
+        })?;
         // No write in flight from here on; the copies made durable on both nodes.
         let size = m.volume().geometry().size_bytes;
         let held = m.lock_range(0, size);
@@ -334,12 +337,13 @@ impl Node {
             )),
             e => etcd(e),
         })?;
-        // Nothing more is written here as the owner: every change refuses from now on (those
-        // waiting for the range too, once it is let go), and the connections' `PairTarget`
-        // plans it again on the role this node takes next.
-        m.fence(&format!(
-            "volume {name:?} moved to node {to}: reconnect there"
-        ));
+        // Nothing more is written here as the owner. Changes and flushes that come now wait
+        // (those waiting for the range too) until the fence below refuses them as moved; the
+        // connections' `PairTarget` then plans them again on the role this node takes next.
+        let why = format!("volume {name:?} moved to node {to}: reconnect there");
+        if m.hold_for_move().is_err() {
+            m.fence(&why);
+        }
         tracing::info!(
             volume = name,
             to,
@@ -348,11 +352,8 @@ impl Node {
         );
         // This node's copy becomes a replica, on the volume already open: registered before
         // the new owner is told, so its first frames find it. The mirror stays findable until
-        // then: changes forwarded to it meanwhile wait for the range, then are refused as moved
-        // and the other node carries them out itself.
-        let local = self.pair_record(name)?.ok_or_else(|| {
-            NodeError::NotFound(format!("volume {name:?} has no pair record here"))
-        })?;
+        // then: changes forwarded to it meanwhile wait, then are refused as moved and the other
+        // node carries them out itself.
         let served = self.pair_target(name, m.volume(), &local);
         let req = Control::BecameOwner { name: name.into() }.encode();
         let told = self.peer_control_pub(&req);
@@ -365,6 +366,7 @@ impl Node {
                 // The connections here stay: what they start (and what waited) goes to the
                 // new role, a `Forward` to the new owner.
                 pt.set_role(role.target());
+                m.fence(&why);
                 drop(held);
             }
             (served, _) => {
@@ -375,6 +377,9 @@ impl Node {
                     volume = name,
                     "served anew, its clients disconnected: {why}"
                 );
+                m.fence(&format!(
+                    "volume {name:?} moved to node {to}: reconnect there"
+                ));
                 drop(held);
                 self.offline_volume(name, Force::Yes)?;
                 self.serve_volume(name)?;
@@ -411,11 +416,11 @@ impl Node {
                 rec.owner
             )));
         }
-        // Served already as its owner with this token, degraded (a resolve that kept this
-        // node's copy while the other was stale): its resync does the rest.
+        // Served already as its owner with this token (a resolve that kept this node's copy
+        // while the other was stale: its resync does the rest; or told twice): nothing to do.
+        // Another mirror beside it would keep ranges and an activity log of its own.
         if let Some(m) = self.pair_volumes.mirrors.lock().get(name)
             && m.token() == rec.token
-            && !matches!(m.peer_state(), crate::target::PeerState::InSync)
         {
             return Ok(());
         }

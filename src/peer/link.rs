@@ -321,7 +321,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((stream, from)) => {
-                if shared.incoming.fetch_add(1, Ordering::AcqRel) >= MAX_INCOMING {
+                if shared.incoming.fetch_add(1, Ordering::AcqRel) >= max_incoming(&shared) {
                     shared.incoming.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!(%from, "peer link refused: too many peer connections");
                     continue;
@@ -362,6 +362,15 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Most peer connections served at once: the peer's control link, a data link and a
+/// forwarding link per I/O worker, a back link per forwarding link, the resync and image links
+/// and control calls. Sized from this node's own workers (the peer runs the same build, with
+/// the same count as a rule), never below `MAX_INCOMING`.
+fn max_incoming(shared: &Shared) -> usize {
+    let workers = shared.data.get().map_or(0, |d| d.up.len());
+    (16 + 4 * workers).max(MAX_INCOMING)
 }
 
 /// Why a link ended.
@@ -651,9 +660,13 @@ impl BackLink<'_> {
     fn send(&mut self, op: &crate::target::PeerIo, buf: &[u8]) -> i32 {
         let reused = self.s.is_some();
         let mut sent = self.try_send(op, buf);
-        if reused
-            && matches!(sent, Err(LinkError::Io(ref e)) if e.kind() != io::ErrorKind::TimedOut)
-        {
+        let slow = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            )
+        };
+        if reused && matches!(sent, Err(LinkError::Io(ref e)) if !slow(e)) {
             // The connection kept from an earlier operation may have been ended meanwhile (the
             // peer fences its data links before each resync): once more on a new one. Safe
             // even if the first reached the replica: the owner holds the range, so nothing
@@ -670,11 +683,21 @@ impl BackLink<'_> {
                 if let Some(s) = self.s.take() {
                     let _ = s.shutdown(Shutdown::Both);
                 }
+                // A frame of it may still land on the replica: the next resync fences first.
+                self.replaced();
                 match e {
-                    LinkError::Io(e) if e.kind() == io::ErrorKind::TimedOut => -libc::ETIMEDOUT,
+                    LinkError::Io(e) if slow(&e) => -libc::ETIMEDOUT,
                     _ => -libc::ENOTCONN,
                 }
             }
+        }
+    }
+
+    /// Counted with the dialer's data links: a resync fences the peer's data links first
+    /// whenever one was replaced or failed since the last fence (`Node::fence_peer`).
+    fn replaced(&self) {
+        if let Some(d) = self.shared.data.get() {
+            d.dials.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -703,6 +726,7 @@ impl BackLink<'_> {
             )?;
             keep_alive(&s, self.shared.timeout);
             self.s = Some(s);
+            self.replaced();
         }
         let s = self.s.as_mut().expect("connected above");
         let payload = match op.op {

@@ -88,10 +88,18 @@ impl Forward {
 
 impl BlockTarget for Forward {
     fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+        Geometry {
+            // A forwarded zeroing does not carry FAST_ZERO: it is refused instead (below).
+            can_fast_zero: false,
+            ..self.inner.geometry()
+        }
     }
 
     fn plan(&self, op: &TargetOp, plan: &mut Plan) -> Result<(), TargetError> {
+        if matches!(op, TargetOp::Zero { fast: true, .. }) {
+            // A client that negotiated fast zeroes on the owner, its volume since moved.
+            return Err(TargetError::FastZeroUnsupported);
+        }
         let Some(mut io) = peer_io_of(op) else {
             if matches!(op, TargetOp::Read { .. } | TargetOp::Cache { .. }) {
                 self.readable("reading")?;

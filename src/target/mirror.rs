@@ -56,6 +56,9 @@ const WAITING_FOR_DEGRADE: u32 = 3;
 const WAITING_FOR_COMMIT: u32 = 4;
 /// `Outer::step`: the change waits for its extents to be in the activity log.
 const WAITING_FOR_LOG: u32 = 5;
+/// `Outer::step`: the change (or flush) waits for the volume's move to end
+/// (`Mirror::hold_for_move`), then is refused as moved and planned again on the new role.
+const WAITING_FOR_MOVE: u32 = 6;
 
 /// Whether the peer's replica takes this volume's writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,11 @@ struct Degrade {
     failed: Option<(SystemTime, String)>,
     /// Why writes are refused from now on (the volume moved to the other node), if they are.
     fenced: Option<String>,
+    /// While the volume moves: what changes and flushes park on until `fence`.
+    moving: Option<EventFd>,
+    /// Why the mirror went out of service (`abandon`): a peer failure fails at once then, no
+    /// degrade thread would settle it.
+    abandoned: Option<String>,
 }
 
 /// A range the resync holds against overlapping writes (`Mirror::lock_range`).
@@ -223,7 +231,27 @@ impl Mirror {
     /// Refuses every write, zeroing, trim and flush from now on (`EIO` with `why`): the volume
     /// is another node's now. Requests already planned finish.
     pub fn fence(&self, why: &str) {
-        self.degrade.lock().fenced = Some(why.to_owned());
+        let mut d = self.degrade.lock();
+        d.fenced = Some(why.to_owned());
+        if let Some(efd) = &d.moving {
+            // Every change parked for the move tries again, and is refused as moved.
+            let _ = efd.write(1);
+        }
+    }
+
+    /// The volume is moving to the other node (`volume move`, its record already changed):
+    /// changes and flushes that start from now on wait until `fence`, then are refused as
+    /// moved, so the connections' `PairTarget` plans them again on this node's new role
+    /// instead of failing them while it is being made.
+    pub fn hold_for_move(&self) -> Result<(), TargetError> {
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| TargetError::Volume {
+                what: "moving",
+                errno: libc::EIO,
+                message: format!("an eventfd to hold changes: {e}"),
+            })?;
+        self.degrade.lock().moving.get_or_insert(efd);
+        Ok(())
     }
 
     /// Peer operations that failed so far.
@@ -423,6 +451,7 @@ impl Mirror {
     /// The volume goes out of service: requests waiting for a degrade fail.
     pub fn abandon(&self, why: &str) {
         let mut d = self.degrade.lock();
+        d.abandoned = Some(why.to_owned());
         for (efd, result) in d.waiters.values_mut() {
             *result = Some(Err(why.to_owned()));
             let _ = efd.write(1);
@@ -489,6 +518,14 @@ impl Mirror {
                 return Ok(true);
             }
             return Ok(false);
+        }
+        if let Some(why) = &d.abandoned {
+            // Out of service: nothing would settle a wait. It stays in the activity log.
+            return Err(TargetError::Volume {
+                what: "writing",
+                errno: libc::EIO,
+                message: format!("the peer failed it and {why}"),
+            });
         }
         if let Some((start, end)) = range {
             d.pending.push((start, end - start));
@@ -615,6 +652,13 @@ impl Mirror {
             if let Some(why) = &d.fenced {
                 return Err(TargetError::NotOwner(why.clone()));
             }
+            if let Some(efd) = &d.moving {
+                plan.outer.step = WAITING_FOR_MOVE;
+                plan.push(FileIo::Wait {
+                    fd: efd.as_fd().as_raw_fd(),
+                });
+                return Ok(());
+            }
             matches!(d.state, Some(PeerState::Degraded { .. }))
         };
         if !self.acquire(op, plan)? {
@@ -693,6 +737,12 @@ impl BlockTarget for Mirror {
                 unreachable!("a range wait holds one Wait I/O");
             };
             self.inflight.lock().parked.remove(&fd);
+            plan.clear();
+            self.start(op, plan)?;
+            return Ok(Progress::Again);
+        }
+        if plan.outer.step == WAITING_FOR_MOVE {
+            // Nothing was issued: planned again (refused as moved once fenced).
             plan.clear();
             self.start(op, plan)?;
             return Ok(Progress::Again);
@@ -1036,6 +1086,45 @@ mod tests {
         assert_eq!(peer_ios(&plan).len(), 1);
         finish(&m, &w, &mut plan, &mut buf, 0).unwrap();
         drop(c);
+    }
+
+    /// While the volume moves, changes and flushes wait; once fenced they are refused as moved
+    /// (for the `PairTarget` to plan them again on the new role), having issued nothing.
+    #[test]
+    fn changes_wait_for_a_move_then_are_refused_as_moved() {
+        let (m, _d, _c) = mirror("move");
+        m.hold_for_move().unwrap();
+        let w = TargetOp::Write {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        let mut buf = vec![1u8; 4096];
+        let mut plans = Vec::new();
+        for op in [w, TargetOp::Flush] {
+            let mut plan = Plan::default();
+            plan.begin();
+            m.plan(&op, &mut plan).unwrap();
+            let Some(&FileIo::Wait { fd }) = plan.get(0) else {
+                panic!("not parked: {:?}", plan.get(0));
+            };
+            assert_eq!(plan.len(), 1);
+            plans.push((op, plan, fd));
+        }
+        m.fence("moved to b");
+        for (op, mut plan, fd) in plans {
+            let r = blocking::perform(&FileIo::Wait { fd }, &mut buf);
+            assert!(r > 0, "woken by the fence");
+            let e = m.complete(&op, &mut plan, &[r]).unwrap_err();
+            assert!(matches!(e, TargetError::NotOwner(_)), "{e}");
+        }
+        // Nothing held: a write after the fence is refused at once.
+        let mut plan = Plan::default();
+        plan.begin();
+        assert!(matches!(
+            m.plan(&w, &mut plan),
+            Err(TargetError::NotOwner(_))
+        ));
     }
 
     /// A write the peer did not take is not answered until the peer is recorded stale (the
