@@ -416,11 +416,21 @@ impl Node {
                 rec.owner
             )));
         }
-        // Served already as its owner with this token (a resolve that kept this node's copy
-        // while the other was stale: its resync does the rest; or told twice): nothing to do.
-        // Another mirror beside it would keep ranges and an activity log of its own.
-        if let Some(m) = self.pair_volumes.mirrors.lock().get(name)
-            && m.token() == rec.token
+        // Served already as its owner with this token: degraded (a resolve that kept this
+        // node's copy while the other was stale), its resync does the rest; in sync (a resolve
+        // keeping the owner's copy), it is served anew below, degraded, its clients
+        // disconnected: never a second mirror beside a live one (its own ranges and activity
+        // log).
+        let owned = self
+            .pair_volumes
+            .mirrors
+            .lock()
+            .get(name)
+            .filter(|m| m.token() == rec.token)
+            .map(|m| m.peer_state());
+        if owned
+            .as_ref()
+            .is_some_and(|s| !matches!(s, crate::target::PeerState::InSync))
         {
             return Ok(());
         }
@@ -435,7 +445,11 @@ impl Node {
         )?;
         // On the volume already open, its connections kept (they were forwarding to the old
         // owner; their changes are this node's to order now); served anew if it was not.
-        if let Err(e) = self.switch_role(name) {
+        let switched = match owned {
+            Some(_) => Err(NodeError::InUse("already its owner".into())),
+            None => self.switch_role(name),
+        };
+        if let Err(e) = switched {
             tracing::info!(volume = name, "served anew: {e}");
             self.serve_as_recorded(name)?;
         }
