@@ -7,17 +7,20 @@
 //!        |  hands each accepted socket to a worker      mgmt/   management socket: protocol,
 //!   engine/   one io_uring ring per thread: connections,         server (SO_PEERCRED, jobs), client
 //!        |    in-flight slots, buffer budget, the data           |
-//!        |    link to the pair's peer (peer.rs)                  |
+//!        |    and forwarding links to the peer (peer.rs)         |
 //!        |  bytes <-> nbd/ (pure protocol)                       v
 //!        |  operations -> target/                        node/   the pool and its exports kept in
 //!   nbd/      handshake, requests, replies                       step; long commands as jobs
 //!   target/   BlockTarget: raw files, pool volumes, the           |
-//!             pair's mirror and read-only replica,       pool/   images and volumes on disk, by
-//!             the export list; blocking.rs runs a plan           directory descriptor
-//!             without a ring (the replica side); the mirror's
-//!             activity log (activity.rs)
+//!             pair's mirror, the other node's export     pool/   images and volumes on disk, by
+//!             (forward.rs: changes to the owner), a              directory descriptor
+//!             moved volume's role switch (pair.rs),
+//!             the export list; blocking.rs runs a plan
+//!             without a ring (the replica side, forwarded operations on the owner); the
+//!             mirror's activity log (activity.rs)
 //!   peer/     the pair's link between nodes: its wire format (docs/peer-protocol.md), the
-//!             control link and dialer (link.rs), the replica side of data links (replica.rs),
+//!             control link and dialer (link.rs), the replica side of data links and the owner
+//!             side of forwarding links (replica.rs, link.rs),
 //!             the copies' generation identifiers and their verdict (generations.rs)
 //!   cluster/  the pair's shared state in etcd: members, presence, volume, replica and image
 //!             records
