@@ -520,7 +520,7 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
     };
     match LinkKind::of(hello.link) {
         LinkKind::Image => return receive_image(s, shared, &hello.from),
-        LinkKind::Forward => return serve_forward_link(s, &hello, shared, &superseded),
+        LinkKind::Forward => return serve_forward_link(s, id, &hello, shared, &superseded),
         LinkKind::Data | LinkKind::Control | LinkKind::ControlCall => {}
     }
     if LinkKind::of(hello.link) == LinkKind::Data {
@@ -615,6 +615,7 @@ fn serve_incoming(mut s: TcpStream, id: u64, shared: &Shared) -> Result<(), Link
 /// sent on a data link of this thread's own to the peer (dialed when first needed).
 fn serve_forward_link(
     mut s: TcpStream,
+    id: u64,
     hello: &Hello,
     shared: &Shared,
     superseded: &dyn Fn() -> bool,
@@ -629,7 +630,10 @@ fn serve_forward_link(
     let mut back = BackLink {
         shared,
         peer: hello.from.clone(),
-        link: wire::FORWARDED_DATA_LINK + (hello.link - wire::FORWARD_LINK),
+        // A number of this connection's own, not its worker's: a thread still finishing an
+        // operation after its forwarding link was replaced must not end the new thread's back
+        // link (a newer connection of a link number supersedes the older at the peer).
+        link: wire::FORWARDED_DATA_LINK + (id % u64::from(wire::MAX_FORWARD_LINKS)) as u16,
         s: None,
         cookie: 0,
     };

@@ -397,7 +397,8 @@ pub const CONTROL_CALL: u16 = u16::MAX;
 /// to the owner, which carries them out as its own (`docs/pair.md` §8).
 pub const FORWARD_LINK: u16 = 0x8000;
 /// [`Hello::link`] of the data link an owner uses to put forwarded operations on the
-/// forwarder's replica, one per forwarding link: `FORWARDED_DATA_LINK + n`.
+/// forwarder's replica, one per forwarding connection: `FORWARDED_DATA_LINK + k`, `k` the
+/// owner's own number for that connection (below [`MAX_FORWARD_LINKS`]).
 pub const FORWARDED_DATA_LINK: u16 = 0xC000;
 /// Most I/O workers a node may have forwarding links for (the ranges above must not meet).
 pub const MAX_FORWARD_LINKS: u16 = 0x3F00;
