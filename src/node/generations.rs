@@ -230,6 +230,10 @@ impl Node {
                 "this copy's changes are discarded (volume resolve): the owner resyncs it whole"
             );
         }
+        // A crash of this copy not yet told to the owner is covered too: the whole resync
+        // compares every block. Told late (after that resync), it would degrade the volume
+        // once more for nothing.
+        self.pair_volumes.replica_crashed.lock().remove(name);
         Ok(())
     }
 

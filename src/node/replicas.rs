@@ -470,7 +470,8 @@ impl Node {
         // `volume resolve` discarded this copy's changes: they go before anything else (again
         // after a crash: dropping them twice is harmless).
         let mine = cluster.replica_record(name, &me).map_err(pair_err)?;
-        if mine.as_ref().is_some_and(|r| r.discard) {
+        let discarded = mine.as_ref().is_some_and(|r| r.discard);
+        if discarded {
             self.discard_changes(name, target)?;
         }
         // A deposed owner that wrote alone (bits in its bitmap) while another node was promoted
@@ -493,7 +494,8 @@ impl Node {
         // A replica's writes in flight at a crash are the owner's to resend when it saw the
         // link die; it is told anyway (`replica_crashed`), since writes it had taken but not
         // flushed may be gone without a write failing.
-        if self.crashed_volumes.lock().remove(name) {
+        // (A discarded copy is resynced whole, comparing every block: nothing to tell.)
+        if self.crashed_volumes.lock().remove(name) && !discarded {
             self.pair_volumes
                 .replica_crashed
                 .lock()
