@@ -733,11 +733,7 @@ impl Node {
             NodeError::NotFound(format!("volume {name:?} has no pair record here"))
         })?;
         let old = self.pair_volumes.mirrors.lock().remove(name);
-        self.pair_volumes.stale.lock().remove(name);
-        self.pair_volumes
-            .replicas
-            .write()
-            .retain(|_, r| r.name != name);
+        self.forget_replica(name);
         let served = self.pair_target(name, &target, &local);
         if let Some(old) = old {
             old.abandon("the volume moved to the other node");
@@ -751,6 +747,12 @@ impl Node {
         if let Some(m) = self.pair_volumes.mirrors.lock().remove(name) {
             m.abandon("the volume was taken out of service");
         }
+        self.forget_replica(name);
+    }
+
+    /// Volume `name`'s copy here no longer takes the peer's frames as a replica, and its
+    /// stale flag goes with it.
+    fn forget_replica(&self, name: &str) {
         self.pair_volumes.stale.lock().remove(name);
         self.pair_volumes
             .replicas

@@ -86,10 +86,15 @@ impl BlockTarget for PairTarget {
         plan: &mut Plan,
         results: &[i32],
     ) -> Result<Progress, TargetError> {
-        let role = plan.role.clone().expect("planned by a role");
-        match role.target.complete(op, plan, results) {
+        // Taken out for the call (the roles never look at it) and put back: no reference
+        // count touched per completion.
+        let role = plan.role.take().expect("planned by a role");
+        let r = role.target.complete(op, plan, results);
+        let generation = role.generation;
+        plan.role = Some(role);
+        match r {
             Err(TargetError::NotOwner(why)) => {
-                self.replan(op, plan, Some(role.generation), TargetError::NotOwner(why))?;
+                self.replan(op, plan, Some(generation), TargetError::NotOwner(why))?;
                 Ok(Progress::Again)
             }
             r => r,
